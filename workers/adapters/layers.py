@@ -1,0 +1,52 @@
+"""Adapter-aware linear layers, applied to the base model as a transform.
+
+`attach_adapter_layers` wraps each targeted base linear in a `LoRALinear` that adds the per-row deltas
+of the current step; the base model itself knows nothing of adapters. All wrappers read one shared
+`AdapterContext`, which the engine refreshes once per step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from workers.adapters.ops import AdapterBatch, lora_add_fast, lora_add_reference
+from workers.adapters.slots import LoRASlotBank
+
+LoRAKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, AdapterBatch], None]
+KERNELS: dict[str, LoRAKernel] = {"fast": lora_add_fast, "reference": lora_add_reference}
+
+
+class AdapterContext:
+    """Per-step adapter metadata shared by every wrapped layer."""
+
+    def __init__(self, kernel: str = "fast"):
+        self.batch: AdapterBatch | None = None
+        self.kernel: LoRAKernel = KERNELS[kernel]
+
+
+class LoRALinear(nn.Module):
+    def __init__(self, base: nn.Linear, a: torch.Tensor, bt: torch.Tensor, ctx: AdapterContext):
+        super().__init__()
+        self.base = base
+        self.a, self.bt = a, bt  # views into the slot bank: [slots, R, in], [slots, R, out]
+        self.ctx = ctx
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)  # [N, out]
+        batch = self.ctx.batch
+        if batch is not None and batch.active:
+            self.ctx.kernel(y, x, self.a, self.bt, batch)
+        return y
+
+
+def attach_adapter_layers(model: nn.Module, bank: LoRASlotBank, ctx: AdapterContext) -> None:
+    for index, layer in enumerate(model.model.layers):
+        for parent in (layer.self_attn, layer.mlp):
+            for target in bank.targets:
+                base = getattr(parent, target, None)
+                if isinstance(base, nn.Linear):
+                    a, bt = bank.views(index, target)
+                    setattr(parent, target, LoRALinear(base, a, bt, ctx))

@@ -1,0 +1,24 @@
+"""The engine's typed config (a dataclass: built by the entry point, passed in)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from workers.adapters.lora import TARGETS
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model_path: str
+    model_id: str | None = None  # name reported to clients; default: the folder's name
+    device: str = "cpu"
+    dtype: str | None = None  # None → bfloat16 on CUDA, float32 on CPU
+    max_batch: int = 16  # sequences decoding at once (KV-cache slots)
+    max_seq: int = 2048  # tokens per sequence, prompt included
+    max_tokens_per_step: int = 512  # decode rows + prefill tokens in one forward
+    prefill_chunk: int = 256  # the longest run of one prompt in one step
+    max_loras: int = 8  # device adapter slots
+    max_rank: int = 16
+    lora_targets: tuple[str, ...] = TARGETS
+    lora_kernel: str = "fast"  # "fast" | "reference"
+    num_threads: int | None = None  # torch intra-op threads; None → leave as is

@@ -1,0 +1,143 @@
+"""The async engine the worker service uses: a thread runs `EngineCore.step()` in a loop; requests are
+async streams of TokenEvents. Leaving a stream early (break, cancel, client gone) aborts the request,
+and its slot is free at the next step."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+
+from workers.adapters.lora import LoRAWeights
+from workers.engine.config import EngineConfig
+from workers.engine.core import EngineCore
+from workers.engine.types import GenerationRequest, TokenEvent
+
+__all__ = ["Engine", "EngineConfig"]
+log = logging.getLogger(__name__)
+
+
+class Engine:
+    def __init__(self, cfg: EngineConfig, tokenizer=None):
+        self.core = EngineCore(cfg, tokenizer)
+        self._inbox: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._wake = threading.Event()
+        self._stopped = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._ids = itertools.count()
+
+    @property
+    def tokenizer(self):
+        return self.core.tokenizer
+
+    @property
+    def model_id(self) -> str:
+        return self.core.model_id
+
+    @property
+    def max_seq(self) -> int:
+        return self.core.max_seq
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="engine-loop", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        if not request.request_id:
+            request = GenerationRequest(request.prompt_ids, request.params, request.adapter,
+                                        f"req-{next(self._ids)}")
+        with self.core.lock:
+            self.core.validate(request)  # errors surface before the first event
+        rid = request.request_id
+        events: asyncio.Queue = asyncio.Queue()
+        self._streams[rid] = (asyncio.get_running_loop(), events)
+        self._post("add", request)
+        finished = False
+        try:
+            while True:
+                item = await events.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    finished = True
+                    return
+        finally:
+            self._streams.pop(rid, None)
+            if not finished:
+                self._post("abort", rid)
+
+    async def load_adapter(self, name: str, path: str) -> LoRAWeights:
+        """Parses and validates off the event loop; registers between steps."""
+        return await asyncio.to_thread(self._load_adapter, name, path)
+
+    def _load_adapter(self, name: str, path: str) -> LoRAWeights:
+        with self.core.lock:
+            return self.core.adapters.load(name, path)
+
+    def unload_adapter(self, name: str) -> None:
+        with self.core.lock:
+            self.core.adapters.unload(name)
+
+    def resident_adapters(self) -> list[str]:
+        with self.core.lock:
+            return self.core.adapters.resident()
+
+    def stats(self) -> dict:
+        s = self.core.scheduler
+        return {"running": len(s.running), "waiting": len(s.waiting), "max_batch": self.core.cfg.max_batch}
+
+    def _post(self, kind: str, payload: object) -> None:
+        self._inbox.put((kind, payload))
+        self._wake.set()
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                kind, payload = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                try:
+                    self.core.add_request(payload)  # type: ignore[arg-type]
+                except Exception as e:  # e.g. the adapter was unloaded since validation
+                    self._deliver(payload.request_id, e)  # type: ignore[union-attr]
+            else:
+                self.core.abort(payload)  # type: ignore[arg-type]
+
+    def _loop(self) -> None:
+        while not self._stopped.is_set():
+            self._drain_inbox()
+            if not self.core.has_work():
+                self._wake.wait(timeout=0.5)
+                self._wake.clear()
+                continue
+            try:
+                events = self.core.step()
+            except Exception as e:
+                log.exception("engine step failed; failing the requests in flight")
+                self._fail_all(e)
+                continue
+            for seq, event in events:
+                self._deliver(seq.request.request_id, event)
+
+    def _deliver(self, rid: str, item: object) -> None:
+        stream = self._streams.get(rid)
+        if stream is not None:
+            loop, events = stream
+            loop.call_soon_threadsafe(events.put_nowait, item)
+
+    def _fail_all(self, error: Exception) -> None:
+        for seq in list(self.core.scheduler.running) + list(self.core.scheduler.waiting):
+            self.core.abort(seq.request.request_id)
+            self._deliver(seq.request.request_id, error)

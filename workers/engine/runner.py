@@ -1,0 +1,49 @@
+"""The model runner: the base decoder with adapter layers attached, its KV cache and RoPE tables.
+`forward` turns one step's plan into logits."""
+
+from __future__ import annotations
+
+import torch
+
+from workers.adapters.layers import AdapterContext, attach_adapter_layers
+from workers.adapters.ops import build_adapter_batch
+from workers.adapters.slots import LoRASlotBank
+from workers.engine.config import EngineConfig
+from workers.model.batch import build_step_batch
+from workers.model.kv_cache import KVCache
+from workers.model.loader import ModelSpec, load_decoder
+from workers.model.rope import rope_tables
+
+
+class ModelRunner:
+    def __init__(self, cfg: EngineConfig):
+        self.device = torch.device(cfg.device)
+        self.model = load_decoder(ModelSpec(cfg.model_path, cfg.device, cfg.dtype))
+        mc = self.model.config
+        self.config = mc
+        self.dtype = self.model.lm_head.weight.dtype
+        self.max_seq = min(cfg.max_seq, mc.max_position_embeddings)
+        self.kv = KVCache(mc.num_layers, cfg.max_batch, self.max_seq, mc.num_kv_heads, mc.head_dim,
+                          self.dtype, self.device)
+        cos, sin = rope_tables(mc, self.max_seq)
+        self.cos, self.sin = cos.to(self.dtype), sin.to(self.dtype)
+        self.max_rank = cfg.max_rank
+        self.bank = LoRASlotBank(mc, cfg.max_loras, cfg.max_rank, self.dtype, self.device, cfg.lora_targets)
+        self.adapter_ctx = AdapterContext(cfg.lora_kernel)
+        attach_adapter_layers(self.model, self.bank, self.adapter_ctx)
+
+    @torch.inference_mode()
+    def forward(self, decode: list[tuple[int, int, int, int]],
+                prefill: list[tuple[int, int, list[int], bool, int]]) -> torch.Tensor:
+        """decode: (kv_slot, position, token, adapter_slot) per decoding sequence;
+        prefill: (kv_slot, start, tokens, wants_logits, adapter_slot) per chunk.
+        Returns logits [rows, vocab] for the decode rows, then the chunks that want logits."""
+        batch = build_step_batch([d[:3] for d in decode], [p[:4] for p in prefill], self.cos, self.sin,
+                                 self.config.sliding_window, self.device)
+        chunk_slots, offset = [], len(decode)
+        for _, _, tokens, _, adapter_slot in prefill:
+            chunk_slots.append((offset, offset + len(tokens), adapter_slot))
+            offset += len(tokens)
+        self.adapter_ctx.batch = build_adapter_batch([d[3] for d in decode], chunk_slots, self.max_rank,
+                                                     self.dtype, self.device)
+        return self.model(batch, self.kv)

@@ -1,0 +1,76 @@
+"""Continuous batching: which sequences run in the next step, and how much of each.
+
+Every step carries one token for each decoding sequence, then prefill chunks of admitted prompts up to
+the step's token budget (chunked prefill: a long prompt spreads over several steps instead of stalling
+the running streams). Waiting requests are admitted first-come-first-served whenever a KV slot and a
+slot for their adapter are free; a request whose adapter has no free slot waits without blocking others.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from workers.adapters.manager import AdapterManager
+from workers.engine.config import EngineConfig
+from workers.engine.sequence import Sequence
+from workers.model.kv_cache import KVCache
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    decode: list[Sequence]
+    prefill: list[tuple[Sequence, int]]  # (sequence, chunk length)
+
+    @property
+    def empty(self) -> bool:
+        return not self.decode and not self.prefill
+
+
+class Scheduler:
+    def __init__(self, cfg: EngineConfig, kv: KVCache, adapters: AdapterManager):
+        self.cfg, self.kv, self.adapters = cfg, kv, adapters
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # admitted: prefilling or decoding, in admission order
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> StepPlan:
+        self._admit()
+        decode = [s for s in self.running if not s.in_prefill]
+        budget = self.cfg.max_tokens_per_step - len(decode)
+        prefill = []
+        for seq in self.running:
+            if seq.in_prefill and budget > 0:
+                length = min(len(seq.prompt) - seq.num_cached, self.cfg.prefill_chunk, budget)
+                prefill.append((seq, length))
+                budget -= length
+        return StepPlan(decode, prefill)
+
+    def finish(self, seq: Sequence) -> None:
+        """Frees the sequence's slots (finished, or cancelled while waiting or running)."""
+        if seq in self.running:
+            self.running.remove(seq)
+            self.kv.release(seq.kv_slot)
+            if seq.request.adapter is not None:
+                self.adapters.release(seq.request.adapter)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+
+    def _admit(self) -> None:
+        blocked: deque[Sequence] = deque()
+        while self.waiting and self.kv.free_slots:
+            seq = self.waiting.popleft()
+            if seq.request.adapter is not None:
+                slot = self.adapters.acquire(seq.request.adapter)
+                if slot is None:
+                    blocked.append(seq)
+                    continue
+                seq.adapter_slot = slot
+            seq.kv_slot = self.kv.allocate()
+            self.running.append(seq)
+        self.waiting.extendleft(reversed(blocked))

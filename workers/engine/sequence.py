@@ -1,0 +1,35 @@
+"""One request's state inside the engine, from admission to finish."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from workers.engine.detokenizer import IncrementalText
+from workers.engine.types import FinishReason, GenerationRequest
+
+
+@dataclass
+class Sequence:
+    request: GenerationRequest
+    text: IncrementalText
+    generator: torch.Generator | None  # per-request RNG: sampling is reproducible under any batching
+    stop_ids: frozenset[int]
+    kv_slot: int = -1
+    adapter_slot: int = 0
+    num_cached: int = 0  # positions already written to the KV cache
+    output: list[int] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+
+    @property
+    def prompt(self) -> tuple[int, ...]:
+        return self.request.prompt_ids
+
+    @property
+    def in_prefill(self) -> bool:
+        return self.num_cached < len(self.prompt)
+
+    @property
+    def last_token(self) -> int:
+        return self.output[-1]

@@ -1,0 +1,43 @@
+"""Request and event types of the engine's public interface (what the worker service uses)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+FinishReason = Literal["stop", "length", "cancelled"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0  # 0 → greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 → off
+    seed: int | None = None  # same seed + same prompt → same tokens
+    stop: tuple[str, ...] = ()  # output is cut right before the first match
+    stop_token_ids: tuple[int, ...] = ()  # added to the model's eos ids
+    ignore_eos: bool = False
+    logprobs: bool = False  # report the log-probability of each chosen token
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt_ids: tuple[int, ...]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    adapter: str | None = None  # a resident adapter's name; None → base model
+    request_id: str = ""
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One generated token. `text` is the detokenised text this token adds (may be empty while a
+    multi-byte character or a possible stop string is pending). The last event of a stream has
+    `finish_reason` set; its text flushes whatever was held back."""
+
+    token_id: int
+    text: str
+    logprob: float | None
+    index: int  # 0-based position in the completion
+    prompt_tokens: int
+    finish_reason: FinishReason | None = None

@@ -1,0 +1,60 @@
+"""The worker's error hierarchy. Raised anywhere in `workers/`, converted to the JSON error shape
+`{"error": {"type", "message", "param", "code"}}` at the worker service's one boundary. Torch-free."""
+
+from __future__ import annotations
+
+
+class AdapterdError(Exception):
+    """Base: carries the HTTP status and OpenAI-style error type it maps to."""
+
+    status: int = 500
+    type: str = "server_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+
+    def to_dict(self) -> dict:
+        return {"error": {"type": self.type, "message": self.message, "param": self.param, "code": self.code}}
+
+
+class InvalidRequestError(AdapterdError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class PromptTooLongError(InvalidRequestError):
+    code = "context_length_exceeded"
+
+
+class NotFoundError(AdapterdError):
+    status = 404
+    type = "not_found_error"
+
+
+class AdapterNotFoundError(NotFoundError):
+    code = "adapter_not_found"
+
+
+class AdapterValidationError(InvalidRequestError):
+    """An adapter's files do not fit the base model or are unsafe (pickle, wrong shapes, rank)."""
+
+    code = "invalid_adapter"
+
+
+class CapacityError(AdapterdError):
+    status = 429
+    type = "capacity_error"
+    code = "capacity_exceeded"
+
+
+class UnsupportedModelError(AdapterdError):
+    """A base model architecture or config option this runner does not implement."""
+
+    status = 400
+    type = "invalid_request_error"
+    code = "unsupported_model"

@@ -1,0 +1,82 @@
+"""Worker → Redis heartbeat: announces address, capacity, load and resident adapters with a TTL, and
+keeps the adapter → workers placement sets. Key names and payload live in adapters_store.coordination."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+
+import redis.asyncio as aioredis
+
+from adapters_store.coordination import (
+    PLACEMENT_TTL_FACTOR,
+    WORKERS_SET,
+    WorkerInfo,
+    placement_key,
+    worker_key,
+)
+
+log = logging.getLogger("adapterd.worker.heartbeat")
+
+
+class Heartbeat:
+    def __init__(self, redis_url: str, info: Callable[[], WorkerInfo], ttl_s: float, interval_s: float):
+        self._redis = aioredis.from_url(redis_url, socket_timeout=max(ttl_s, 1.0))
+        self._info = info
+        self._ttl_ms = max(int(ttl_s * 1000), 100)
+        self._interval_s = interval_s
+        self._placed: set[str] = set()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    def nudge(self) -> None:
+        """Beat now (e.g. residency changed) instead of at the next interval."""
+        self._wake.set()
+
+    async def start(self) -> None:
+        await self.beat()  # registered before the service reports ready
+        self._task = asyncio.create_task(self._run(), name="heartbeat")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        with contextlib.suppress(Exception):
+            await self._deregister()
+        await self._redis.aclose()
+
+    async def beat(self) -> None:
+        info = self._info()
+        resident = set(info.resident_adapters)
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.set(worker_key(info.worker_id), info.to_json(), px=self._ttl_ms)
+        pipe.sadd(WORKERS_SET, info.worker_id)
+        for name in resident:
+            pipe.sadd(placement_key(name), info.worker_id)
+            pipe.pexpire(placement_key(name), self._ttl_ms * PLACEMENT_TTL_FACTOR)
+        for name in self._placed - resident:
+            pipe.srem(placement_key(name), info.worker_id)
+        await pipe.execute()
+        self._placed = resident
+
+    async def _run(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self._interval_s)
+            self._wake.clear()
+            try:
+                await self.beat()
+            except Exception as exc:  # Redis away: keep serving, keep trying
+                log.warning("heartbeat failed: %s", exc)
+
+    async def _deregister(self) -> None:
+        info = self._info()
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.delete(worker_key(info.worker_id))
+        pipe.srem(WORKERS_SET, info.worker_id)
+        for name in self._placed:
+            pipe.srem(placement_key(name), info.worker_id)
+        await pipe.execute()

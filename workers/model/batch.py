@@ -1,0 +1,102 @@
+"""Per-step batch metadata: what one forward pass needs to know about its tokens, built once per step.
+
+A step's tokens are laid out flat: first one token for each decoding sequence, then the prefill chunks,
+each a run of consecutive prompt tokens of one sequence. Layers read this; they never see requests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class PrefillChunk:
+    slot: int  # KV-cache slot of the sequence
+    start: int  # position of the chunk's first token (tokens before it are already cached)
+    length: int
+    offset: int  # index of the chunk's first token in the flat batch
+    mask: torch.Tensor  # [length, start + length] bool: causal (and sliding-window) visibility
+
+
+@dataclass(frozen=True)
+class StepBatch:
+    input_ids: torch.Tensor  # [N] long
+    positions: torch.Tensor  # [N] long
+    cache_slots: torch.Tensor  # [N] long: KV slot of each token
+    cos: torch.Tensor  # [N, 1, head_dim]
+    sin: torch.Tensor  # [N, 1, head_dim]
+    num_decode: int  # the first num_decode tokens are decode rows, one per sequence
+    decode_slots: torch.Tensor  # [Bd] long
+    decode_slots_are_prefix: bool  # decode_slots == arange(Bd): attend over a view, no gather
+    decode_kv_len: int  # S: the longest decoding sequence, counting the new token
+    decode_mask: torch.Tensor | None  # [Bd, 1, 1, S] bool
+    prefill: tuple[PrefillChunk, ...]
+    logits_rows: torch.Tensor  # [R] long: rows whose next-token logits are needed
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+def causal_mask(start: int, length: int, window: int | None) -> torch.Tensor:
+    """[length, start + length] bool: query at position start+i sees keys at positions ≤ start+i
+    (and, with a sliding window, > start+i-window)."""
+    q_pos = torch.arange(start, start + length).unsqueeze(1)
+    k_pos = torch.arange(start + length).unsqueeze(0)
+    visible = k_pos <= q_pos
+    if window is not None:
+        visible &= k_pos > q_pos - window
+    return visible
+
+
+def build_step_batch(
+    decode: list[tuple[int, int, int]],
+    prefill: list[tuple[int, int, list[int], bool]],
+    cos_table: torch.Tensor,
+    sin_table: torch.Tensor,
+    window: int | None,
+    device: torch.device,
+) -> StepBatch:
+    """decode: (slot, position, token) per decoding sequence; prefill: (slot, start, tokens, wants_logits)
+    per chunk. Every decode row, and every chunk that ends its prompt, asks for logits at its last token."""
+    ids: list[int] = [tok for _, _, tok in decode]
+    pos: list[int] = [p for _, p, _ in decode]
+    slots: list[int] = [s for s, _, _ in decode]
+    chunks: list[PrefillChunk] = []
+    logits_rows = list(range(len(decode)))
+    for slot, start, tokens, wants_logits in prefill:
+        offset = len(ids)
+        ids.extend(tokens)
+        pos.extend(range(start, start + len(tokens)))
+        slots.extend([slot] * len(tokens))
+        mask = causal_mask(start, len(tokens), window).to(device)
+        chunks.append(PrefillChunk(slot, start, len(tokens), offset, mask))
+        if wants_logits:
+            logits_rows.append(offset + len(tokens) - 1)
+    positions = torch.tensor(pos, dtype=torch.long)
+    decode_slots = [s for s, _, _ in decode]
+    kv_len = max((p + 1 for _, p, _ in decode), default=0)
+    decode_mask = None
+    if decode:
+        lengths = torch.tensor([p + 1 for _, p, _ in decode])
+        k_pos = torch.arange(kv_len)
+        visible = k_pos.unsqueeze(0) < lengths.unsqueeze(1)  # [Bd, S]
+        if window is not None:
+            visible &= k_pos.unsqueeze(0) > (lengths - 1 - window).unsqueeze(1)
+        decode_mask = visible[:, None, None, :].to(device)
+    return StepBatch(
+        input_ids=torch.tensor(ids, dtype=torch.long, device=device),
+        positions=positions.to(device),
+        cache_slots=torch.tensor(slots, dtype=torch.long, device=device),
+        cos=cos_table[positions].unsqueeze(1).to(device),
+        sin=sin_table[positions].unsqueeze(1).to(device),
+        num_decode=len(decode),
+        decode_slots=torch.tensor(decode_slots, dtype=torch.long, device=device),
+        decode_slots_are_prefix=decode_slots == list(range(len(decode_slots))),
+        decode_kv_len=kv_len,
+        decode_mask=decode_mask,
+        prefill=tuple(chunks),
+        logits_rows=torch.tensor(logits_rows, dtype=torch.long, device=device),
+    )

@@ -1,0 +1,121 @@
+"""A compact decoder for the Llama family (llama, qwen2, mistral) as plain modules.
+
+Parameter names follow Hugging Face (`model.layers.{i}.self_attn.q_proj.weight`, ...), so checkpoints
+load by name. Activations are flat: x is [tokens, hidden] for every token of the step, whatever sequence
+it belongs to; attention is the only place that looks at sequences (through the StepBatch).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from workers.model.batch import StepBatch
+from workers.model.config import DecoderConfig
+from workers.model.kv_cache import KVCache
+from workers.model.rope import apply_rope
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: DecoderConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, q_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, kv_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, kv_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(q_dim, cfg.hidden_size, bias=cfg.o_bias)
+
+    def forward(self, x: torch.Tensor, batch: StepBatch, kv: KVCache) -> torch.Tensor:
+        n = x.shape[0]
+        q = self.q_proj(x).view(n, self.num_heads, self.head_dim)  # [N, H, D]
+        k = self.k_proj(x).view(n, self.num_kv_heads, self.head_dim)  # [N, KVH, D]
+        v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
+        q, k = apply_rope(q, batch.cos, batch.sin), apply_rope(k, batch.cos, batch.sin)
+        kv.write(self.layer, k, v, batch)
+        out = torch.empty_like(q)  # [N, H, D]
+        if batch.num_decode:
+            self._decode_attention(q, out, batch, kv)
+        for chunk in batch.prefill:
+            rows = slice(chunk.offset, chunk.offset + chunk.length)
+            keys, values = kv.prefix_view(self.layer, chunk.slot, chunk.start + chunk.length)
+            qc = q[rows].transpose(0, 1).unsqueeze(0)  # [1, H, T, D]
+            o = F.scaled_dot_product_attention(qc, keys, values, attn_mask=chunk.mask, enable_gqa=True)
+            out[rows] = o[0].transpose(0, 1)
+        return self.o_proj(out.view(n, -1))
+
+    def _decode_attention(self, q: torch.Tensor, out: torch.Tensor, batch: StepBatch, kv: KVCache) -> None:
+        bd = batch.num_decode
+        keys, values = kv.decode_view(self.layer, batch)  # [Bd, KVH, S, D]
+        qd = q[:bd].unsqueeze(2)  # [Bd, H, 1, D]
+        o = F.scaled_dot_product_attention(qd, keys, values, attn_mask=batch.decode_mask, enable_gqa=True)
+        out[:bd] = o.squeeze(2)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: DecoderConfig, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, batch: StepBatch, kv: KVCache) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), batch, kv)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderBody(nn.Module):
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class Decoder(nn.Module):
+    """Causal LM: `forward` returns next-token logits for the batch's `logits_rows` only."""
+
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = DecoderBody(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def hidden_states(self, batch: StepBatch, kv: KVCache) -> torch.Tensor:
+        x = self.model.embed_tokens(batch.input_ids)  # [N, hidden]
+        for layer in self.model.layers:
+            x = layer(x, batch, kv)
+        return self.model.norm(x)
+
+    def forward(self, batch: StepBatch, kv: KVCache) -> torch.Tensor:
+        h = self.hidden_states(batch, kv)[batch.logits_rows]  # [R, hidden]
+        return self.lm_head(h).float()  # [R, vocab]

@@ -1,0 +1,48 @@
+"""The KV cache: one preallocated tensor for keys and one for values, indexed by (layer, slot, position).
+A sequence owns one slot for its lifetime; nothing is allocated per step."""
+
+from __future__ import annotations
+
+import heapq
+
+import torch
+
+from workers.model.batch import StepBatch
+
+
+class KVCache:
+    def __init__(self, num_layers: int, num_slots: int, max_seq: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device):
+        shape = (num_layers, num_slots, num_kv_heads, max_seq, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)  # [L, slots, kv_heads, max_seq, head_dim]
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.num_slots = num_slots
+        self.max_seq = max_seq
+        self._free = list(range(num_slots))  # min-heap: the lowest free slot first keeps slots dense
+
+    @property
+    def free_slots(self) -> int:
+        return len(self._free)
+
+    def allocate(self) -> int:
+        return heapq.heappop(self._free)
+
+    def release(self, slot: int) -> None:
+        heapq.heappush(self._free, slot)
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, batch: StepBatch) -> None:
+        """k, v: [N, kv_heads, head_dim] for the step's tokens, stored at (slot, position)."""
+        self.k[layer][batch.cache_slots, :, batch.positions] = k
+        self.v[layer][batch.cache_slots, :, batch.positions] = v
+
+    def decode_view(self, layer: int, batch: StepBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of the decoding sequences: [Bd, kv_heads, S, head_dim]."""
+        s = batch.decode_kv_len
+        if batch.decode_slots_are_prefix:
+            n = batch.num_decode
+            return self.k[layer, :n, :, :s], self.v[layer, :n, :, :s]
+        return self.k[layer][batch.decode_slots, :, :s], self.v[layer][batch.decode_slots, :, :s]
+
+    def prefix_view(self, layer: int, slot: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One sequence's first `length` cached positions: [1, kv_heads, length, head_dim]."""
+        return self.k[layer, slot:slot + 1, :, :length], self.v[layer, slot:slot + 1, :, :length]

@@ -1,0 +1,26 @@
+"""Typed configuration of the worker HTTP service (built by the entry point, passed in)."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class WorkerServiceConfig:
+    host: str = "127.0.0.1"
+    port: int = 9001
+    advertise_url: str = ""  # what the gateway calls; default http://{host}:{port}
+    redis_url: str | None = None  # None → no registration (standalone worker)
+    worker_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    heartbeat_ttl_s: float = 5.0
+    heartbeat_interval_s: float = 0.0  # 0 → ttl / 3
+    max_adapters: int = 8  # resident adapters at once (the engine's LoRA slots)
+
+    @property
+    def url(self) -> str:
+        return self.advertise_url or f"http://{self.host}:{self.port}"
+
+    @property
+    def interval_s(self) -> float:
+        return self.heartbeat_interval_s or self.heartbeat_ttl_s / 3

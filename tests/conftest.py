@@ -7,13 +7,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 torch.set_num_threads(2)
 
-from tiny_models import make_tiny_model  # noqa: E402
-
-
-@pytest.fixture(scope="session")
-def tiny_llama(tmp_path_factory):
-    return make_tiny_model(tmp_path_factory.mktemp("tiny-llama"), "llama")
-
 
 @pytest.fixture(scope="session")
 def smollm2_path():
@@ -21,3 +14,23 @@ def smollm2_path():
     from workers.model.default_model import ensure_default_model
 
     return ensure_default_model()
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_path)
+
+
+@pytest.fixture
+def make_core(smollm2_tokenizer):
+    """An EngineCore on a tiny model, with SmolLM2's tokenizer (ids < 256 decode to real text)."""
+    from workers.engine.config import EngineConfig
+    from workers.engine.core import EngineCore
+
+    def make(folder, **overrides) -> EngineCore:
+        cfg = EngineConfig(model_path=str(folder), **{"max_batch": 4, "max_seq": 128, **overrides})
+        return EngineCore(cfg, tokenizer=smollm2_tokenizer)
+
+    return make

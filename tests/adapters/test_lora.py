@@ -1,0 +1,179 @@
+"""Many LoRA adapters in one batch against peft (the oracle), kernels against each other, validation."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from tiny_models import make_lora, make_tiny_model
+
+from workers.adapters.ops import build_adapter_batch, lora_add_fast, lora_add_reference
+from workers.engine.types import GenerationRequest, SamplingParams
+from workers.errors import AdapterNotFoundError, AdapterValidationError
+
+ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+SPECS = {  # mixed ranks, targets, alphas and rsLoRA
+    "a": dict(r=2, targets=ALL),
+    "b": dict(r=8, targets=("q_proj", "k_proj", "v_proj", "o_proj"), use_rslora=True),
+    "c": dict(r=4, targets=("gate_proj", "up_proj", "down_proj"), alpha=3.0),
+    "d": dict(r=8, targets=ALL, seed=5),
+}
+
+
+@pytest.fixture(scope="module")
+def model_and_adapters(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lora")
+    folder, _ = make_tiny_model(root / "base", "llama")
+    adapters = {name: make_lora(folder, root / name, **{"seed": i, **spec})
+                for i, (name, spec) in enumerate(SPECS.items())}
+    return folder, adapters
+
+
+@pytest.fixture(scope="module")
+def peft_model(model_and_adapters):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    folder, adapters = model_and_adapters
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(folder), adapters["a"], adapter_name="a")
+    for name in "bcd":
+        model.load_adapter(adapters[name], adapter_name=name)
+    return model.eval()
+
+
+def peft_logits(model, prompt, adapter):
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        if adapter is None:
+            with model.disable_adapter():
+                return model(ids).logits[0, -1]
+        model.set_adapter(adapter)
+        return model(ids).logits[0, -1]
+
+
+def peft_greedy(model, prompt, adapter, n):
+    ids = torch.tensor([prompt])
+    model.generation_config.eos_token_id = None
+    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        if adapter is None:
+            with model.disable_adapter():
+                return model.generate(input_ids=ids, **kwargs)[0, len(prompt):].tolist()
+        model.set_adapter(adapter)
+        return model.generate(input_ids=ids, **kwargs)[0, len(prompt):].tolist()
+
+
+ROWS = ["a", None, "b", "c", "d", None, "a"]  # 4 adapters + base rows, one repeated
+
+
+@pytest.mark.parametrize("kernel", ["fast", "reference"])
+def test_mixed_batch_logits_equal_peft_per_adapter(model_and_adapters, peft_model, make_core, kernel):
+    folder, adapters = model_and_adapters
+    core = make_core(folder, max_batch=8, max_loras=4, max_rank=8, lora_kernel=kernel)
+    for name, path in adapters.items():
+        core.adapters.load(name, path)
+    prompts = [[(7 * i + j) % 250 + 3 for j in range(5 + i)] for i in range(len(ROWS))]
+    slots = [core.adapters.acquire(a) if a else 0 for a in ROWS]
+    # prefill every row as its own chunk, then one decode step for every row together
+    logits = core.runner.forward([], [(i, 0, p[:-1], True, s) for i, (p, s) in enumerate(zip(prompts, slots))])
+    for i, adapter in enumerate(ROWS):
+        ref = peft_logits(peft_model, prompts[i][:-1], adapter)
+        assert (logits[i] - ref).abs().max() <= 1e-4 * max(1, ref.abs().max()), (i, adapter)
+    decode = [(i, len(p) - 1, p[-1], s) for i, (p, s) in enumerate(zip(prompts, slots))]
+    logits = core.runner.forward(decode, [])
+    for i, adapter in enumerate(ROWS):
+        ref = peft_logits(peft_model, prompts[i], adapter)
+        assert (logits[i] - ref).abs().max() <= 1e-4 * max(1, ref.abs().max()), (i, adapter)
+
+
+def test_mixed_batch_greedy_generation_equals_peft(model_and_adapters, peft_model, make_core):
+    folder, adapters = model_and_adapters
+    core = make_core(folder, max_batch=8, max_loras=2, max_rank=8)  # fewer slots than adapters: rows wait
+    for name, path in adapters.items():
+        core.adapters.load(name, path)
+    prompts = [[(11 * i + j) % 250 + 3 for j in range(4 + i)] for i in range(len(ROWS))]
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    outs = core.generate([GenerationRequest(tuple(p), params, adapter=a) for p, a in zip(prompts, ROWS)])
+    for p, a, events in zip(prompts, ROWS, outs, strict=True):
+        assert [e.token_id for e in events] == peft_greedy(peft_model, p, a, 8), a
+    assert core.adapters.refs == {} and core.runner.kv.free_slots == 8
+
+
+def test_fast_kernel_equals_reference_on_random_banks():
+    torch.manual_seed(0)
+    slots, rank, d_in, d_out = 6, 4, 32, 48
+    a, bt = torch.randn(slots, rank, d_in), torch.randn(slots, rank, d_out)
+    a[0], bt[0] = 0, 0
+    decode_slots = [0, 3, 1, 3, 5, 0, 2]
+    chunks = [(7, 12, 2), (12, 15, 0), (15, 24, 4)]
+    batch = build_adapter_batch(decode_slots, chunks, rank, torch.float32, torch.device("cpu"))
+    x = torch.randn(24, d_in)
+    y_fast, y_ref = torch.zeros(24, d_out), torch.zeros(24, d_out)
+    lora_add_fast(y_fast, x, a, bt, batch)
+    lora_add_reference(y_ref, x, a, bt, batch)
+    torch.testing.assert_close(y_fast, y_ref, rtol=1e-5, atol=1e-5)
+    assert y_ref[0].abs().sum() == 0 and y_ref[12:15].abs().sum() == 0  # base rows untouched
+
+
+def _broken(tmp_path, source, mutate):
+    target = tmp_path / mutate.__name__
+    shutil.copytree(source, target)
+    mutate(target)
+    return target
+
+
+def pickle_file(d):
+    (d / "adapter_model.bin").write_bytes(b"\x80\x04K\x01.")
+
+
+def bad_json(d):
+    (d / "adapter_config.json").write_text("{not json")
+
+
+def truncated(d):
+    f = d / "adapter_model.safetensors"
+    f.write_bytes(f.read_bytes()[:100])
+
+
+def no_weights(d):
+    (d / "adapter_model.safetensors").unlink()
+
+
+def not_lora(d):
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    (d / "adapter_config.json").write_text(json.dumps({**cfg, "peft_type": "IA3"}))
+
+
+def dora(d):
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    (d / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": True}))
+
+
+@pytest.mark.parametrize("mutate", [pickle_file, bad_json, truncated, no_weights, not_lora, dora])
+def test_broken_adapter_files_are_refused_and_change_nothing(tmp_path, model_and_adapters, make_core, mutate):
+    folder, adapters = model_and_adapters
+    core = make_core(folder, max_rank=8)
+    core.adapters.load("good", adapters["a"])
+    with pytest.raises(AdapterValidationError):
+        core.adapters.load("bad", _broken(tmp_path, adapters["a"], mutate))
+    with pytest.raises(AdapterValidationError):
+        core.adapters.load("good", _broken(tmp_path / "again", adapters["b"], mutate))
+    assert core.adapters.resident() == ["good"]
+    assert core.adapters.host["good"].rank == 2
+
+
+def test_adapter_that_does_not_fit_the_base_is_refused(tmp_path, model_and_adapters, make_core):
+    folder, adapters = model_and_adapters
+    other, _ = make_tiny_model(tmp_path / "wide", "llama", hidden_size=96)
+    wrong_shapes = make_lora(other, tmp_path / "wrong", r=2)
+    core = make_core(folder, max_rank=4)
+    with pytest.raises(AdapterValidationError, match="do not fit"):
+        core.adapters.load("x", wrong_shapes)
+    with pytest.raises(AdapterValidationError, match="max_rank"):
+        core.adapters.load("x", adapters["d"])  # r=8 > 4
+    with pytest.raises(AdapterValidationError, match="does not exist"):
+        core.adapters.load("x", tmp_path / "nowhere")
+    assert core.adapters.resident() == []
+    with pytest.raises(AdapterNotFoundError):
+        core.add_request(GenerationRequest((1, 2, 3), SamplingParams(), adapter="x"))
+    assert not core.has_work()

@@ -1,0 +1,109 @@
+"""The asynchronous client (httpx.AsyncClient). Mirrors `Client` method for method."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import httpx
+
+from adapterd_client.base import _DONE, BaseClient, Call
+from adapterd_client.errors import APIConnectionError
+from adapterd_client.models import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    Completion,
+    GenerateResponse,
+    ModelList,
+    StreamResponse,
+)
+
+
+class AsyncClient(BaseClient):
+    def __init__(
+        self,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+        **options,
+    ):
+        super().__init__(base_url, api_key, **options)
+        self._http = httpx.AsyncClient(
+            base_url=self.base_url, headers=self._headers(), timeout=self.timeout, transport=transport
+        )
+
+    async def close(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    # ---- API ----------------------------------------------------------------------------------
+
+    async def completions(self, model: str, prompt: str | list, **params) -> Completion:
+        return await self._request(self._completions_call(model, prompt, False, params))
+
+    async def completions_stream(self, model: str, prompt: str | list, **params) -> AsyncIterator[Completion]:
+        return await self._stream(self._completions_call(model, prompt, True, params))
+
+    async def chat(self, model: str, messages: list[dict], **params) -> ChatCompletion:
+        return await self._request(self._chat_call(model, messages, False, params))
+
+    async def chat_stream(self, model: str, messages: list[dict], **params) -> AsyncIterator[ChatCompletionChunk]:
+        return await self._stream(self._chat_call(model, messages, True, params))
+
+    async def models(self) -> ModelList:
+        return await self._request(self._models_call())
+
+    async def generate(self, inputs: str, adapter_id: str | None = None, **parameters) -> GenerateResponse:
+        return await self._request(self._generate_call(inputs, adapter_id, False, parameters))
+
+    async def generate_stream(
+        self, inputs: str, adapter_id: str | None = None, **parameters
+    ) -> AsyncIterator[StreamResponse]:
+        return await self._stream(self._generate_call(inputs, adapter_id, True, parameters))
+
+    # ---- transport ----------------------------------------------------------------------------
+
+    async def _send(self, call: Call) -> httpx.Response:
+        attempt = 0
+        while True:
+            request = self._http.build_request(call.method, call.path, json=call.body)
+            try:
+                response = await self._http.send(request, stream=call.stream)
+            except httpx.TransportError as exc:
+                delay = self._delay(call, attempt, None)
+                if delay is None:
+                    raise APIConnectionError(f"cannot reach {self.base_url}: {exc}") from exc
+            else:
+                if response.status_code < 400:
+                    return response
+                await response.aread()
+                await response.aclose()
+                delay = self._delay(call, attempt, response)
+                if delay is None:
+                    raise self._error(response)
+            await asyncio.sleep(delay)
+            attempt += 1
+
+    async def _request(self, call: Call):
+        return self._parse(call, await self._send(call))
+
+    async def _stream(self, call: Call) -> AsyncIterator:
+        response = await self._send(call)  # errors before the stream starts raise here
+        return self._events(call, response)
+
+    async def _events(self, call: Call, response: httpx.Response) -> AsyncIterator:
+        try:
+            async for line in response.aiter_lines():
+                item = self._sse_item(call, line)
+                if item is _DONE:
+                    return
+                if item is not None:
+                    yield item
+        finally:
+            await response.aclose()

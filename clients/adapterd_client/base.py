@@ -1,0 +1,138 @@
+"""What the sync and async clients share: configuration, request building for every API call, retry
+decisions with backoff, error mapping and SSE parsing. The two clients differ only in transport."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from pydantic import BaseModel
+
+from adapterd_client.errors import APIStatusError, StreamError, error_from
+from adapterd_client.models import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    Completion,
+    GenerateResponse,
+    ModelList,
+    StreamResponse,
+)
+
+RETRY_STATUSES = frozenset({429, 502, 503, 504})
+DEFAULT_URL = "http://127.0.0.1:8000"
+_DONE = object()
+
+
+@dataclass(frozen=True)
+class Call:
+    """One API call: what to send and how to read the answer."""
+
+    method: str
+    path: str
+    model: type[BaseModel]
+    body: dict | None = None
+    stream: bool = False
+    retry_safe: bool = True  # inference and reads change nothing on the server: safe to repeat
+    params: dict = field(default_factory=dict)
+
+
+def _clean(params: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in params.items() if v is not None}
+
+
+class BaseClient:
+    def __init__(
+        self,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        *,
+        timeout: float = 120.0,
+        max_retries: int = 2,
+        backoff_s: float = 0.5,
+        max_backoff_s: float = 8.0,
+    ):
+        self.base_url = (base_url or os.environ.get("ADAPTERD_URL") or DEFAULT_URL).rstrip("/")
+        self.api_key = api_key if api_key is not None else os.environ.get("ADAPTERD_API_KEY")
+        self.timeout = timeout
+        self.max_retries = max_retries
+        self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
+
+    def _headers(self) -> dict[str, str]:
+        headers = {"user-agent": "adapterd-client/0.1"}
+        if self.api_key:
+            headers["authorization"] = f"Bearer {self.api_key}"
+        return headers
+
+    # ---- calls --------------------------------------------------------------------------------
+
+    @staticmethod
+    def _completions_call(model: str, prompt: str | list, stream: bool, params: dict) -> Call:
+        body = {"model": model, "prompt": prompt, "stream": stream, **_clean(params)}
+        return Call("POST", "/v1/completions", Completion, body, stream)
+
+    @staticmethod
+    def _chat_call(model: str, messages: list[dict], stream: bool, params: dict) -> Call:
+        body = {"model": model, "messages": messages, "stream": stream, **_clean(params)}
+        return Call("POST", "/v1/chat/completions", ChatCompletionChunk if stream else ChatCompletion, body, stream)
+
+    @staticmethod
+    def _models_call() -> Call:
+        return Call("GET", "/v1/models", ModelList)
+
+    @staticmethod
+    def _generate_call(inputs: str, adapter_id: str | None, stream: bool, params: dict) -> Call:
+        body = {"inputs": inputs, "parameters": _clean({"adapter_id": adapter_id, **params})}
+        if stream:
+            return Call("POST", "/generate_stream", StreamResponse, body, True)
+        return Call("POST", "/generate", GenerateResponse, body)
+
+    # ---- retries and errors -------------------------------------------------------------------
+
+    def _delay(self, call: Call, attempt: int, response: httpx.Response | None) -> float | None:
+        """Seconds to wait before retrying, or None if this failure is final."""
+        if not call.retry_safe or attempt >= self.max_retries:
+            return None
+        if response is not None and response.status_code not in RETRY_STATUSES:
+            return None
+        backoff = min(self.max_backoff_s, self.backoff_s * 2**attempt) * (0.5 + random.random() / 2)
+        hinted = _retry_after(response)
+        return min(self.max_backoff_s, max(backoff, hinted or 0.0))
+
+    @staticmethod
+    def _error(response: httpx.Response) -> APIStatusError:
+        try:
+            body = response.json()
+        except ValueError:
+            body = {"error": {"message": response.text[:500]}}
+        return error_from(response.status_code, body, _retry_after(response))
+
+    @staticmethod
+    def _parse(call: Call, response: httpx.Response) -> BaseModel:
+        return call.model.model_validate_json(response.content)
+
+    @staticmethod
+    def _sse_item(call: Call, line: str) -> Any:
+        """One SSE line → a model, `_DONE` at `[DONE]`, None for framing; error events raise."""
+        if not line.startswith("data:"):
+            return None
+        data = line[5:].strip()
+        if data == "[DONE]":
+            return _DONE
+        payload = json.loads(data)
+        if "error" in payload:
+            raise error_from(500, payload, cls=StreamError)
+        return call.model.model_validate(payload)
+
+
+def _retry_after(response: httpx.Response | None) -> float | None:
+    if response is None:
+        return None
+    try:
+        return float(response.headers.get("retry-after", ""))
+    except ValueError:
+        return None

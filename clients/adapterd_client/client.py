@@ -1,0 +1,107 @@
+"""The synchronous client (httpx.Client). Mirrors `AsyncClient` method for method."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import httpx
+
+from adapterd_client.base import _DONE, BaseClient, Call
+from adapterd_client.errors import APIConnectionError
+from adapterd_client.models import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    Completion,
+    GenerateResponse,
+    ModelList,
+    StreamResponse,
+)
+
+
+class Client(BaseClient):
+    def __init__(
+        self,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        *,
+        transport: httpx.BaseTransport | None = None,
+        **options,
+    ):
+        super().__init__(base_url, api_key, **options)
+        self._http = httpx.Client(
+            base_url=self.base_url, headers=self._headers(), timeout=self.timeout, transport=transport
+        )
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---- API ----------------------------------------------------------------------------------
+
+    def completions(self, model: str, prompt: str | list, **params) -> Completion:
+        return self._request(self._completions_call(model, prompt, False, params))
+
+    def completions_stream(self, model: str, prompt: str | list, **params) -> Iterator[Completion]:
+        return self._stream(self._completions_call(model, prompt, True, params))
+
+    def chat(self, model: str, messages: list[dict], **params) -> ChatCompletion:
+        return self._request(self._chat_call(model, messages, False, params))
+
+    def chat_stream(self, model: str, messages: list[dict], **params) -> Iterator[ChatCompletionChunk]:
+        return self._stream(self._chat_call(model, messages, True, params))
+
+    def models(self) -> ModelList:
+        return self._request(self._models_call())
+
+    def generate(self, inputs: str, adapter_id: str | None = None, **parameters) -> GenerateResponse:
+        return self._request(self._generate_call(inputs, adapter_id, False, parameters))
+
+    def generate_stream(self, inputs: str, adapter_id: str | None = None, **parameters) -> Iterator[StreamResponse]:
+        return self._stream(self._generate_call(inputs, adapter_id, True, parameters))
+
+    # ---- transport ----------------------------------------------------------------------------
+
+    def _send(self, call: Call) -> httpx.Response:
+        attempt = 0
+        while True:
+            request = self._http.build_request(call.method, call.path, json=call.body)
+            try:
+                response = self._http.send(request, stream=call.stream)
+            except httpx.TransportError as exc:
+                delay = self._delay(call, attempt, None)
+                if delay is None:
+                    raise APIConnectionError(f"cannot reach {self.base_url}: {exc}") from exc
+            else:
+                if response.status_code < 400:
+                    return response
+                response.read()
+                response.close()
+                delay = self._delay(call, attempt, response)
+                if delay is None:
+                    raise self._error(response)
+            time.sleep(delay)
+            attempt += 1
+
+    def _request(self, call: Call):
+        return self._parse(call, self._send(call))
+
+    def _stream(self, call: Call) -> Iterator:
+        response = self._send(call)  # errors before the stream starts raise here, not on first next()
+        return self._events(call, response)
+
+    def _events(self, call: Call, response: httpx.Response) -> Iterator:
+        try:
+            for line in response.iter_lines():
+                item = self._sse_item(call, line)
+                if item is _DONE:
+                    return
+                if item is not None:
+                    yield item
+        finally:
+            response.close()

@@ -1,0 +1,141 @@
+"""Typed response models of the SDK (checked against the server's OpenAPI schema in the tests).
+Unknown fields are kept, so a newer server never breaks an older SDK."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class Usage(_Model):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionLogprobs(_Model):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float]] | None = None
+    text_offset: list[int]
+
+
+class CompletionChoice(_Model):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class Completion(_Model):
+    """A /v1/completions response, or one streamed chunk of it."""
+
+    id: str
+    object: str = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class TokenLogprob(_Model):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+    top_logprobs: list[dict] = []
+
+
+class ChoiceLogprobs(_Model):
+    content: list[TokenLogprob] | None = None
+
+
+class ChatMessage(_Model):
+    role: str
+    content: str | None = None
+
+
+class ChatChoice(_Model):
+    index: int
+    message: ChatMessage
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletion(_Model):
+    id: str
+    object: str = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChatDelta(_Model):
+    role: str | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(_Model):
+    index: int
+    delta: ChatDelta
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(_Model):
+    id: str
+    object: str = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(_Model):
+    id: str
+    object: str = "model"
+    created: int = 0
+    owned_by: str = "adapterd"
+    root: str | None = None
+    parent: str | None = None
+
+
+class ModelList(_Model):
+    object: str = "list"
+    data: list[ModelCard]
+
+
+class Token(_Model):
+    id: int
+    text: str
+    logprob: float | None = None
+    special: bool = False
+
+
+class GenerateDetails(_Model):
+    finish_reason: str
+    generated_tokens: int
+    prompt_tokens: int | None = None
+    seed: int | None = None
+    tokens: list[Token] = []
+
+
+class GenerateResponse(_Model):
+    generated_text: str
+    details: GenerateDetails | None = None
+
+
+class StreamDetails(_Model):
+    finish_reason: str
+    generated_tokens: int
+    prompt_tokens: int | None = None
+    seed: int | None = None
+
+
+class StreamResponse(_Model):
+    token: Token
+    generated_text: str | None = None
+    details: StreamDetails | None = None

@@ -1,0 +1,49 @@
+"""Gateway entry point: `python -m server --host 127.0.0.1 --port 8000 --redis-url URL --data-dir DIR`.
+Flags override the `ADAPTERD_*` environment (see server.settings)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from server.settings import GatewaySettings, InsecureBindError
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m server", description="adapterd gateway")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--redis-url")
+    p.add_argument("--data-dir")
+    p.add_argument(
+        "--allow-insecure",
+        action="store_true",
+        default=None,
+        help="allow binding a non-loopback address with no API keys",
+    )
+    p.add_argument("--log-level", default="warning")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import uvicorn
+
+    from server.app import create_app
+
+    args = _parse_args(argv)
+    overrides = {k: v for k, v in vars(args).items() if v is not None and k != "log_level"}
+    settings = GatewaySettings(**overrides)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s gateway %(levelname)s %(name)s: %(message)s")
+    try:
+        app = create_app(settings)
+    except InsecureBindError as exc:
+        print(f"adapterd gateway: {exc}", file=sys.stderr)
+        raise SystemExit(2) from exc
+    uvicorn.run(
+        app, host=settings.host, port=settings.port, log_level=args.log_level, timeout_graceful_shutdown=5
+    )
+
+
+if __name__ == "__main__":
+    main()

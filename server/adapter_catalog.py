@@ -1,0 +1,86 @@
+"""Which adapters exist and where their files are: a plain directory until the registry (a later issue)
+replaces this module.
+
+Layout under `DATA_DIR/adapters/`:
+
+- `{name}/adapter_config.json` (+ weights): an unversioned adapter, addressed as `name`.
+- `{name}/{version}/adapter_config.json`: versions, addressed as `name@version`; a bare `name` means
+  the version written in `{name}/LATEST` if that file exists, else the highest version in natural
+  order (v2 < v10).
+
+Names and versions: letters, digits, `.`, `_`, `-` (no leading dot), at most 100 characters.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+_PART = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}$")
+_CONFIG = "adapter_config.json"
+
+
+@dataclass(frozen=True)
+class AdapterVersion:
+    name: str
+    version: str | None
+    path: Path
+
+    @property
+    def ref(self) -> str:
+        """The name the engine knows this exact version by (and the model id that addresses it)."""
+        return f"{self.name}@{self.version}" if self.version else self.name
+
+
+def _natural_key(s: str) -> list:
+    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", s) if t]
+
+
+class AdapterCatalog:
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def resolve(self, model: str) -> AdapterVersion | None:
+        """`name` or `name@version` → that adapter version, or None if there is no such adapter."""
+        name, at, version = model.partition("@")
+        if not _PART.match(name) or (at and not _PART.match(version)):
+            return None
+        folder = self.root / name
+        if version:
+            return (
+                AdapterVersion(name, version, folder / version)
+                if (folder / version / _CONFIG).is_file()
+                else None
+            )
+        if (folder / _CONFIG).is_file():
+            return AdapterVersion(name, None, folder)
+        latest = self._latest_version(folder)
+        return AdapterVersion(name, latest, folder / latest) if latest else None
+
+    def list(self) -> list[AdapterVersion]:
+        found: list[AdapterVersion] = []
+        if not self.root.is_dir():
+            return found
+        for folder in sorted(p for p in self.root.iterdir() if p.is_dir() and _PART.match(p.name)):
+            if (folder / _CONFIG).is_file():
+                found.append(AdapterVersion(folder.name, None, folder))
+                continue
+            for version in self._versions(folder):
+                found.append(AdapterVersion(folder.name, version, folder / version))
+        return found
+
+    def _versions(self, folder: Path) -> list[str]:
+        if not folder.is_dir():
+            return []
+        names = [p.name for p in folder.iterdir() if _PART.match(p.name) and (p / _CONFIG).is_file()]
+        return sorted(names, key=_natural_key)
+
+    def _latest_version(self, folder: Path) -> str | None:
+        pointer = folder / "LATEST"
+        if pointer.is_file():
+            version = pointer.read_text().strip()
+            if _PART.match(version) and (folder / version / _CONFIG).is_file():
+                return version
+        versions = self._versions(folder)
+        return versions[-1] if versions else None

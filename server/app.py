@@ -1,0 +1,101 @@
+"""Builds the gateway app: services wired from settings at start-up, routes, the one error boundary."""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+
+import httpx
+import redis.asyncio as aioredis
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from server.adapter_catalog import AdapterCatalog
+from server.auth import ApiKeyAuth
+from server.dispatch import Dispatcher
+from server.errors import error_response, install_error_boundary
+from server.metrics import GatewayMetrics
+from server.native_service import NativeService
+from server.openai_service import ChatService, CompletionService
+from server.router import WorkerRouter
+from server.routes import native, openai, ops
+from server.settings import GatewaySettings
+from server.worker_client import WorkerClient
+from server.worker_registry import WorkerRegistry
+
+
+class BodySizeLimit:
+    """Refuses bodies whose declared length exceeds the limit before anything reads them."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            for name, value in scope["headers"]:
+                if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
+                    response = error_response(
+                        413,
+                        "invalid_request_error",
+                        f"request body over {self.max_bytes} bytes",
+                        code="payload_too_large",
+                    )
+                    await response(scope, receive, send)
+                    return
+        await self.app(scope, receive, send)
+
+
+def _wire(app: FastAPI, settings: GatewaySettings, worker_transport: httpx.AsyncBaseTransport | None) -> None:
+    state = app.state
+    state.redis = aioredis.from_url(settings.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
+    state.registry = WorkerRegistry(state.redis, settings.registry_refresh_s, settings.worker_down_s)
+    state.router = WorkerRouter(
+        state.registry, settings.queue_max, settings.queue_timeout_s, settings.retry_after_s
+    )
+    state.worker_client = WorkerClient(
+        settings.worker_connect_timeout_s,
+        settings.worker_read_timeout_s,
+        settings.max_connections,
+        transport=worker_transport,
+    )
+    state.catalog = AdapterCatalog(settings.data_dir / "adapters")
+    state.dispatcher = Dispatcher(
+        state.catalog,
+        state.registry,
+        state.router,
+        state.worker_client,
+        state.metrics,
+        settings.retry_after_s,
+        settings.model_id,
+    )
+    state.completions = CompletionService(state.dispatcher)
+    state.chat = ChatService(state.dispatcher, settings.default_max_tokens)
+    state.native = NativeService(state.dispatcher)
+
+
+def create_app(
+    settings: GatewaySettings, worker_transport: httpx.AsyncBaseTransport | None = None
+) -> FastAPI:
+    settings.check_bind_safety()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        _wire(app, settings, worker_transport)
+        await app.state.registry.start()
+        try:
+            yield
+        finally:
+            await app.state.registry.stop()
+            await app.state.worker_client.aclose()
+            await app.state.redis.aclose()
+
+    app = FastAPI(title="adapterd", version="0.1.0", lifespan=lifespan)
+    app.state.settings = settings
+    app.state.auth = ApiKeyAuth(settings.tenants_by_key())
+    app.state.metrics = GatewayMetrics()
+    app.include_router(openai.router)
+    app.include_router(native.router)
+    app.include_router(ops.router)
+    install_error_boundary(app)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    return app

@@ -1,0 +1,31 @@
+"""`Annotated` dependencies that hand routes the services built at start-up (kept on `app.state`)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from server.adapter_catalog import AdapterCatalog
+from server.dispatch import Dispatcher
+from server.metrics import GatewayMetrics
+from server.native_service import NativeService
+from server.openai_service import ChatService, CompletionService
+from server.worker_registry import WorkerRegistry
+
+
+def _state(name: str):
+    def get(request: Request):
+        return getattr(request.app.state, name)
+
+    get.__name__ = f"get_{name}"
+    return Depends(get)
+
+
+Completions = Annotated[CompletionService, _state("completions")]
+Chat = Annotated[ChatService, _state("chat")]
+Native = Annotated[NativeService, _state("native")]
+DispatcherDep = Annotated[Dispatcher, _state("dispatcher")]
+Registry = Annotated[WorkerRegistry, _state("registry")]
+Catalog = Annotated[AdapterCatalog, _state("catalog")]
+Metrics = Annotated[GatewayMetrics, _state("metrics")]

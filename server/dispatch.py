@@ -1,0 +1,201 @@
+"""From a resolved model and a worker request to worker results: model resolution (base or adapter,
+404 otherwise), routing, one retry on another worker when a worker fails before the first byte, and
+the per-adapter / per-worker metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from adapters_store.coordination import WorkerGenerateRequest
+from server.adapter_catalog import AdapterCatalog, AdapterVersion
+from server.errors import GatewayError, ModelNotFoundError, NoWorkerError, WorkerUnreachableError
+from server.metrics import GatewayMetrics
+from server.router import Lease, WorkerRouter
+from server.worker_client import WorkerClient, WorkerStream
+from server.worker_registry import WorkerRegistry
+
+ATTEMPTS = 2  # the first worker, and one other if the first fails before answering
+
+
+@dataclass(frozen=True)
+class Target:
+    model: str  # as the client named it (echoed back in responses)
+    adapter: AdapterVersion | None  # None → the base model
+
+    @property
+    def label(self) -> str:
+        return self.adapter.ref if self.adapter else "base"
+
+
+@dataclass
+class Completion:
+    """A finished non-streamed generation and the worker that made it."""
+
+    text: str
+    token_ids: list[int]
+    tokens: list[str]
+    logprobs: list[float] | None
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+    worker_id: str
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        catalog: AdapterCatalog,
+        registry: WorkerRegistry,
+        router: WorkerRouter,
+        client: WorkerClient,
+        metrics: GatewayMetrics,
+        retry_after_s: int,
+        model_id: str = "",
+    ):
+        self._catalog = catalog
+        self._registry = registry
+        self._router = router
+        self._client = client
+        self._metrics = metrics
+        self._retry_after_s = retry_after_s
+        self._model_id = model_id
+
+    @property
+    def base_model_id(self) -> str | None:
+        return self._registry.base_model_id or self._model_id or None
+
+    def resolve(self, model: str | None) -> Target:
+        """`None`/base id → base; `name` / `name@version` → that adapter; anything else → 404."""
+        if model is None:
+            return Target(self.base_model_id or "", None)
+        adapter = self._catalog.resolve(model)
+        if adapter is not None:
+            return Target(model, adapter)
+        base = self.base_model_id
+        if base is not None and model == base:
+            return Target(model, None)
+        if base is None:
+            raise NoWorkerError(
+                "no worker has registered yet, so the base model is unknown",
+                retry_after_s=self._retry_after_s,
+            )
+        raise ModelNotFoundError(
+            f"the model {model!r} does not exist: it is neither the base model {base!r} nor a known adapter",
+            param="model",
+        )
+
+    def _payload(self, target: Target, req: WorkerGenerateRequest, stream: bool) -> bytes:
+        req = req.model_copy(update={"stream": stream})
+        if target.adapter is not None:
+            req = req.model_copy(
+                update={"adapter": target.adapter.ref, "adapter_path": str(target.adapter.path)}
+            )
+        return req.model_dump_json(exclude_none=True).encode()
+
+    async def _acquire(self, target: Target, exclude: list[str]) -> Lease:
+        self._metrics.queue_waiting.set(self._router.waiting + 1)
+        try:
+            return await self._router.acquire(target.adapter.ref if target.adapter else None, exclude)
+        except NoWorkerError as exc:
+            self._metrics.rejected.labels(exc.code).inc()
+            raise
+        finally:
+            self._metrics.queue_waiting.set(self._router.waiting)
+
+    def _exhausted(self) -> NoWorkerError:
+        return NoWorkerError(
+            "no worker could take the request (the ones tried failed)",
+            retry_after_s=self._retry_after_s,
+            code="worker_unreachable",
+        )
+
+    def _failed(self, lease: Lease, exclude: list[str]) -> None:
+        worker_id = lease.worker.worker_id
+        self._registry.mark_down(worker_id)
+        exclude.append(worker_id)
+        self._metrics.retries.labels(worker_id).inc()
+
+    async def generate(self, target: Target, req: WorkerGenerateRequest) -> Completion:
+        body = self._payload(target, req, stream=False)
+        exclude: list[str] = []
+        start = time.perf_counter()
+        for attempt in range(ATTEMPTS):
+            lease = await self._acquire(target, exclude)
+            worker = lease.worker.worker_id
+            try:
+                result = await self._client.post(lease.worker.url, "/generate", body)
+            except WorkerUnreachableError:
+                self._failed(lease, exclude)
+                if attempt == ATTEMPTS - 1:
+                    raise self._exhausted() from None
+                continue
+            except GatewayError:
+                self._metrics.requests.labels(target.label, worker, "error").inc()
+                raise
+            finally:
+                lease.release()
+            done = Completion(**{k: result[k] for k in Completion.__dataclass_fields__})
+            self._record(target, worker, start, done.prompt_tokens, done.completion_tokens)
+            return done
+        raise AssertionError("unreachable")
+
+    async def stream(self, target: Target, req: WorkerGenerateRequest) -> AsyncIterator[dict]:
+        """Worker token events (dicts). Returns once the first event arrived, so that routing errors,
+        worker errors and retries all happen before the client sees a byte."""
+        body = self._payload(target, req, stream=True)
+        exclude: list[str] = []
+        start = time.perf_counter()
+        for attempt in range(ATTEMPTS):
+            lease = await self._acquire(target, exclude)
+            try:
+                stream = await self._client.open_stream(lease.worker.url, body)
+            except WorkerUnreachableError:
+                lease.release()
+                self._failed(lease, exclude)
+                if attempt == ATTEMPTS - 1:
+                    raise self._exhausted() from None
+                continue
+            except BaseException:
+                lease.release()
+                self._metrics.requests.labels(target.label, lease.worker.worker_id, "error").inc()
+                raise
+            self._metrics.ttft.labels(target.label, lease.worker.worker_id).observe(
+                time.perf_counter() - start
+            )
+            return self._relay(target, lease, stream, start)
+        raise AssertionError("unreachable")
+
+    async def _relay(
+        self, target: Target, lease: Lease, stream: WorkerStream, start: float
+    ) -> AsyncIterator[dict]:
+        worker = lease.worker.worker_id
+        count, prompt_tokens, outcome = 0, 0, "error"
+        try:
+            async for event in stream:
+                count += 1
+                prompt_tokens = event["prompt_tokens"]
+                yield event
+            outcome = "ok"
+        except WorkerUnreachableError:
+            self._registry.mark_down(worker)
+            raise
+        except (GeneratorExit, asyncio.CancelledError):  # the client went away
+            outcome = "cancelled"
+            raise
+        finally:
+            lease.release()
+            await stream.aclose()
+            if outcome == "ok":
+                self._record(target, worker, start, prompt_tokens, count)
+            else:
+                self._metrics.requests.labels(target.label, worker, outcome).inc()
+
+    def _record(self, target: Target, worker: str, start: float, prompt_tokens: int, completion_tokens: int):
+        label = target.label
+        self._metrics.requests.labels(label, worker, "ok").inc()
+        self._metrics.latency.labels(label, worker).observe(time.perf_counter() - start)
+        self._metrics.prompt_tokens.labels(label, worker).inc(prompt_tokens)
+        self._metrics.completion_tokens.labels(label, worker).inc(completion_tokens)

@@ -1,0 +1,142 @@
+"""The gateway's error hierarchy and its one boundary: every failure leaves as
+`{"error": {"type", "message", "param", "code"}}` with the matching HTTP status."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("adapterd.gateway")
+
+
+class GatewayError(Exception):
+    status: int = 500
+    type: str = "server_error"
+    code: str | None = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.headers = headers or {}
+        if code is not None:
+            self.code = code
+
+    def to_dict(self) -> dict:
+        return {"error": {"type": self.type, "message": self.message, "param": self.param, "code": self.code}}
+
+
+class InvalidRequestError(GatewayError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class AuthenticationError(GatewayError):
+    status = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class ModelNotFoundError(GatewayError):
+    status = 404
+    type = "not_found_error"
+    code = "model_not_found"
+
+
+class PayloadTooLargeError(GatewayError):
+    status = 413
+    type = "invalid_request_error"
+    code = "payload_too_large"
+
+
+class NoWorkerError(GatewayError):
+    """No live worker can take the request (none registered, all down, or the queue is full)."""
+
+    status = 503
+    type = "service_unavailable"
+    code = "no_worker_available"
+
+    def __init__(self, message: str, *, retry_after_s: int, code: str | None = None):
+        super().__init__(message, code=code, headers={"Retry-After": str(retry_after_s)})
+
+
+class UpstreamError(GatewayError):
+    """A worker answered with an error: its status and body pass through unchanged."""
+
+    def __init__(self, status: int, body: dict):
+        err = body.get("error") if isinstance(body, dict) else None
+        err = err if isinstance(err, dict) else {}
+        super().__init__(
+            str(err.get("message") or f"worker error {status}"), param=err.get("param"), code=err.get("code")
+        )
+        self.status = status
+        self.type = str(err.get("type") or "server_error")
+
+
+class WorkerUnreachableError(GatewayError):
+    """The worker could not be reached or died before answering (retried once elsewhere)."""
+
+    status = 502
+    type = "server_error"
+    code = "worker_unreachable"
+
+
+def error_response(
+    status: int,
+    type_: str,
+    message: str,
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    body = {"error": {"type": type_, "message": message, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _validation_response(exc: RequestValidationError) -> JSONResponse:
+    errors = exc.errors()
+    first = errors[0] if errors else {}
+    if first.get("type") == "json_invalid":
+        return error_response(
+            400, "invalid_request_error", "the request body is not valid JSON", code="invalid_json"
+        )
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    # pydantic names union members in loc (e.g. "prompt.str"); keep the field path readable
+    param = ".".join(p for p in loc if not p.startswith(("str", "list[", "function-", "int")))
+    msg = str(first.get("msg", "invalid request"))
+    if first.get("type") == "missing":
+        msg = f"missing required field {param!r}"
+    elif param:
+        msg = f"{param}: {msg}"
+    return error_response(422, "invalid_request_error", msg, param or None, "validation_error")
+
+
+def install_error_boundary(app: FastAPI) -> None:
+    @app.exception_handler(GatewayError)
+    async def _gateway(_: Request, exc: GatewayError) -> JSONResponse:
+        return JSONResponse(exc.to_dict(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return _validation_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = {404: "not_found_error", 405: "invalid_request_error"}.get(exc.status_code, "server_error")
+        return error_response(exc.status_code, kind, str(exc.detail), headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return error_response(500, "server_error", f"internal error: {type(exc).__name__}")

@@ -1,0 +1,1 @@
+"""Thin HTTP routes; each takes its service through an `Annotated` dependency."""

@@ -1,0 +1,24 @@
+"""Native TGI/LoRAX-style routes: /generate and /generate_stream."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import StreamingResponse
+
+from server.auth import CurrentTenant
+from server.dependencies import Native
+from server.protocol import ErrorResponse, GenerateRequest, GenerateResponse
+
+router = APIRouter(responses={"default": {"model": ErrorResponse}})
+
+
+@router.post("/generate", response_model=GenerateResponse)
+async def generate(body: GenerateRequest, service: Native, _: CurrentTenant):
+    if body.stream:
+        return StreamingResponse(await service.stream(body), media_type="text/event-stream")
+    return await service.generate(body)
+
+
+@router.post("/generate_stream")
+async def generate_stream(body: GenerateRequest, service: Native, _: CurrentTenant) -> StreamingResponse:
+    return StreamingResponse(await service.stream(body), media_type="text/event-stream")

@@ -1,0 +1,77 @@
+"""Typed gateway configuration (pydantic-settings; env prefix `ADAPTERD_`).
+
+API keys: `ADAPTERD_API_KEYS="key1:tenant-a,key2:tenant-b"` (a key without `:tenant` belongs to the
+tenant `default`). With no keys, auth is off, which is allowed only on a loopback host unless
+`ADAPTERD_ALLOW_INSECURE=true`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class InsecureBindError(RuntimeError):
+    """Binding to a non-loopback address with no API keys and without the explicit insecure flag."""
+
+
+class GatewaySettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ADAPTERD_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    data_dir: Path = Path(".adapterd")
+    api_keys: str = ""
+    allow_insecure: bool = False
+    model_id: str = ""  # the base model's id if known before any worker registers
+
+    # routing
+    registry_refresh_s: float = Field(0.25, gt=0)  # how often the live-worker snapshot is re-read
+    worker_down_s: float = Field(5.0, ge=0)  # a worker that failed is skipped this long
+    queue_max: int = Field(256, ge=0)  # requests waiting for a free worker slot
+    queue_timeout_s: float = Field(30.0, ge=0)
+    retry_after_s: int = Field(1, ge=1)
+
+    # worker calls
+    worker_connect_timeout_s: float = Field(2.0, gt=0)
+    worker_read_timeout_s: float = Field(120.0, gt=0)
+    max_connections: int = Field(512, ge=1)
+
+    # request defaults / limits
+    default_max_tokens: int = Field(256, ge=1)
+    max_request_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+
+    def tenants_by_key(self) -> dict[str, str]:
+        keys: dict[str, str] = {}
+        for item in self.api_keys.replace("\n", ",").split(","):
+            item = item.strip()
+            if not item:
+                continue
+            key, _, tenant = item.partition(":")
+            keys[key.strip()] = tenant.strip() or "default"
+        return keys
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.tenants_by_key())
+
+    def check_bind_safety(self) -> None:
+        if self.auth_enabled or self.allow_insecure or is_loopback(self.host):
+            return
+        raise InsecureBindError(
+            f"refusing to bind {self.host} with no API keys: set ADAPTERD_API_KEYS, bind 127.0.0.1, "
+            "or pass the explicit insecure flag (--allow-insecure / ADAPTERD_ALLOW_INSECURE=true)"
+        )
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -1,0 +1,131 @@
+"""The gateway's view of the live workers: a snapshot re-read from Redis every `refresh_s`, plus what
+only this gateway knows (its own in-flight count per worker, adapters it just sent to a worker, workers
+it saw fail). Routing reads the snapshot, so the request path never waits on Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+
+import redis.asyncio as aioredis
+
+from adapters_store.coordination import WORKERS_SET, WorkerInfo, worker_key
+
+log = logging.getLogger("adapterd.gateway.registry")
+ASSUME_LOADED_S = 10.0
+
+
+@dataclass
+class WorkerView:
+    info: WorkerInfo
+    in_flight: int = 0  # requests this gateway has running on it
+    assumed: dict[str, float] = field(default_factory=dict)  # adapter we sent it → when (monotonic)
+    down_until: float = 0.0
+
+    def holds(self, adapter: str) -> bool:
+        """Resident per its heartbeat, or sent to it by us so recently that no heartbeat shows it yet."""
+        if adapter in self.info.resident_adapters:
+            return True
+        sent = self.assumed.get(adapter)
+        return sent is not None and time.monotonic() - sent < ASSUME_LOADED_S
+
+    def assume(self, adapter: str) -> None:
+        if adapter not in self.info.resident_adapters:
+            self.assumed[adapter] = time.monotonic()
+
+    @property
+    def worker_id(self) -> str:
+        return self.info.worker_id
+
+    @property
+    def url(self) -> str:
+        return self.info.url
+
+    @property
+    def capacity(self) -> int:
+        return max(1, self.info.capacity)
+
+    def load(self) -> int:
+        return max(self.in_flight, self.info.in_flight)
+
+
+class WorkerRegistry:
+    def __init__(self, redis: aioredis.Redis, refresh_s: float, down_s: float):
+        self._redis = redis
+        self._refresh_s = refresh_s
+        self._down_s = down_s
+        self._workers: dict[str, WorkerView] = {}
+        self._task: asyncio.Task | None = None
+        self.redis_ok = False
+        self.base_model_id: str | None = None
+        self.changed = asyncio.Event()  # set after each refresh (router waiters re-check)
+
+    async def start(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.refresh()
+        self._task = asyncio.create_task(self._run(), name="worker-registry")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def alive(self) -> list[WorkerView]:
+        now = time.monotonic()
+        return [w for w in self._workers.values() if w.down_until <= now]
+
+    def get(self, worker_id: str) -> WorkerView | None:
+        return self._workers.get(worker_id)
+
+    def mark_down(self, worker_id: str) -> None:
+        view = self._workers.get(worker_id)
+        if view is not None:
+            view.down_until = time.monotonic() + self._down_s
+
+    async def refresh(self) -> None:
+        try:
+            ids = sorted(
+                m.decode() if isinstance(m, bytes) else m for m in await self._redis.smembers(WORKERS_SET)
+            )
+            raws = await self._redis.mget([worker_key(i) for i in ids]) if ids else []
+        except Exception:
+            self.redis_ok = False
+            raise
+        self.redis_ok = True
+        fresh: dict[str, WorkerView] = {}
+        gone = []
+        for worker_id, raw in zip(ids, raws, strict=True):
+            if raw is None:
+                gone.append(worker_id)
+                continue
+            info = WorkerInfo.from_json(raw)
+            fresh[worker_id] = self._merge(info)
+        if gone:
+            await self._redis.srem(WORKERS_SET, *gone)
+        self._workers = fresh
+        if fresh:
+            self.base_model_id = next(iter(fresh.values())).info.model_id
+        self.changed.set()
+        self.changed = asyncio.Event()
+
+    def _merge(self, info: WorkerInfo) -> WorkerView:
+        old = self._workers.get(info.worker_id)
+        view = WorkerView(info=info)
+        if old is not None:
+            view.in_flight = old.in_flight
+            # a worker seen failing stays down until it heartbeats again (a killed one never does)
+            view.down_until = old.down_until if old.info.heartbeat_at == info.heartbeat_at else 0.0
+            view.assumed = {a: t for a, t in old.assumed.items() if a not in info.resident_adapters}
+        return view
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self._refresh_s)
+            try:
+                await self.refresh()
+            except Exception as exc:
+                log.warning("registry refresh failed: %s", exc)

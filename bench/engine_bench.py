@@ -97,7 +97,7 @@ def main() -> None:
     core = EngineCore(EngineConfig(model_path=str(model_path), max_batch=B, max_seq=T + N + 8, max_loras=B,
                                    max_rank=args.rank), tokenizer=tokenizer)
     for i, path in enumerate(adapters):
-        core.adapters.load(f"lora{i}", path)
+        core.load_adapter(f"lora{i}", path)
     params = SamplingParams(max_tokens=N, temperature=0, ignore_eos=True)
 
     def own(n: int, with_adapters: bool):

@@ -71,9 +71,9 @@ def test_mixed_batch_logits_equal_peft_per_adapter(model_and_adapters, peft_mode
     folder, adapters = model_and_adapters
     core = make_core(folder, max_batch=8, max_loras=4, max_rank=8, lora_kernel=kernel)
     for name, path in adapters.items():
-        core.adapters.load(name, path)
+        core.load_adapter(name, path)
     prompts = [[(7 * i + j) % 250 + 3 for j in range(5 + i)] for i in range(len(ROWS))]
-    slots = [core.adapters.acquire(a) if a else 0 for a in ROWS]
+    slots = [core.adapters.acquire(a) if a else (0, 0) for a in ROWS]
     # prefill every row as its own chunk, then one decode step for every row together
     logits = core.runner.forward([], [(i, 0, p[:-1], True, s) for i, (p, s) in enumerate(zip(prompts, slots))])
     for i, adapter in enumerate(ROWS):
@@ -88,25 +88,25 @@ def test_mixed_batch_logits_equal_peft_per_adapter(model_and_adapters, peft_mode
 
 def test_mixed_batch_greedy_generation_equals_peft(model_and_adapters, peft_model, make_core):
     folder, adapters = model_and_adapters
-    core = make_core(folder, max_batch=8, max_loras=2, max_rank=8)  # fewer slots than adapters: rows wait
+    core = make_core(folder, max_batch=8, max_loras=2, max_rank=8)  # room for 2 rank-8 adapters: rows wait
     for name, path in adapters.items():
-        core.adapters.load(name, path)
+        core.load_adapter(name, path)
     prompts = [[(11 * i + j) % 250 + 3 for j in range(4 + i)] for i in range(len(ROWS))]
     params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
     outs = core.generate([GenerationRequest(tuple(p), params, adapter=a) for p, a in zip(prompts, ROWS)])
     for p, a, events in zip(prompts, ROWS, outs, strict=True):
         assert [e.token_id for e in events] == peft_greedy(peft_model, p, a, 8), a
-    assert core.adapters.refs == {} and core.runner.kv.free_slots == 8
+    assert not core.adapters.refs and not core.adapters.pins and core.runner.kv.free_slots == 8
 
 
 def test_fast_kernel_equals_reference_on_random_banks():
     torch.manual_seed(0)
-    slots, rank, d_in, d_out = 6, 4, 32, 48
-    a, bt = torch.randn(slots, rank, d_in), torch.randn(slots, rank, d_out)
-    a[0], bt[0] = 0, 0
-    decode_slots = [0, 3, 1, 3, 5, 0, 2]
-    chunks = [(7, 12, 2), (12, 15, 0), (15, 24, 4)]
-    batch = build_adapter_batch(decode_slots, chunks, rank, torch.float32, torch.device("cpu"))
+    rows, d_in, d_out = 30, 32, 48
+    a, bt = torch.randn(rows, d_in), torch.randn(rows, d_out)
+    base, r1, r2, r3 = (0, 0), (1, 5), (5, 13), (20, 22)  # mixed ranks 4, 8, 2; rows 13..20 unused
+    decode_rows = [base, r2, r1, r2, r3, base, r1]
+    chunks = [(7, 12, r1), (12, 15, base), (15, 24, r3)]
+    batch = build_adapter_batch(decode_rows, chunks, torch.float32, torch.device("cpu"))
     x = torch.randn(24, d_in)
     y_fast, y_ref = torch.zeros(24, d_out), torch.zeros(24, d_out)
     lora_add_fast(y_fast, x, a, bt, batch)
@@ -153,13 +153,13 @@ def dora(d):
 def test_broken_adapter_files_are_refused_and_change_nothing(tmp_path, model_and_adapters, make_core, mutate):
     folder, adapters = model_and_adapters
     core = make_core(folder, max_rank=8)
-    core.adapters.load("good", adapters["a"])
+    core.load_adapter("good", adapters["a"])
     with pytest.raises(AdapterValidationError):
-        core.adapters.load("bad", _broken(tmp_path, adapters["a"], mutate))
+        core.load_adapter("bad", _broken(tmp_path, adapters["a"], mutate))
     with pytest.raises(AdapterValidationError):
-        core.adapters.load("good", _broken(tmp_path / "again", adapters["b"], mutate))
+        core.load_adapter("good", _broken(tmp_path / "again", adapters["b"], mutate))
     assert core.adapters.resident() == ["good"]
-    assert core.adapters.host["good"].rank == 2
+    assert core.adapters.host["good"].rank == 2 and core.adapters.counters["host_loads"] == 1
 
 
 def test_adapter_that_does_not_fit_the_base_is_refused(tmp_path, model_and_adapters, make_core):
@@ -168,11 +168,11 @@ def test_adapter_that_does_not_fit_the_base_is_refused(tmp_path, model_and_adapt
     wrong_shapes = make_lora(other, tmp_path / "wrong", r=2)
     core = make_core(folder, max_rank=4)
     with pytest.raises(AdapterValidationError, match="do not fit"):
-        core.adapters.load("x", wrong_shapes)
+        core.load_adapter("x", wrong_shapes)
     with pytest.raises(AdapterValidationError, match="max_rank"):
-        core.adapters.load("x", adapters["d"])  # r=8 > 4
+        core.load_adapter("x", adapters["d"])  # r=8 > 4
     with pytest.raises(AdapterValidationError, match="does not exist"):
-        core.adapters.load("x", tmp_path / "nowhere")
+        core.load_adapter("x", tmp_path / "nowhere")
     assert core.adapters.resident() == []
     with pytest.raises(AdapterNotFoundError):
         core.add_request(GenerationRequest((1, 2, 3), SamplingParams(), adapter="x"))

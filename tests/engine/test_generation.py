@@ -160,7 +160,8 @@ async def test_async_streams_and_cancellation_frees_the_slot(tmp_path, smollm2_t
             if engine.stats()["running"] == 0:
                 break
             await asyncio.sleep(0.02)
-        assert engine.stats() == {"running": 0, "waiting": 0, "max_batch": 2}
+        stats = engine.stats()
+        assert (stats["running"], stats["waiting"], stats["max_batch"]) == (0, 0, 2)
         assert engine.core.runner.kv.free_slots == 2
         short = GenerationRequest((5, 6, 7), SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))
         results = await asyncio.gather(*[_collect(engine, short) for _ in range(3)])  # 3 > max_batch

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from workers.adapters.ops import AdapterBatch, lora_add_fast, lora_add_reference
-from workers.adapters.slots import LoRASlotBank
+from workers.adapters.slots import LoRARowBank
 
 LoRAKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, AdapterBatch], None]
 KERNELS: dict[str, LoRAKernel] = {"fast": lora_add_fast, "reference": lora_add_reference}
@@ -31,7 +31,7 @@ class LoRALinear(nn.Module):
     def __init__(self, base: nn.Linear, a: torch.Tensor, bt: torch.Tensor, ctx: AdapterContext):
         super().__init__()
         self.base = base
-        self.a, self.bt = a, bt  # views into the slot bank: [slots, R, in], [slots, R, out]
+        self.a, self.bt = a, bt  # views into the row bank: [rows, in], [rows, out]
         self.ctx = ctx
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -42,7 +42,7 @@ class LoRALinear(nn.Module):
         return y
 
 
-def attach_adapter_layers(model: nn.Module, bank: LoRASlotBank, ctx: AdapterContext) -> None:
+def attach_adapter_layers(model: nn.Module, bank: LoRARowBank, ctx: AdapterContext) -> None:
     for index, layer in enumerate(model.model.layers):
         for parent in (layer.self_attn, layer.mlp):
             for target in bank.targets:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load as load_safetensors
 
 from workers.errors import AdapterValidationError
 from workers.model.config import DecoderConfig
@@ -81,15 +81,19 @@ def read_config(folder: Path) -> dict:
     return cfg
 
 
-def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
+def read_tensor_bytes(folder: Path) -> bytes:
     pickles = [p.name for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES]
     if pickles:
         raise AdapterValidationError(f"pickle files are refused ({', '.join(pickles)}); use safetensors")
     path = folder / "adapter_model.safetensors"
     if not path.is_file():
         raise AdapterValidationError(f"{folder.name}: no adapter_model.safetensors")
+    return path.read_bytes()
+
+
+def decode_tensors(data: bytes) -> dict[str, torch.Tensor]:
     try:
-        return load_file(str(path))
+        return load_safetensors(data)
     except (SafetensorError, OSError, ValueError) as e:
         raise AdapterValidationError(f"adapter_model.safetensors is not a valid safetensors file: {e}") from e
 
@@ -133,8 +137,34 @@ def parse_lora(cfg: dict, tensors: dict[str, torch.Tensor], base: DecoderConfig,
     return LoRAWeights(rank=rank, alpha=alpha, use_rslora=bool(cfg.get("use_rslora", False)), modules=modules)
 
 
-def load_lora(folder: str | Path, base: DecoderConfig, max_rank: int) -> LoRAWeights:
+@dataclass(frozen=True)
+class LoRASource:
+    """A validated LoRA as the host cache keeps it: its config and the safetensors bytes as stored,
+    decoded into tensors only when it moves into device rows."""
+
+    config: dict
+    data: bytes
+    rank: int
+    targets: frozenset[str]
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.data)
+
+    def decode(self, base: DecoderConfig, max_rank: int) -> LoRAWeights:
+        return parse_lora(self.config, decode_tensors(self.data), base, max_rank)
+
+
+def read_lora(folder: str | Path, base: DecoderConfig, max_rank: int) -> LoRASource:
+    """Reads and fully validates a PEFT folder (decoding it once); keeps the bytes."""
     folder = Path(folder)
     if not folder.is_dir():
         raise AdapterValidationError(f"adapter folder {str(folder)!r} does not exist")
-    return parse_lora(read_config(folder), read_tensors(folder), base, max_rank)
+    config, data = read_config(folder), read_tensor_bytes(folder)
+    weights = parse_lora(config, decode_tensors(data), base, max_rank)
+    return LoRASource(config, data, weights.rank, frozenset(weights.targets))
+
+
+def load_lora(folder: str | Path, base: DecoderConfig, max_rank: int) -> LoRAWeights:
+    source = read_lora(folder, base, max_rank)
+    return source.decode(base, max_rank)

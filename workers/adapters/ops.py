@@ -1,12 +1,11 @@
 """Per-row LoRA deltas for a batch whose rows use different adapters.
 
-Both functions have one signature: add `scale_s · B_s A_s x` to `y` for every row whose slot `s` is
-non-zero, with the bank's A: [slots, R, in] and Bt: [slots, R, out] (B transposed, scale folded in, ranks
-below R zero-padded). `lora_add_reference` loops over rows: the oracle. `lora_add_fast` does
+Both functions have one signature: add `scale · B (A x)` to `y` for every token whose adapter occupies
+bank rows [start, end) (empty range = base model), with the bank's A: [rows, in] and Bt: [rows, out]
+(B transposed, scale folded in). `lora_add_reference` loops over tokens: the oracle. `lora_add_fast`:
 
-- decode rows (one token per sequence, many adapters): one shrink GEMM against the stacked A of the slot
-  range in use, a one-hot mask that keeps each row's own slot, one expand GEMM against the stacked Bt
-  (BGMV without gathering any weights);
+- decode rows (one token per sequence, many adapters): one shrink GEMM against the bank rows in use,
+  a mask that keeps each token's own adapter rows, one expand GEMM (BGMV without gathering weights);
 - prefill chunks (many tokens, one adapter): two plain GEMMs per chunk (SGMV's segments).
 """
 
@@ -16,64 +15,64 @@ from dataclasses import dataclass
 
 import torch
 
+from workers.adapters.slots import RowRange
+
 
 @dataclass(frozen=True)
 class AdapterBatch:
-    """Which adapter slot each token of the step uses, prepared once per step for every layer."""
+    """Which adapter rows each token of the step uses, prepared once per step for every layer."""
 
-    token_slots: torch.Tensor  # [N] long, 0 = base
-    num_decode: int  # rows [0, num_decode) are decode rows
-    decode_lo: int  # decode rows use slots in [decode_lo, decode_hi)
+    token_rows: tuple[RowRange, ...]  # per token
+    num_decode: int  # tokens [0, num_decode) are decode rows
+    decode_lo: int  # decode rows use bank rows in [decode_lo, decode_hi)
     decode_hi: int
-    decode_mask: torch.Tensor | None  # [Bd, (hi - lo) * R]: 1 on the row's own slot's R columns
-    segments: tuple[tuple[int, int, int], ...]  # (start, end, slot) of prefill chunks with an adapter
+    decode_mask: torch.Tensor | None  # [Bd, hi - lo]: 1 on the token's own adapter rows
+    segments: tuple[tuple[int, int, int, int], ...]  # (token start, token end, row start, row end)
 
     @property
     def active(self) -> bool:
         return self.decode_mask is not None or bool(self.segments)
 
 
-def build_adapter_batch(decode_slots: list[int], chunk_slots: list[tuple[int, int, int]], max_rank: int,
+def build_adapter_batch(decode_rows: list[RowRange], chunk_rows: list[tuple[int, int, RowRange]],
                         dtype: torch.dtype, device: torch.device) -> AdapterBatch:
-    """decode_slots: adapter slot of each decode row; chunk_slots: (start, end, slot) of each prefill chunk."""
-    token_slots = list(decode_slots)
-    for start, end, slot in chunk_slots:
-        token_slots.extend([slot] * (end - start))
-    used = [s for s in decode_slots if s]
+    """decode_rows: adapter rows of each decode token; chunk_rows: (token start, end, rows) per prefill chunk."""
+    token_rows = list(decode_rows)
+    for start, end, rows in chunk_rows:
+        token_rows.extend([rows] * (end - start))
+    used = [r for r in decode_rows if r[1] > r[0]]
     lo, hi, mask = 0, 0, None
     if used:
-        lo, hi = min(used), max(used) + 1
-        rel = torch.tensor(decode_slots) - lo  # [Bd]
-        onehot = torch.zeros(len(decode_slots), hi - lo, dtype=dtype)
-        rows = torch.nonzero(torch.tensor(decode_slots) > 0).squeeze(1)
-        onehot[rows, rel[rows]] = 1
-        mask = onehot.repeat_interleave(max_rank, dim=1).to(device)  # [Bd, (hi-lo)*R]
+        lo, hi = min(r[0] for r in used), max(r[1] for r in used)
+        mask = torch.zeros(len(decode_rows), hi - lo, dtype=dtype)
+        for i, (start, end) in enumerate(decode_rows):
+            if end > start:
+                mask[i, start - lo:end - lo] = 1
+        mask = mask.to(device)
     return AdapterBatch(
-        token_slots=torch.tensor(token_slots, dtype=torch.long, device=device),
-        num_decode=len(decode_slots),
+        token_rows=tuple(token_rows),
+        num_decode=len(decode_rows),
         decode_lo=lo,
         decode_hi=hi,
         decode_mask=mask,
-        segments=tuple(c for c in chunk_slots if c[2]),
+        segments=tuple((s, e, r[0], r[1]) for s, e, r in chunk_rows if r[1] > r[0]),
     )
 
 
 def lora_add_reference(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, bt: torch.Tensor,
                        batch: AdapterBatch) -> None:
-    """y: [N, out] += per row; x: [N, in]; a: [slots, R, in]; bt: [slots, R, out]."""
-    for row, slot in enumerate(batch.token_slots.tolist()):
-        if slot:
-            y[row] += (a[slot] @ x[row]) @ bt[slot]
+    """y: [N, out] += per token; x: [N, in]; a: [rows, in]; bt: [rows, out]."""
+    for token, (start, end) in enumerate(batch.token_rows):
+        if end > start:
+            y[token] += (a[start:end] @ x[token]) @ bt[start:end]
 
 
 def lora_add_fast(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, bt: torch.Tensor,
                   batch: AdapterBatch) -> None:
     if batch.decode_mask is not None:
         lo, hi, bd = batch.decode_lo, batch.decode_hi, batch.num_decode
-        stacked_a = a[lo:hi].reshape(-1, a.shape[-1])  # [(hi-lo)*R, in], a view
-        stacked_bt = bt[lo:hi].reshape(-1, bt.shape[-1])  # [(hi-lo)*R, out]
-        h = torch.nn.functional.linear(x[:bd], stacked_a)  # [Bd, (hi-lo)*R]
+        h = torch.nn.functional.linear(x[:bd], a[lo:hi])  # [Bd, hi-lo]
         h.mul_(batch.decode_mask)
-        y[:bd].addmm_(h, stacked_bt)
-    for start, end, slot in batch.segments:
-        y[start:end].addmm_(x[start:end] @ a[slot].T, bt[slot])
+        y[:bd].addmm_(h, bt[lo:hi])
+    for start, end, row_start, row_end in batch.segments:
+        y[start:end].addmm_(x[start:end] @ a[row_start:row_end].T, bt[row_start:row_end])

@@ -1,5 +1,8 @@
-"""Preallocated device slots for LoRA weights: slot 0 is "no adapter", slots 1..max_loras hold one
-adapter each, every module zero-padded to max_rank with its scale folded into B."""
+"""Device memory for LoRA weights, budgeted by rank: one pool of rank rows per (layer, target).
+
+An adapter of rank r occupies r consecutive rows (modules of lower rank zero-padded), so a rank-8
+adapter costs half a rank-16 one. Row 0 stays zero ("no adapter"). Scales are folded into B.
+"""
 
 from __future__ import annotations
 
@@ -8,31 +11,60 @@ import torch
 from workers.adapters.lora import TARGETS, LoRAWeights, target_shapes
 from workers.model.config import DecoderConfig
 
+RowRange = tuple[int, int]  # [start, end) rows of one adapter; (0, 0) = the base model
+NO_ADAPTER: RowRange = (0, 0)
 
-class LoRASlotBank:
-    def __init__(self, base: DecoderConfig, max_loras: int, max_rank: int, dtype: torch.dtype,
-                 device: torch.device, targets: tuple[str, ...] = TARGETS):
-        self.max_loras, self.max_rank, self.targets = max_loras, max_rank, targets
-        slots, layers = max_loras + 1, base.num_layers
+
+class LoRARowBank:
+    def __init__(self, base: DecoderConfig, num_rows: int, dtype: torch.dtype, device: torch.device,
+                 targets: tuple[str, ...] = TARGETS):
+        self.targets = targets
+        self.num_rows = num_rows  # usable rows: 1..num_rows
         shapes = target_shapes(base)
-        # a[t]: [layers, slots, R, in]; bt[t]: [layers, slots, R, out]
-        self.a = {t: torch.zeros(layers, slots, max_rank, shapes[t][0], dtype=dtype, device=device) for t in targets}
-        self.bt = {t: torch.zeros(layers, slots, max_rank, shapes[t][1], dtype=dtype, device=device) for t in targets}
+        rows, layers = num_rows + 1, base.num_layers
+        # a[t]: [layers, rows, in]; bt[t]: [layers, rows, out]
+        self.a = {t: torch.zeros(layers, rows, shapes[t][0], dtype=dtype, device=device) for t in targets}
+        self.bt = {t: torch.zeros(layers, rows, shapes[t][1], dtype=dtype, device=device) for t in targets}
+        self.free: list[RowRange] = [(1, rows)]  # sorted, disjoint free ranges
 
     def views(self, layer: int, target: str) -> tuple[torch.Tensor, torch.Tensor]:
         return self.a[target][layer], self.bt[target][layer]
 
-    def write(self, slot: int, weights: LoRAWeights) -> None:
-        assert 1 <= slot <= self.max_loras
-        for t in self.targets:
-            self.a[t][:, slot].zero_()
-            self.bt[t][:, slot].zero_()
+    def allocate(self, rank: int) -> RowRange | None:
+        """First fit; None when no free run of `rank` consecutive rows exists."""
+        for i, (start, end) in enumerate(self.free):
+            if end - start >= rank:
+                if end - start == rank:
+                    del self.free[i]
+                else:
+                    self.free[i] = (start + rank, end)
+                return start, start + rank
+        return None
+
+    def release(self, rows: RowRange) -> None:
+        self.clear(rows)
+        merged = sorted([*self.free, rows])
+        self.free = []
+        for start, end in merged:  # coalesce neighbours
+            if self.free and self.free[-1][1] == start:
+                self.free[-1] = (self.free[-1][0], end)
+            else:
+                self.free.append((start, end))
+
+    def write(self, rows: RowRange, weights: LoRAWeights) -> None:
+        start, end = rows
+        assert end - start == weights.rank
+        self.clear(rows)
         for (layer, t), (a, b) in weights.modules.items():
             r = a.shape[0]
-            self.a[t][layer, slot, :r] = a
-            self.bt[t][layer, slot, :r] = (b * weights.scale(r)).T
+            self.a[t][layer, start:start + r] = a
+            self.bt[t][layer, start:start + r] = (b * weights.scale(r)).T
 
-    def clear(self, slot: int) -> None:
+    def clear(self, rows: RowRange) -> None:
         for t in self.targets:
-            self.a[t][:, slot].zero_()
-            self.bt[t][:, slot].zero_()
+            self.a[t][:, rows[0]:rows[1]].zero_()
+            self.bt[t][:, rows[0]:rows[1]].zero_()
+
+    @property
+    def free_rows(self) -> int:
+        return sum(end - start for start, end in self.free)

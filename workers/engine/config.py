@@ -17,8 +17,9 @@ class EngineConfig:
     max_seq: int = 2048  # tokens per sequence, prompt included
     max_tokens_per_step: int = 512  # decode rows + prefill tokens in one forward
     prefill_chunk: int = 256  # the longest run of one prompt in one step
-    max_loras: int = 8  # device adapter slots
-    max_rank: int = 16
+    max_loras: int = 8  # device LoRA memory, in adapters of max_rank: max_loras × max_rank rank rows
+    max_rank: int = 16  # the largest rank an adapter may have
+    host_cache_bytes: int = 1 << 30  # host tier: adapters as stored (compressed stays compressed)
     lora_targets: tuple[str, ...] = TARGETS
     lora_kernel: str = "fast"  # "fast" | "reference"
     num_threads: int | None = None  # torch intra-op threads; None → leave as is

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from workers.adapters.lora import LoRASource, read_lora
 from workers.adapters.manager import AdapterManager
 from workers.engine.config import EngineConfig
 from workers.engine.detokenizer import IncrementalText
@@ -20,7 +21,7 @@ from workers.engine.sampler import sample
 from workers.engine.scheduler import Scheduler, StepPlan
 from workers.engine.sequence import Sequence
 from workers.engine.types import GenerationRequest, TokenEvent
-from workers.errors import InvalidRequestError, PromptTooLongError
+from workers.errors import AdapterValidationError, InvalidRequestError, PromptTooLongError
 
 
 def load_tokenizer(path: str):
@@ -37,12 +38,35 @@ class EngineCore:
         self.runner = ModelRunner(cfg)
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.model_path)
         self.model_id = cfg.model_id or Path(cfg.model_path).name
-        self.adapters = AdapterManager(self.runner.config, self.runner.bank)
+        self.adapters = AdapterManager(self.runner.config, self.runner.bank, cfg.max_rank, cfg.host_cache_bytes)
         self.scheduler = Scheduler(cfg, self.runner.kv, self.adapters)
         self.eos_ids = frozenset(self.runner.config.eos_token_ids) | frozenset(
             [self.tokenizer.eos_token_id] if getattr(self.tokenizer, "eos_token_id", None) is not None else [])
         self.lock = threading.RLock()  # guards adapters + scheduler against the service's threads
         self.by_id: dict[str, Sequence] = {}
+
+    def read_adapter(self, folder: str | Path) -> LoRASource:
+        """Reads and validates an adapter folder against the base (thread-safe; touches no state)."""
+        source = read_lora(folder, self.runner.config, self.cfg.max_rank)
+        missing = source.targets - set(self.cfg.lora_targets)
+        if missing:
+            raise AdapterValidationError(f"target modules {sorted(missing)} are not enabled on this worker")
+        return source
+
+    def load_adapter(self, name: str, folder: str | Path) -> LoRASource:
+        source = self.read_adapter(folder)
+        with self.lock:
+            self.adapters.register(name, source)
+        return source
+
+    def stage_adapter(self, name: str) -> None:
+        """Decodes an adapter that is not on device yet, so admission only copies it (off the loop)."""
+        with self.lock:
+            source = self.adapters.needs_decode(name)
+        if source is not None:
+            weights = source.decode(self.runner.config, self.cfg.max_rank)
+            with self.lock:
+                self.adapters.stage(name, weights)
 
     @property
     def max_seq(self) -> int:
@@ -113,9 +137,9 @@ class EngineCore:
         return events
 
     def _forward(self, plan: StepPlan) -> torch.Tensor:
-        decode = [(s.kv_slot, s.num_cached, s.last_token, s.adapter_slot) for s in plan.decode]
+        decode = [(s.kv_slot, s.num_cached, s.last_token, s.adapter_rows) for s in plan.decode]
         prefill = [(s.kv_slot, s.num_cached, list(s.prompt[s.num_cached:s.num_cached + n]),
-                    s.num_cached + n == len(s.prompt), s.adapter_slot) for s, n in plan.prefill]
+                    s.num_cached + n == len(s.prompt), s.adapter_rows) for s, n in plan.prefill]
         return self.runner.forward(decode, prefill)
 
     def _append(self, seq: Sequence, token: int, logprob: float | None) -> TokenEvent:

@@ -11,7 +11,7 @@ import queue
 import threading
 from collections.abc import AsyncIterator
 
-from workers.adapters.lora import LoRAWeights
+from workers.adapters.lora import LoRASource
 from workers.engine.config import EngineConfig
 from workers.engine.core import EngineCore
 from workers.engine.types import GenerationRequest, TokenEvent
@@ -58,6 +58,8 @@ class Engine:
                                         f"req-{next(self._ids)}")
         with self.core.lock:
             self.core.validate(request)  # errors surface before the first event
+        if request.adapter is not None:
+            await asyncio.to_thread(self.core.stage_adapter, request.adapter)
         rid = request.request_id
         events: asyncio.Queue = asyncio.Queue()
         self._streams[rid] = (asyncio.get_running_loop(), events)
@@ -77,13 +79,9 @@ class Engine:
             if not finished:
                 self._post("abort", rid)
 
-    async def load_adapter(self, name: str, path: str) -> LoRAWeights:
-        """Parses and validates off the event loop; registers between steps."""
-        return await asyncio.to_thread(self._load_adapter, name, path)
-
-    def _load_adapter(self, name: str, path: str) -> LoRAWeights:
-        with self.core.lock:
-            return self.core.adapters.load(name, path)
+    async def load_adapter(self, name: str, path: str) -> LoRASource:
+        """Reads and validates off the event loop and the decode loop; registers in the host cache."""
+        return await asyncio.to_thread(self.core.load_adapter, name, path)
 
     def unload_adapter(self, name: str) -> None:
         with self.core.lock:
@@ -95,7 +93,10 @@ class Engine:
 
     def stats(self) -> dict:
         s = self.core.scheduler
-        return {"running": len(s.running), "waiting": len(s.waiting), "max_batch": self.core.cfg.max_batch}
+        with self.core.lock:
+            adapters = self.core.adapters.stats()
+        return {"running": len(s.running), "waiting": len(s.waiting), "max_batch": self.core.cfg.max_batch,
+                "adapters": adapters}
 
     def _post(self, kind: str, payload: object) -> None:
         self._inbox.put((kind, payload))

@@ -7,7 +7,7 @@ import torch
 
 from workers.adapters.layers import AdapterContext, attach_adapter_layers
 from workers.adapters.ops import build_adapter_batch
-from workers.adapters.slots import LoRASlotBank
+from workers.adapters.slots import LoRARowBank, RowRange
 from workers.engine.config import EngineConfig
 from workers.model.batch import build_step_batch
 from workers.model.kv_cache import KVCache
@@ -27,23 +27,21 @@ class ModelRunner:
                           self.dtype, self.device)
         cos, sin = rope_tables(mc, self.max_seq)
         self.cos, self.sin = cos.to(self.dtype), sin.to(self.dtype)
-        self.max_rank = cfg.max_rank
-        self.bank = LoRASlotBank(mc, cfg.max_loras, cfg.max_rank, self.dtype, self.device, cfg.lora_targets)
+        self.bank = LoRARowBank(mc, cfg.max_loras * cfg.max_rank, self.dtype, self.device, cfg.lora_targets)
         self.adapter_ctx = AdapterContext(cfg.lora_kernel)
         attach_adapter_layers(self.model, self.bank, self.adapter_ctx)
 
     @torch.inference_mode()
-    def forward(self, decode: list[tuple[int, int, int, int]],
-                prefill: list[tuple[int, int, list[int], bool, int]]) -> torch.Tensor:
-        """decode: (kv_slot, position, token, adapter_slot) per decoding sequence;
-        prefill: (kv_slot, start, tokens, wants_logits, adapter_slot) per chunk.
+    def forward(self, decode: list[tuple[int, int, int, RowRange]],
+                prefill: list[tuple[int, int, list[int], bool, RowRange]]) -> torch.Tensor:
+        """decode: (kv_slot, position, token, adapter_rows) per decoding sequence;
+        prefill: (kv_slot, start, tokens, wants_logits, adapter_rows) per chunk.
         Returns logits [rows, vocab] for the decode rows, then the chunks that want logits."""
         batch = build_step_batch([d[:3] for d in decode], [p[:4] for p in prefill], self.cos, self.sin,
                                  self.config.sliding_window, self.device)
-        chunk_slots, offset = [], len(decode)
-        for _, _, tokens, _, adapter_slot in prefill:
-            chunk_slots.append((offset, offset + len(tokens), adapter_slot))
+        chunk_rows, offset = [], len(decode)
+        for _, _, tokens, _, adapter_rows in prefill:
+            chunk_rows.append((offset, offset + len(tokens), adapter_rows))
             offset += len(tokens)
-        self.adapter_ctx.batch = build_adapter_batch([d[3] for d in decode], chunk_slots, self.max_rank,
-                                                     self.dtype, self.device)
+        self.adapter_ctx.batch = build_adapter_batch([d[3] for d in decode], chunk_rows, self.dtype, self.device)
         return self.model(batch, self.kv)

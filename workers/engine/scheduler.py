@@ -2,8 +2,8 @@
 
 Every step carries one token for each decoding sequence, then prefill chunks of admitted prompts up to
 the step's token budget (chunked prefill: a long prompt spreads over several steps instead of stalling
-the running streams). Waiting requests are admitted first-come-first-served whenever a KV slot and a
-slot for their adapter are free; a request whose adapter has no free slot waits without blocking others.
+the running streams). Waiting requests are admitted first-come-first-served whenever a KV slot and
+device rows for their adapter are free; a request whose adapter finds no room waits without blocking others.
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ class Scheduler:
         self.running: list[Sequence] = []  # admitted: prefilling or decoding, in admission order
 
     def add(self, seq: Sequence) -> None:
+        if seq.request.adapter is not None:
+            self.adapters.pin(seq.request.adapter)
         self.waiting.append(seq)
 
     def has_work(self) -> bool:
@@ -53,24 +55,29 @@ class Scheduler:
 
     def finish(self, seq: Sequence) -> None:
         """Frees the sequence's slots (finished, or cancelled while waiting or running)."""
+        adapter = seq.request.adapter
         if seq in self.running:
             self.running.remove(seq)
             self.kv.release(seq.kv_slot)
-            if seq.request.adapter is not None:
-                self.adapters.release(seq.request.adapter)
+            if adapter is not None:
+                self.adapters.release(adapter)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+        else:
+            return
+        if adapter is not None:
+            self.adapters.unpin(adapter)
 
     def _admit(self) -> None:
         blocked: deque[Sequence] = deque()
         while self.waiting and self.kv.free_slots:
             seq = self.waiting.popleft()
             if seq.request.adapter is not None:
-                slot = self.adapters.acquire(seq.request.adapter)
-                if slot is None:
+                rows = self.adapters.acquire(seq.request.adapter)
+                if rows is None:
                     blocked.append(seq)
                     continue
-                seq.adapter_slot = slot
+                seq.adapter_rows = rows
             seq.kv_slot = self.kv.allocate()
             self.running.append(seq)
         self.waiting.extendleft(reversed(blocked))

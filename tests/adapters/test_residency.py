@@ -1,0 +1,96 @@
+"""Residency tiers: device rows budgeted by rank, host cache budgeted by bytes, staging off the loop."""
+
+import asyncio
+
+import pytest
+import torch
+from tiny_models import make_lora, make_tiny_model
+
+from workers.adapters.slots import LoRARowBank
+from workers.engine.config import EngineConfig
+from workers.engine.engine import Engine
+from workers.engine.types import GenerationRequest, SamplingParams
+from workers.errors import CapacityError
+from workers.model.config import DecoderConfig
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("residency")
+    folder, _ = make_tiny_model(root / "base", "llama")
+    ranks = {"r2": 2, "r4": 4, "r8a": 8, "r8b": 8, "r8c": 8}
+    return folder, {n: make_lora(folder, root / n, r=r, seed=i) for i, (n, r) in enumerate(ranks.items())}
+
+
+def test_row_bank_first_fit_and_coalescing(tiny):
+    folder, _ = tiny
+    bank = LoRARowBank(DecoderConfig.from_folder(folder), 16, torch.float32, torch.device("cpu"))
+    a, b = bank.allocate(8), bank.allocate(4)
+    assert (a, b) == ((1, 9), (9, 13)) and bank.allocate(8) is None and bank.free_rows == 4
+    bank.release(a)
+    assert bank.allocate(12) is None  # 8 + 4 free rows, but not consecutive
+    bank.release(b)
+    assert bank.free == [(1, 17)] and bank.allocate(16) == (1, 17)
+
+
+def test_device_rows_are_budgeted_by_rank(tiny, make_core):
+    folder, adapters = tiny
+    core = make_core(folder, max_loras=2, max_rank=8)  # 16 rows: two rank-8 adapters, or 8+4+2 …
+    for name, path in adapters.items():
+        core.load_adapter(name, path)
+    m = core.adapters
+    for name in ("r8a", "r4", "r2"):
+        m.pin(name)
+        assert m.acquire(name) is not None
+    m.pin("r8b")
+    assert m.acquire("r8b") is None  # all rows in use: waits
+    m.release("r4")
+    m.release("r2")
+    assert m.acquire("r8b") is not None  # evicts the unused r4 and r2, least recently used first
+    assert set(m.device) == {"r8a", "r8b"} and m.counters["device_evictions"] == 2
+
+
+def test_host_cache_evicts_unpinned_lru_by_bytes(tiny, make_core):
+    folder, adapters = tiny
+    probe = make_core(folder, max_rank=8)
+    size = probe.read_adapter(adapters["r8a"]).nbytes
+    core = make_core(folder, max_rank=8, host_cache_bytes=int(2.5 * size))
+    evicted = []
+    core.adapters.on_evict = evicted.append
+    core.load_adapter("r8a", adapters["r8a"])
+    core.load_adapter("r8b", adapters["r8b"])
+    core.adapters.pin("r8a")
+    core.load_adapter("r8c", adapters["r8c"])  # r8b is the LRU entry that is not pinned
+    assert evicted == ["r8b"] and core.adapters.resident() == ["r8a", "r8c"]
+    assert core.adapters.host_bytes <= int(2.5 * size)
+    core.adapters.pin("r8c")
+    with pytest.raises(CapacityError):
+        core.load_adapter("r8b", adapters["r8b"])  # everything left is pinned
+    assert core.adapters.resident() == ["r8a", "r8c"]
+    tiny_budget = make_core(folder, max_rank=8, host_cache_bytes=size - 1)
+    with pytest.raises(CapacityError):
+        tiny_budget.load_adapter("r8a", adapters["r8a"])
+    assert tiny_budget.adapters.resident() == []
+
+
+async def test_staged_decode_and_device_hits(tiny, smollm2_tokenizer):
+    folder, adapters = tiny
+    engine = Engine(EngineConfig(model_path=str(folder), max_batch=4, max_seq=64, max_rank=8),
+                    tokenizer=smollm2_tokenizer)
+    engine.start()
+    try:
+        await engine.load_adapter("r4", str(adapters["r4"]))
+        request = GenerationRequest((5, 6, 7), SamplingParams(max_tokens=3, temperature=0), adapter="r4")
+        runs = [[e async for e in engine.generate(request)] for _ in range(2)]
+        assert [e.token_id for e in runs[0]] == [e.token_id for e in runs[1]]
+        stats = engine.stats()["adapters"]
+        assert stats["device_misses"] == 1 and stats["device_hits"] == 1
+        assert engine.core.adapters.staged == {} and not engine.core.adapters.pins
+        many = await asyncio.gather(*[_collect(engine, request) for _ in range(6)])
+        assert all(len(r) == 3 for r in many) and engine.stats()["adapters"]["device_misses"] == 1
+    finally:
+        engine.stop()
+
+
+async def _collect(engine, request):
+    return [e async for e in engine.generate(request)]

@@ -46,6 +46,14 @@ class AdapterValidationError(InvalidRequestError):
     code = "invalid_adapter"
 
 
+class AdapterBusyError(AdapterdError):
+    """The adapter is used by requests in flight, so it cannot be replaced or unloaded now."""
+
+    status = 409
+    type = "conflict_error"
+    code = "adapter_in_use"
+
+
 class CapacityError(AdapterdError):
     status = 429
     type = "capacity_error"

@@ -7,6 +7,7 @@ import pytest
 import torch
 from tiny_models import make_lora, make_tiny_model
 
+from workers.adapters.manager import BASE_PLACEMENT
 from workers.adapters.ops import build_adapter_batch, lora_add_fast, lora_add_reference
 from workers.engine.types import GenerationRequest, SamplingParams
 from workers.errors import AdapterNotFoundError, AdapterValidationError
@@ -73,7 +74,7 @@ def test_mixed_batch_logits_equal_peft_per_adapter(model_and_adapters, peft_mode
     for name, path in adapters.items():
         core.load_adapter(name, path)
     prompts = [[(7 * i + j) % 250 + 3 for j in range(5 + i)] for i in range(len(ROWS))]
-    slots = [core.adapters.acquire(a) if a else (0, 0) for a in ROWS]
+    slots = [core.adapters.acquire(a) if a else BASE_PLACEMENT for a in ROWS]
     # prefill every row as its own chunk, then one decode step for every row together
     logits = core.runner.forward([], [(i, 0, p[:-1], True, s) for i, (p, s) in enumerate(zip(prompts, slots))])
     for i, adapter in enumerate(ROWS):

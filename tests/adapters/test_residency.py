@@ -53,7 +53,7 @@ def test_device_rows_are_budgeted_by_rank(tiny, make_core):
 def test_host_cache_evicts_unpinned_lru_by_bytes(tiny, make_core):
     folder, adapters = tiny
     probe = make_core(folder, max_rank=8)
-    size = probe.read_adapter(adapters["r8a"]).nbytes
+    size = probe.read_adapter(adapters["r8a"])[0].nbytes
     core = make_core(folder, max_rank=8, host_cache_bytes=int(2.5 * size))
     evicted = []
     core.adapters.on_evict = evicted.append
@@ -94,3 +94,35 @@ async def test_staged_decode_and_device_hits(tiny, smollm2_tokenizer):
 
 async def _collect(engine, request):
     return [e async for e in engine.generate(request)]
+
+
+def test_compeft_adapter_keeps_compressed_bytes_and_serves_its_decoded_lora(tiny, make_core, tmp_path):
+    import shutil
+
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    from adapters_store import compeft
+
+    folder, adapters = tiny
+    source = adapters["r8a"]
+    dense = load_file(str(source / "adapter_model.safetensors"))
+    packed = compeft.compress(dense, density=0.2, alpha=1.0)
+    compressed = tmp_path / "compressed"
+    compressed.mkdir()
+    shutil.copy(source / "adapter_config.json", compressed)
+    (compressed / compeft.FILENAME).write_bytes(packed.encode())
+    decoded = tmp_path / "decoded"  # the same update as a plain PEFT LoRA: the oracle
+    decoded.mkdir()
+    shutil.copy(source / "adapter_config.json", decoded)
+    from safetensors.numpy import save_file
+
+    save_file({k: np.ascontiguousarray(v) for k, v in packed.to_dense().items()},
+              str(decoded / "adapter_model.safetensors"))
+    core = make_core(folder, max_rank=8)
+    core.load_adapter("c", compressed)
+    core.load_adapter("d", decoded)
+    assert core.adapters.host["c"].nbytes * 4 < core.adapters.host["d"].nbytes
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    out = core.generate([GenerationRequest((5, 6, 7, 8), params, adapter=a) for a in ("c", "d")])
+    assert [e.token_id for e in out[0]] == [e.token_id for e in out[1]]

@@ -146,25 +146,25 @@ class LoRASource:
     data: bytes
     rank: int
     targets: frozenset[str]
+    kind = "lora"
 
     @property
     def nbytes(self) -> int:
         return len(self.data)
 
-    def decode(self, base: DecoderConfig, max_rank: int) -> LoRAWeights:
-        return parse_lora(self.config, decode_tensors(self.data), base, max_rank)
+    def decode(self, base: DecoderConfig) -> LoRAWeights:
+        return parse_lora(self.config, decode_tensors(self.data), base, self.rank)
 
 
-def read_lora(folder: str | Path, base: DecoderConfig, max_rank: int) -> LoRASource:
-    """Reads and fully validates a PEFT folder (decoding it once); keeps the bytes."""
+def read_lora(folder: str | Path, base: DecoderConfig, max_rank: int) -> tuple[LoRASource, LoRAWeights]:
+    """Reads and fully validates a PEFT folder; returns the bytes to keep and the decoded weights."""
     folder = Path(folder)
     if not folder.is_dir():
         raise AdapterValidationError(f"adapter folder {str(folder)!r} does not exist")
     config, data = read_config(folder), read_tensor_bytes(folder)
     weights = parse_lora(config, decode_tensors(data), base, max_rank)
-    return LoRASource(config, data, weights.rank, frozenset(weights.targets))
+    return LoRASource(config, data, weights.rank, frozenset(weights.targets)), weights
 
 
 def load_lora(folder: str | Path, base: DecoderConfig, max_rank: int) -> LoRAWeights:
-    source = read_lora(folder, base, max_rank)
-    return source.decode(base, max_rank)
+    return read_lora(folder, base, max_rank)[1]

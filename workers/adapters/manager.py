@@ -1,8 +1,9 @@
 """Adapter residency, two tiers: the host cache (adapters as stored — compressed bytes stay compressed —
-in a byte-budgeted LRU) and device rows (decoded weights in the rank-budgeted row bank).
+in a byte-budgeted LRU) and the device (decoded weights: LoRA in the rank-budgeted row bank, S²FT in its
+device store).
 
-A request pins its adapter in the host cache from arrival to finish, and holds device rows from
-admission to finish. Unpinned host entries and unused device rows are evicted least-recently-used first
+A request pins its adapter in the host cache from arrival to finish, and holds its device copy from
+admission to finish. Unpinned host entries and unused device copies are evicted least-recently-used first
 when room is needed. Decoding for the device can be staged ahead, off the decode loop (`stage`).
 """
 
@@ -11,45 +12,64 @@ from __future__ import annotations
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 from workers.adapters.lora import LoRAWeights
-from workers.adapters.slots import LoRARowBank, RowRange
-from workers.errors import AdapterNotFoundError, AdapterValidationError, CapacityError
+from workers.adapters.s2ft import S2FTWeights
+from workers.adapters.s2ft_ops import NO_S2FT, S2FTDeviceStore
+from workers.adapters.slots import NO_ADAPTER, LoRARowBank, RowRange
+from workers.errors import AdapterBusyError, AdapterNotFoundError, AdapterValidationError, CapacityError
 from workers.model.config import DecoderConfig
+
+MAX_STAGED = 4  # decoded adapters waiting for admission (each is a full fp32 copy)
 
 
 class AdapterSource(Protocol):
-    """One adapter in the host cache, in its stored form (any kind that decodes to LoRA weights)."""
+    """One adapter in the host cache, in its stored form. `kind` says what it decodes to:
+    "lora" (LoRA and ComPEFT sources: LoRAWeights) or "s2ft" (S2FTWeights)."""
 
-    rank: int
+    kind: str
+    targets: frozenset[str]
 
     @property
     def nbytes(self) -> int: ...
 
-    def decode(self, base: DecoderConfig, max_rank: int) -> LoRAWeights: ...
+    def decode(self, base: DecoderConfig) -> LoRAWeights | S2FTWeights: ...
+
+
+@dataclass(frozen=True)
+class DevicePlacement:
+    """Where a running row finds its adapter on the device."""
+
+    lora_rows: RowRange = NO_ADAPTER
+    s2ft_id: int = NO_S2FT
+
+
+BASE_PLACEMENT = DevicePlacement()
 
 
 class AdapterManager:
-    def __init__(self, base: DecoderConfig, bank: LoRARowBank, max_rank: int, host_budget_bytes: int,
-                 on_evict: Callable[[str], None] = lambda name: None):
-        self.base, self.bank, self.max_rank = base, bank, max_rank
+    def __init__(self, base: DecoderConfig, bank: LoRARowBank, s2ft: S2FTDeviceStore, max_s2ft: int,
+                 host_budget_bytes: int, on_evict: Callable[[str], None] = lambda name: None):
+        self.base, self.bank, self.s2ft, self.max_s2ft = base, bank, s2ft, max_s2ft
         self.host_budget_bytes = host_budget_bytes
         self.on_evict = on_evict
         self.host: OrderedDict[str, AdapterSource] = OrderedDict()  # LRU order
-        self.device: OrderedDict[str, RowRange] = OrderedDict()  # LRU order; device ⊆ host
+        self.device: OrderedDict[str, DevicePlacement] = OrderedDict()  # LRU order; device ⊆ host
         self.pins: Counter[str] = Counter()  # requests in the engine (waiting or running)
         self.refs: Counter[str] = Counter()  # running rows using the device copy
-        self.staged: dict[str, LoRAWeights] = {}
+        self.staged: OrderedDict[str, LoRAWeights | S2FTWeights] = OrderedDict()  # decoded ahead of admission
         self.counters: Counter[str] = Counter()
 
     # host tier -------------------------------------------------------------------------------
     def register(self, name: str, source: AdapterSource) -> None:
         """Adds or replaces an adapter; evicts unpinned LRU entries to stay within the byte budget."""
-        if source.rank > self.bank.num_rows:
-            raise AdapterValidationError(f"rank {source.rank} exceeds this worker's {self.bank.num_rows} LoRA rows")
+        rank = getattr(source, "rank", 0)
+        if rank > self.bank.num_rows:
+            raise AdapterValidationError(f"rank {rank} exceeds this worker's {self.bank.num_rows} LoRA rows")
         if self.pins[name]:
-            raise AdapterValidationError(f"adapter {name!r} is in use and cannot be replaced now")
+            raise AdapterBusyError(f"adapter {name!r} is in use and cannot be replaced now")
         self._make_host_room(source.nbytes, keep=name)
         self._drop(name)
         self.host[name] = source
@@ -59,7 +79,7 @@ class AdapterManager:
         if name not in self.host:
             raise AdapterNotFoundError(f"adapter {name!r} is not loaded")
         if self.pins[name]:
-            raise AdapterValidationError(f"adapter {name!r} is in use and cannot be unloaded now")
+            raise AdapterBusyError(f"adapter {name!r} is in use and cannot be unloaded now")
         self._drop(name)
 
     def require(self, name: str) -> None:
@@ -91,30 +111,28 @@ class AdapterManager:
             return None
         return self.host.get(name)
 
-    def stage(self, name: str, weights: LoRAWeights) -> None:
-        """Keeps decoded weights until admission (dropped then, or when the last request unpins)."""
+    def stage(self, name: str, weights: LoRAWeights | S2FTWeights) -> None:
+        """Keeps decoded weights until admission (dropped then, when the last request unpins, or when
+        more than MAX_STAGED are waiting)."""
         if name in self.host and name not in self.device:
             self.staged[name] = weights
+            while len(self.staged) > MAX_STAGED:
+                self.staged.popitem(last=False)
 
-    def acquire(self, name: str) -> RowRange | None:
-        """Device rows holding `name` for one more running row, or None while none can be freed."""
-        rows = self.device.get(name)
-        if rows is None:
+    def acquire(self, name: str) -> DevicePlacement | None:
+        """The device copy of `name` for one more running row, or None while no room can be freed."""
+        placement = self.device.get(name)
+        if placement is None:
             self.counters["device_misses"] += 1
-            source = self.host[name]
-            rows = self._allocate(source.rank)
-            if rows is None:
+            placement = self._load_to_device(name)
+            if placement is None:
                 return None
-            started = time.perf_counter()
-            weights = self.staged.pop(name, None) or source.decode(self.base, self.max_rank)
-            self.bank.write(rows, weights)
-            self.counters["device_load_us"] += int((time.perf_counter() - started) * 1e6)
-            self.device[name] = rows
+            self.device[name] = placement
         else:
             self.counters["device_hits"] += 1
         self.device.move_to_end(name)
         self.refs[name] += 1
-        return rows
+        return placement
 
     def release(self, name: str) -> None:
         self.refs[name] -= 1
@@ -124,20 +142,46 @@ class AdapterManager:
     def stats(self) -> dict:
         return {**self.counters, "host_adapters": len(self.host), "host_bytes": self.host_bytes,
                 "host_budget_bytes": self.host_budget_bytes, "device_adapters": len(self.device),
-                "device_free_rows": self.bank.free_rows, "device_rows": self.bank.num_rows}
+                "device_free_rows": self.bank.free_rows, "device_rows": self.bank.num_rows,
+                "device_s2ft_bytes": self.s2ft.nbytes}
+
+    def _load_to_device(self, name: str) -> DevicePlacement | None:
+        source = self.host[name]
+        if source.kind == "s2ft":
+            if not self._evict_until(lambda: len(self.s2ft.resident) < self.max_s2ft, kind="s2ft"):
+                return None
+        elif self._evict_until(lambda: self.bank.can_allocate(source.rank), kind="lora"):
+            rows = self.bank.allocate(source.rank)
+        else:
+            return None
+        started = time.perf_counter()
+        weights = self.staged.pop(name, None) or source.decode(self.base)
+        if source.kind == "s2ft":
+            placement = DevicePlacement(s2ft_id=self.s2ft.add(weights))
+        else:
+            self.bank.write(rows, weights)
+            placement = DevicePlacement(lora_rows=rows)
+        self.counters["device_load_us"] += int((time.perf_counter() - started) * 1e6)
+        return placement
 
     # eviction --------------------------------------------------------------------------------
-    def _allocate(self, rank: int) -> RowRange | None:
-        rows = self.bank.allocate(rank)
-        victims = (n for n in list(self.device) if not self.refs[n])  # least recently used first
-        while rows is None:
-            victim = next(victims, None)
-            if victim is None:
-                return None
-            self.bank.release(self.device.pop(victim))
+    def _evict_until(self, fits: Callable[[], bool], kind: str) -> bool:
+        """Evicts unused device copies of `kind`, least recently used first, until `fits()`."""
+        for victim in [n for n in self.device if not self.refs[n] and self.host[n].kind == kind]:
+            if fits():
+                return True
+            self._release_device(victim)
             self.counters["device_evictions"] += 1
-            rows = self.bank.allocate(rank)
-        return rows
+        return fits()
+
+    def _release_device(self, name: str) -> None:
+        placement = self.device.pop(name, None)
+        if placement is None:
+            return
+        if placement.s2ft_id != NO_S2FT:
+            self.s2ft.remove(placement.s2ft_id)
+        else:
+            self.bank.release(placement.lora_rows)
 
     def _make_host_room(self, nbytes: int, keep: str) -> None:
         if nbytes > self.host_budget_bytes:
@@ -154,8 +198,6 @@ class AdapterManager:
             raise CapacityError("the host adapter cache is full of adapters in use")
 
     def _drop(self, name: str) -> None:
-        rows = self.device.pop(name, None)
-        if rows is not None:
-            self.bank.release(rows)
+        self._release_device(name)
         self.staged.pop(name, None)
         self.host.pop(name, None)

@@ -30,6 +30,9 @@ class LoRARowBank:
     def views(self, layer: int, target: str) -> tuple[torch.Tensor, torch.Tensor]:
         return self.a[target][layer], self.bt[target][layer]
 
+    def can_allocate(self, rank: int) -> bool:
+        return any(end - start >= rank for start, end in self.free)
+
     def allocate(self, rank: int) -> RowRange | None:
         """First fit; None when no free run of `rank` consecutive rows exists."""
         for i, (start, end) in enumerate(self.free):

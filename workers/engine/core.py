@@ -12,8 +12,10 @@ from pathlib import Path
 
 import torch
 
-from workers.adapters.lora import LoRASource, read_lora
-from workers.adapters.manager import AdapterManager
+from workers.adapters.compeft import is_compeft_folder, read_compeft
+from workers.adapters.lora import LoRAWeights, read_lora
+from workers.adapters.manager import AdapterManager, AdapterSource
+from workers.adapters.s2ft import S2FTWeights, is_s2ft_folder, read_s2ft
 from workers.engine.config import EngineConfig
 from workers.engine.detokenizer import IncrementalText
 from workers.engine.runner import ModelRunner
@@ -38,25 +40,33 @@ class EngineCore:
         self.runner = ModelRunner(cfg)
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.model_path)
         self.model_id = cfg.model_id or Path(cfg.model_path).name
-        self.adapters = AdapterManager(self.runner.config, self.runner.bank, cfg.max_rank, cfg.host_cache_bytes)
+        self.adapters = AdapterManager(self.runner.config, self.runner.bank, self.runner.s2ft, cfg.max_loras,
+                                       cfg.host_cache_bytes)
         self.scheduler = Scheduler(cfg, self.runner.kv, self.adapters)
         self.eos_ids = frozenset(self.runner.config.eos_token_ids) | frozenset(
             [self.tokenizer.eos_token_id] if getattr(self.tokenizer, "eos_token_id", None) is not None else [])
         self.lock = threading.RLock()  # guards adapters + scheduler against the service's threads
         self.by_id: dict[str, Sequence] = {}
 
-    def read_adapter(self, folder: str | Path) -> LoRASource:
-        """Reads and validates an adapter folder against the base (thread-safe; touches no state)."""
-        source = read_lora(folder, self.runner.config, self.cfg.max_rank)
+    def read_adapter(self, folder: str | Path) -> tuple[AdapterSource, LoRAWeights | S2FTWeights]:
+        """Reads and validates an adapter folder (PEFT LoRA, ComPEFT-compressed LoRA, or S²FT) against the
+        base (thread-safe; touches no state). Returns what the host cache keeps and the decoded weights."""
+        folder = Path(folder)
+        if folder.is_dir() and is_s2ft_folder(folder):
+            return read_s2ft(folder, self.runner.config)
+        read = read_compeft if folder.is_dir() and is_compeft_folder(folder) else read_lora
+        source, weights = read(folder, self.runner.config, self.cfg.max_rank)
         missing = source.targets - set(self.cfg.lora_targets)
         if missing:
             raise AdapterValidationError(f"target modules {sorted(missing)} are not enabled on this worker")
-        return source
+        return source, weights
 
-    def load_adapter(self, name: str, folder: str | Path) -> LoRASource:
-        source = self.read_adapter(folder)
+    def load_adapter(self, name: str, folder: str | Path) -> AdapterSource:
+        """Registers in the host cache; the decoded weights are staged, since a request usually follows."""
+        source, weights = self.read_adapter(folder)
         with self.lock:
             self.adapters.register(name, source)
+            self.adapters.stage(name, weights)
         return source
 
     def stage_adapter(self, name: str) -> None:
@@ -64,7 +74,7 @@ class EngineCore:
         with self.lock:
             source = self.adapters.needs_decode(name)
         if source is not None:
-            weights = source.decode(self.runner.config, self.cfg.max_rank)
+            weights = source.decode(self.runner.config)
             with self.lock:
                 self.adapters.stage(name, weights)
 
@@ -137,9 +147,9 @@ class EngineCore:
         return events
 
     def _forward(self, plan: StepPlan) -> torch.Tensor:
-        decode = [(s.kv_slot, s.num_cached, s.last_token, s.adapter_rows) for s in plan.decode]
+        decode = [(s.kv_slot, s.num_cached, s.last_token, s.placement) for s in plan.decode]
         prefill = [(s.kv_slot, s.num_cached, list(s.prompt[s.num_cached:s.num_cached + n]),
-                    s.num_cached + n == len(s.prompt), s.adapter_rows) for s, n in plan.prefill]
+                    s.num_cached + n == len(s.prompt), s.placement) for s, n in plan.prefill]
         return self.runner.forward(decode, prefill)
 
     def _append(self, seq: Sequence, token: int, logprob: float | None) -> TokenEvent:

@@ -11,7 +11,7 @@ import queue
 import threading
 from collections.abc import AsyncIterator
 
-from workers.adapters.lora import LoRASource
+from workers.adapters.manager import AdapterSource
 from workers.engine.config import EngineConfig
 from workers.engine.core import EngineCore
 from workers.engine.types import GenerationRequest, TokenEvent
@@ -79,7 +79,7 @@ class Engine:
             if not finished:
                 self._post("abort", rid)
 
-    async def load_adapter(self, name: str, path: str) -> LoRASource:
+    async def load_adapter(self, name: str, path: str) -> AdapterSource:
         """Reads and validates off the event loop and the decode loop; registers in the host cache."""
         return await asyncio.to_thread(self.core.load_adapter, name, path)
 

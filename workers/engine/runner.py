@@ -6,8 +6,10 @@ from __future__ import annotations
 import torch
 
 from workers.adapters.layers import AdapterContext, attach_adapter_layers
+from workers.adapters.manager import DevicePlacement
 from workers.adapters.ops import build_adapter_batch
-from workers.adapters.slots import LoRARowBank, RowRange
+from workers.adapters.s2ft_ops import S2FTContext, S2FTDeviceStore, attach_s2ft_layers, build_s2ft_batch
+from workers.adapters.slots import LoRARowBank
 from workers.engine.config import EngineConfig
 from workers.model.batch import build_step_batch
 from workers.model.kv_cache import KVCache
@@ -30,18 +32,24 @@ class ModelRunner:
         self.bank = LoRARowBank(mc, cfg.max_loras * cfg.max_rank, self.dtype, self.device, cfg.lora_targets)
         self.adapter_ctx = AdapterContext(cfg.lora_kernel)
         attach_adapter_layers(self.model, self.bank, self.adapter_ctx)
+        self.s2ft = S2FTDeviceStore(mc.num_layers, self.dtype, self.device)
+        self.s2ft_ctx = S2FTContext(cfg.lora_kernel)
+        attach_s2ft_layers(self.model, self.s2ft, self.s2ft_ctx)  # outermost: over the LoRA wrappers
 
     @torch.inference_mode()
-    def forward(self, decode: list[tuple[int, int, int, RowRange]],
-                prefill: list[tuple[int, int, list[int], bool, RowRange]]) -> torch.Tensor:
-        """decode: (kv_slot, position, token, adapter_rows) per decoding sequence;
-        prefill: (kv_slot, start, tokens, wants_logits, adapter_rows) per chunk.
+    def forward(self, decode: list[tuple[int, int, int, DevicePlacement]],
+                prefill: list[tuple[int, int, list[int], bool, DevicePlacement]]) -> torch.Tensor:
+        """decode: (kv_slot, position, token, adapter placement) per decoding sequence;
+        prefill: (kv_slot, start, tokens, wants_logits, adapter placement) per chunk.
         Returns logits [rows, vocab] for the decode rows, then the chunks that want logits."""
         batch = build_step_batch([d[:3] for d in decode], [p[:4] for p in prefill], self.cos, self.sin,
                                  self.config.sliding_window, self.device)
-        chunk_rows, offset = [], len(decode)
-        for _, _, tokens, _, adapter_rows in prefill:
-            chunk_rows.append((offset, offset + len(tokens), adapter_rows))
+        chunks, offset = [], len(decode)
+        for _, _, tokens, _, placement in prefill:
+            chunks.append((offset, offset + len(tokens), placement))
             offset += len(tokens)
-        self.adapter_ctx.batch = build_adapter_batch([d[3] for d in decode], chunk_rows, self.dtype, self.device)
+        self.adapter_ctx.batch = build_adapter_batch(
+            [d[3].lora_rows for d in decode], [(s, e, p.lora_rows) for s, e, p in chunks], self.dtype, self.device)
+        self.s2ft_ctx.batch = build_s2ft_batch(
+            [d[3].s2ft_id for d in decode], [(s, e, p.s2ft_id) for s, e, p in chunks], self.device)
         return self.model(batch, self.kv)

@@ -73,11 +73,11 @@ class Scheduler:
         while self.waiting and self.kv.free_slots:
             seq = self.waiting.popleft()
             if seq.request.adapter is not None:
-                rows = self.adapters.acquire(seq.request.adapter)
-                if rows is None:
+                placement = self.adapters.acquire(seq.request.adapter)
+                if placement is None:
                     blocked.append(seq)
                     continue
-                seq.adapter_rows = rows
+                seq.placement = placement
             seq.kv_slot = self.kv.allocate()
             self.running.append(seq)
         self.waiting.extendleft(reversed(blocked))

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from workers.adapters.slots import NO_ADAPTER, RowRange
+from workers.adapters.manager import BASE_PLACEMENT, DevicePlacement
 from workers.engine.detokenizer import IncrementalText
 from workers.engine.types import FinishReason, GenerationRequest
 
@@ -18,7 +18,7 @@ class Sequence:
     generator: torch.Generator | None  # per-request RNG: sampling is reproducible under any batching
     stop_ids: frozenset[int]
     kv_slot: int = -1
-    adapter_rows: RowRange = NO_ADAPTER
+    placement: DevicePlacement = BASE_PLACEMENT  # where its adapter sits on the device
     num_cached: int = 0  # positions already written to the KV cache
     output: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None

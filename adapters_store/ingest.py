@@ -1,0 +1,87 @@
+"""Upload → what to store: collect and validate the files, optionally ComPEFT-compress the weights, and
+draft the manifest. Nothing here writes; `AdapterStore.publish` does, and only after all of it passed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from adapters_store import compeft
+from adapters_store.base_model import BaseModelSpec
+from adapters_store.errors import InvalidAdapterError
+from adapters_store.manifest import NAME_PATTERN, Manifest
+from adapters_store.validation import (
+    CONFIG_NAME,
+    UploadedFile,
+    UploadLimits,
+    ValidatedAdapter,
+    collect_files,
+    validate_adapter,
+)
+
+
+@dataclass(frozen=True)
+class CompressionRequest:
+    method: str = "compeft"
+    density: float = 0.1
+    alpha: float = 1.0
+
+    @classmethod
+    def from_dict(cls, raw: object) -> CompressionRequest:
+        if not isinstance(raw, dict) or set(raw) - {"method", "density", "alpha"}:
+            raise InvalidAdapterError('compression must be {"method":"compeft","density":…,"alpha":…}',
+                                      param="compression")
+        request = cls(**raw)
+        if request.method != "compeft":
+            raise InvalidAdapterError(f"compression method {request.method!r} is not supported (only 'compeft')",
+                                      param="compression")
+        if not isinstance(request.density, int | float) or not 0 < request.density <= 1:
+            raise InvalidAdapterError("compression.density must be in (0, 1]", param="compression")
+        if not isinstance(request.alpha, int | float) or not 0 < request.alpha < 1000:
+            raise InvalidAdapterError("compression.alpha must be a positive number", param="compression")
+        return request
+
+
+def check_name(name: str) -> str:
+    if not NAME_PATTERN.match(name):
+        raise InvalidAdapterError(
+            "adapter names use letters, digits, '.', '_', '-' (no leading '.', at most 100 characters)",
+            param="name")
+    return name
+
+
+def prepare(uploads: list[UploadedFile], base: BaseModelSpec, limits: UploadLimits, *, name: str, owner: str,
+            public: bool = False, kind: str | None = None,
+            compression: CompressionRequest | None = None) -> tuple[Manifest, dict[str, bytes]]:
+    """The manifest draft (version and files filled in by `publish`) and the files to store."""
+    check_name(name)
+    adapter = validate_adapter(collect_files(uploads, limits), base, limits, kind)
+    weights_name, weights = adapter.weights_name, adapter.weights_bytes
+    if compression is not None:
+        if adapter.kind == "compeft":
+            raise InvalidAdapterError("the upload is already ComPEFT-compressed", param="compression")
+        packed = compeft.compress(adapter.dense_tensors(), compression.density, compression.alpha)
+        weights_name, weights = compeft.FILENAME, packed.encode()
+    draft = _draft(adapter, base, name, owner, public, weights_name, compression)
+    return draft, {CONFIG_NAME: adapter.config_bytes, weights_name: weights}
+
+
+def _draft(adapter: ValidatedAdapter, base: BaseModelSpec, name: str, owner: str, public: bool,
+           weights_name: str, compression: CompressionRequest | None) -> Manifest:
+    return Manifest(
+        name=name,
+        version=0,
+        kind="compeft" if weights_name == compeft.FILENAME else "lora",
+        base_fingerprint=base.fingerprint,
+        rank=adapter.rank,
+        alpha=adapter.alpha,
+        use_rslora=adapter.use_rslora,
+        targets=list(adapter.targets),
+        layers=adapter.layers,
+        files={},
+        dense_bytes=adapter.dense_bytes,
+        original_bytes=len(adapter.weights_bytes),
+        owner=owner,
+        public=public,
+        compression=None if compression is None else {
+            "method": compression.method, "density": compression.density, "alpha": compression.alpha},
+    )

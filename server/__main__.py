@@ -9,6 +9,8 @@ import sys
 
 from server.settings import GatewaySettings, InsecureBindError
 
+KEEP_ALIVE_S = 75  # idle client connections stay open this long (uvicorn's default of 5 s drops slow clients)
+
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m server", description="adapterd gateway")
@@ -41,7 +43,15 @@ def main(argv: list[str] | None = None) -> None:
         print(f"adapterd gateway: {exc}", file=sys.stderr)
         raise SystemExit(2) from exc
     uvicorn.run(
-        app, host=settings.host, port=settings.port, log_level=args.log_level, timeout_graceful_shutdown=5
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=args.log_level,
+        access_log=False,
+        timeout_keep_alive=KEEP_ALIVE_S,
+        loop="uvloop",
+        http="httptools",
+        timeout_graceful_shutdown=5,
     )
 
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from contextlib import asynccontextmanager
 
-import httpx
 import redis.asyncio as aioredis
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server.adapter_catalog import AdapterCatalog
+from server.adapter_registry import ADAPTER_UPLOAD_PATH, build_adapter_registry
 from server.auth import ApiKeyAuth
 from server.dispatch import Dispatcher
 from server.errors import error_response, install_error_boundary
@@ -17,27 +17,30 @@ from server.metrics import GatewayMetrics
 from server.native_service import NativeService
 from server.openai_service import ChatService, CompletionService
 from server.router import WorkerRouter
-from server.routes import native, openai, ops
+from server.routes import adapters, native, openai, ops
 from server.settings import GatewaySettings
 from server.worker_client import WorkerClient
 from server.worker_registry import WorkerRegistry
 
 
 class BodySizeLimit:
-    """Refuses bodies whose declared length exceeds the limit before anything reads them."""
+    """Refuses bodies whose declared length exceeds the limit before anything reads them
+    (`upload_max_bytes` for adapter uploads, `max_bytes` for everything else)."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int):
+    def __init__(self, app: ASGIApp, max_bytes: int, upload_max_bytes: int | None = None):
         self.app = app
         self.max_bytes = max_bytes
+        self.upload_max_bytes = upload_max_bytes or max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
+            limit = self.upload_max_bytes if scope["path"] == ADAPTER_UPLOAD_PATH else self.max_bytes
             for name, value in scope["headers"]:
-                if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
+                if name == b"content-length" and value.isdigit() and int(value) > limit:
                     response = error_response(
                         413,
                         "invalid_request_error",
-                        f"request body over {self.max_bytes} bytes",
+                        f"request body over {limit} bytes",
                         code="payload_too_large",
                     )
                     await response(scope, receive, send)
@@ -45,7 +48,7 @@ class BodySizeLimit:
         await self.app(scope, receive, send)
 
 
-def _wire(app: FastAPI, settings: GatewaySettings, worker_transport: httpx.AsyncBaseTransport | None) -> None:
+def _wire(app: FastAPI, settings: GatewaySettings) -> None:
     state = app.state
     state.redis = aioredis.from_url(settings.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
     state.registry = WorkerRegistry(state.redis, settings.registry_refresh_s, settings.worker_down_s)
@@ -56,11 +59,11 @@ def _wire(app: FastAPI, settings: GatewaySettings, worker_transport: httpx.Async
         settings.worker_connect_timeout_s,
         settings.worker_read_timeout_s,
         settings.max_connections,
-        transport=worker_transport,
     )
     state.catalog = AdapterCatalog(settings.data_dir / "adapters")
+    state.adapters = build_adapter_registry(settings, state.catalog)
     state.dispatcher = Dispatcher(
-        state.catalog,
+        state.adapters,
         state.registry,
         state.router,
         state.worker_client,
@@ -73,14 +76,12 @@ def _wire(app: FastAPI, settings: GatewaySettings, worker_transport: httpx.Async
     state.native = NativeService(state.dispatcher)
 
 
-def create_app(
-    settings: GatewaySettings, worker_transport: httpx.AsyncBaseTransport | None = None
-) -> FastAPI:
+def create_app(settings: GatewaySettings) -> FastAPI:
     settings.check_bind_safety()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        _wire(app, settings, worker_transport)
+        _wire(app, settings)
         await app.state.registry.start()
         try:
             yield
@@ -96,6 +97,9 @@ def create_app(
     app.include_router(openai.router)
     app.include_router(native.router)
     app.include_router(ops.router)
+    app.include_router(adapters.router)
     install_error_boundary(app)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    app.add_middleware(
+        BodySizeLimit, max_bytes=settings.max_request_bytes, upload_max_bytes=settings.max_upload_bytes
+    )
     return app

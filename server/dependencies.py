@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from server.adapter_catalog import AdapterCatalog
+from server.adapter_registry import AdapterRegistry
 from server.dispatch import Dispatcher
 from server.metrics import GatewayMetrics
 from server.native_service import NativeService
@@ -15,7 +16,7 @@ from server.worker_registry import WorkerRegistry
 
 
 def _state(name: str):
-    def get(request: Request):
+    async def get(request: Request):  # async: FastAPI would run a plain def in its threadpool
         return getattr(request.app.state, name)
 
     get.__name__ = f"get_{name}"
@@ -29,3 +30,4 @@ DispatcherDep = Annotated[Dispatcher, _state("dispatcher")]
 Registry = Annotated[WorkerRegistry, _state("registry")]
 Catalog = Annotated[AdapterCatalog, _state("catalog")]
 Metrics = Annotated[GatewayMetrics, _state("metrics")]
+Adapters = Annotated[AdapterRegistry, _state("adapters")]

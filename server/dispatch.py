@@ -68,15 +68,14 @@ class Dispatcher:
         return self._registry.base_model_id or self._model_id or None
 
     def resolve(self, model: str | None) -> Target:
-        """`None`/base id → base; `name` / `name@version` → that adapter; anything else → 404."""
-        if model is None:
-            return Target(self.base_model_id or "", None)
+        """`None`/base id → base; `name` / `name@version` → that adapter; anything else → 404. The base
+        id is checked first: it costs nothing, while an adapter lookup reads the store."""
+        base = self.base_model_id
+        if model is None or (base is not None and model == base):
+            return Target(model or base or "", None)
         adapter = self._catalog.resolve(model)
         if adapter is not None:
             return Target(model, adapter)
-        base = self.base_model_id
-        if base is not None and model == base:
-            return Target(model, None)
         if base is None:
             raise NoWorkerError(
                 "no worker has registered yet, so the base model is unknown",
@@ -88,12 +87,10 @@ class Dispatcher:
         )
 
     def _payload(self, target: Target, req: WorkerGenerateRequest, stream: bool) -> bytes:
-        req = req.model_copy(update={"stream": stream})
+        update: dict = {"stream": stream}
         if target.adapter is not None:
-            req = req.model_copy(
-                update={"adapter": target.adapter.ref, "adapter_path": str(target.adapter.path)}
-            )
-        return req.model_dump_json(exclude_none=True).encode()
+            update |= {"adapter": target.adapter.ref, "adapter_path": str(target.adapter.path)}
+        return req.model_copy(update=update).model_dump_json(exclude_none=True).encode()
 
     async def _acquire(self, target: Target, exclude: list[str]) -> Lease:
         self._metrics.queue_waiting.set(self._router.waiting + 1)
@@ -142,9 +139,9 @@ class Dispatcher:
             return done
         raise AssertionError("unreachable")
 
-    async def stream(self, target: Target, req: WorkerGenerateRequest) -> AsyncIterator[dict]:
-        """Worker token events (dicts). Returns once the first event arrived, so that routing errors,
-        worker errors and retries all happen before the client sees a byte."""
+    async def stream(self, target: Target, req: WorkerGenerateRequest) -> AsyncIterator[list[dict]]:
+        """Worker token events (dicts), in batches as they arrived. Returns once the first event arrived,
+        so that routing errors, worker errors and retries all happen before the client sees a byte."""
         body = self._payload(target, req, stream=True)
         exclude: list[str] = []
         start = time.perf_counter()
@@ -170,14 +167,14 @@ class Dispatcher:
 
     async def _relay(
         self, target: Target, lease: Lease, stream: WorkerStream, start: float
-    ) -> AsyncIterator[dict]:
+    ) -> AsyncIterator[list[dict]]:
         worker = lease.worker.worker_id
         count, prompt_tokens, outcome = 0, 0, "error"
         try:
-            async for event in stream:
-                count += 1
-                prompt_tokens = event["prompt_tokens"]
-                yield event
+            async for batch in stream:
+                count += len(batch)
+                prompt_tokens = batch[-1]["prompt_tokens"]
+                yield batch
             outcome = "ok"
         except WorkerUnreachableError:
             self._registry.mark_down(worker)

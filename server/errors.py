@@ -10,6 +10,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from adapters_store import errors as store_errors
+from adapters_store.errors import StoreError
+
 log = logging.getLogger("adapterd.gateway")
 
 
@@ -54,6 +57,24 @@ class ModelNotFoundError(GatewayError):
     code = "model_not_found"
 
 
+class PermissionDeniedError(GatewayError):
+    status = 403
+    type = "permission_error"
+    code = "permission_denied"
+
+
+class ConflictError(GatewayError):
+    status = 409
+    type = "conflict_error"
+    code = "conflict"
+
+
+class BaseModelUnknownError(GatewayError):
+    status = 503
+    type = "service_unavailable"
+    code = "base_model_unknown"
+
+
 class PayloadTooLargeError(GatewayError):
     status = 413
     type = "invalid_request_error"
@@ -92,6 +113,26 @@ class WorkerUnreachableError(GatewayError):
     code = "worker_unreachable"
 
 
+_STORE_ERRORS: dict[type[StoreError], tuple[int, str, str]] = {
+    store_errors.InvalidAdapterError: (400, "invalid_request_error", "invalid_adapter"),
+    store_errors.IncompatibleAdapterError: (422, "invalid_request_error", "incompatible_adapter"),
+    store_errors.AdapterTooLargeError: (413, "invalid_request_error", "payload_too_large"),
+    store_errors.AdapterNotFoundError: (404, "not_found_error", "adapter_not_found"),
+    store_errors.NameConflictError: (409, "conflict_error", "adapter_name_taken"),
+    store_errors.StoreCorruptionError: (500, "server_error", "store_corrupted"),
+}
+
+
+def from_store_error(exc: StoreError) -> GatewayError:
+    """The gateway error for a store error (by the most specific class that has a mapping)."""
+    status, type_, code = next(
+        (v for cls, v in _STORE_ERRORS.items() if isinstance(exc, cls)), (500, "server_error", "store_error")
+    )
+    error = GatewayError(exc.message, param=exc.param, code=code)
+    error.status, error.type = status, type_
+    return error
+
+
 def error_response(
     status: int,
     type_: str,
@@ -126,6 +167,11 @@ def install_error_boundary(app: FastAPI) -> None:
     @app.exception_handler(GatewayError)
     async def _gateway(_: Request, exc: GatewayError) -> JSONResponse:
         return JSONResponse(exc.to_dict(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(StoreError)
+    async def _store(_: Request, exc: StoreError) -> JSONResponse:
+        error = from_store_error(exc)
+        return JSONResponse(error.to_dict(), status_code=error.status)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:

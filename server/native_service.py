@@ -17,7 +17,6 @@ from server.protocol import (
     GenerateResponse,
     NativeToken,
     StreamDetails,
-    StreamResponse,
 )
 
 DEFAULT_MAX_NEW_TOKENS = 20  # TGI's default
@@ -77,23 +76,26 @@ class NativeService:
         events = await self._dispatcher.stream(target, work)
         return self._events(req, events)
 
-    async def _events(self, req: GenerateRequest, events: AsyncIterator[dict]) -> AsyncIterator[bytes]:
+    async def _events(self, req: GenerateRequest, batches: AsyncIterator[list[dict]]) -> AsyncIterator[bytes]:
         p = req.parameters
         texts: list[str] = []
         try:
-            async for ev in events:
-                texts.append(ev["text"])
-                token = NativeToken(id=ev["token_id"], text=ev["text"], logprob=ev.get("logprob"))
-                out = StreamResponse(token=token)
-                if ev["finish_reason"]:
-                    full = "".join(texts)
-                    out.generated_text = req.inputs + full if p.return_full_text else full
-                    out.details = StreamDetails(
-                        finish_reason=_finish(ev["finish_reason"], p),
-                        generated_tokens=ev["index"] + 1,
-                        prompt_tokens=ev["prompt_tokens"],
-                        seed=p.seed,
-                    )
-                yield sse.event(out)
+            async for batch in batches:
+                out = []
+                for ev in batch:
+                    texts.append(ev["text"])
+                    token = {"id": ev["token_id"], "text": ev["text"], "logprob": ev.get("logprob"), "special": False}
+                    generated, details = None, None
+                    if ev["finish_reason"]:
+                        full = "".join(texts)
+                        generated = req.inputs + full if p.return_full_text else full
+                        details = StreamDetails(
+                            finish_reason=_finish(ev["finish_reason"], p),
+                            generated_tokens=ev["index"] + 1,
+                            prompt_tokens=ev["prompt_tokens"],
+                            seed=p.seed,
+                        ).model_dump()
+                    out.append(sse.event({"token": token, "generated_text": generated, "details": details}))
+                yield b"".join(out)
         except GatewayError as exc:
             yield sse.error_event(exc.to_dict())

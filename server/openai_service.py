@@ -14,11 +14,8 @@ from server.dispatch import Completion, Dispatcher, Target
 from server.errors import GatewayError, InvalidRequestError
 from server.protocol import (
     ChatChoice,
-    ChatChunkChoice,
-    ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
-    ChatDelta,
     ChatMessageOut,
     ChoiceLogprobs,
     CompletionChoice,
@@ -125,31 +122,30 @@ class CompletionService:
         events = await self._dispatcher.stream(target, work)
         return _stream_errors(self._chunks(req, target, events))
 
-    async def _chunks(self, req: CompletionRequest, target: Target, events: AsyncIterator[dict]):
-        cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        prompt_tokens = count = 0
-        offset = 0
-        async for ev in events:
-            count += 1
-            prompt_tokens = ev["prompt_tokens"]
-            logprobs = None
-            if req.logprobs is not None and ev.get("logprob") is not None:
-                logprobs = CompletionLogprobs(
-                    tokens=[ev["text"]],
-                    token_logprobs=[ev["logprob"]],
-                    top_logprobs=[{ev["text"]: ev["logprob"]}] if req.logprobs else None,
-                    text_offset=[offset],
-                )
-            offset += len(ev["text"])
-            choice = CompletionChoice(
-                index=0, text=ev["text"], logprobs=logprobs, finish_reason=ev["finish_reason"]
-            )
-            yield sse.event(CompletionResponse(id=cid, created=created, model=req.model, choices=[choice]))
+    async def _chunks(self, req: CompletionRequest, target: Target, batches: AsyncIterator[list[dict]]):
+        envelope = sse.Envelope(
+            id=f"cmpl-{uuid.uuid4().hex}", object="text_completion", created=int(time.time()), model=req.model
+        )
+        prompt_tokens = count = offset = 0
+        async for batch in batches:
+            chunks = []
+            for ev in batch:
+                logprobs = None
+                if req.logprobs is not None and ev.get("logprob") is not None:
+                    logprobs = {
+                        "tokens": [ev["text"]],
+                        "token_logprobs": [ev["logprob"]],
+                        "top_logprobs": [{ev["text"]: ev["logprob"]}] if req.logprobs else None,
+                        "text_offset": [offset],
+                    }
+                offset += len(ev["text"])
+                choice = {"index": 0, "text": ev["text"], "logprobs": logprobs, "finish_reason": ev["finish_reason"]}
+                chunks.append(envelope.chunk([choice]))
+            count += len(batch)
+            prompt_tokens = batch[-1]["prompt_tokens"]
+            yield b"".join(chunks)
         if req.stream_options and req.stream_options.include_usage:
-            usage = _usage(prompt_tokens, count)
-            yield sse.event(
-                CompletionResponse(id=cid, created=created, model=req.model, choices=[], usage=usage)
-            )
+            yield envelope.chunk([], _usage(prompt_tokens, count).model_dump())
         yield sse.DONE
 
 
@@ -199,33 +195,33 @@ class ChatService:
         events = await self._dispatcher.stream(target, self._request(req))
         return _stream_errors(self._chunks(req, events))
 
-    async def _chunks(self, req: ChatCompletionRequest, events: AsyncIterator[dict]):
-        cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    async def _chunks(self, req: ChatCompletionRequest, batches: AsyncIterator[list[dict]]):
+        envelope = sse.Envelope(
+            id=f"chatcmpl-{uuid.uuid4().hex}", object="chat.completion.chunk", created=int(time.time()), model=req.model
+        )
 
-        def chunk(
-            delta: ChatDelta, finish: str | None = None, logprobs: ChoiceLogprobs | None = None
-        ) -> bytes:
-            choice = ChatChunkChoice(index=0, delta=delta, logprobs=logprobs, finish_reason=finish)
-            return sse.event(ChatCompletionChunk(id=cid, created=created, model=req.model, choices=[choice]))
+        def chunk(content: str | None, role: str | None = None, finish: str | None = None, logprobs=None) -> bytes:
+            delta = {"role": role, "content": content}
+            return envelope.chunk([{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}])
 
-        yield chunk(ChatDelta(role="assistant", content=""))
+        yield chunk("", role="assistant")
         prompt_tokens = count = 0
         finish = None
-        async for ev in events:
-            count += 1
-            prompt_tokens = ev["prompt_tokens"]
-            finish = ev["finish_reason"] or finish
-            logprobs = None
-            if req.logprobs and ev.get("logprob") is not None:
-                logprobs = ChoiceLogprobs(
-                    content=[self._token_logprob(ev["text"], ev["logprob"], req.top_logprobs)]
-                )
-            if ev["text"] or logprobs is not None:
-                yield chunk(ChatDelta(content=ev["text"]), logprobs=logprobs)
-        yield chunk(ChatDelta(), finish=finish or "stop")
+        async for batch in batches:
+            chunks = []
+            for ev in batch:
+                finish = ev["finish_reason"] or finish
+                logprobs = None
+                if req.logprobs and ev.get("logprob") is not None:
+                    token = self._token_logprob(ev["text"], ev["logprob"], req.top_logprobs)
+                    logprobs = ChoiceLogprobs(content=[token]).model_dump()
+                if ev["text"] or logprobs is not None:
+                    chunks.append(chunk(ev["text"], logprobs=logprobs))
+            count += len(batch)
+            prompt_tokens = batch[-1]["prompt_tokens"]
+            if chunks:
+                yield b"".join(chunks)
+        yield chunk(None, finish=finish or "stop")
         if req.stream_options and req.stream_options.include_usage:
-            usage = _usage(prompt_tokens, count)
-            yield sse.event(
-                ChatCompletionChunk(id=cid, created=created, model=req.model, choices=[], usage=usage)
-            )
+            yield envelope.chunk([], _usage(prompt_tokens, count).model_dump())
         yield sse.DONE

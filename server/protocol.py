@@ -272,3 +272,46 @@ class StreamResponse(BaseModel):
     token: NativeToken
     generated_text: str | None = None
     details: StreamDetails | None = None
+
+
+# ---- adapters (registry and uploads) --------------------------------------------------------------
+
+
+class AdapterVersionInfo(BaseModel):
+    id: str  # name@version: the model id that addresses exactly this version
+    name: str
+    version: int
+    kind: Literal["lora", "compeft"]
+    rank: int
+    alpha: float
+    targets: list[str]
+    base_fingerprint: str
+    stored_bytes: int  # config + weights as stored
+    original_bytes: int  # the weights file as uploaded
+    dense_bytes: int  # the weights as float32
+    compression: dict | None = None
+    compression_ratio: float
+    owner: str
+    public: bool
+    created: float
+
+
+class AdapterInfo(BaseModel):
+    object: Literal["adapter"] = "adapter"
+    name: str
+    latest: int
+    owner: str
+    public: bool  # the latest version is public
+    versions: list[AdapterVersionInfo]
+
+
+class AdapterList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[AdapterInfo]
+
+
+class AdapterDeleted(BaseModel):
+    object: Literal["adapter.deleted"] = "adapter.deleted"
+    name: str
+    versions: list[int]
+    deleted: bool = True

@@ -45,6 +45,20 @@ class GatewaySettings(BaseSettings):
     default_max_tokens: int = Field(256, ge=1)
     max_request_bytes: int = Field(4 * 1024 * 1024, ge=1024)
 
+    # adapter store and uploads
+    store_url: str = ""  # file:///dir or s3://bucket/prefix?endpoint_url=…; default: DATA_DIR/store
+    base_model_path: Path | None = None  # the base model folder (its config.json checks uploads)
+    max_upload_bytes: int = Field(1024 * 1024 * 1024, ge=1024)  # one upload request, all files
+    max_adapter_file_bytes: int = Field(512 * 1024 * 1024, ge=1024)
+    max_adapter_rank: int = Field(256, ge=1)
+    max_archive_bytes: int = Field(1024 * 1024 * 1024, ge=1024)  # an archive's contents, decompressed
+    max_archive_ratio: float = Field(200.0, gt=1)
+    store_gc_grace_s: float = Field(600.0, ge=0)  # unreferenced blobs younger than this are kept
+
+    @property
+    def resolved_store_url(self) -> str:
+        return self.store_url or (self.data_dir / "store").resolve().as_uri()
+
     def tenants_by_key(self) -> dict[str, str]:
         keys: dict[str, str] = {}
         for item in self.api_keys.replace("\n", ",").split(","):

@@ -1,18 +1,29 @@
-"""Server-sent events framing for the gateway's streams."""
+"""Server-sent events framing for the gateway's streams. Token chunks are hot (one per generated
+token), so they are plain dicts rendered by orjson, inside an envelope rendered once per stream."""
 
 from __future__ import annotations
 
-import json
-
+import orjson
 from pydantic import BaseModel
 
 DONE = b"data: [DONE]\n\n"
 
 
 def event(payload: BaseModel | dict) -> bytes:
-    data = payload.model_dump_json() if isinstance(payload, BaseModel) else json.dumps(payload)
-    return b"data: " + data.encode() + b"\n\n"
+    data = payload.model_dump_json().encode() if isinstance(payload, BaseModel) else orjson.dumps(payload)
+    return b"data: " + data + b"\n\n"
 
 
 def error_event(err: dict) -> bytes:
     return event(err)
+
+
+class Envelope:
+    """One stream's fixed fields (`id`, `object`, `created`, `model`), rendered once; `chunk` adds the
+    per-chunk `choices` and `usage`, giving the same JSON as the protocol's chunk model would."""
+
+    def __init__(self, **fields: str | int):
+        self._head = b"data: " + orjson.dumps(fields)[:-1] + b',"choices":'
+
+    def chunk(self, choices: list[dict], usage: dict | None = None) -> bytes:
+        return self._head + orjson.dumps(choices) + b',"usage":' + orjson.dumps(usage) + b"}\n\n"

@@ -1,17 +1,21 @@
-"""HTTP calls from the gateway to workers over one shared, keep-alive connection pool. Transport
-failures become `WorkerUnreachableError` (the dispatcher retries those once elsewhere); a worker's error
-answer becomes `UpstreamError` carrying its status and error body unchanged."""
+"""HTTP calls from the gateway to workers (aiohttp, one shared keep-alive connection pool); the only
+module that speaks to workers. Transport failures become `WorkerUnreachableError` (the dispatcher retries
+those once elsewhere); a worker's error answer becomes `UpstreamError` carrying its status and error body
+unchanged. Streams are read as raw SSE bytes and handed on in batches: every event one socket read
+brought, so a gateway that falls behind catches up by forwarding several tokens per write."""
 
 from __future__ import annotations
 
-import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 
-import httpx
+import aiohttp
+import orjson
 
 from server.errors import GatewayError, UpstreamError, WorkerUnreachableError
 
 _JSON = {"content-type": "application/json"}
+KEEPALIVE_S = 30.0  # below the workers' keep-alive (service.KEEP_ALIVE_S): the gateway closes idle ones first
 
 
 class WorkerTimeoutError(GatewayError):
@@ -20,115 +24,120 @@ class WorkerTimeoutError(GatewayError):
     code = "worker_timeout"
 
 
-def _upstream(response: httpx.Response, raw: bytes) -> UpstreamError:
+@contextmanager
+def _translated(url: str, when: str) -> Iterator[None]:
+    """aiohttp's failures → the gateway's: not accepting → unreachable, silent → timeout, cut → unreachable."""
     try:
-        body = json.loads(raw)
-    except ValueError:
+        yield
+    except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+        raise WorkerUnreachableError(f"worker {url} did not accept the connection") from exc
+    except TimeoutError as exc:
+        raise WorkerTimeoutError(f"worker {url} did not answer in time {when}") from exc
+    except aiohttp.ClientError as exc:
+        raise WorkerUnreachableError(f"worker {url} connection lost {when}: {exc!r}") from exc
+
+
+def _upstream(status: int, raw: bytes) -> UpstreamError:
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
         body = {}
-    return UpstreamError(response.status_code, body)
+    return UpstreamError(status, body)
+
+
+class SseEvents:
+    """Incremental SSE parser for the worker's `data: {json}\\n\\n` events."""
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self.finished = False  # an event with a finish_reason was seen
+
+    def feed(self, chunk: bytes) -> list[dict]:
+        *complete, self._buffer = (self._buffer + chunk).split(b"\n\n")
+        events = []
+        for block in complete:
+            if not block.startswith(b"data:"):
+                continue
+            event = orjson.loads(block[5:])
+            if "error" in event:
+                raise UpstreamError(500, event)
+            events.append(event)
+            if event.get("finish_reason"):
+                self.finished = True
+                break
+        return events
 
 
 class WorkerStream:
-    """A worker's SSE events as dicts; the first one was already received when this is returned."""
+    """A worker's token events in batches (lists of dicts); the first batch was received before this
+    was returned, so failures up to the first token surface from `open_stream`."""
 
-    def __init__(self, response: httpx.Response, first: dict | None, lines: AsyncIterator[str]):
+    def __init__(self, url: str, response: aiohttp.ClientResponse, parser: SseEvents, first: list[dict]):
+        self._url = url
         self._response = response
+        self._parser = parser
         self.first = first
-        self._lines = lines
 
-    async def __aiter__(self) -> AsyncIterator[dict]:
-        if self.first is None:
+    async def __aiter__(self) -> AsyncIterator[list[dict]]:
+        if not self.first:
             return
         yield self.first
-        if self.first.get("finish_reason"):
-            return
-        try:
-            async for event in _events(self._lines):
-                yield event
-                if event.get("finish_reason"):
+        with _translated(self._url, "mid-stream"):
+            while not self._parser.finished:
+                chunk = await self._response.content.readany()
+                if not chunk:
                     return
-        except httpx.TimeoutException as exc:
-            raise WorkerTimeoutError(f"worker stalled mid-stream: {exc}") from exc
-        except httpx.TransportError as exc:
-            raise WorkerUnreachableError(f"worker connection lost mid-stream: {exc}") from exc
+                batch = self._parser.feed(chunk)
+                if batch:
+                    yield batch
 
     async def aclose(self) -> None:
-        await self._response.aclose()
-
-
-def _parse(line: str) -> dict | None:
-    """One SSE line → its event, None for framing lines; a worker's error event raises."""
-    if not line.startswith("data:"):
-        return None
-    event = json.loads(line[5:])
-    if "error" in event:
-        raise UpstreamError(500, event)
-    return event
-
-
-async def _events(lines: AsyncIterator[str]) -> AsyncIterator[dict]:
-    async for line in lines:
-        event = _parse(line)
-        if event is not None:
-            yield event
+        """Finished: read the stream's end so the connection goes back to the pool; else cut it (the
+        worker sees the client go away and cancels the generation)."""
+        if self._parser.finished:
+            try:
+                await self._response.read()
+                self._response.release()
+                return
+            except (aiohttp.ClientError, TimeoutError):
+                pass
+        self._response.close()
 
 
 class WorkerClient:
-    def __init__(
-        self,
-        connect_timeout_s: float,
-        read_timeout_s: float,
-        max_connections: int,
-        transport: httpx.AsyncBaseTransport | None = None,
-    ):
-        self._http = httpx.AsyncClient(
-            timeout=httpx.Timeout(read_timeout_s, connect=connect_timeout_s, pool=read_timeout_s),
-            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
-            transport=transport,
+    def __init__(self, connect_timeout_s: float, read_timeout_s: float, max_connections: int):
+        self._http = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=max_connections, keepalive_timeout=KEEPALIVE_S),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout_s, sock_read=read_timeout_s),
+            skip_auto_headers=("User-Agent",),
+            auto_decompress=False,
         )
 
     async def aclose(self) -> None:
-        await self._http.aclose()
+        await self._http.close()
 
     async def post(self, url: str, path: str, body: bytes) -> dict:
-        try:
-            response = await self._http.post(url + path, content=body, headers=_JSON)
-        except httpx.TimeoutException as exc:
-            if isinstance(exc, httpx.ConnectTimeout):
-                raise WorkerUnreachableError(f"worker {url} did not accept the connection") from exc
-            raise WorkerTimeoutError(f"worker {url} did not answer in time") from exc
-        except httpx.TransportError as exc:
-            raise WorkerUnreachableError(f"worker {url} unreachable: {exc}") from exc
-        if response.status_code >= 400:
-            raise _upstream(response, response.content)
-        return response.json()
+        with _translated(url, "to a request"):
+            async with self._http.post(url + path, data=body, headers=_JSON) as response:
+                raw = await response.read()
+        if response.status >= 400:
+            raise _upstream(response.status, raw)
+        return orjson.loads(raw)
 
     async def open_stream(self, url: str, body: bytes) -> WorkerStream:
-        request = self._http.build_request("POST", url + "/generate", content=body, headers=_JSON)
+        with _translated(url, "before the first token"):
+            response = await self._http.post(url + "/generate", data=body, headers=_JSON)
         try:
-            response = await self._http.send(request, stream=True)
-        except httpx.ConnectTimeout as exc:
-            raise WorkerUnreachableError(f"worker {url} did not accept the connection") from exc
-        except httpx.TimeoutException as exc:
-            raise WorkerTimeoutError(f"worker {url} did not answer in time") from exc
-        except httpx.TransportError as exc:
-            raise WorkerUnreachableError(f"worker {url} unreachable: {exc}") from exc
-        try:
-            if response.status_code >= 400:
-                raise _upstream(response, await response.aread())
-            lines = response.aiter_lines()
-            first = None
-            async for line in lines:
-                first = _parse(line)
-                if first is not None:
-                    break
-            return WorkerStream(response, first, lines)
-        except httpx.TimeoutException as exc:
-            await response.aclose()
-            raise WorkerTimeoutError(f"worker {url} did not answer in time") from exc
-        except httpx.TransportError as exc:
-            await response.aclose()
-            raise WorkerUnreachableError(f"worker {url} failed before the first token: {exc}") from exc
+            with _translated(url, "before the first token"):
+                if response.status >= 400:
+                    raise _upstream(response.status, await response.read())
+                parser, first = SseEvents(), []
+                while not first:
+                    chunk = await response.content.readany()
+                    if not chunk:
+                        break
+                    first = parser.feed(chunk)
+            return WorkerStream(url, response, parser, first)
         except BaseException:
-            await response.aclose()
+            response.close()
             raise

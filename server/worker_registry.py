@@ -59,6 +59,7 @@ class WorkerRegistry:
         self._down_s = down_s
         self._workers: dict[str, WorkerView] = {}
         self._task: asyncio.Task | None = None
+        self._stopping = False
         self.redis_ok = False
         self.base_model_id: str | None = None
         self.changed = asyncio.Event()  # set after each refresh (router waiters re-check)
@@ -69,6 +70,7 @@ class WorkerRegistry:
         self._task = asyncio.create_task(self._run(), name="worker-registry")
 
     async def stop(self) -> None:
+        self._stopping = True  # also ends the loop if the Redis client swallows the cancellation
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -113,17 +115,19 @@ class WorkerRegistry:
         self.changed = asyncio.Event()
 
     def _merge(self, info: WorkerInfo) -> WorkerView:
-        old = self._workers.get(info.worker_id)
-        view = WorkerView(info=info)
-        if old is not None:
-            view.in_flight = old.in_flight
-            # a worker seen failing stays down until it heartbeats again (a killed one never does)
-            view.down_until = old.down_until if old.info.heartbeat_at == info.heartbeat_at else 0.0
-            view.assumed = {a: t for a, t in old.assumed.items() if a not in info.resident_adapters}
+        """Updates the worker's view in place: leases in flight hold it, so its counts must carry over."""
+        view = self._workers.get(info.worker_id)
+        if view is None:
+            return WorkerView(info=info)
+        # a worker seen failing stays down until it heartbeats again (a killed one never does)
+        if view.info.heartbeat_at != info.heartbeat_at:
+            view.down_until = 0.0
+        view.assumed = {a: t for a, t in view.assumed.items() if a not in info.resident_adapters}
+        view.info = info
         return view
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
             await asyncio.sleep(self._refresh_s)
             try:
                 await self.refresh()

@@ -29,17 +29,25 @@ class Heartbeat:
         self._interval_s = interval_s
         self._placed: set[str] = set()
         self._wake = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task | None = None
+        self._stopping = False
 
     def nudge(self) -> None:
-        """Beat now (e.g. residency changed) instead of at the next interval."""
-        self._wake.set()
+        """Beat now (e.g. residency changed) instead of at the next interval. Callable from any thread
+        (the engine evicts adapters from its own)."""
+        if self._loop is None:
+            self._wake.set()
+        else:
+            self._loop.call_soon_threadsafe(self._wake.set)
 
     async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
         await self.beat()  # registered before the service reports ready
         self._task = asyncio.create_task(self._run(), name="heartbeat")
 
     async def stop(self) -> None:
+        self._stopping = True  # also ends the loop if the Redis client swallows the cancellation
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -63,7 +71,7 @@ class Heartbeat:
         self._placed = resident
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._interval_s)
             self._wake.clear()

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
+import orjson
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -36,6 +37,7 @@ from workers.heartbeat import Heartbeat
 from workers.service_config import WorkerServiceConfig
 
 log = logging.getLogger("adapterd.worker")
+KEEP_ALIVE_S = 75  # idle keep-alive; above the gateway's pool keep-alive, so the gateway closes first
 
 
 class PromptBuilder:
@@ -98,7 +100,7 @@ def _sse(ev: TokenEvent) -> bytes:
         "prompt_tokens": ev.prompt_tokens,
         "finish_reason": ev.finish_reason,
     }
-    return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+    return b"data: " + orjson.dumps(payload) + b"\n\n"
 
 
 class WorkerService:
@@ -109,7 +111,7 @@ class WorkerService:
         self.config = config
         self.prompts = PromptBuilder(engine.tokenizer)
         self.heartbeat: Heartbeat | None = None
-        self.adapters = AdapterLoader(engine, config.max_adapters, on_change=self._residency_changed)
+        self.adapters = AdapterLoader(engine, on_change=self._residency_changed)
         self.in_flight = 0
 
     def _residency_changed(self) -> None:
@@ -137,9 +139,8 @@ class WorkerService:
         )
         self.in_flight += 1
         try:
-            with self.adapters.use(req.adapter):
-                async for ev in self.engine.generate(gen_req):
-                    yield ev
+            async for ev in self.engine.generate(gen_req):
+                yield ev
         finally:
             self.in_flight -= 1
 
@@ -195,7 +196,7 @@ class WorkerService:
 # ---- routes (thin) ------------------------------------------------------------------------------
 
 
-def get_service(request: Request) -> WorkerService:
+async def get_service(request: Request) -> WorkerService:  # async: no threadpool hop per request
     return request.app.state.service
 
 
@@ -355,6 +356,10 @@ def main(argv: list[str] | None = None) -> None:
             host=args.host,
             port=args.port,
             log_level="warning",
+            access_log=False,
+            loop="uvloop",
+            http="httptools",
+            timeout_keep_alive=KEEP_ALIVE_S,
             timeout_graceful_shutdown=5,
         )
     finally:

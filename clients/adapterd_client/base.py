@@ -3,10 +3,13 @@ decisions with backoff, error mapping and SSE parsing. The two clients differ on
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -14,6 +17,9 @@ from pydantic import BaseModel
 
 from adapterd_client.errors import APIStatusError, StreamError, error_from
 from adapterd_client.models import (
+    AdapterDeleted,
+    AdapterInfo,
+    AdapterList,
     ChatCompletion,
     ChatCompletionChunk,
     Completion,
@@ -33,11 +39,50 @@ class Call:
 
     method: str
     path: str
-    model: type[BaseModel]
+    model: type[BaseModel] | None  # None → the raw response bytes
     body: dict | None = None
     stream: bool = False
     retry_safe: bool = True  # inference and reads change nothing on the server: safe to repeat
     params: dict = field(default_factory=dict)
+    files: list[tuple[str, tuple[str, Any]]] | None = None  # multipart parts
+    form: dict[str, str] | None = None  # multipart fields
+
+    def request_args(self) -> dict[str, Any]:
+        if self.files is not None:
+            return {"files": self.files, "data": self.form or {}}
+        return {"json": self.body, "params": self.params or None}
+
+
+class ProgressReader(io.RawIOBase):
+    """Wraps bytes being uploaded; calls `progress(n)` as httpx reads each chunk."""
+
+    def __init__(self, data: bytes, progress: Callable[[int], None] | None):
+        self._buf = io.BytesIO(data)
+        self._progress = progress
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        chunk = self._buf.read(size)
+        if self._progress is not None and chunk:
+            self._progress(len(chunk))
+        return chunk
+
+
+def upload_parts(paths: list[str | Path], progress: Callable[[int], None] | None) -> list[tuple[str, tuple]]:
+    """The multipart parts for a PEFT folder (its files), an archive, or a .safetensors + config JSON."""
+    files: list[Path] = []
+    for path in map(Path, paths):
+        files += sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    return [("files", (p.name, ProgressReader(p.read_bytes(), progress))) for p in files]
+
+
+def upload_size(paths: list[str | Path]) -> int:
+    total = 0
+    for path in map(Path, paths):
+        total += sum(p.stat().st_size for p in path.iterdir() if p.is_file()) if path.is_dir() else path.stat().st_size
+    return total
 
 
 def _clean(params: dict[str, Any]) -> dict[str, Any]:
@@ -91,6 +136,33 @@ class BaseClient:
             return Call("POST", "/generate_stream", StreamResponse, body, True)
         return Call("POST", "/generate", GenerateResponse, body)
 
+    @staticmethod
+    def _upload_adapter_call(name: str, paths: list[str | Path], kind: str | None, compression: dict | None,
+                             public: bool, progress: Callable[[int], None] | None) -> Call:
+        form = {"name": name, "public": "true" if public else "false"}
+        if kind:
+            form["kind"] = kind
+        if compression:
+            form["compression"] = json.dumps(compression)
+        return Call("POST", "/v1/adapters", AdapterInfo, retry_safe=False,
+                    files=upload_parts(paths, progress), form=form)
+
+    @staticmethod
+    def _list_adapters_call() -> Call:
+        return Call("GET", "/v1/adapters", AdapterList)
+
+    @staticmethod
+    def _get_adapter_call(name: str) -> Call:
+        return Call("GET", f"/v1/adapters/{name}", AdapterInfo)
+
+    @staticmethod
+    def _delete_adapter_call(ref: str) -> Call:
+        return Call("DELETE", f"/v1/adapters/{ref}", AdapterDeleted, retry_safe=False)
+
+    @staticmethod
+    def _download_adapter_call(ref: str) -> Call:
+        return Call("GET", f"/v1/adapters/{ref}/download", None)
+
     # ---- retries and errors -------------------------------------------------------------------
 
     def _delay(self, call: Call, attempt: int, response: httpx.Response | None) -> float | None:
@@ -112,7 +184,9 @@ class BaseClient:
         return error_from(response.status_code, body, _retry_after(response))
 
     @staticmethod
-    def _parse(call: Call, response: httpx.Response) -> BaseModel:
+    def _parse(call: Call, response: httpx.Response) -> BaseModel | bytes:
+        if call.model is None:
+            return response.content
         return call.model.model_validate_json(response.content)
 
     @staticmethod

@@ -1,8 +1,10 @@
 """The `adapterd` command: `serve` (the whole service; imports the server lazily), and the client
-commands `generate`, `chat`, `models` (talk to `--url`, default $ADAPTERD_URL or http://127.0.0.1:8000)."""
+commands `generate`, `chat`, `models`, `adapters upload|list|show|delete|download` (talk to `--url`,
+default $ADAPTERD_URL or http://127.0.0.1:8000)."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -113,6 +115,96 @@ def models(url: Url = None, api_key: ApiKey = None) -> None:
                 typer.echo(card.id if card.parent is None else f"{card.id}\t(adapter of {card.parent})")
     except AdapterdError as exc:
         raise _fail(exc) from exc
+
+
+adapters_app = typer.Typer(help="Upload, list, show, download and delete adapters.", no_args_is_help=True)
+app.add_typer(adapters_app, name="adapters")
+
+
+def _size(n: int) -> str:
+    return f"{n / 1024 / 1024:.2f} MiB" if n >= 1024 * 1024 else f"{n / 1024:.1f} KiB"
+
+
+@adapters_app.command("upload")
+def adapters_upload(
+    name: str,
+    paths: Annotated[list[Path], typer.Argument(help="a PEFT folder, a .zip/.tar.gz, or .safetensors + .json")],
+    kind: Annotated[str | None, typer.Option(help="lora or compeft (detected otherwise)")] = None,
+    compeft_density: Annotated[float | None, typer.Option(help="ComPEFT-compress at this density")] = None,
+    compeft_alpha: Annotated[float, typer.Option(help="ComPEFT scale factor α")] = 1.0,
+    public: Annotated[bool, typer.Option(help="visible to every tenant")] = False,
+    url: Url = None,
+    api_key: ApiKey = None,
+) -> None:
+    """Upload PATHS as a new version of adapter NAME (with a progress bar)."""
+    from tqdm import tqdm
+
+    from adapterd_client.base import upload_size
+
+    compression = ({"method": "compeft", "density": compeft_density, "alpha": compeft_alpha}
+                   if compeft_density is not None else None)
+    try:
+        with Client(url, api_key) as client, tqdm(total=upload_size(paths), unit="B", unit_scale=True,
+                                                  desc=f"uploading {name}", file=sys.stderr) as bar:
+            info = client.upload_adapter(name, *paths, kind=kind, compression=compression, public=public,
+                                         progress=bar.update)
+    except (AdapterdError, OSError) as exc:
+        raise _fail(exc) from exc
+    latest = info.versions[-1]
+    typer.echo(f"{latest.id}\t{latest.kind}\tr={latest.rank}\t{_size(latest.stored_bytes)}"
+               f"\t{latest.compression_ratio:.1f}x")
+
+
+@adapters_app.command("list")
+def adapters_list(url: Url = None, api_key: ApiKey = None) -> None:
+    """The adapters you can use: name, latest version, versions, owner."""
+    try:
+        with Client(url, api_key) as client:
+            for a in client.list_adapters().data:
+                public = "\tpublic" if a.public else ""
+                typer.echo(f"{a.name}\t@{a.latest}\t{len(a.versions)} version(s)\t{a.owner}{public}")
+    except AdapterdError as exc:
+        raise _fail(exc) from exc
+
+
+@adapters_app.command("show")
+def adapters_show(name: str, url: Url = None, api_key: ApiKey = None) -> None:
+    """NAME's versions with kind, rank, sizes and compression ratio."""
+    try:
+        with Client(url, api_key) as client:
+            for v in client.get_adapter(name).versions:
+                typer.echo(f"{v.id}\t{v.kind}\tr={v.rank}\talpha={v.alpha:g}\t{','.join(v.targets)}"
+                           f"\t{_size(v.stored_bytes)}\t{v.compression_ratio:.1f}x")
+    except AdapterdError as exc:
+        raise _fail(exc) from exc
+
+
+@adapters_app.command("delete")
+def adapters_delete(ref: str, url: Url = None, api_key: ApiKey = None) -> None:
+    """Delete NAME@VERSION, or every version of NAME."""
+    try:
+        with Client(url, api_key) as client:
+            deleted = client.delete_adapter(ref)
+    except AdapterdError as exc:
+        raise _fail(exc) from exc
+    typer.echo(f"deleted {deleted.name} version(s) {', '.join(map(str, deleted.versions))}")
+
+
+@adapters_app.command("download")
+def adapters_download(
+    ref: str,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="zip file to write")] = None,
+    url: Url = None,
+    api_key: ApiKey = None,
+) -> None:
+    """Download NAME[@VERSION] as a zip of a PEFT folder (peft loads it once unzipped)."""
+    target = out or Path(f"{ref.replace('@', '-')}.zip")
+    try:
+        with Client(url, api_key) as client:
+            target.write_bytes(client.download_adapter(ref))
+    except (AdapterdError, OSError) as exc:
+        raise _fail(exc) from exc
+    typer.echo(str(target))
 
 
 if __name__ == "__main__":

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import httpx
 
 from adapterd_client.base import _DONE, BaseClient, Call
 from adapterd_client.errors import APIConnectionError
 from adapterd_client.models import (
+    AdapterDeleted,
+    AdapterInfo,
+    AdapterList,
     ChatCompletion,
     ChatCompletionChunk,
     Completion,
@@ -65,12 +69,41 @@ class Client(BaseClient):
     def generate_stream(self, inputs: str, adapter_id: str | None = None, **parameters) -> Iterator[StreamResponse]:
         return self._stream(self._generate_call(inputs, adapter_id, True, parameters))
 
+    # ---- adapters -----------------------------------------------------------------------------
+
+    def upload_adapter(
+        self,
+        name: str,
+        *paths: str | Path,
+        kind: str | None = None,
+        compression: dict | None = None,
+        public: bool = False,
+        progress: Callable[[int], None] | None = None,
+    ) -> AdapterInfo:
+        """Uploads a PEFT folder, an archive of one, or a .safetensors + its config JSON as a new version
+        of `name`. `compression`: e.g. {"method": "compeft", "density": 0.1, "alpha": 1.0}."""
+        return self._request(self._upload_adapter_call(name, list(paths), kind, compression, public, progress))
+
+    def list_adapters(self) -> AdapterList:
+        return self._request(self._list_adapters_call())
+
+    def get_adapter(self, name: str) -> AdapterInfo:
+        return self._request(self._get_adapter_call(name))
+
+    def delete_adapter(self, ref: str) -> AdapterDeleted:
+        """`name@version` deletes one version; `name` deletes them all."""
+        return self._request(self._delete_adapter_call(ref))
+
+    def download_adapter(self, ref: str) -> bytes:
+        """A zip of the PEFT folder (decoded to dense safetensors if stored compressed)."""
+        return self._request(self._download_adapter_call(ref))
+
     # ---- transport ----------------------------------------------------------------------------
 
     def _send(self, call: Call) -> httpx.Response:
         attempt = 0
         while True:
-            request = self._http.build_request(call.method, call.path, json=call.body)
+            request = self._http.build_request(call.method, call.path, **call.request_args())
             try:
                 response = self._http.send(request, stream=call.stream)
             except httpx.TransportError as exc:

@@ -139,3 +139,43 @@ class StreamResponse(_Model):
     token: Token
     generated_text: str | None = None
     details: StreamDetails | None = None
+
+
+class AdapterVersionInfo(_Model):
+    id: str
+    name: str
+    version: int
+    kind: str
+    rank: int
+    alpha: float
+    targets: list[str]
+    base_fingerprint: str
+    stored_bytes: int
+    original_bytes: int
+    dense_bytes: int
+    compression: dict | None = None
+    compression_ratio: float
+    owner: str
+    public: bool
+    created: float
+
+
+class AdapterInfo(_Model):
+    object: str = "adapter"
+    name: str
+    latest: int
+    owner: str
+    public: bool
+    versions: list[AdapterVersionInfo]
+
+
+class AdapterList(_Model):
+    object: str = "list"
+    data: list[AdapterInfo]
+
+
+class AdapterDeleted(_Model):
+    object: str = "adapter.deleted"
+    name: str
+    versions: list[int]
+    deleted: bool = True

@@ -6,19 +6,23 @@ from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 
 from server.auth import CurrentTenant
-from server.dependencies import Native
+from server.dependencies import Adapters, Native
 from server.protocol import ErrorResponse, GenerateRequest, GenerateResponse
 
 router = APIRouter(responses={"default": {"model": ErrorResponse}})
 
 
 @router.post("/generate", response_model=GenerateResponse)
-async def generate(body: GenerateRequest, service: Native, _: CurrentTenant):
+async def generate(body: GenerateRequest, service: Native, adapters: Adapters, tenant: CurrentTenant):
+    adapters.authorize(body.parameters.adapter_id, tenant)
     if body.stream:
         return StreamingResponse(await service.stream(body), media_type="text/event-stream")
     return await service.generate(body)
 
 
 @router.post("/generate_stream")
-async def generate_stream(body: GenerateRequest, service: Native, _: CurrentTenant) -> StreamingResponse:
+async def generate_stream(
+    body: GenerateRequest, service: Native, adapters: Adapters, tenant: CurrentTenant
+) -> StreamingResponse:
+    adapters.authorize(body.parameters.adapter_id, tenant)
     return StreamingResponse(await service.stream(body), media_type="text/event-stream")

@@ -6,7 +6,7 @@ from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 
 from server.auth import CurrentTenant
-from server.dependencies import Catalog, Chat, Completions, DispatcherDep
+from server.dependencies import Adapters, Chat, Completions, DispatcherDep
 from server.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -22,27 +22,23 @@ SSE = "text/event-stream"
 
 
 @router.post("/completions", response_model=CompletionResponse)
-async def completions(body: CompletionRequest, service: Completions, _: CurrentTenant):
+async def completions(body: CompletionRequest, service: Completions, adapters: Adapters, tenant: CurrentTenant):
+    adapters.authorize(body.model, tenant)
     if body.stream:
         return StreamingResponse(await service.stream(body), media_type=SSE)
     return await service.create(body)
 
 
 @router.post("/chat/completions", response_model=ChatCompletionResponse)
-async def chat_completions(body: ChatCompletionRequest, service: Chat, _: CurrentTenant):
+async def chat_completions(body: ChatCompletionRequest, service: Chat, adapters: Adapters, tenant: CurrentTenant):
+    adapters.authorize(body.model, tenant)
     if body.stream:
         return StreamingResponse(await service.stream(body), media_type=SSE)
     return await service.create(body)
 
 
 @router.get("/models", response_model=ModelList)
-async def models(catalog: Catalog, dispatcher: DispatcherDep, _: CurrentTenant) -> ModelList:
+async def models(adapters: Adapters, dispatcher: DispatcherDep, tenant: CurrentTenant) -> ModelList:
     base = dispatcher.base_model_id
     cards = [ModelCard(id=base, root=base)] if base else []
-    named: set[str] = set()
-    for adapter in catalog.list():
-        if adapter.version and adapter.name not in named:
-            named.add(adapter.name)  # the bare name, meaning the latest version
-            cards.append(ModelCard(id=adapter.name, root=str(adapter.name), parent=base))
-        cards.append(ModelCard(id=adapter.ref, root=adapter.ref, parent=base))
-    return ModelList(data=cards)
+    return ModelList(data=cards + adapters.model_cards(tenant, base))

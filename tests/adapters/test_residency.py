@@ -126,3 +126,19 @@ def test_compeft_adapter_keeps_compressed_bytes_and_serves_its_decoded_lora(tiny
     params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
     out = core.generate([GenerationRequest((5, 6, 7, 8), params, adapter=a) for a in ("c", "d")])
     assert [e.token_id for e in out[0]] == [e.token_id for e in out[1]]
+
+
+async def test_worker_loader_loads_once_and_reports_evictions(tiny, smollm2_tokenizer):
+    from workers.adapter_loader import AdapterLoader
+
+    folder, adapters = tiny
+    probe = Engine(EngineConfig(model_path=str(folder), max_rank=8), tokenizer=smollm2_tokenizer)
+    size = probe.core.read_adapter(adapters["r8a"])[0].nbytes
+    engine = Engine(EngineConfig(model_path=str(folder), max_rank=8, host_cache_bytes=int(1.5 * size)),
+                    tokenizer=smollm2_tokenizer)
+    changes = []
+    loader = AdapterLoader(engine, on_change=lambda: changes.append(engine.resident_adapters()))
+    await asyncio.gather(*[loader.ensure("r8a", str(adapters["r8a"])) for _ in range(5)])
+    assert engine.stats()["adapters"]["host_loads"] == 1 and changes == [["r8a"]]
+    await loader.ensure("r8b", str(adapters["r8b"]))  # over budget: r8a (unused) is evicted
+    assert loader.resident() == ["r8b"] and len(changes) == 3  # the eviction, then the load

@@ -88,6 +88,9 @@ class FakeEngine:
         if name not in self.resident:
             self.resident.append(name)
 
+    def on_adapter_evicted(self, callback) -> None:
+        self.evicted_callback = callback
+
     def unload_adapter(self, name: str) -> None:
         if name not in self.resident:
             raise AdapterNotFoundError(name)

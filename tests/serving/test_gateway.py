@@ -1,11 +1,14 @@
-"""The gateway in-process over a real Redis, with fake-engine workers reached through an in-memory
-transport: OpenAI and native shapes, routing, retries, errors, auth, metrics."""
+"""The gateway in-process over a real Redis, with fake-engine workers served in-process on loopback
+ports: OpenAI and native shapes, routing, retries, errors, auth, metrics."""
 
+import asyncio
 import json
+import socket
 from contextlib import asynccontextmanager
 
 import httpx
 import pytest
+import uvicorn
 from serving_fakes import FakeEngine, make_adapter_dir
 
 from server.app import create_app
@@ -15,47 +18,64 @@ from workers.service import create_app as create_worker_app
 from workers.service_config import WorkerServiceConfig
 
 
-class Workers(httpx.AsyncBaseTransport):
-    """Routes gateway → worker calls by host to in-process worker apps; `dead` hosts refuse."""
+class Workers:
+    """Worker apps served by uvicorn on loopback ports in this event loop; `kill` stops one, after which
+    its port refuses connections like a dead worker's."""
 
     def __init__(self):
-        self.apps: dict[str, object] = {}
-        self.dead: set[str] = set()
-        self.calls: dict[str, int] = {}
+        self.servers: dict[str, tuple[uvicorn.Server, asyncio.Task]] = {}
 
-    def add(self, host: str, app) -> None:
-        self.apps[host] = httpx.ASGITransport(app)
+    @staticmethod
+    def bind() -> socket.socket:
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        return sock
 
-    async def handle_async_request(self, request):
-        host = request.url.netloc.decode()
-        self.calls[host] = self.calls.get(host, 0) + 1
-        if host in self.dead:
-            raise httpx.ConnectError("connection refused", request=request)
-        return await self.apps[host].handle_async_request(request)
+    async def serve(self, worker_id: str, app, sock: socket.socket) -> None:
+        config = uvicorn.Config(app, lifespan="off", log_level="warning", access_log=False)
+        server = uvicorn.Server(config)
+        task = asyncio.create_task(server.serve(sockets=[sock]))
+        while not server.started:
+            await asyncio.sleep(0.005)
+        self.servers[worker_id] = (server, task)
+
+    async def kill(self, worker_id: str) -> None:
+        server, task = self.servers.pop(worker_id)
+        server.should_exit = True
+        await task
+
+    async def stop(self) -> None:
+        for worker_id in list(self.servers):
+            await self.kill(worker_id)
 
 
 @asynccontextmanager
 async def cluster(redis_url, data_dir, n_workers=2, api_keys="", **settings):
-    transport = Workers()
+    workers = Workers()
     beats, engines = [], []
     for i in range(n_workers):
         engine = FakeEngine(max_batch=2)
-        cfg = WorkerServiceConfig(worker_id=f"w{i}", advertise_url=f"http://w{i}:9000", max_adapters=4)
+        sock = workers.bind()
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        cfg = WorkerServiceConfig(worker_id=f"w{i}", advertise_url=url, max_adapters=4)
         wapp = create_worker_app(engine, cfg)
-        transport.add(f"w{i}:9000", wapp)
+        await workers.serve(f"w{i}", wapp, sock)
         beat = Heartbeat(redis_url, wapp.state.service.info, ttl_s=30, interval_s=30)
         wapp.state.service.heartbeat = beat
         await beat.beat()
         beats.append(beat)
         engines.append(engine)
     s = GatewaySettings(redis_url=redis_url, data_dir=data_dir, api_keys=api_keys, **settings)
-    app = create_app(s, worker_transport=transport)
-    async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://gw") as client:
-            client.app, client.workers, client.engines = app, transport, engines
-            yield client
-    for beat in beats:
-        await beat.stop()
+    app = create_app(s)
+    try:
+        async with app.router.lifespan_context(app):
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://gw") as client:
+                client.app, client.workers, client.engines = app, workers, engines
+                yield client
+    finally:
+        await workers.stop()
+        for beat in beats:
+            await beat.stop()
 
 
 @pytest.fixture
@@ -202,16 +222,20 @@ async def test_affinity_same_adapter_same_worker(gw):
 
 
 async def test_retry_on_dead_worker(gw):
-    gw.workers.dead.add("w0:9000")
+    await gw.workers.kill("w0")
     for _ in range(4):
         r = await gw.post("/v1/completions", json={"model": "fake-model", "prompt": "x", "max_tokens": 1})
         assert r.status_code == 200, r.text
     assert len(gw.engines[0].requests) == 0 and len(gw.engines[1].requests) == 4
-    assert gw.workers.calls.get("w0:9000", 0) <= 1  # marked down after its first failure
+    metrics = (await gw.get("/metrics")).text
+    assert 'adapterd_worker_retries_total{worker="w1"}' not in metrics
+    retried = [line for line in metrics.splitlines() if line.startswith('adapterd_worker_retries_total{worker="w0"}')]
+    assert retried in ([], ['adapterd_worker_retries_total{worker="w0"} 1.0'])  # marked down after one failure
 
 
 async def test_all_workers_dead_is_503(gw):
-    gw.workers.dead.update({"w0:9000", "w1:9000"})
+    await gw.workers.kill("w0")
+    await gw.workers.kill("w1")
     r = await gw.post("/v1/completions", json={"model": "fake-model", "prompt": "x", "max_tokens": 1})
     assert_error(r, 503, "worker_unreachable")
     assert r.headers["retry-after"] == "1"

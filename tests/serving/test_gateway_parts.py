@@ -56,3 +56,43 @@ def test_gateway_imports_no_torch_nor_workers():
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
+
+
+async def test_lease_released_after_a_registry_refresh(redis_url):
+    """A refresh while a request is in flight must not leak its slot (the lease holds the worker's view)."""
+    import redis.asyncio as aioredis
+
+    from adapters_store.coordination import WORKERS_SET, WorkerInfo, worker_key
+    from server.router import WorkerRouter
+    from server.worker_registry import WorkerRegistry
+
+    redis = aioredis.from_url(redis_url)
+    info = WorkerInfo(worker_id="w", url="http://w", model_id="m", capacity=1)
+    await redis.set(worker_key("w"), info.to_json())
+    await redis.sadd(WORKERS_SET, "w")
+    registry = WorkerRegistry(redis, refresh_s=60, down_s=5)
+    router = WorkerRouter(registry, queue_max=0, queue_timeout_s=0, retry_after_s=1)
+    await registry.refresh()
+    for _ in range(3):
+        lease = await router.acquire(None)
+        await registry.refresh()
+        lease.release()
+        assert registry.get("w").in_flight == 0
+    await redis.aclose()
+
+
+def test_sse_events_parse_across_and_within_reads():
+    from server.errors import UpstreamError
+    from server.worker_client import SseEvents
+
+    def ev(i, finish=None):
+        return b'data: {"index":%d,"finish_reason":%s}\n\n' % (i, b'"length"' if finish else b"null")
+
+    parser = SseEvents()
+    stream = ev(0) + ev(1) + ev(2, finish=True)
+    assert parser.feed(stream[:7]) == []  # half an event: nothing yet
+    assert [e["index"] for e in parser.feed(stream[7:40])] == [0]
+    assert [e["index"] for e in parser.feed(stream[40:])] == [1, 2]  # several events in one read
+    assert parser.finished
+    with pytest.raises(UpstreamError):
+        SseEvents().feed(b'data: {"error":{"type":"server_error","message":"boom"}}\n\n')

@@ -83,6 +83,10 @@ class Engine:
         """Reads and validates off the event loop and the decode loop; registers in the host cache."""
         return await asyncio.to_thread(self.core.load_adapter, name, path)
 
+    def on_adapter_evicted(self, callback) -> None:
+        """`callback(name)` runs (in the engine's threads) whenever the host cache evicts an adapter."""
+        self.core.adapters.on_evict = callback
+
     def unload_adapter(self, name: str) -> None:
         with self.core.lock:
             self.core.adapters.unload(name)

@@ -1,0 +1,198 @@
+"""The gateway's adapter registry: uploads (validate → optional ComPEFT → publish), listing, download and
+deletion on the `AdapterStore`, tenant visibility, and model-name resolution for inference.
+
+Names are one namespace: a name belongs to the tenant that first published it (others get 409 on upload).
+A version is visible to its owner, and to every tenant when it is public; an invisible adapter looks
+exactly like a missing one (404). Only the owner deletes. Adapters in the operator's directory
+(`DATA_DIR/adapters`, see `server.adapter_catalog`) stay servable to every tenant; stored names win.
+
+The store does blocking I/O: call the upload / list / download / delete methods off the event loop.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+import zipfile
+from dataclasses import dataclass
+
+from adapters_store.archives import ArchiveLimits
+from adapters_store.backends import open_backend
+from adapters_store.base_model import BaseModelSpec
+from adapters_store.errors import AdapterNotFoundError, NameConflictError
+from adapters_store.ingest import CompressionRequest, check_name, prepare
+from adapters_store.manifest import Manifest
+from adapters_store.materialise import peft_files, store_ref
+from adapters_store.registry import AdapterStore, parse_ref
+from adapters_store.validation import UploadedFile, UploadLimits
+from server.adapter_catalog import AdapterCatalog, AdapterVersion
+from server.auth import Tenant
+from server.errors import BaseModelUnknownError, ModelNotFoundError, PermissionDeniedError
+from server.protocol import AdapterDeleted, AdapterInfo, AdapterVersionInfo, ModelCard
+from server.settings import GatewaySettings
+
+
+@dataclass(frozen=True)
+class StoredAdapter:
+    """A resolved stored version, as the dispatcher uses it: `ref` names it on the engine, `path` is the
+    store reference the worker materialises."""
+
+    manifest: Manifest
+    path: str
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+    @property
+    def version(self) -> str:
+        return str(self.manifest.version)
+
+    @property
+    def ref(self) -> str:
+        return self.manifest.ref
+
+
+def visible(manifest: Manifest, tenant: Tenant) -> bool:
+    return manifest.public or manifest.owner == tenant.name
+
+
+def version_info(m: Manifest) -> AdapterVersionInfo:
+    return AdapterVersionInfo(
+        id=m.ref, name=m.name, version=m.version, kind=m.kind, rank=m.rank, alpha=m.alpha, targets=m.targets,
+        base_fingerprint=m.base_fingerprint, stored_bytes=m.stored_bytes, original_bytes=m.original_bytes,
+        dense_bytes=m.dense_bytes, compression=m.compression, compression_ratio=round(m.compression_ratio, 3),
+        owner=m.owner, public=m.public, created=m.created,
+    )
+
+
+class AdapterRegistry:
+    def __init__(self, store: AdapterStore, catalog: AdapterCatalog, base: BaseModelSpec | None,
+                 limits: UploadLimits, gc_grace_s: float):
+        self._store = store
+        self._catalog = catalog
+        self._base = base
+        self._limits = limits
+        self._gc_grace_s = gc_grace_s
+        self._writes = threading.Lock()  # one publish / delete / collection at a time in this process
+
+    # ---- inference ---------------------------------------------------------------------------
+
+    def resolve(self, model: str) -> StoredAdapter | AdapterVersion | None:
+        """For the dispatcher: a stored version, else a directory adapter, else None. No tenant check:
+        routes call `authorize` first."""
+        manifest = self._store.resolve(model)
+        if manifest is not None:
+            return StoredAdapter(manifest, store_ref(self._store.url, manifest))
+        return self._catalog.resolve(model)
+
+    def authorize(self, model: str | None, tenant: Tenant) -> None:
+        """404 if `model` is a stored adapter the tenant may not use (as if it did not exist)."""
+        manifest = self._store.resolve(model) if model else None
+        if manifest is not None and not visible(manifest, tenant):
+            raise ModelNotFoundError(f"the model {model!r} does not exist", param="model")
+
+    def model_cards(self, tenant: Tenant, base: str | None) -> list[ModelCard]:
+        cards, named = [], set()
+        for adapter in self._catalog.list():
+            if adapter.version and adapter.name not in named:
+                named.add(adapter.name)  # the bare name, meaning the latest version
+                cards.append(ModelCard(id=adapter.name, root=adapter.name, parent=base))
+            cards.append(ModelCard(id=adapter.ref, root=adapter.ref, parent=base))
+        for info in self.list(tenant):
+            cards.append(ModelCard(id=info.name, root=info.name, parent=base, owned_by=info.owner))
+            cards += [ModelCard(id=v.id, root=v.id, parent=base, owned_by=v.owner) for v in info.versions]
+        return cards
+
+    # ---- the adapters API ------------------------------------------------------------------------
+
+    def upload(self, tenant: Tenant, name: str, uploads: list[UploadedFile], kind: str | None,
+               compression: CompressionRequest | None, public: bool) -> AdapterInfo:
+        if self._base is None:
+            raise BaseModelUnknownError(
+                "the gateway does not know the base model's config, so it cannot check uploads: "
+                "set ADAPTERD_BASE_MODEL_PATH to the base model folder")
+        check_name(name)
+        draft, files = prepare(uploads, self._base, self._limits, name=name, owner=tenant.name, public=public,
+                               kind=kind, compression=compression)
+        with self._writes:
+            self._check_name_free(name, tenant)
+            self._store.publish(draft, files)
+        return self.describe(tenant, name)
+
+    def _check_name_free(self, name: str, tenant: Tenant) -> None:
+        latest = self._store.latest(name)
+        if latest is not None and latest.owner != tenant.name:
+            raise NameConflictError(f"the adapter name {name!r} is taken; choose another", param="name")
+        if latest is None and self._catalog.resolve(name) is not None:
+            raise NameConflictError(f"{name!r} names an adapter installed on the server", param="name")
+
+    def list(self, tenant: Tenant) -> list[AdapterInfo]:
+        found = []
+        for name in self._store.names():
+            info = self._info(name, tenant)
+            if info is not None:
+                found.append(info)
+        return found
+
+    def describe(self, tenant: Tenant, name: str) -> AdapterInfo:
+        info = self._info(name, tenant) if parse_ref(name) == (name, None) else None
+        if info is None:
+            raise AdapterNotFoundError(f"no adapter named {name!r}", param="name")
+        return info
+
+    def _info(self, name: str, tenant: Tenant) -> AdapterInfo | None:
+        versions = [m for m in self._store.versions(name) if visible(m, tenant)]
+        if not versions:
+            return None
+        latest = versions[-1]
+        return AdapterInfo(name=name, latest=latest.version, owner=latest.owner, public=latest.public,
+                           versions=[version_info(m) for m in versions])
+
+    def _visible_manifest(self, tenant: Tenant, ref: str) -> Manifest:
+        manifest = self._store.resolve(ref)
+        if manifest is None or not visible(manifest, tenant):
+            raise AdapterNotFoundError(f"no adapter {ref!r}", param="name")
+        return manifest
+
+    def download(self, tenant: Tenant, ref: str) -> tuple[Manifest, bytes]:
+        """A zip of the PEFT folder (adapter_config.json + adapter_model.safetensors, decoded if compressed)."""
+        manifest = self._visible_manifest(tenant, ref)
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as archive:
+            for filename, data in peft_files(self._store, manifest).items():
+                archive.writestr(filename, data)
+        return manifest, buf.getvalue()
+
+    def delete(self, tenant: Tenant, ref: str) -> AdapterDeleted:
+        """`name@version` deletes that version; `name` deletes every version."""
+        parsed = parse_ref(ref)
+        if parsed is None:
+            raise AdapterNotFoundError(f"no adapter {ref!r}", param="name")
+        name, version = parsed
+        targets = [self._visible_manifest(tenant, ref)] if version is not None else [
+            m for m in self._store.versions(name) if visible(m, tenant)]
+        if not targets:
+            raise AdapterNotFoundError(f"no adapter named {name!r}", param="name")
+        if any(m.owner != tenant.name for m in targets):
+            raise PermissionDeniedError(f"only the owner may delete {ref!r}", param="name")
+        with self._writes:
+            deleted = [self._store.delete_version(name, m.version).version for m in targets]
+            self._store.collect_garbage(self._gc_grace_s)
+        return AdapterDeleted(name=name, versions=deleted)
+
+
+ADAPTER_UPLOAD_PATH = "/v1/adapters"
+
+
+def build_adapter_registry(settings: GatewaySettings, catalog: AdapterCatalog) -> AdapterRegistry:
+    limits = UploadLimits(
+        max_rank=settings.max_adapter_rank,
+        max_file_bytes=settings.max_adapter_file_bytes,
+        max_total_bytes=settings.max_upload_bytes,
+        archive=ArchiveLimits(max_entry_bytes=settings.max_adapter_file_bytes,
+                              max_total_bytes=settings.max_archive_bytes, max_ratio=settings.max_archive_ratio),
+    )
+    base = BaseModelSpec.from_folder(settings.base_model_path) if settings.base_model_path else None
+    store = AdapterStore(open_backend(settings.resolved_store_url))
+    return AdapterRegistry(store, catalog, base, limits, settings.store_gc_grace_s)

@@ -1,0 +1,65 @@
+"""The adapters API: upload (multipart), list, show, download (a PEFT folder as a zip), delete."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, UploadFile
+from fastapi.responses import Response
+
+from adapters_store.ingest import CompressionRequest
+from adapters_store.validation import UploadedFile
+from server.auth import CurrentTenant
+from server.dependencies import Adapters
+from server.errors import InvalidRequestError
+from server.protocol import AdapterDeleted, AdapterInfo, AdapterList, ErrorResponse
+
+router = APIRouter(prefix="/v1/adapters", responses={"default": {"model": ErrorResponse}})
+
+
+def _compression(raw: str | None) -> CompressionRequest | None:
+    if not raw:
+        return None
+    try:
+        return CompressionRequest.from_dict(json.loads(raw))
+    except json.JSONDecodeError as e:
+        raise InvalidRequestError(f"compression is not valid JSON: {e}", param="compression") from e
+
+
+@router.post("", response_model=AdapterInfo, status_code=201)
+async def upload_adapter(
+    registry: Adapters,
+    tenant: CurrentTenant,
+    files: Annotated[list[UploadFile], File(description="a PEFT folder's files, or one .zip/.tar.gz")],
+    name: Annotated[str, Form()],
+    kind: Annotated[str | None, Form()] = None,
+    compression: Annotated[str | None, Form(description='{"method":"compeft","density":0.1,"alpha":1.0}')] = None,
+    public: Annotated[bool, Form()] = False,
+) -> AdapterInfo:
+    uploads = [UploadedFile(f.filename or "upload", await f.read()) for f in files]
+    return await asyncio.to_thread(registry.upload, tenant, name, uploads, kind, _compression(compression), public)
+
+
+@router.get("", response_model=AdapterList)
+async def list_adapters(registry: Adapters, tenant: CurrentTenant) -> AdapterList:
+    return AdapterList(data=await asyncio.to_thread(registry.list, tenant))
+
+
+@router.get("/{name}", response_model=AdapterInfo)
+async def show_adapter(name: str, registry: Adapters, tenant: CurrentTenant) -> AdapterInfo:
+    return await asyncio.to_thread(registry.describe, tenant, name)
+
+
+@router.get("/{ref}/download", response_class=Response, responses={200: {"content": {"application/zip": {}}}})
+async def download_adapter(ref: str, registry: Adapters, tenant: CurrentTenant) -> Response:
+    manifest, data = await asyncio.to_thread(registry.download, tenant, ref)
+    filename = f"{manifest.name}-{manifest.version}.zip"
+    return Response(data, media_type="application/zip",
+                    headers={"content-disposition": f'attachment; filename="{filename}"'})
+
+
+@router.delete("/{ref}", response_model=AdapterDeleted)
+async def delete_adapter(ref: str, registry: Adapters, tenant: CurrentTenant) -> AdapterDeleted:
+    return await asyncio.to_thread(registry.delete, tenant, ref)

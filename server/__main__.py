@@ -18,6 +18,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--port", type=int)
     p.add_argument("--redis-url")
     p.add_argument("--data-dir")
+    p.add_argument("--base-model-path", help="the base model folder (its config.json checks uploads)")
     p.add_argument(
         "--allow-insecure",
         action="store_true",

@@ -114,7 +114,7 @@ class Launcher:
             self._start_worker(i, redis_url, model)
         self._spawn("gateway", [
             "-m", "server", "--host", self.opts.host, "--port", str(self.opts.port),
-            "--redis-url", redis_url, "--data-dir", str(data_dir),
+            "--redis-url", redis_url, "--data-dir", str(data_dir), "--base-model-path", model,
             *(["--allow-insecure"] if self.opts.allow_insecure else []),
         ])  # fmt: skip
         self._wait_ready()

@@ -93,6 +93,16 @@ def test_cli_commands(served):
     assert missing.returncode == 1 and "404" in missing.stderr
 
 
+def test_upload_through_the_cli_is_servable_at_once(served):
+    _, url, data = served
+    folder = data / "adapters" / "alpha"
+    up = cli(url, "adapters", "upload", "uploaded", *[str(p) for p in sorted(folder.iterdir())])
+    assert up.returncode == 0, up.stderr
+    gen = cli(url, "generate", "hello", "--adapter", "uploaded@1", "--max-tokens", "4")
+    assert gen.returncode == 0 and gen.stdout.strip(), gen.stderr
+    assert "uploaded" in cli(url, "adapters", "list").stdout
+
+
 def test_embedded_valkey_uses_aof(served):
     _, _, data = served
     conf = (data / "redis" / "valkey.conf").read_text()

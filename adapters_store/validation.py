@@ -203,7 +203,7 @@ def _safetensors_shapes(data: bytes) -> tuple[dict[str, tuple[tuple[int, ...], s
 
 def _compeft_shapes(data: bytes) -> tuple[dict[str, tuple[tuple[int, ...], str]], bool]:
     packed = compeft.decode(data)
-    return {t.name: (t.shape, "F32") for t in packed.layout}, math.isfinite(packed.scale)
+    return {t.name: (t.shape, "F32") for t in packed.layout}, bool(np.isfinite(packed.scales).all())
 
 
 def _check_modules(shapes: dict[str, tuple[tuple[int, ...], str]], base: BaseModelSpec,

@@ -9,14 +9,15 @@
    exact formats, so the adapter matters.
 2. Training: `peft` LoRA r=16, alpha=32 on all seven linear projections, AdamW, linear warm-up then
    linear decay, loss on the completion tokens only.
-3. Compression: `adapters_store.compeft` (the codec the server uses): τ = the LoRA A and B tensors
-   themselves, global top-k by magnitude at each density, ternarised to sign(τ) · α · std(τ).
-   Size = bytes of its encoded file; ratio = the fp16 PEFT `adapter_model.safetensors` (saved by `peft`)
-   over that. The encoded bytes are decoded again and loaded into the model for evaluation, so the loss is
-   that of what a worker would serve.
-   Variant `global` is the codec as specified. Variant `split_ab` is a diagnostic: the same codec run
-   twice, once over all A tensors and once over all B tensors (own top-k and std each), because with
-   peft's init (A random, B zero) B's entries are far smaller than A's and one global top-k drops most of B.
+3. Compression: `adapters_store.compeft` (the codec the server uses, format 2): τ = the LoRA A and B
+   tensors themselves; each tensor keeps its own top-k by magnitude at each density and is ternarised to
+   sign(τ) · α · std(that tensor). Size = bytes of its encoded file; ratio = the fp16 PEFT
+   `adapter_model.safetensors` (saved by `peft`) over that. The encoded bytes are decoded again and loaded
+   into the model for evaluation, so the loss is that of what a worker would serve.
+   Variant `per_tensor` is the codec. Variant `global` is a diagnostic, the original ComPEFT definition
+   (format 1): one top-k over all tensors concatenated and one scale α · std(all of τ); computed here in
+   numpy and stored through the same format (`compeft.from_ternary`), so its size is comparable. With
+   peft's init (A random, B zero) B's entries end far smaller than A's and one global top-k drops most of B.
 4. α: as in the ComPEFT paper, α is chosen per density (and variant) by the loss on a separate small
    validation split; the held-out test loss is reported for that α. The validation loss of every grid
    point is in the JSON.
@@ -236,9 +237,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--test-examples", type=int, default=96, help="held out: the reported losses")
     ap.add_argument("--eval-batch", type=int, default=32)
     ap.add_argument("--densities", default="0.05,0.10,0.20,0.30")
-    ap.add_argument("--alphas", default="1,1.5,2,3,4,6,8,12")
-    ap.add_argument("--variants", default="global,split_ab", help="global = the codec as specified; "
-                    "split_ab = diagnostic, A and B tensors compressed separately")
+    ap.add_argument("--alphas", default="1,1.5,2,2.5,3,3.5,4,5,6,8,12")
+    ap.add_argument("--variants", default="per_tensor,global", help="per_tensor = the codec (format 2); "
+                    "global = diagnostic, one top-k and one scale over all tensors (format 1's definition)")
     ap.add_argument("--log-every", type=int, default=25)
     ap.add_argument("--adapter-cache", help="an .npz: the trained LoRA is saved there, or loaded if present "
                     "(same flags assumed), so the compression sweep can be re-run without training")
@@ -320,7 +321,7 @@ def main() -> None:
                     "kept_in_lora_B": sum(int(np.count_nonzero(v)) for k, v in dense.items() if "lora_B" in k),
                 })
                 r = rows[-1]
-                print(f"  {variant:8s} density {density:.2f} alpha {alpha:<4g} {size:>9,d} B  "
+                print(f"  {variant:10s} density {density:.2f} alpha {alpha:<4g} {size:>9,d} B  "
                       f"{r['ratio_vs_fp16_peft']:6.1f}x  val {r['val_loss']:.4f}  "
                       f"({r['kept_in_lora_B']:,d} of {r['kept_entries']:,d} kept entries in B)", flush=True)
             best = min((r for r in rows if r["variant"] == variant and r["density"] == density),
@@ -337,8 +338,8 @@ def main() -> None:
                   f"{best['test_loss']:.4f} ({best['delta_vs_lora_pct']:+.2f} % vs LoRA)", flush=True)
     load_lora_tensors(model, trained)
     chosen = [r for r in rows if r["chosen_by_val"]]
-    verdict = summarise([r for r in chosen if r["variant"] == "global"],
-                        [r for r in chosen if r["variant"] != "global"])
+    verdict = summarise([r for r in chosen if r["variant"] == "per_tensor"],
+                        [r for r in chosen if r["variant"] != "per_tensor"])
 
     report = {
         "benchmark": "compeft_quality",
@@ -351,9 +352,11 @@ def main() -> None:
                      "first_loss": losses[0] if losses else None,
                      "last_loss_mean_25": float(np.mean(losses[-25:])) if losses else None},
         "alpha_selection": "per density, lowest validation-split loss (as the ComPEFT paper); test loss for that alpha",
-        "variants": {"global": "the codec as specified: one global top-k and one scale over all A and B tensors",
-                     "split_ab": "diagnostic: the same codec run twice, once over the A tensors and once over "
-                                 "the B tensors (own top-k and std each); size = both files"},
+        "codec_format_version": compeft.FORMAT_VERSION,
+        "variants": {"per_tensor": "the codec (format 2): each A and B tensor keeps its own top-k and its own "
+                                   "scale alpha * std(that tensor)",
+                     "global": "diagnostic, format 1's definition: one top-k and one scale alpha * std over all "
+                               "tensors concatenated; stored through format 2 (from_ternary) for the size"},
         "lora_params": int(n_params),
         "lora_abs_mean": {"A": float(a_abs.mean()), "B": float(b_abs.mean())},
         "fp16_peft_file_bytes": fp16_bytes,
@@ -380,22 +383,32 @@ def main() -> None:
 def compress_variant(trained: dict[str, np.ndarray], variant: str, density: float,
                      alpha: float) -> tuple[list[bytes], dict[str, np.ndarray]]:
     """Encodes with `adapters_store.compeft`, decodes the bytes back: (the encoded files, the dense LoRA)."""
-    if variant == "global":
-        groups = [trained]
-    elif variant == "split_ab":
-        groups = [{k: v for k, v in trained.items() if "lora_A" in k},
-                  {k: v for k, v in trained.items() if "lora_A" not in k}]
+    if variant == "per_tensor":
+        ternary = compeft.compress(trained, density, alpha)
+    elif variant == "global":
+        ternary = compeft.from_ternary(global_ternary(trained, density, alpha))
     else:
         raise ValueError(f"unknown variant {variant!r}")
-    blobs, dense = [], {}
-    for group in groups:
-        ternary = compeft.compress(group, density, alpha)
-        blob = ternary.encode()
-        decoded = compeft.decode(blob)
-        assert np.array_equal(decoded.positions, ternary.positions) and decoded.scale == ternary.scale
-        blobs.append(blob)
-        dense.update(decoded.to_dense())
-    return blobs, dense
+    blob = ternary.encode()
+    decoded = compeft.decode(blob)
+    assert np.array_equal(decoded.positions, ternary.positions) and np.array_equal(decoded.scales, ternary.scales)
+    return [blob], decoded.to_dense()
+
+
+def global_ternary(trained: dict[str, np.ndarray], density: float, alpha: float) -> dict[str, np.ndarray]:
+    """Format 1's definition: one top-k over all tensors concatenated (name order), one scale α · std(τ)."""
+    names = sorted(trained)
+    tau = np.concatenate([trained[n].astype(np.float64).ravel() for n in names])  # tau: [total]
+    k = min(tau.size, max(1, round(density * tau.size)))
+    kept = np.argpartition(np.abs(tau), tau.size - k)[tau.size - k:]
+    scale = np.float32(alpha * tau.std())
+    flat = np.zeros(tau.size, dtype=np.float32)
+    flat[kept] = np.where(tau[kept] > 0, scale, -scale)
+    out, start = {}, 0
+    for n in names:
+        out[n] = flat[start:start + trained[n].size].reshape(trained[n].shape)
+        start += trained[n].size
+    return out
 
 
 def summarise(chosen: list[dict], diagnostic: list[dict]) -> str:
@@ -426,12 +439,12 @@ def print_table(report: dict) -> None:
     print(f"held-out loss: base {base:.4f}   uncompressed LoRA {lora:.4f}")
     print("\nalpha sweep (validation loss):")
     for r in report["rows"]:
-        print(f"  {r['variant']:8s} {r['density']:>5.2f} alpha {r['alpha']:<4g} val {r['val_loss']:.4f}"
+        print(f"  {r['variant']:10s} {r['density']:>5.2f} alpha {r['alpha']:<4g} val {r['val_loss']:.4f}"
               f"{'  <- chosen' if r['chosen_by_val'] else ''}")
-    print(f"\n{'variant':8s} {'density':>7} {'alpha':>5} {'bytes':>10} {'ratio':>7} {'test':>7} {'Δ vs LoRA':>9} "
+    print(f"\n{'variant':10s} {'density':>7} {'alpha':>5} {'bytes':>10} {'ratio':>7} {'test':>7} {'Δ vs LoRA':>9} "
           f"{'gain kept':>9} {'base':>7}  target")
     for r in report["table"]:
-        print(f"{r['variant']:8s} {r['density']:>7.2f} {r['alpha']:>5g} {r['size_bytes']:>10,d} "
+        print(f"{r['variant']:10s} {r['density']:>7.2f} {r['alpha']:>5g} {r['size_bytes']:>10,d} "
               f"{r['ratio_vs_fp16_peft']:>6.1f}x {r['test_loss']:>7.4f} {r['delta_vs_lora_pct']:>+8.2f}% "
               f"{r['gain_kept_pct']:>8.1f}% {base:>7.4f}  {'MET' if r['meets_target'] else '-'}")
     print(report["verdict"])

@@ -24,12 +24,13 @@ def test_compeft_quality_smoke(tmp_path, smollm2_path):
     assert report["base_loss"]["test"] > 0 and report["lora_loss"]["test"] > 0
     assert len(report["rows"]) == 2 * 2 * 2  # variants x densities x alphas
     table = report["table"]
-    assert [(r["variant"], r["density"]) for r in table] == [("global", 0.1), ("global", 0.3),
-                                                            ("split_ab", 0.1), ("split_ab", 0.3)]
+    assert [(r["variant"], r["density"]) for r in table] == [("per_tensor", 0.1), ("per_tensor", 0.3),
+                                                            ("global", 0.1), ("global", 0.3)]
     for r in table:
         assert r["size_bytes"] > 0 and r["ratio_vs_fp16_peft"] > 1
         assert r["test_loss"] > 0 and r["delta_vs_lora_pct"] is not None and r["base_loss"] > 0
         assert isinstance(r["meets_target"], bool)
-    global_rows = [r for r in table if r["variant"] == "global"]
-    assert global_rows[0]["size_bytes"] < global_rows[1]["size_bytes"]  # denser is bigger
+    codec_rows = [r for r in table if r["variant"] == "per_tensor"]
+    assert codec_rows[0]["size_bytes"] < codec_rows[1]["size_bytes"]  # denser is bigger
+    assert report["codec_format_version"] == 2
     assert report["verdict"].startswith("target ")

@@ -2,8 +2,10 @@
 
     .venv/bin/python bench/residency_bench.py        # SmolLM2-135M, r=16 LoRA on all 7 targets, ComPEFT 10%
 
-- cold load (store → servable): read + validate + host-cache register + decode into device rows, for the
-  adapter as peft saves it (fp32 safetensors), as fp16 safetensors, and ComPEFT-compressed;
+- cold load (store → servable): fetch from the store + validate + host-cache register + decode into device
+  rows, for the adapter as peft saves it (fp32 safetensors), as fp16 safetensors, and ComPEFT-compressed;
+  from an S3-compatible store (moto's server on loopback: bytes cross a socket, as from a remote store)
+  and from a local folder (bytes already in the page cache: the lower bound, no transfer at all);
 - TTFT (32-token prompt, first token) with the adapter warm (on device), host-cold (in the host cache,
   not on device) and store-cold (not on the worker at all), each against warm;
 - how many compressed adapters fit in a 1 GiB host cache (registered for real, counting evictions).
@@ -62,6 +64,44 @@ def make_variants(model_path: Path, out: Path, rank: int, density: float, alpha:
     return {"fp32": fp32, "fp16": fp16, "compeft": packed}
 
 
+def s3_store(model_path: Path, variants: dict[str, Path], density: float, alpha: float):
+    """Publishes the fp32 and fp16 files, and the fp32 files ComPEFT-compressed on upload, to a store on
+    moto's S3 server; returns (the server, {kind: store reference})."""
+    import logging
+    import os
+    import socket
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's server logs every request otherwise
+    from adapters_store.backends import S3Backend
+    from adapters_store.base_model import BaseModelSpec
+    from adapters_store.ingest import CompressionRequest, prepare
+    from adapters_store.materialise import store_ref
+    from adapters_store.registry import AdapterStore
+    from adapters_store.validation import UploadedFile, UploadLimits
+
+    for key, value in {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
+                       "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        os.environ.setdefault(key, value)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    backend = S3Backend("bench", "store", endpoint_url=f"http://127.0.0.1:{port}", region="us-east-1")
+    backend._s3.create_bucket(Bucket="bench")
+    store, base = AdapterStore(backend), BaseModelSpec.from_folder(model_path)
+    refs = {}
+    for kind, folder, compression in (("fp32", variants["fp32"], None), ("fp16", variants["fp16"], None),
+                                      ("compeft", variants["fp32"], CompressionRequest(density=density, alpha=alpha))):
+        uploads = [UploadedFile(p.name, p.read_bytes()) for p in folder.iterdir() if p.is_file()]
+        draft, files = prepare(uploads, base, UploadLimits(max_rank=64), name=kind, owner="bench",
+                               compression=compression)
+        refs[kind] = store_ref(store.url, store.publish(draft, files))
+    return server, refs
+
+
 def weights_file(folder: Path) -> Path:
     return next(p for p in folder.iterdir() if p.name.startswith("adapter_model"))
 
@@ -98,11 +138,16 @@ def main() -> None:
         core.generate([GenerationRequest(prompt, first_token, adapter)])
         return time.perf_counter() - t
 
-    def cold_load(kind: str, i: int) -> float:
-        """Store → servable: read, validate, register, decode into device rows."""
+    server, refs = s3_store(model_path, variants, args.density, args.alpha)
+
+    def cold_load(kind: str, i: int, from_s3: bool) -> float:
+        """Store → servable: fetch, validate, register, decode into device rows."""
+        from adapters_store.materialise import materialise
+
         name = f"{kind}-{i}"
         t = time.perf_counter()
-        core.load_adapter(name, variants[kind])
+        folder = materialise(refs[kind], tmp / f"cache-{name}") if from_s3 else variants[kind]
+        core.load_adapter(name, folder)
         with core.lock:
             core.adapters.pin(name)
             core.adapters.acquire(name)
@@ -139,13 +184,16 @@ def main() -> None:
         warm.append(ttft("warm"))
         base.append(ttft(None))
         for kind in variants:
-            samples.setdefault(f"cold_load/{kind}", []).append(cold_load(kind, i))
+            samples.setdefault(f"cold_load/{kind}", []).append(cold_load(kind, i, from_s3=True))
+            samples.setdefault(f"cold_load_local/{kind}", []).append(cold_load(kind, i, from_s3=False))
             samples.setdefault(f"host_cold_ttft/{kind}", []).append(host_cold_ttft(kind, i))
             samples.setdefault(f"store_cold_ttft/{kind}", []).append(store_cold_ttft(kind, i))
     med = {k: statistics.median(v) for k, v in samples.items()}
     results["ttft_s"] = {"base": statistics.median(base), "warm": statistics.median(warm),
                          **{k: v for k, v in med.items() if "ttft" in k}}
-    results["cold_load_s"] = {k.split("/")[1]: v for k, v in med.items() if k.startswith("cold_load")}
+    results["cold_load_s"] = {k.split("/")[1]: v for k, v in med.items() if k.startswith("cold_load/")}
+    results["cold_load_local_s"] = {k.split("/")[1]: v for k, v in med.items() if k.startswith("cold_load_local/")}
+    server.stop()
     sizes = {kind: weights_file(path).stat().st_size for kind, path in variants.items()}
 
     fits_core = EngineCore(EngineConfig(model_path=str(model_path), max_batch=1, max_seq=8, max_loras=1,
@@ -159,8 +207,9 @@ def main() -> None:
 
     warm_ttft = results["ttft_s"]["warm"]
     ratios = {
-        "cold_load compeft/fp32 (target <= 0.5)": results["cold_load_s"]["compeft"] / results["cold_load_s"]["fp32"],
-        "cold_load compeft/fp16": results["cold_load_s"]["compeft"] / results["cold_load_s"]["fp16"],
+        "cold_load S3 compeft/fp32 (target <= 0.5)": results["cold_load_s"]["compeft"] / results["cold_load_s"]["fp32"],
+        "cold_load S3 compeft/fp16": results["cold_load_s"]["compeft"] / results["cold_load_s"]["fp16"],
+        "cold_load local compeft/fp32": results["cold_load_local_s"]["compeft"] / results["cold_load_local_s"]["fp32"],
         "host_cold_ttft compeft/warm (target <= 1.5)": med["host_cold_ttft/compeft"] / warm_ttft,
         "host_cold_ttft fp32/warm": med["host_cold_ttft/fp32"] / warm_ttft,
         "store_cold_ttft compeft/warm": med["store_cold_ttft/compeft"] / warm_ttft,
@@ -171,7 +220,8 @@ def main() -> None:
     report = {"config": {**vars(args), "model": str(model_path)}, "file_bytes": sizes, **results,
               "compressed_adapters_per_host_cache": per_gib, "ratios": ratios}
     for kind in variants:
-        print(f"{kind:8s} file {sizes[kind] / 1e6:7.2f} MB  cold load {results['cold_load_s'][kind] * 1e3:7.1f} ms  "
+        print(f"{kind:8s} file {sizes[kind] / 1e6:7.2f} MB  cold load S3 {results['cold_load_s'][kind] * 1e3:7.1f} ms "
+              f"local {results['cold_load_local_s'][kind] * 1e3:7.1f} ms  "
               f"TTFT host-cold {med[f'host_cold_ttft/{kind}'] * 1e3:7.1f} ms  "
               f"store-cold {med[f'store_cold_ttft/{kind}'] * 1e3:7.1f} ms")
     print(f"TTFT warm adapter {warm_ttft * 1e3:.1f} ms, base {results['ttft_s']['base'] * 1e3:.1f} ms")

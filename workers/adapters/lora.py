@@ -98,6 +98,12 @@ def decode_tensors(data: bytes) -> dict[str, torch.Tensor]:
         raise AdapterValidationError(f"adapter_model.safetensors is not a valid safetensors file: {e}") from e
 
 
+def _all_finite(*tensors: torch.Tensor) -> bool:
+    """A sum is finite when every entry is (NaN and ±inf propagate); only an overflowing sum of finite
+    values needs the entry-wise check."""
+    return all(bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all()) for t in tensors)
+
+
 def parse_lora(cfg: dict, tensors: dict[str, torch.Tensor], base: DecoderConfig, max_rank: int) -> LoRAWeights:
     shapes = target_shapes(base)
     pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
@@ -129,7 +135,7 @@ def parse_lora(cfg: dict, tensors: dict[str, torch.Tensor], base: DecoderConfig,
         if r < 1 or r > max_rank:
             raise AdapterValidationError(f"layers.{layer}.{target}: rank {r} exceeds max_rank {max_rank}"
                                          if r > max_rank else f"layers.{layer}.{target}: rank {r}")
-        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        if not _all_finite(a, b):
             raise AdapterValidationError(f"layers.{layer}.{target}: non-finite values")
         modules[(layer, target)] = (a.float(), b.float())
     rank = max(a.shape[0] for a, _ in modules.values())

@@ -20,6 +20,7 @@ import orjson
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adapters_store.coordination import (
@@ -34,6 +35,7 @@ from workers.adapter_loader import AdapterLoader
 from workers.engine.types import GenerationRequest, SamplingParams, TokenEvent
 from workers.errors import AdapterdError, InvalidRequestError
 from workers.heartbeat import Heartbeat
+from workers.residency_metrics import residency_registry
 from workers.service_config import WorkerServiceConfig
 
 log = logging.getLogger("adapterd.worker")
@@ -112,6 +114,7 @@ class WorkerService:
         self.prompts = PromptBuilder(engine.tokenizer)
         self.heartbeat: Heartbeat | None = None
         self.adapters = AdapterLoader(engine, on_change=self._residency_changed)
+        self.metrics = residency_registry(lambda: self.engine.stats().get("adapters", {}))
         self.in_flight = 0
 
     def _residency_changed(self) -> None:
@@ -222,6 +225,10 @@ async def stats_route(service: Service) -> dict:
     }
 
 
+async def metrics_route(service: Service) -> Response:
+    return Response(generate_latest(service.metrics), media_type=CONTENT_TYPE_LATEST)
+
+
 async def load_route(body: AdapterLoadRequest, service: Service) -> dict:
     await service.adapters.ensure(body.name, body.path)
     return {"name": body.name, "resident_adapters": service.adapters.resident()}
@@ -286,6 +293,7 @@ def create_app(engine: Any, config: WorkerServiceConfig) -> FastAPI:
     app.add_api_route("/generate", generate_route, methods=["POST"])
     app.add_api_route("/health", health_route, methods=["GET"])
     app.add_api_route("/stats", stats_route, methods=["GET"])
+    app.add_api_route("/metrics", metrics_route, methods=["GET"])
     app.add_api_route("/adapters/load", load_route, methods=["POST"])
     app.add_api_route("/adapters/unload", unload_route, methods=["POST"])
     install_error_boundary(app)

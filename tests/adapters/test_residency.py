@@ -142,3 +142,30 @@ async def test_worker_loader_loads_once_and_reports_evictions(tiny, smollm2_toke
     assert engine.stats()["adapters"]["host_loads"] == 1 and changes == [["r8a"]]
     await loader.ensure("r8b", str(adapters["r8b"]))  # over budget: r8a (unused) is evicted
     assert loader.resident() == ["r8b"] and len(changes) == 3  # the eviction, then the load
+
+
+async def test_worker_metrics_report_residency(tiny, smollm2_tokenizer):
+    import httpx
+
+    from workers.service import create_app
+    from workers.service_config import WorkerServiceConfig
+
+    folder, adapters = tiny
+    engine = Engine(EngineConfig(model_path=str(folder), max_rank=8, max_seq=64), tokenizer=smollm2_tokenizer)
+    engine.start()
+    try:
+        app = create_app(engine, WorkerServiceConfig(worker_id="w1"))
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://w1") as client:
+            for _ in range(2):
+                r = await client.post("/generate", json={"prompt_ids": [5, 6, 7], "adapter": "r4",
+                                                         "adapter_path": str(adapters["r4"]),
+                                                         "params": {"max_tokens": 2}})
+                assert r.status_code == 200, r.text
+            text = (await client.get("/metrics")).text
+        assert 'adapterd_worker_adapter_events_total{event="host_loads"} 1.0' in text
+        assert 'adapterd_worker_adapter_events_total{event="device_misses"} 1.0' in text
+        assert 'adapterd_worker_adapter_events_total{event="device_hits"} 1.0' in text
+        assert 'adapterd_worker_adapters{tier="host"} 1.0' in text
+        assert "adapterd_worker_adapter_device_load_seconds_total" in text
+    finally:
+        engine.stop()

@@ -56,16 +56,19 @@ class Engine:
         if not request.request_id:
             request = GenerationRequest(request.prompt_ids, request.params, request.adapter,
                                         f"req-{next(self._ids)}")
+        adapter = request.adapter
         with self.core.lock:
             self.core.validate(request)  # errors surface before the first event
-        if request.adapter is not None:
-            await asyncio.to_thread(self.core.stage_adapter, request.adapter)
+            if adapter is not None:  # the host cache keeps it from now until the stream ends
+                self.core.adapters.pin(adapter)
         rid = request.request_id
         events: asyncio.Queue = asyncio.Queue()
-        self._streams[rid] = (asyncio.get_running_loop(), events)
-        self._post("add", request)
         finished = False
         try:
+            if adapter is not None:
+                await asyncio.to_thread(self.core.stage_adapter, adapter)
+            self._streams[rid] = (asyncio.get_running_loop(), events)
+            self._post("add", request)
             while True:
                 item = await events.get()
                 if isinstance(item, BaseException):
@@ -75,9 +78,11 @@ class Engine:
                     finished = True
                     return
         finally:
-            self._streams.pop(rid, None)
-            if not finished:
+            if self._streams.pop(rid, None) is not None and not finished:
                 self._post("abort", rid)
+            if adapter is not None:
+                with self.core.lock:
+                    self.core.adapters.unpin(adapter)
 
     async def load_adapter(self, name: str, path: str) -> AdapterSource:
         """Reads and validates off the event loop and the decode loop; registers in the host cache."""

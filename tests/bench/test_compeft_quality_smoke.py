@@ -1,24 +1,12 @@
 """The ComPEFT quality benchmark runs end to end (tiny model, 3 steps) and writes every figure it reports."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
-
-from tiny_models import make_tiny_model
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_compeft_quality_smoke(tmp_path, smollm2_path):
-    folder, _ = make_tiny_model(tmp_path / "m", "llama", vocab_size=49152)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        (folder / name).write_bytes((smollm2_path / name).read_bytes())
-    out = tmp_path / "r.json"
-    subprocess.run([sys.executable, str(ROOT / "bench" / "compeft_quality.py"), "--model", str(folder),
-                    "--steps", "3", "--batch", "2", "--train-examples", "8", "--val-examples", "4",
-                    "--test-examples", "4", "--densities", "0.1,0.3", "--alphas", "1,2", "--log-every", "1",
-                    "--out", str(out)], check=True, timeout=120)
+def test_compeft_quality_smoke(tiny_with_tokenizer, run_bench):
+    out = run_bench("compeft_quality", "--model", str(tiny_with_tokenizer), "--steps", "3", "--batch", "2",
+                    "--train-examples", "8", "--val-examples", "4", "--test-examples", "4", "--densities", "0.1,0.3",
+                    "--alphas", "1,2", "--log-every", "1", timeout=120)
     report = json.loads(out.read_text())
     assert report["fp16_peft_file_bytes"] > 0
     assert report["base_loss"]["test"] > 0 and report["lora_loss"]["test"] > 0

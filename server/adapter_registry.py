@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import threading
+import time
 import zipfile
 from dataclasses import dataclass
 
@@ -66,6 +67,10 @@ def version_info(m: Manifest) -> AdapterVersionInfo:
     )
 
 
+RESOLVE_TTL_S = 1.0
+RESOLVE_CACHE_SIZE = 4096
+
+
 class AdapterRegistry:
     def __init__(self, store: AdapterStore, catalog: AdapterCatalog, base: BaseModelSpec | None,
                  limits: UploadLimits, gc_grace_s: float):
@@ -75,20 +80,35 @@ class AdapterRegistry:
         self._limits = limits
         self._gc_grace_s = gc_grace_s
         self._writes = threading.Lock()  # one publish / delete / collection at a time in this process
+        self._resolved: dict[str, tuple[float, Manifest | None]] = {}  # model name → (when, manifest)
 
     # ---- inference ---------------------------------------------------------------------------
 
     def resolve(self, model: str) -> StoredAdapter | AdapterVersion | None:
         """For the dispatcher: a stored version, else a directory adapter, else None. No tenant check:
         routes call `authorize` first."""
-        manifest = self._store.resolve(model)
+        manifest = self._manifest(model)
         if manifest is not None:
             return StoredAdapter(manifest, store_ref(self._store.url, manifest))
         return self._catalog.resolve(model)
 
+    def _manifest(self, model: str) -> Manifest | None:
+        """The store's answer for `model`, remembered for RESOLVE_TTL_S: an inference request asks twice
+        (authorize, resolve) and a remote store costs a round trip each. This gateway's own uploads and
+        deletes forget everything at once; another gateway's are seen within the TTL."""
+        now = time.monotonic()
+        hit = self._resolved.get(model)
+        if hit is not None and now - hit[0] < RESOLVE_TTL_S:
+            return hit[1]
+        manifest = self._store.resolve(model)
+        if len(self._resolved) >= RESOLVE_CACHE_SIZE:
+            self._resolved.clear()
+        self._resolved[model] = (now, manifest)
+        return manifest
+
     def authorize(self, model: str | None, tenant: Tenant) -> None:
         """404 if `model` is a stored adapter the tenant may not use (as if it did not exist)."""
-        manifest = self._store.resolve(model) if model else None
+        manifest = self._manifest(model) if model else None
         if manifest is not None and not visible(manifest, tenant):
             raise ModelNotFoundError(f"the model {model!r} does not exist", param="model")
 
@@ -118,6 +138,7 @@ class AdapterRegistry:
         with self._writes:
             self._check_name_free(name, tenant)
             self._store.publish(draft, files)
+            self._resolved.clear()
         return self.describe(tenant, name)
 
     def _check_name_free(self, name: str, tenant: Tenant) -> None:
@@ -178,6 +199,7 @@ class AdapterRegistry:
             raise PermissionDeniedError(f"only the owner may delete {ref!r}", param="name")
         with self._writes:
             deleted = [self._store.delete_version(name, m.version).version for m in targets]
+            self._resolved.clear()
             self._store.collect_garbage(self._gc_grace_s)
         return AdapterDeleted(name=name, versions=deleted)
 

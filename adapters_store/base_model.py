@@ -14,6 +14,14 @@ from adapters_store.errors import StoreError
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+def lora_target_shapes(hidden: int, intermediate: int, num_heads: int, num_kv_heads: int,
+                       head_dim: int) -> dict[str, tuple[int, int]]:
+    """(in_features, out_features) of each LoRA-able linear of a Llama-family decoder (also the engine's)."""
+    q, kv = num_heads * head_dim, num_kv_heads * head_dim
+    return {"q_proj": (hidden, q), "k_proj": (hidden, kv), "v_proj": (hidden, kv), "o_proj": (q, hidden),
+            "gate_proj": (hidden, intermediate), "up_proj": (hidden, intermediate), "down_proj": (intermediate, hidden)}
+
+
 class BaseModelConfigError(StoreError):
     """The base model's config.json is missing or lacks the fields the store needs."""
 
@@ -57,10 +65,8 @@ class BaseModelSpec:
 
     def target_shapes(self) -> dict[str, tuple[int, int]]:
         """(in_features, out_features) of each LoRA-able linear."""
-        h, i = self.hidden_size, self.intermediate_size
-        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+        return lora_target_shapes(self.hidden_size, self.intermediate_size, self.num_heads, self.num_kv_heads,
+                                  self.head_dim)
 
     @property
     def fingerprint(self) -> str:

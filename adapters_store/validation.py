@@ -28,7 +28,8 @@ CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
 KINDS = ("lora", "compeft")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy", ".npz")
-_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.\w+)?\.weight$")
+# a PEFT LoRA tensor name: ...layers.{L}.{self_attn|mlp}.{target}.lora_{A|B}[.{adapter}].weight (the engine's too)
+LORA_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.\w+)?\.weight$")
 _UNSUPPORTED_OPTIONS = {"use_dora": True, "fan_in_fan_out": True, "lora_bias": True}
 _UNSUPPORTED_LISTS = ("alpha_pattern", "trainable_token_indices", "target_parameters", "modules_to_save")
 
@@ -212,7 +213,7 @@ def _check_modules(shapes: dict[str, tuple[tuple[int, ...], str]], base: BaseMod
     fits = base.target_shapes()
     pairs: dict[tuple[int, str], dict[str, tuple[int, ...]]] = {}
     for key, (shape, _) in shapes.items():
-        m = _KEY.search(key)
+        m = LORA_KEY.search(key)
         if m is None:
             raise IncompatibleAdapterError(f"unsupported tensor {key!r}: only lora_A/lora_B of {', '.join(TARGETS)}")
         layer, target, which = int(m.group(1)), m.group(2), m.group(3)

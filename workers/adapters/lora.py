@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,20 +17,17 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 
+from adapters_store.base_model import TARGETS, lora_target_shapes
+from adapters_store.validation import LORA_KEY, PICKLE_SUFFIXES
 from workers.errors import AdapterValidationError
 from workers.model.config import DecoderConfig
 
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.\w+)?\.weight$")
-_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 _UNSUPPORTED_OPTIONS = {"use_dora": True, "fan_in_fan_out": True, "lora_bias": True}
 
 
 def target_shapes(cfg: DecoderConfig) -> dict[str, tuple[int, int]]:
     """(in_features, out_features) of each LoRA-able linear of the base."""
-    h, q, kv, i = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
-    return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-            "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+    return lora_target_shapes(cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
 
 
 @dataclass(frozen=True)
@@ -82,7 +78,7 @@ def read_config(folder: Path) -> dict:
 
 
 def read_tensor_bytes(folder: Path) -> bytes:
-    pickles = [p.name for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES]
+    pickles = [p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
     if pickles:
         raise AdapterValidationError(f"pickle files are refused ({', '.join(pickles)}); use safetensors")
     path = folder / "adapter_model.safetensors"
@@ -108,7 +104,7 @@ def parse_lora(cfg: dict, tensors: dict[str, torch.Tensor], base: DecoderConfig,
     shapes = target_shapes(base)
     pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
-        m = _KEY.search(key)
+        m = LORA_KEY.search(key)
         if m is None:
             raise AdapterValidationError(f"unsupported tensor {key!r}: only lora_A/lora_B of {', '.join(TARGETS)}")
         layer, target, which = int(m.group(1)), m.group(2), m.group(3)
@@ -172,5 +168,4 @@ def read_lora(folder: str | Path, base: DecoderConfig, max_rank: int) -> tuple[L
     return LoRASource(config, data, weights.rank, frozenset(weights.targets)), weights
 
 
-def load_lora(folder: str | Path, base: DecoderConfig, max_rank: int) -> LoRAWeights:
-    return read_lora(folder, base, max_rank)[1]
+

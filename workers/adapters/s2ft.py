@@ -246,8 +246,6 @@ def read_s2ft(folder: str | Path, base: DecoderConfig) -> tuple[S2FTSource, S2FT
     return S2FTSource(config, data, frozenset(weights.targets), weights.num_params), weights
 
 
-def load_s2ft(folder: str | Path, base: DecoderConfig) -> S2FTWeights:
-    return read_s2ft(folder, base)[1]
 
 
 def write_s2ft(folder: str | Path, updates: Mapping[tuple[int, str], tuple[Sequence[int] | torch.Tensor, torch.Tensor]],

@@ -5,18 +5,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from adapters_store import compeft
 from adapters_store.base_model import BaseModelSpec
 from adapters_store.errors import InvalidAdapterError
+from adapters_store.kinds import validate_upload
 from adapters_store.manifest import NAME_PATTERN, Manifest
-from adapters_store.validation import (
-    CONFIG_NAME,
-    UploadedFile,
-    UploadLimits,
-    ValidatedAdapter,
-    collect_files,
-    validate_adapter,
-)
+from adapters_store.validation import UploadedFile, UploadLimits, ValidatedAdapter, collect_files
 
 
 @dataclass(frozen=True)
@@ -54,23 +47,22 @@ def prepare(uploads: list[UploadedFile], base: BaseModelSpec, limits: UploadLimi
             compression: CompressionRequest | None = None) -> tuple[Manifest, dict[str, bytes]]:
     """The manifest draft (version and files filled in by `publish`) and the files to store."""
     check_name(name)
-    adapter = validate_adapter(collect_files(uploads, limits), base, limits, kind)
-    weights_name, weights = adapter.weights_name, adapter.weights_bytes
+    adapter = validate_upload(collect_files(uploads, limits), base, limits, kind)
+    files = adapter.files
     if compression is not None:
-        if adapter.kind == "compeft":
+        if adapter.compress is None:
             raise InvalidAdapterError("the upload is already ComPEFT-compressed", param="compression")
-        packed = compeft.compress(adapter.dense_tensors(), compression.density, compression.alpha)
-        weights_name, weights = compeft.FILENAME, packed.encode()
-    draft = _draft(adapter, base, name, owner, public, weights_name, compression)
-    return draft, {CONFIG_NAME: adapter.config_bytes, weights_name: weights}
+        files = adapter.compress(compression.density, compression.alpha)
+    return _draft(adapter, base, name, owner, public, compression), files
 
 
 def _draft(adapter: ValidatedAdapter, base: BaseModelSpec, name: str, owner: str, public: bool,
-           weights_name: str, compression: CompressionRequest | None) -> Manifest:
+           compression: CompressionRequest | None) -> Manifest:
+    kind = "compeft" if compression is not None and adapter.kind == "lora" else adapter.kind
     return Manifest(
         name=name,
         version=0,
-        kind="compeft" if weights_name == compeft.FILENAME else "lora",
+        kind=kind,
         base_fingerprint=base.fingerprint,
         rank=adapter.rank,
         alpha=adapter.alpha,
@@ -79,7 +71,7 @@ def _draft(adapter: ValidatedAdapter, base: BaseModelSpec, name: str, owner: str
         layers=adapter.layers,
         files={},
         dense_bytes=adapter.dense_bytes,
-        original_bytes=len(adapter.weights_bytes),
+        original_bytes=adapter.original_bytes,
         owner=owner,
         public=public,
         compression=None if compression is None else {

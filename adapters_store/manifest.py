@@ -26,14 +26,14 @@ class FileEntry:
 class Manifest:
     name: str
     version: int
-    kind: str  # "lora" | "compeft"
+    kind: str  # "lora" | "compeft" (a LoRA stored ComPEFT-compressed) | "s2ft"
     base_fingerprint: str
     rank: int
     alpha: float
     use_rslora: bool
     targets: list[str]
     layers: int
-    files: dict[str, FileEntry]  # the stored folder: adapter_config.json + one weights file
+    files: dict[str, FileEntry]  # the stored folder: a config, one weights file (+ the S²FT index file)
     dense_bytes: int  # the same tensors as float32
     original_bytes: int  # the weights file as uploaded
     owner: str
@@ -52,7 +52,9 @@ class Manifest:
 
     @property
     def weights_name(self) -> str:
-        return next(n for n in self.files if n != "adapter_config.json")
+        """The file holding the weights: `adapter_model.*`, else the one file that is not JSON."""
+        return next((n for n in self.files if n.startswith("adapter_model.")),
+                    next(n for n in self.files if not n.endswith(".json")))
 
     @property
     def compression_ratio(self) -> float:

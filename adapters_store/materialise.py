@@ -1,5 +1,5 @@
-"""A stored version → a local folder. Downloads get a PEFT folder (`adapter_config.json` +
-`adapter_model.safetensors`) that peft loads: ComPEFT weights are decoded to dense float32. Workers get a
+"""A stored version → a local folder. Downloads get the kind's plain folder (for a LoRA, a PEFT folder that
+peft loads): ComPEFT-compressed weights are decoded to dense float32. Workers get a
 *store reference* from the gateway (`{store url}#{name}@{version}`) and materialise the version's files
 as stored into a local cache directory, keyed by the manifest's content id: a ComPEFT adapter stays
 compressed there and in the worker's host cache, and is decoded only when it moves onto the device."""
@@ -11,7 +11,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from adapters_store import compeft, safetensors_file
+from adapters_store import compeft, s2ft_format, safetensors_file
 from adapters_store.backends import open_backend
 from adapters_store.errors import AdapterNotFoundError
 from adapters_store.manifest import Manifest
@@ -21,16 +21,19 @@ from adapters_store.validation import CONFIG_NAME, SAFETENSORS_NAME
 _SCHEMES = ("file://", "s3://")
 
 
-def peft_files(store: AdapterStore, manifest: Manifest) -> dict[str, bytes]:
-    weights = store.read_file(manifest, manifest.weights_name)
-    if manifest.weights_name == compeft.FILENAME:
-        weights = safetensors_file.write_tensors(compeft.decode(weights).to_dense())
-    return {CONFIG_NAME: store.read_file(manifest, CONFIG_NAME), SAFETENSORS_NAME: weights}
+def download_files(store: AdapterStore, manifest: Manifest) -> dict[str, bytes]:
+    """The folder a user downloads: ComPEFT-compressed weights decoded to dense float32 safetensors."""
+    files = stored_files(store, manifest)
+    if compeft.FILENAME not in files:
+        return files
+    if manifest.kind == "s2ft":
+        return s2ft_format.dense_files(files[s2ft_format.CONFIG_FILE], s2ft_format.read_arrays(files))
+    dense = safetensors_file.write_tensors(compeft.decode(files[compeft.FILENAME]).to_dense())
+    return {CONFIG_NAME: files[CONFIG_NAME], SAFETENSORS_NAME: dense}
 
 
 def stored_files(store: AdapterStore, manifest: Manifest) -> dict[str, bytes]:
-    return {CONFIG_NAME: store.read_file(manifest, CONFIG_NAME),
-            manifest.weights_name: store.read_file(manifest, manifest.weights_name)}
+    return {name: store.read_file(manifest, name) for name in manifest.files}
 
 
 def store_ref(store_url: str, manifest: Manifest) -> str:

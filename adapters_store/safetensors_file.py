@@ -115,12 +115,15 @@ def read_tensors(data: bytes) -> dict[str, np.ndarray]:
 
 
 def write_tensors(tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> bytes:
-    """float32 safetensors bytes (the dtype peft and our loader read back unchanged), names sorted."""
+    """Safetensors bytes, names sorted: floating tensors as float32 (the dtype peft and our loader read back
+    unchanged), integer tensors as int64."""
     header: dict[str, object] = {"__metadata__": metadata or {"format": "pt"}}
     blobs, offset = [], 0
     for name in sorted(tensors):
-        arr = np.ascontiguousarray(tensors[name], dtype="<f4")
-        header[name] = {"dtype": "F32", "shape": list(arr.shape), "data_offsets": [offset, offset + arr.nbytes]}
+        integer = np.asarray(tensors[name]).dtype.kind in "iu"
+        arr = np.ascontiguousarray(tensors[name], dtype="<i8" if integer else "<f4")
+        header[name] = {"dtype": "I64" if integer else "F32", "shape": list(arr.shape),
+                        "data_offsets": [offset, offset + arr.nbytes]}
         blobs.append(arr.tobytes())
         offset += arr.nbytes
     head = json.dumps(header, separators=(",", ":")).encode()

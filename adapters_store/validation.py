@@ -3,9 +3,10 @@
 1. `collect_files`: the uploaded parts (the files of a PEFT folder, or one .zip / .tar.gz of one, or one
    .safetensors + its config JSON) → the adapter folder's files by name; pickles refused, sizes capped,
    archives unpacked safely (see `adapters_store.archives`).
-2. `validate_adapter`: the config JSON (a LoRA PEFT config, no options the engine lacks) and the weights
+2. `validate_lora`: the config JSON (a LoRA PEFT config, no options the engine lacks) and the weights
    (safetensors or ComPEFT) against the base: tensor names, layers, targets, shapes `[r, in]` / `[out, r]`,
-   floating dtypes, finite values, the rank cap.
+   floating dtypes, finite values, the rank cap. Other kinds have their own module;
+   `adapters_store.kinds.validate_upload` picks one.
 Each failure is a typed `StoreError` whose message names the problem.
 """
 
@@ -14,7 +15,9 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import PurePosixPath
 
 import numpy as np
@@ -26,7 +29,6 @@ from adapters_store.errors import AdapterTooLargeError, IncompatibleAdapterError
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
-KINDS = ("lora", "compeft")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy", ".npz")
 # a PEFT LoRA tensor name: ...layers.{L}.{self_attn|mlp}.{target}.lora_{A|B}[.{adapter}].weight (the engine's too)
 LORA_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.\w+)?\.weight$")
@@ -50,24 +52,23 @@ class UploadedFile:
 
 @dataclass(frozen=True)
 class ValidatedAdapter:
-    """A checked adapter, ready to store: its config, one weights file, and what the manifest records."""
+    """A checked adapter of any kind, ready to store: its files and what the manifest records."""
 
-    kind: str  # "lora" (safetensors) or "compeft"
-    config: dict
-    config_bytes: bytes
-    weights_name: str  # SAFETENSORS_NAME or compeft.FILENAME
-    weights_bytes: bytes
-    rank: int
+    kind: str  # "lora" | "compeft" (a ComPEFT-compressed LoRA) | "s2ft"
+    files: dict[str, bytes]  # the folder's files to store, as uploaded
+    weights_name: str  # which of them holds the weights
+    rank: int  # LoRA rank (0 for kinds without one)
     alpha: float
     use_rslora: bool
-    targets: tuple[str, ...]
+    targets: tuple[str, ...]  # the base modules it changes
     layers: int  # how many base layers the adapter touches
-    dense_bytes: int  # size of the same tensors as float32 safetensors data
+    dense_bytes: int  # size of its float tensors as float32
+    # (density, alpha) → the files to store instead, ComPEFT-compressed; None when it cannot be (again)
+    compress: Callable[[float, float], dict[str, bytes]] | None = None
 
-    def dense_tensors(self) -> dict[str, np.ndarray]:
-        if self.kind == "compeft":
-            return compeft.decode(self.weights_bytes).to_dense()
-        return safetensors_file.read_tensors(self.weights_bytes)
+    @property
+    def original_bytes(self) -> int:
+        return len(self.files[self.weights_name])
 
 
 # ---- 1. the uploaded parts → the folder's files ---------------------------------------------------
@@ -113,10 +114,9 @@ def _flatten(entries: dict[str, bytes]) -> dict[str, bytes]:
 # ---- 2. the folder's files → a validated adapter ---------------------------------------------------
 
 
-def validate_adapter(files: dict[str, bytes], base: BaseModelSpec, limits: UploadLimits,
-                     kind: str | None = None) -> ValidatedAdapter:
-    if kind is not None and kind not in KINDS:
-        raise InvalidAdapterError(f"kind {kind!r} is not one of {', '.join(KINDS)}", param="kind")
+def validate_lora(files: dict[str, bytes], base: BaseModelSpec, limits: UploadLimits,
+                  kind: str | None = None) -> ValidatedAdapter:
+    """A PEFT LoRA folder, its weights as safetensors or ComPEFT (kind None, "lora" or "compeft")."""
     config_bytes = _pick_config(files)
     config = parse_config(config_bytes)
     weights_name, weights = _pick_weights(files, kind)
@@ -128,19 +128,24 @@ def validate_adapter(files: dict[str, bytes], base: BaseModelSpec, limits: Uploa
     if not finite:
         raise IncompatibleAdapterError("the adapter's tensors hold non-finite values (NaN or inf)")
     rank = max(r for r, _ in modules.values())
+    packed = weights_name == compeft.FILENAME
     return ValidatedAdapter(
-        kind="compeft" if weights_name == compeft.FILENAME else "lora",
-        config=config,
-        config_bytes=config_bytes,
+        kind="compeft" if packed else "lora",
+        files={CONFIG_NAME: config_bytes, weights_name: weights},
         weights_name=weights_name,
-        weights_bytes=weights,
         rank=rank,
         alpha=float(config.get("lora_alpha", config.get("r", rank))),
         use_rslora=bool(config.get("use_rslora", False)),
         targets=tuple(t for t in TARGETS if any(t == tt for _, tt in modules)),
         layers=len({layer for layer, _ in modules}),
         dense_bytes=4 * sum(math.prod(s) for s, _ in shapes.values()),
+        compress=None if packed else partial(_compress_lora, config_bytes, weights),
     )
+
+
+def _compress_lora(config_bytes: bytes, weights: bytes, density: float, alpha: float) -> dict[str, bytes]:
+    packed = compeft.compress(safetensors_file.read_tensors(weights), density, alpha)
+    return {CONFIG_NAME: config_bytes, compeft.FILENAME: packed.encode()}
 
 
 def _pick_config(files: dict[str, bytes]) -> bytes:

@@ -23,7 +23,7 @@ from adapters_store.base_model import BaseModelSpec
 from adapters_store.errors import AdapterNotFoundError, NameConflictError
 from adapters_store.ingest import CompressionRequest, check_name, prepare
 from adapters_store.manifest import Manifest
-from adapters_store.materialise import peft_files, store_ref
+from adapters_store.materialise import download_files, store_ref
 from adapters_store.registry import AdapterStore, parse_ref
 from adapters_store.validation import UploadedFile, UploadLimits
 from server.adapter_catalog import AdapterCatalog, AdapterVersion
@@ -177,11 +177,12 @@ class AdapterRegistry:
         return manifest
 
     def download(self, tenant: Tenant, ref: str) -> tuple[Manifest, bytes]:
-        """A zip of the PEFT folder (adapter_config.json + adapter_model.safetensors, decoded if compressed)."""
+        """A zip of the adapter folder (for a LoRA: adapter_config.json + adapter_model.safetensors), decoded
+        if it is stored compressed."""
         manifest = self._visible_manifest(tenant, ref)
         buf = io.BytesIO()
         with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as archive:
-            for filename, data in peft_files(self._store, manifest).items():
+            for filename, data in download_files(self._store, manifest).items():
                 archive.writestr(filename, data)
         return manifest, buf.getvalue()
 

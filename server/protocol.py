@@ -281,7 +281,7 @@ class AdapterVersionInfo(BaseModel):
     id: str  # name@version: the model id that addresses exactly this version
     name: str
     version: int
-    kind: Literal["lora", "compeft"]
+    kind: Literal["lora", "compeft", "s2ft", "medusa"]
     rank: int
     alpha: float
     targets: list[str]

@@ -129,7 +129,7 @@ def _size(n: int) -> str:
 def adapters_upload(
     name: str,
     paths: Annotated[list[Path], typer.Argument(help="a PEFT folder, a .zip/.tar.gz, or .safetensors + .json")],
-    kind: Annotated[str | None, typer.Option(help="lora or compeft (detected otherwise)")] = None,
+    kind: Annotated[str | None, typer.Option(help="lora, compeft or s2ft (detected otherwise)")] = None,
     compeft_density: Annotated[float | None, typer.Option(help="ComPEFT-compress at this density")] = None,
     compeft_alpha: Annotated[float, typer.Option(help="ComPEFT scale factor α")] = 1.0,
     public: Annotated[bool, typer.Option(help="visible to every tenant")] = False,

@@ -103,7 +103,7 @@ def test_written_format_reads_back_with_heads_expanded_to_columns(tmp_path):
     cfg = json.loads((tmp_path / "a" / CONFIG_FILE).read_text())
     assert cfg["format"] == "s2ft" and cfg["version"] == 1 and cfg["base_model_name_or_path"] == "tiny-llama"
     assert set(cfg["modules"]) == {"o_proj", "down_proj", "v_proj", "up_proj"}
-    assert source.nbytes == (tmp_path / "a" / WEIGHTS_FILE).stat().st_size
+    assert source.nbytes == sum((tmp_path / "a" / f).stat().st_size for f in (WEIGHTS_FILE, CONFIG_FILE))
     assert source.decode(BASE).num_params == weights.num_params == sum(d.numel() for _, d in updates.values())
     for (layer, module), (units, delta) in updates.items():
         u = weights.modules[(layer, module)]
@@ -317,3 +317,23 @@ def test_the_valid_fixture_itself_reads(tmp_path):
     _, weights = read_s2ft(write_s2ft(tmp_path, VALID), BASE)
     assert weights.modules[(0, "o_proj")].index.tolist() == [*range(16, 32), *range(48, 64)]
     assert weights.modules[(0, "v_proj")].index.tolist() == list(range(16, 32))
+
+
+def test_a_compressed_folder_reads_as_its_decoded_deltas_and_the_cache_keeps_the_compressed_bytes(tmp_path):
+    from adapters_store import compeft, s2ft_format
+
+    write_s2ft(tmp_path / "plain", VALID)
+    tensors = load_file(str(tmp_path / "plain" / WEIGHTS_FILE))
+    arrays = {k: v.numpy() for k, v in tensors.items()}
+    files = s2ft_format.compressed_files((tmp_path / "plain" / CONFIG_FILE).read_bytes(), arrays, 0.3, 1.0)
+    (tmp_path / "packed").mkdir()
+    for name, data in files.items():
+        (tmp_path / "packed" / name).write_bytes(data)
+    source, weights = read_s2ft(tmp_path / "packed", BASE)
+    assert source.nbytes == sum(len(b) for b in files.values())
+    packed = compeft.decode(files[compeft.FILENAME]).to_dense()
+    _, plain = read_s2ft(tmp_path / "plain", BASE)
+    for (layer, module), u in weights.modules.items():
+        key = f"model.layers.{layer}.{PARENT[module]}.{module}"
+        assert torch.equal(u.index, plain.modules[(layer, module)].index)
+        assert torch.equal(u.delta, torch.from_numpy(packed[f"{key}.delta"]))

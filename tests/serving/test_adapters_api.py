@@ -159,6 +159,72 @@ def test_compeft_compression_serves_the_decoded_lora(cluster, loras, tiny_assets
     assert served(cluster, "prepacked") == served(cluster, "packed")
 
 
+def make_s2ft(out: Path, seed: int, **bad_index) -> Path:
+    """A random S²FT adapter for the tiny model (4 heads of 16, 2 KV heads, 128 channels, 2 layers)."""
+    from workers.adapters.s2ft import write_s2ft
+
+    g = torch.Generator().manual_seed(seed)
+    updates = {(0, "o_proj"): ([2, 0], torch.randn(64, 32, generator=g) * 0.5),
+               (1, "down_proj"): ([5, 77, 31], torch.randn(64, 3, generator=g) * 0.5),
+               (1, "v_proj"): ([1], torch.randn(16, 64, generator=g) * 0.5)}
+    for module, index in bad_index.items():
+        key = next(k for k in updates if k[1] == module)
+        updates[key] = (index, updates[key][1])
+    return write_s2ft(out, updates)
+
+
+def s2ft_greedy(model_dir: Path, adapter_dir: Path) -> list[int]:
+    """transformers with the (downloaded, dense) S²FT deltas added to its weights: the oracle."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+    tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    widths = {"o_proj": 16, "v_proj": 16, "down_proj": 1, "up_proj": 1}
+    with torch.no_grad():
+        for key, delta in tensors.items():
+            if not key.endswith(".delta"):
+                continue
+            path, module = key.removesuffix(".delta"), key.split(".")[-2]
+            index = tensors[path + ".index"]
+            lines = (index[:, None] * widths[module] + torch.arange(widths[module])).reshape(-1)
+            w = model.get_submodule(path).weight  # [out, in]
+            if module in ("o_proj", "down_proj"):
+                w[:, lines] += delta
+            else:
+                w[lines, :] += delta
+    ids = torch.tensor([AutoTokenizer.from_pretrained(model_dir).encode(PROMPT)])
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+    return out[0, ids.shape[1]:].tolist()
+
+
+def test_s2ft_uploads_serve_what_transformers_with_the_deltas_computes(cluster, tiny_assets, tmp_path):
+    model, _ = tiny_assets
+    folder = make_s2ft(tmp_path / "s2ft", seed=4)
+    with client(cluster) as c:
+        v = c.upload_adapter("sparse", folder).versions[0]
+        assert v.kind == "s2ft" and v.targets == ["o_proj", "down_proj", "v_proj"]
+        plain = unzip(c.download_adapter("sparse"), tmp_path / "plain")
+        assert sorted(p.name for p in plain.iterdir()) == ["adapter_model.safetensors", "s2ft_config.json"]
+        expected = s2ft_greedy(model, plain)
+        assert expected != served(cluster, None)  # the adapter changes the output
+        assert served(cluster, "sparse") == expected
+        packed = c.upload_adapter("sparse-packed", folder, compression={"method": "compeft", "density": 0.3})
+        assert packed.versions[0].kind == "s2ft" and packed.versions[0].compression_ratio > 2
+        decoded = unzip(c.download_adapter("sparse-packed"), tmp_path / "decoded")
+        assert served(cluster, "sparse-packed") == s2ft_greedy(model, decoded)
+        for bad, status in (({"o_proj": [2, 4]}, 422), ({"down_proj": [5, 5, 31]}, 422)):
+            before = store_state(cluster)
+            bad_folder = make_s2ft(tmp_path / f"bad{len(before)}-{status}-{next(iter(bad))}", seed=4, **bad)
+            r = httpx.post(cluster.url + "/v1/adapters", headers={"authorization": f"Bearer {ALICE}"},
+                           data={"name": "sparse"}, timeout=60,
+                           files=[("files", (p.name, p.read_bytes())) for p in bad_folder.iterdir()])
+            assert r.status_code == status, r.text
+            assert "out of range" in r.json()["error"]["message"] or "duplicate" in r.json()["error"]["message"]
+            assert store_state(cluster) == before
+
+
 def _zip(entries: dict[str, bytes], symlink: str | None = None) -> bytes:
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:

@@ -8,7 +8,7 @@ from adapters_store import compeft
 from adapters_store.base_model import BaseModelSpec
 from adapters_store.errors import AdapterNotFoundError, StoreCorruptionError
 from adapters_store.ingest import CompressionRequest, prepare
-from adapters_store.materialise import materialise, peft_files, store_ref
+from adapters_store.materialise import download_files, materialise, store_ref
 from adapters_store.registry import BLOBS, blob_key
 from adapters_store.safetensors_file import read_tensors
 from adapters_store.validation import UploadedFile, UploadLimits
@@ -81,7 +81,7 @@ def test_compressed_version_materialises_compressed_and_downloads_dense(store, t
     folder = materialise(store_ref(store.url, m), tmp_path / "cache")  # what a worker gets: as stored
     assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json", compeft.FILENAME]
     assert (folder / compeft.FILENAME).read_bytes() == store.read_file(m, compeft.FILENAME)
-    tensors = read_tensors(peft_files(store, m)["adapter_model.safetensors"])  # what a download gets
+    tensors = read_tensors(download_files(store, m)["adapter_model.safetensors"])  # what a download gets
     for t in tensors.values():  # ternary: one magnitude per tensor
         assert len({abs(float(v)) for v in t.ravel() if v}) == 1
     assert materialise(store_ref(store.url, m), tmp_path / "cache") == folder  # cached

@@ -14,8 +14,9 @@ from adapters_store import compeft
 from adapters_store.archives import ArchiveLimits
 from adapters_store.base_model import BaseModelSpec
 from adapters_store.errors import AdapterTooLargeError, IncompatibleAdapterError, InvalidAdapterError
+from adapters_store.kinds import validate_upload
 from adapters_store.safetensors_file import read_header, read_tensors, write_tensors
-from adapters_store.validation import UploadedFile, UploadLimits, collect_files, validate_adapter
+from adapters_store.validation import UploadedFile, UploadLimits, collect_files
 
 BASE = BaseModelSpec.from_config(BASE_CONFIG)
 LIMITS = UploadLimits(max_rank=16)
@@ -23,7 +24,7 @@ LIMITS = UploadLimits(max_rank=16)
 
 def check(files: dict[str, bytes], limits=LIMITS, kind=None):
     uploads = [UploadedFile(n, b) for n, b in files.items()]
-    return validate_adapter(collect_files(uploads, limits), BASE, limits, kind)
+    return validate_upload(collect_files(uploads, limits), BASE, limits, kind)
 
 
 def test_target_shapes_agree_with_the_engine(tmp_path):

@@ -1,0 +1,29 @@
+"""The adapter kinds the store accepts, and which module checks an upload of each. An upload says what it
+is by its files (each kind has its own config file); a `kind` given with it must agree."""
+
+from __future__ import annotations
+
+from adapters_store import s2ft_format
+from adapters_store.base_model import BaseModelSpec
+from adapters_store.errors import InvalidAdapterError
+from adapters_store.validation import UploadLimits, ValidatedAdapter, validate_lora
+
+LORA_KINDS = ("lora", "compeft")  # a PEFT LoRA folder; "compeft": its weights ComPEFT-compressed
+KINDS = (*LORA_KINDS, "s2ft")
+
+
+def detect_kind(files: dict[str, bytes]) -> str:
+    """"s2ft" for an S²FT folder, else "lora" (the LoRA validator tells lora from compeft)."""
+    return "s2ft" if s2ft_format.CONFIG_FILE in files else "lora"
+
+
+def validate_upload(files: dict[str, bytes], base: BaseModelSpec, limits: UploadLimits,
+                    kind: str | None = None) -> ValidatedAdapter:
+    if kind is not None and kind not in KINDS:
+        raise InvalidAdapterError(f"kind {kind!r} is not one of {', '.join(KINDS)}", param="kind")
+    found = detect_kind(files)
+    if kind is not None and (kind in LORA_KINDS) != (found in LORA_KINDS):
+        raise InvalidAdapterError(f"kind {kind!r} but the files are a {found} adapter", param="kind")
+    if found == "s2ft":
+        return s2ft_format.validate_upload(files, base)
+    return validate_lora(files, base, limits, kind)

@@ -1,5 +1,5 @@
 """The worker's Prometheus metrics: adapter residency (loads, hits, misses, evictions, load time, bytes)
-read from the engine's counters at scrape time."""
+and fusion (events, time fused, the fused adapter), read from the engine's counters at scrape time."""
 
 from __future__ import annotations
 
@@ -36,6 +36,29 @@ class ResidencyCollector(Collector):
         yield counts
         yield GaugeMetricFamily("adapterd_worker_lora_free_rows", "Free LoRA rank rows on the device",
                                 value=s.get("device_free_rows", 0))
+
+
+class FusionCollector(Collector):
+    def __init__(self, fusion_stats: Callable[[], dict]):
+        self._stats = fusion_stats
+
+    def collect(self) -> Iterator[Metric]:
+        s = self._stats()
+        events = CounterMetricFamily("adapterd_worker_fusion_events", "Adapters fused into / unfused from the base",
+                                     labels=["event"])
+        events.add_metric(["fuse"], s.get("fusions", 0))
+        events.add_metric(["unfuse"], s.get("unfusions", 0))
+        events.add_metric(["skipped_no_room"], s.get("fusion_skipped_no_room", 0))
+        yield events
+        yield CounterMetricFamily("adapterd_worker_fused_seconds", "Time an adapter was fused into the base",
+                                  value=s.get("fused_seconds", 0.0))
+        yield CounterMetricFamily("adapterd_worker_fusion_work_seconds", "Time spent fusing and unfusing",
+                                  value=s.get("fusion_seconds", 0.0))
+        fused = GaugeMetricFamily("adapterd_worker_fused_adapter", "1 for the adapter fused into the base now",
+                                  labels=["adapter"])
+        if s.get("fused_adapter"):
+            fused.add_metric([s["fused_adapter"]], 1)
+        yield fused
 
 
 def residency_registry(adapter_stats: Callable[[], dict]) -> CollectorRegistry:

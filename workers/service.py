@@ -35,7 +35,7 @@ from workers.adapter_loader import AdapterLoader
 from workers.engine.types import GenerationRequest, SamplingParams, TokenEvent
 from workers.errors import AdapterdError, InvalidRequestError
 from workers.heartbeat import Heartbeat
-from workers.residency_metrics import residency_registry
+from workers.residency_metrics import FusionCollector, residency_registry
 from workers.service_config import WorkerServiceConfig
 
 log = logging.getLogger("adapterd.worker")
@@ -115,6 +115,7 @@ class WorkerService:
         self.heartbeat: Heartbeat | None = None
         self.adapters = AdapterLoader(engine, on_change=self._residency_changed)
         self.metrics = residency_registry(lambda: self.engine.stats().get("adapters", {}))
+        self.metrics.register(FusionCollector(lambda: self.engine.stats().get("fusion", {})))
         self.in_flight = 0
 
     def _residency_changed(self) -> None:

@@ -104,16 +104,20 @@ def test_fast_kernel_equals_reference_on_random_banks():
     torch.manual_seed(0)
     rows, d_in, d_out = 30, 32, 48
     a, bt = torch.randn(rows, d_in), torch.randn(rows, d_out)
-    base, r1, r2, r3 = (0, 0), (1, 5), (5, 13), (20, 22)  # mixed ranks 4, 8, 2; rows 13..20 unused
-    decode_rows = [base, r2, r1, r2, r3, base, r1]
-    chunks = [(7, 12, r1), (12, 15, base), (15, 24, r3)]
+    base, r1, r2, r3 = (), ((1, 5),), ((5, 13),), ((20, 22),)  # mixed ranks 4, 8, 2; rows 13..20 unused
+    both = ((5, 13), (20, 22))  # a row adding two ranges (its adapter and a fused adapter's correction)
+    decode_rows = [base, r2, r1, r2, r3, base, r1, both]
+    chunks = [(8, 13, r1), (13, 16, base), (16, 25, r3), (25, 27, both)]
     batch = build_adapter_batch(decode_rows, chunks, torch.float32, torch.device("cpu"))
-    x = torch.randn(24, d_in)
-    y_fast, y_ref = torch.zeros(24, d_out), torch.zeros(24, d_out)
+    x = torch.randn(27, d_in)
+    y_fast, y_ref = torch.zeros(27, d_out), torch.zeros(27, d_out)
     lora_add_fast(y_fast, x, a, bt, batch)
     lora_add_reference(y_ref, x, a, bt, batch)
     torch.testing.assert_close(y_fast, y_ref, rtol=1e-5, atol=1e-5)
-    assert y_ref[0].abs().sum() == 0 and y_ref[12:15].abs().sum() == 0  # base rows untouched
+    assert y_ref[0].abs().sum() == 0 and y_ref[13:16].abs().sum() == 0  # base rows untouched
+    for token in (7, 25):  # two ranges add up
+        one = (a[5:13] @ x[token]) @ bt[5:13] + (a[20:22] @ x[token]) @ bt[20:22]
+        torch.testing.assert_close(y_ref[token], one, rtol=1e-5, atol=1e-5)
 
 
 def _broken(tmp_path, source, mutate):

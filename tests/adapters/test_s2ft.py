@@ -23,7 +23,7 @@ from workers.adapters.s2ft_ops import (
     s2ft_add_fast,
     s2ft_add_reference,
 )
-from workers.adapters.slots import NO_ADAPTER, LoRARowBank
+from workers.adapters.slots import LoRARowBank
 from workers.errors import AdapterValidationError
 from workers.model.batch import build_step_batch
 from workers.model.config import DecoderConfig
@@ -69,10 +69,11 @@ def test_fast_kernel_equals_reference_with_mixed_adapters_and_base_rows(tmp_path
         _, weights = read_s2ft(write_s2ft(tmp_path / name, random_updates(spec, seed=i, scale=1.0)), BASE)
         ids[name] = store.add(weights)
     s1, s2, s3 = ids["s1"], ids["s2"], ids["s3"]
-    decode_ids = [NO_S2FT, s2, s1, s2, s3, NO_S2FT, s1, s1]  # scattered groups of each adapter
-    chunks = [(8, 13, s1), (13, 16, NO_S2FT), (16, 25, s2), (25, 27, s3)]
+    # scattered groups of each adapter; (s1, s3): a row with its adapter and a fused adapter's correction
+    decode_ids = [(), (s2,), (s1,), (s2,), (s3,), (NO_S2FT,), (s1,), (s1, s3)]
+    chunks = [(8, 13, (s1,)), (13, 16, ()), (16, 25, (s2,)), (25, 27, (s3, s2))]
     batch = build_s2ft_batch(decode_ids, chunks, torch.device("cpu"))
-    assert {a for a, _ in batch.decode_groups} == {s1, s2, s3} and len(batch.segments) == 3
+    assert {a for a, _ in batch.decode_groups} == {s1, s2, s3} and len(batch.segments) == 4
     torch.manual_seed(0)
     for (layer, module), table in store.tables.items():
         out, fan_in = {"o_proj": (64, 64), "down_proj": (64, 128), "v_proj": (32, 64), "up_proj": (128, 64)}[module]
@@ -198,8 +199,7 @@ def test_mixed_batch_logits_equal_transformers_with_deltas_added(tiny_llama, ker
     ids = {name: h.store.add(read_s2ft(path, h.model.config)[1]) for name, path in paths.items()}
     lora_rows = h.bank.allocate(4)
     h.bank.write(lora_rows, lora)
-    adapter = {None: (NO_ADAPTER, NO_S2FT), "lora": (lora_rows, NO_S2FT),
-               **{name: (NO_ADAPTER, i) for name, i in ids.items()}}
+    adapter = {None: ((), ()), "lora": ((lora_rows,), ()), **{name: ((), (i,)) for name, i in ids.items()}}
     prompts = [[(13 * r + 7 * j) % 250 + 3 for j in range(5 + r)] for r in range(len(ROWS))]
     with torch.no_grad():
         ref = [oracles[a](torch.tensor([p])).logits[0] for a, p in zip(ROWS, prompts)]  # [L, vocab] per row

@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from workers.adapters.lora import LoRAWeights
+from workers.adapters.ops import RowRanges
 from workers.adapters.s2ft import S2FTWeights
-from workers.adapters.s2ft_ops import NO_S2FT, S2FTDeviceStore
-from workers.adapters.slots import NO_ADAPTER, LoRARowBank, RowRange
+from workers.adapters.s2ft_ops import AdapterIds, S2FTDeviceStore
+from workers.adapters.slots import LoRARowBank
 from workers.errors import AdapterBusyError, AdapterNotFoundError, AdapterValidationError, CapacityError
 from workers.model.config import DecoderConfig
 
@@ -40,10 +41,14 @@ class AdapterSource(Protocol):
 
 @dataclass(frozen=True)
 class DevicePlacement:
-    """Where a running row finds its adapter on the device."""
+    """What a running row adds to the base on the device: its adapter's LoRA row range or S²FT id, and,
+    while another adapter is fused into the base, that adapter's negated copy (the correction)."""
 
-    lora_rows: RowRange = NO_ADAPTER
-    s2ft_id: int = NO_S2FT
+    lora_rows: RowRanges = ()
+    s2ft_ids: AdapterIds = ()
+
+    def plus(self, other: DevicePlacement) -> DevicePlacement:
+        return DevicePlacement(self.lora_rows + other.lora_rows, self.s2ft_ids + other.s2ft_ids)
 
 
 BASE_PLACEMENT = DevicePlacement()
@@ -61,6 +66,9 @@ class AdapterManager:
         self.refs: Counter[str] = Counter()  # running rows using the device copy
         self.staged: OrderedDict[str, LoRAWeights | S2FTWeights] = OrderedDict()  # decoded ahead of admission
         self.counters: Counter[str] = Counter()
+        self.fused: str | None = None  # the adapter merged into the base weights (see `fusion`)
+        self.correction = BASE_PLACEMENT  # its negated copy, which every other row adds
+        self.before_drop: Callable[[str], None] = lambda name: None  # the fusion controller unfuses here
 
     # host tier -------------------------------------------------------------------------------
     def register(self, name: str, source: AdapterSource) -> None:
@@ -132,7 +140,19 @@ class AdapterManager:
             self.counters["device_hits"] += 1
         self.device.move_to_end(name)
         self.refs[name] += 1
-        return placement
+        return self.placement(name)
+
+    def placement(self, name: str | None) -> DevicePlacement:
+        """What a row of `name` (None: the base model) adds to the base weights as they are now: nothing
+        for the fused adapter's rows; the fused adapter's correction on top of its own for every other row."""
+        own = BASE_PLACEMENT if name is None else self.device[name]
+        if self.fused is None:
+            return own
+        return BASE_PLACEMENT if name == self.fused else own.plus(self.correction)
+
+    def set_fused(self, name: str | None, correction: DevicePlacement = BASE_PLACEMENT) -> None:
+        """Records which adapter the base weights hold now and where its correction sits."""
+        self.fused, self.correction = name, correction
 
     def release(self, name: str) -> None:
         self.refs[name] -= 1
@@ -157,12 +177,31 @@ class AdapterManager:
         started = time.perf_counter()
         weights = self.staged.pop(name, None) or source.decode(self.base)
         if source.kind == "s2ft":
-            placement = DevicePlacement(s2ft_id=self.s2ft.add(weights))
+            placement = DevicePlacement(s2ft_ids=(self.s2ft.add(weights),))
         else:
             self.bank.write(rows, weights)
-            placement = DevicePlacement(lora_rows=rows)
+            placement = DevicePlacement(lora_rows=(rows,))
         self.counters["device_load_us"] += int((time.perf_counter() - started) * 1e6)
         return placement
+
+    def place_correction(self, weights: LoRAWeights | S2FTWeights) -> DevicePlacement | None:
+        """Puts weights that belong to no adapter name on the device (a fused adapter's correction),
+        evicting unused device copies for room; None when there is none. Free it with `free_placement`."""
+        if isinstance(weights, S2FTWeights):
+            if not self._evict_until(lambda: len(self.s2ft.resident) < self.max_s2ft, kind="s2ft"):
+                return None
+            return DevicePlacement(s2ft_ids=(self.s2ft.add(weights),))
+        if not self._evict_until(lambda: self.bank.can_allocate(weights.rank), kind="lora"):
+            return None
+        rows = self.bank.allocate(weights.rank)
+        self.bank.write(rows, weights)
+        return DevicePlacement(lora_rows=(rows,))
+
+    def free_placement(self, placement: DevicePlacement) -> None:
+        for adapter_id in placement.s2ft_ids:
+            self.s2ft.remove(adapter_id)
+        for rows in placement.lora_rows:
+            self.bank.release(rows)
 
     # eviction --------------------------------------------------------------------------------
     def _evict_until(self, fits: Callable[[], bool], kind: str) -> bool:
@@ -176,12 +215,8 @@ class AdapterManager:
 
     def _release_device(self, name: str) -> None:
         placement = self.device.pop(name, None)
-        if placement is None:
-            return
-        if placement.s2ft_id != NO_S2FT:
-            self.s2ft.remove(placement.s2ft_id)
-        else:
-            self.bank.release(placement.lora_rows)
+        if placement is not None:
+            self.free_placement(placement)
 
     def _make_host_room(self, nbytes: int, keep: str) -> None:
         if nbytes > self.host_budget_bytes:
@@ -198,6 +233,7 @@ class AdapterManager:
             raise CapacityError("the host adapter cache is full of adapters in use")
 
     def _drop(self, name: str) -> None:
+        self.before_drop(name)
         self._release_device(name)
         self.staged.pop(name, None)
         self.host.pop(name, None)

@@ -1,8 +1,9 @@
 """Per-row LoRA deltas for a batch whose rows use different adapters.
 
-Both functions have one signature: add `scale · B (A x)` to `y` for every token whose adapter occupies
-bank rows [start, end) (empty range = base model), with the bank's A: [rows, in] and Bt: [rows, out]
-(B transposed, scale folded in). `lora_add_reference` loops over tokens: the oracle. `lora_add_fast`:
+Both functions have one signature: add `scale · B (A x)` to `y` for every token and every bank row range
+[start, end) it uses (none = base model), with the bank's A: [rows, in] and Bt: [rows, out] (B transposed,
+scale folded in). A token uses one range for its adapter, and a second one while another adapter is fused
+into the base (its negated copy, the correction). `lora_add_reference` loops over tokens: the oracle. `lora_add_fast`:
 
 - decode rows (one token per sequence, many adapters): one shrink GEMM against the bank rows in use,
   a mask that keeps each token's own adapter rows, one expand GEMM (BGMV without gathering weights);
@@ -17,16 +18,18 @@ import torch
 
 from workers.adapters.slots import RowRange
 
+RowRanges = tuple[RowRange, ...]  # the bank row ranges one token adds; () = base model
+
 
 @dataclass(frozen=True)
 class AdapterBatch:
     """Which adapter rows each token of the step uses, prepared once per step for every layer."""
 
-    token_rows: tuple[RowRange, ...]  # per token
+    token_rows: tuple[RowRanges, ...]  # per token
     num_decode: int  # tokens [0, num_decode) are decode rows
     decode_lo: int  # decode rows use bank rows in [decode_lo, decode_hi)
     decode_hi: int
-    decode_mask: torch.Tensor | None  # [Bd, hi - lo]: 1 on the token's own adapter rows
+    decode_mask: torch.Tensor | None  # [Bd, hi - lo]: 1 on the token's own rows
     segments: tuple[tuple[int, int, int, int], ...]  # (token start, token end, row start, row end)
 
     @property
@@ -34,19 +37,19 @@ class AdapterBatch:
         return self.decode_mask is not None or bool(self.segments)
 
 
-def build_adapter_batch(decode_rows: list[RowRange], chunk_rows: list[tuple[int, int, RowRange]],
+def build_adapter_batch(decode_rows: list[RowRanges], chunk_rows: list[tuple[int, int, RowRanges]],
                         dtype: torch.dtype, device: torch.device) -> AdapterBatch:
-    """decode_rows: adapter rows of each decode token; chunk_rows: (token start, end, rows) per prefill chunk."""
+    """decode_rows: row ranges of each decode token; chunk_rows: (token start, end, ranges) per prefill chunk."""
     token_rows = list(decode_rows)
     for start, end, rows in chunk_rows:
         token_rows.extend([rows] * (end - start))
-    used = [r for r in decode_rows if r[1] > r[0]]
+    used = [r for ranges in decode_rows for r in ranges if r[1] > r[0]]
     lo, hi, mask = 0, 0, None
     if used:
         lo, hi = min(r[0] for r in used), max(r[1] for r in used)
         mask = torch.zeros(len(decode_rows), hi - lo, dtype=dtype)
-        for i, (start, end) in enumerate(decode_rows):
-            if end > start:
+        for i, ranges in enumerate(decode_rows):
+            for start, end in ranges:
                 mask[i, start - lo:end - lo] = 1
         mask = mask.to(device)
     return AdapterBatch(
@@ -55,16 +58,17 @@ def build_adapter_batch(decode_rows: list[RowRange], chunk_rows: list[tuple[int,
         decode_lo=lo,
         decode_hi=hi,
         decode_mask=mask,
-        segments=tuple((s, e, r[0], r[1]) for s, e, r in chunk_rows if r[1] > r[0]),
+        segments=tuple((s, e, r[0], r[1]) for s, e, ranges in chunk_rows for r in ranges if r[1] > r[0]),
     )
 
 
 def lora_add_reference(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, bt: torch.Tensor,
                        batch: AdapterBatch) -> None:
     """y: [N, out] += per token; x: [N, in]; a: [rows, in]; bt: [rows, out]."""
-    for token, (start, end) in enumerate(batch.token_rows):
-        if end > start:
-            y[token] += (a[start:end] @ x[token]) @ bt[start:end]
+    for token, ranges in enumerate(batch.token_rows):
+        for start, end in ranges:
+            if end > start:
+                y[token] += (a[start:end] @ x[token]) @ bt[start:end]
 
 
 def lora_add_fast(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, bt: torch.Tensor,

@@ -2,8 +2,9 @@
 
 Device storage (`S2FTDeviceStore`): per (layer, module), a table of the resident adapters' updates keyed
 by a small integer id (0 = no S²FT adapter); each update keeps its row/column index and Cᵀ.
-Per-step metadata (`S2FTBatch`, built once per step by `build_s2ft_batch`): which adapter id each token
-uses. Both kernels have one signature — for every token t with an adapter holding an update of this
+Per-step metadata (`S2FTBatch`, built once per step by `build_s2ft_batch`): which adapter ids each token
+uses — one for its adapter, and a second while another adapter is fused into the base (its negated copy,
+the correction). Both kernels have one signature — for every token t with an adapter holding an update of this
 (layer, module):
 
 - column update (o_proj, down_proj): `y[t] += C · x[t, idx]`, i.e. `y += x[..., idx] @ Cᵀ`
@@ -25,6 +26,7 @@ from torch import nn
 from workers.adapters.s2ft import MODULES, S2FTWeights
 
 NO_S2FT = 0  # adapter id of tokens without an S²FT adapter
+AdapterIds = tuple[int, ...]  # the S²FT adapter ids one token adds; () = none
 
 
 @dataclass(frozen=True)
@@ -81,7 +83,7 @@ class S2FTDeviceStore:
 class S2FTBatch:
     """Which S²FT adapter each token of the step uses, prepared once per step for every layer."""
 
-    token_ids: tuple[int, ...]  # per token: adapter id (NO_S2FT = none)
+    token_ids: tuple[AdapterIds, ...]  # per token
     num_decode: int  # tokens [0, num_decode) are decode rows
     decode_groups: tuple[tuple[int, torch.Tensor], ...]  # (adapter id, its decode tokens [g] long)
     segments: tuple[tuple[int, int, int], ...]  # (token start, token end, adapter id) per prefill chunk
@@ -91,36 +93,38 @@ class S2FTBatch:
         return bool(self.decode_groups or self.segments)
 
 
-def build_s2ft_batch(decode_ids: list[int], chunk_ids: list[tuple[int, int, int]],
+def build_s2ft_batch(decode_ids: list[AdapterIds], chunk_ids: list[tuple[int, int, AdapterIds]],
                      device: torch.device) -> S2FTBatch:
-    """decode_ids: adapter id of each decode token; chunk_ids: (token start, end, adapter id) per prefill
+    """decode_ids: adapter ids of each decode token; chunk_ids: (token start, end, adapter ids) per prefill
     chunk, the chunks following the decode tokens in order."""
     token_ids = list(decode_ids)
-    for start, end, adapter_id in chunk_ids:
-        token_ids.extend([adapter_id] * (end - start))
+    for start, end, ids in chunk_ids:
+        token_ids.extend([ids] * (end - start))
     groups: dict[int, list[int]] = {}
-    for token, adapter_id in enumerate(decode_ids):
-        if adapter_id != NO_S2FT:
-            groups.setdefault(adapter_id, []).append(token)
+    for token, ids in enumerate(decode_ids):
+        for adapter_id in ids:
+            if adapter_id != NO_S2FT:
+                groups.setdefault(adapter_id, []).append(token)
     return S2FTBatch(
         token_ids=tuple(token_ids),
         num_decode=len(decode_ids),
         decode_groups=tuple((a, torch.tensor(t, dtype=torch.long, device=device)) for a, t in groups.items()),
-        segments=tuple((s, e, a) for s, e, a in chunk_ids if a != NO_S2FT and e > s),
+        segments=tuple((s, e, a) for s, e, ids in chunk_ids for a in ids if a != NO_S2FT and e > s),
     )
 
 
 def s2ft_add_reference(y: torch.Tensor, x: torch.Tensor, updates: Updates, batch: S2FTBatch) -> None:
     """y: [N, out] += per token; x: [N, in]."""
-    for token, adapter_id in enumerate(batch.token_ids):
-        u = updates.get(adapter_id)
-        if u is None:
-            continue
-        c = u.ct.T  # col: [out, k]; row: [k, in]
-        if u.kind == "col":
-            y[token] += c @ x[token, u.index]
-        else:
-            y[token, u.index] += c @ x[token]
+    for token, ids in enumerate(batch.token_ids):
+        for adapter_id in ids:
+            u = updates.get(adapter_id)
+            if u is None:
+                continue
+            c = u.ct.T  # col: [out, k]; row: [k, in]
+            if u.kind == "col":
+                y[token] += c @ x[token, u.index]
+            else:
+                y[token, u.index] += c @ x[token]
 
 
 def s2ft_add_fast(y: torch.Tensor, x: torch.Tensor, updates: Updates, batch: S2FTBatch) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from workers.adapters.fusion import FusionConfig
 from workers.adapters.lora import TARGETS
 
 
@@ -23,3 +24,4 @@ class EngineConfig:
     lora_targets: tuple[str, ...] = TARGETS
     lora_kernel: str = "fast"  # "fast" | "reference"
     num_threads: int | None = None  # torch intra-op threads; None → leave as is
+    fusion: FusionConfig = FusionConfig()  # when a dominant adapter is merged into the base weights

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from workers.adapters.compeft import is_compeft_folder, read_compeft
+from workers.adapters.fusion import FusionController
 from workers.adapters.lora import LoRAWeights, read_lora
 from workers.adapters.manager import AdapterManager, AdapterSource
 from workers.adapters.s2ft import S2FTWeights, is_s2ft_folder, read_s2ft
@@ -43,6 +44,7 @@ class EngineCore:
         self.adapters = AdapterManager(self.runner.config, self.runner.bank, self.runner.s2ft, cfg.max_loras,
                                        cfg.host_cache_bytes)
         self.scheduler = Scheduler(cfg, self.runner.kv, self.adapters)
+        self.fusion = FusionController(self.runner.model, self.adapters, cfg.fusion, lambda: self.scheduler.running)
         self.eos_ids = frozenset(self.runner.config.eos_token_ids) | frozenset(
             [self.tokenizer.eos_token_id] if getattr(self.tokenizer, "eos_token_id", None) is not None else [])
         self.lock = threading.RLock()  # guards adapters + scheduler against the service's threads
@@ -128,6 +130,7 @@ class EngineCore:
 
     def step(self) -> list[tuple[Sequence, TokenEvent]]:
         with self.lock:
+            self.fusion.update()  # between steps: fuse a dominant adapter, or unfuse
             plan = self.scheduler.schedule()
         if plan.empty:
             return []

@@ -103,9 +103,9 @@ class Engine:
     def stats(self) -> dict:
         s = self.core.scheduler
         with self.core.lock:
-            adapters = self.core.adapters.stats()
+            adapters, fusion = self.core.adapters.stats(), self.core.fusion.stats()
         return {"running": len(s.running), "waiting": len(s.waiting), "max_batch": self.core.cfg.max_batch,
-                "adapters": adapters}
+                "adapters": adapters, "fusion": fusion}
 
     def _post(self, kind: str, payload: object) -> None:
         self._inbox.put((kind, payload))

@@ -51,5 +51,5 @@ class ModelRunner:
         self.adapter_ctx.batch = build_adapter_batch(
             [d[3].lora_rows for d in decode], [(s, e, p.lora_rows) for s, e, p in chunks], self.dtype, self.device)
         self.s2ft_ctx.batch = build_s2ft_batch(
-            [d[3].s2ft_id for d in decode], [(s, e, p.s2ft_id) for s, e, p in chunks], self.device)
+            [d[3].s2ft_ids for d in decode], [(s, e, p.s2ft_ids) for s, e, p in chunks], self.device)
         return self.model(batch, self.kv)

@@ -78,6 +78,8 @@ class Scheduler:
                     blocked.append(seq)
                     continue
                 seq.placement = placement
+            else:
+                seq.placement = self.adapters.placement(None)  # the base: a correction while one is fused
             seq.kv_slot = self.kv.allocate()
             self.running.append(seq)
         self.waiting.extendleft(reversed(blocked))

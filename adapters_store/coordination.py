@@ -9,11 +9,29 @@ Redis layout (all keys under `adapterd:v1:`; Redis 6.2 commands only):
 - `workers`            SET of worker ids that have heartbeated; readers drop ids whose key expired.
 - `placement:{name}`   SET of worker ids holding adapter `name` resident; refreshed (with an expiry of a
                        few TTLs) on each heartbeat; readers intersect it with the live workers.
+
+Fine-tune jobs (`FineTuneJob` and friends below; written by the gateway and the trainers):
+
+- `ft:job:{job_id}`    HASH, one field per `FineTuneJob` field, each value JSON-encoded; state changes go
+                       through `JOB_UPDATE_LUA` (compare-and-set on `status` / `attempt`), so a stale
+                       trainer or a late cancel never overwrites a newer state. Field `cancel_requested`
+                       ("true") is the cancellation flag the training loop checks every step.
+- `ft:jobs:{tenant}`   ZSET of the tenant's job ids, scored by creation time in ms (listing, newest first).
+- `ft:events:{job_id}` STREAM of `JobEvent`s (field `event`, JSON); the entry id is the event's cursor.
+- `ft:checkpoints:{job_id}` LIST of `JobCheckpoint` JSON, oldest first.
+- `ft:queue:{model}`   STREAM, one entry `{job_id}` per queued job of base model `model`; consumer group
+                       `trainers` (`FT_GROUP`). A trainer claims with XREADGROUP, keeps its claim fresh with
+                       `XCLAIM … JUSTID` (`KEEP_CLAIM_LUA`, only while it still owns it), XACKs + XDELs when
+                       the job ends; a claim idle past the claim timeout is taken over with XAUTOCLAIM, and the
+                       pending entry's delivery count bounds the attempts.
+- `trainer:{id}`       STRING, JSON `TrainerInfo`, `SET … EX ttl` on every trainer heartbeat; `trainers` SET of
+                       their ids (the gateway accepts jobs for the base models that live trainers hold).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Literal
@@ -79,6 +97,23 @@ class WorkerSampling(BaseModel):
     logprobs: bool = False
 
 
+class MergeMember(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    path: str = Field(min_length=1)  # a folder or store reference, as `adapter_path`
+    weight: float
+
+
+class WorkerMerge(BaseModel):
+    """A per-request merge (`adapters_store.merge`): the worker builds it once from the members and keeps
+    it under the request's `adapter` name, which the gateway derives from the members' contents."""
+
+    model_config = ConfigDict(extra="forbid")
+    members: list[MergeMember] = Field(min_length=1)
+    strategy: Literal["linear", "ties"] = "linear"
+    density: float = Field(1.0, gt=0.0, le=1.0)
+    majority_sign_method: Literal["total", "frequency"] = "total"
+
+
 class WorkerGenerateRequest(BaseModel):
     """Exactly one of `prompt` (text), `prompt_ids` (token ids) or `messages` (rendered with the
     model's chat template on the worker) is set."""
@@ -90,6 +125,7 @@ class WorkerGenerateRequest(BaseModel):
     messages: list[ChatMessage] | None = None
     adapter: str | None = None  # the engine-level adapter name; None → base model
     adapter_path: str | None = None  # where to load it from if it is not resident
+    merge: WorkerMerge | None = None  # `adapter` is this merge (built from the members if not resident)
     params: WorkerSampling = Field(default_factory=WorkerSampling)
     stream: bool = False
 
@@ -114,14 +150,208 @@ class WorkerGenerateResult(BaseModel):
     completion_tokens: int
     finish_reason: str
     worker_id: str
+    speculative: dict | None = None  # Medusa: {"decode_steps", "tokens_per_step", "mean_tokens_per_step"}
 
 
 class AdapterLoadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(min_length=1, max_length=200)
     path: str = Field(min_length=1)
+    kind: str | None = None  # "medusa": heads, attached to `attach_to` (an adapter) or to the base
+    attach_to: str | None = Field(None, min_length=1, max_length=200)
 
 
 class AdapterUnloadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(min_length=1, max_length=200)
+
+
+# ---- fine-tune jobs ------------------------------------------------------------------------------
+
+FT_GROUP = "trainers"
+TRAINERS_SET = f"{KEY_PREFIX}:trainers"
+JOB_STATUSES = ("validating_files", "queued", "running", "succeeded", "failed", "cancelled")
+TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
+
+
+def ft_job_key(job_id: str) -> str:
+    return f"{KEY_PREFIX}:ft:job:{job_id}"
+
+
+def ft_jobs_key(tenant: str) -> str:
+    return f"{KEY_PREFIX}:ft:jobs:{tenant}"
+
+
+def ft_events_key(job_id: str) -> str:
+    return f"{KEY_PREFIX}:ft:events:{job_id}"
+
+
+def ft_checkpoints_key(job_id: str) -> str:
+    return f"{KEY_PREFIX}:ft:checkpoints:{job_id}"
+
+
+def ft_queue_key(model: str) -> str:
+    return f"{KEY_PREFIX}:ft:queue:{model}"
+
+
+def trainer_key(trainer_id: str) -> str:
+    return f"{KEY_PREFIX}:trainer:{trainer_id}"
+
+
+@dataclass
+class FineTuneJob:
+    """A fine-tune job as stored (OpenAI's `fine_tuning.job` fields plus progress and bookkeeping)."""
+
+    id: str
+    model: str  # the base model id
+    organization_id: str  # the tenant that created it
+    training_file: str
+    method: dict  # validated: adapters_store.training_methods.validate_method
+    seed: int
+    created_at: int
+    status: str = "validating_files"
+    validation_file: str | None = None
+    suffix: str | None = None
+    compression: dict | None = None
+    fine_tuned_model: str | None = None
+    finished_at: int | None = None
+    started_at: int | None = None
+    error: dict | None = None  # {"code", "message", "param"}
+    trained_tokens: int | None = None
+    estimated_finish: int | None = None
+    step: int = 0
+    total_steps: int | None = None
+    train_loss: float | None = None
+    validation_loss: float | None = None
+    attempt: int = 0  # deliveries so far; a trainer writes only while the attempt is its own
+    trainer: str | None = None
+    cancel_requested: bool = False
+    version: int = SCHEMA_VERSION
+
+    def to_hash(self) -> dict[str, str]:
+        return {k: json.dumps(v, separators=(",", ":")) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_hash(cls, raw: dict) -> FineTuneJob | None:
+        if not raw:
+            return None
+        data = {(k.decode() if isinstance(k, bytes) else k): json.loads(v) for k, v in raw.items()}
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+
+
+def encode_fields(fields: dict) -> list[str]:
+    """Flattened `field, JSON value, …` for `JOB_UPDATE_LUA` / HSET."""
+    out: list[str] = []
+    for k, v in fields.items():
+        out += [k, json.dumps(v, separators=(",", ":"))]
+    return out
+
+
+# KEYS[1] = job hash. ARGV = n_expect, then n_expect × (field, count, allowed JSON values…), then the
+# field/value pairs to set. Returns 1 if every expectation held and the fields were set, else 0.
+JOB_UPDATE_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local i = 2
+for _ = 1, tonumber(ARGV[1]) do
+  local field, n = ARGV[i], tonumber(ARGV[i + 1])
+  local current, ok = redis.call('HGET', KEYS[1], field), false
+  for j = 1, n do if current == ARGV[i + 1 + j] then ok = true end end
+  if not ok then return 0 end
+  i = i + 2 + n
+end
+if i <= #ARGV then redis.call('HSET', KEYS[1], unpack(ARGV, i)) end
+return 1
+"""
+
+
+def job_update_args(expect: dict[str, list], fields: dict) -> list[str]:
+    args: list[str] = [str(len(expect))]
+    for name, allowed in expect.items():
+        args += [name, str(len(allowed)), *(json.dumps(v, separators=(",", ":")) for v in allowed)]
+    return args + encode_fields(fields)
+
+
+# KEYS[1] = queue stream. ARGV = group, consumer, entry id. Refreshes the claim (idle → 0, delivery count
+# unchanged) only while `consumer` still owns the entry; returns 1 if so, 0 if it was taken over or acked.
+KEEP_CLAIM_LUA = """
+local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
+if p[1] == nil or p[1][2] ~= ARGV[2] then return 0 end
+redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[3], 'JUSTID')
+return 1
+"""
+
+
+@dataclass
+class JobEvent:
+    """One `fine_tuning.job.event` (the id is the stream entry's, added when read)."""
+
+    message: str
+    level: str = "info"  # info | warn | error
+    type: str = "message"  # message | metrics
+    data: dict | None = None  # metrics: step, total_steps, train_loss, tokens_per_s
+    created_at: int = field(default_factory=lambda: int(time.time()))
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> JobEvent:
+        data = json.loads(raw)
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+
+
+@dataclass
+class JobCheckpoint:
+    """One periodic checkpoint of a job: the step, its metrics and where its files are in the store."""
+
+    id: str
+    fine_tuning_job_id: str
+    step_number: int
+    metrics: dict
+    location: str  # backend key prefix of the checkpoint's files
+    created_at: int = field(default_factory=lambda: int(time.time()))
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> JobCheckpoint:
+        data = json.loads(raw)
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+
+
+@dataclass
+class TrainerInfo:
+    trainer_id: str
+    model_id: str
+    job_id: str | None = None
+    heartbeat_at: float = field(default_factory=time.time)
+    version: int = SCHEMA_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> TrainerInfo:
+        data = json.loads(raw)
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+
+
+def event_id(stream_id: str | bytes) -> str:
+    return "ftevent-" + (stream_id.decode() if isinstance(stream_id, bytes) else stream_id)
+
+
+def stream_id_of(event: str) -> str | None:
+    """The stream id inside an event id, or None if it is not one of ours."""
+    raw = event.removeprefix("ftevent-")
+    ms, dash, seq = raw.partition("-")
+    return raw if event.startswith("ftevent-") and dash and ms.isdigit() and seq.isdigit() else None
+
+
+def fine_tuned_name(model: str, suffix: str | None, job_id: str) -> str:
+    """`ft:{base}:{suffix}:{job-id}`, the adapter name a job's result is published under (characters the
+    store's names do not allow become '-')."""
+    clean = lambda s: re.sub(r"[^A-Za-z0-9._-]", "-", s).strip(".") or "x"
+    tail = f":{clean(suffix or 'ft')}:{job_id}"
+    head = f"ft:{clean(model)}"
+    return head[: 100 - len(tail)] + tail

@@ -37,7 +37,7 @@ class CompressionRequest:
 def check_name(name: str) -> str:
     if not NAME_PATTERN.match(name):
         raise InvalidAdapterError(
-            "adapter names use letters, digits, '.', '_', '-' (no leading '.', at most 100 characters)",
+            "adapter names use letters, digits, '.', '_', '-', ':' (no leading '.' or ':', at most 100 characters)",
             param="name")
     return name
 
@@ -50,6 +50,9 @@ def prepare(uploads: list[UploadedFile], base: BaseModelSpec, limits: UploadLimi
     adapter = validate_upload(collect_files(uploads, limits), base, limits, kind)
     files = adapter.files
     if compression is not None:
+        if adapter.kind == "medusa":
+            raise InvalidAdapterError("Medusa heads are stored as uploaded; compression is for LoRA and S²FT",
+                                      param="compression")
         if adapter.compress is None:
             raise InvalidAdapterError("the upload is already ComPEFT-compressed", param="compression")
         files = adapter.compress(compression.density, compression.alpha)

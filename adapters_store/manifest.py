@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from adapters_store.errors import StoreCorruptionError
 
 MANIFEST_FORMAT = 1
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}$")
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._:-]{0,99}$")
 
 
 @dataclass(frozen=True)
@@ -26,7 +26,7 @@ class FileEntry:
 class Manifest:
     name: str
     version: int
-    kind: str  # "lora" | "compeft" (a LoRA stored ComPEFT-compressed) | "s2ft"
+    kind: str  # "lora" | "compeft" (a LoRA stored ComPEFT-compressed) | "s2ft" | "medusa" (speculative heads)
     base_fingerprint: str
     rank: int
     alpha: float
@@ -41,6 +41,7 @@ class Manifest:
     compression: dict | None = None  # {"method": "compeft", "density", "alpha"} when compressed here
     created: float = field(default_factory=time.time)
     format: int = MANIFEST_FORMAT
+    attach_to: str | None = None  # medusa: the adapter version (name@version) the heads serve; None: the base
 
     @property
     def ref(self) -> str:

@@ -1,11 +1,14 @@
-"""S²FT vs LoRA decode throughput at equal trainable parameters (issue 5, unfused part).
+"""S²FT vs LoRA decode throughput at equal trainable parameters, and one dominant adapter fused vs
+unfused vs the base alone (issue 5).
 
-    .venv/bin/python bench/s2ft_bench.py      # SmolLM2-135M, 16 distinct adapters in one batch, 2 threads
+    .venv/bin/python bench/s2ft_bench.py      # SmolLM2-135M, 16 requests per batch, 2 threads
 
 (base) 16 requests on the base model; (lora) 16 requests on 16 distinct r=16 LoRAs on all seven targets;
 (s2ft) 16 requests on 16 distinct S²FT adapters (attention heads of o_proj + FFN channels of down_proj)
-sized to the LoRA's parameter count. Greedy, 32-token prompts, 64 new tokens, medians of --runs.
-Fused vs unfused is not measured yet: fusion is not built.
+sized to the LoRA's parameter count. One dominant adapter: all 16 requests on lora0 (or s2ft0), unfused
+(its rows add their LoRA / S²FT delta) and fused into the base weights; and 14 on lora0 + 2 base rows,
+which add the fused adapter's correction. Fusion is driven by hand here (the policy is off), outside the
+timed runs. Greedy, 32-token prompts, 64 new tokens, medians of --runs, all modes interleaved.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from workers.adapters.fusion import FusionConfig  # noqa: E402
 from workers.adapters.s2ft import write_s2ft  # noqa: E402
 from workers.engine.config import EngineConfig  # noqa: E402
 from workers.engine.core import EngineCore  # noqa: E402
@@ -76,8 +80,9 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="s2ft-bench-"))
     B, T, N = args.batch, args.prompt_tokens, args.new_tokens
     loras = make_adapters(model_path, tmp, B, args.rank)
-    core = EngineCore(EngineConfig(model_path=str(model_path), max_batch=B, max_seq=T + N + 8, max_loras=B,
-                                   max_rank=args.rank), tokenizer=AutoTokenizer.from_pretrained(model_path))
+    core = EngineCore(EngineConfig(model_path=str(model_path), max_batch=B, max_seq=T + N + 8, max_loras=B + 1,
+                                   max_rank=args.rank, fusion=FusionConfig(enabled=False)),
+                      tokenizer=AutoTokenizer.from_pretrained(model_path))
     for i, path in enumerate(loras):
         core.load_adapter(f"lora{i}", path)
     lora_params = sum(a.numel() + b.numel() for a, b in core.read_adapter(loras[0])[1].modules.values())
@@ -89,28 +94,54 @@ def main() -> None:
     prompts = [tuple(torch.randint(100, 40000, (T,), generator=gen).tolist()) for _ in range(B)]
     params = SamplingParams(max_tokens=N, temperature=0, ignore_eos=True)
 
-    def run(prefix: str | None) -> float:
+    def run(adapters: list[str | None], fused: str | None) -> float:
+        if core.adapters.fused != fused:
+            if core.adapters.fused is not None:
+                core.fusion.unfuse()
+            if fused is not None:
+                assert core.fusion.fuse(fused)
         t = time.perf_counter()
-        core.generate([GenerationRequest(p, params, f"{prefix}{i}" if prefix else None) for i, p in enumerate(prompts)])
+        core.generate([GenerationRequest(p, params, a) for p, a in zip(prompts, adapters, strict=True)])
         return B * N / (time.perf_counter() - t)
 
-    for prefix in (None, "lora", "s2ft"):
-        run(prefix)  # warm-up: every adapter on the device
-    samples: dict[str, list[float]] = {"base": [], "lora": [], "s2ft": []}
+    hot_mix = ["lora0"] * (B - 2) + [None, None]
+    modes = {  # name → (the adapter of each request, the adapter fused during the run)
+        "base": ([None] * B, None),
+        "lora": ([f"lora{i}" for i in range(B)], None),
+        "s2ft": ([f"s2ft{i}" for i in range(B)], None),
+        "lora_hot_unfused": (["lora0"] * B, None),
+        "lora_hot_fused": (["lora0"] * B, "lora0"),
+        "s2ft_hot_unfused": (["s2ft0"] * B, None),
+        "s2ft_hot_fused": (["s2ft0"] * B, "s2ft0"),
+        "lora_hot_2base_unfused": (hot_mix, None),
+        "lora_hot_2base_fused": (hot_mix, "lora0"),
+    }
+    for adapters, fused in modes.values():
+        run(adapters, fused)  # warm-up: every adapter on the device
+    samples: dict[str, list[float]] = {name: [] for name in modes}
     for _ in range(args.runs):  # interleaved
-        for name, prefix in (("base", None), ("lora", "lora"), ("s2ft", "s2ft")):
-            samples[name].append(run(prefix))
+        for name, (adapters, fused) in modes.items():
+            samples[name].append(run(adapters, fused))
     tps = {k: statistics.median(v) for k, v in samples.items()}
     ratios = {"s2ft/lora (target >= 1)": tps["s2ft"] / tps["lora"], "s2ft/base": tps["s2ft"] / tps["base"],
-              "lora/base": tps["lora"] / tps["base"]}
+              "lora/base": tps["lora"] / tps["base"],
+              "lora_hot_fused/base (target >= 0.97)": tps["lora_hot_fused"] / tps["base"],
+              "lora_hot_unfused/base": tps["lora_hot_unfused"] / tps["base"],
+              "s2ft_hot_fused/base (target >= 0.97)": tps["s2ft_hot_fused"] / tps["base"],
+              "s2ft_hot_unfused/base": tps["s2ft_hot_unfused"] / tps["base"],
+              "lora_hot_2base: fused/unfused": tps["lora_hot_2base_fused"] / tps["lora_hot_2base_unfused"]}
+    fusion = core.fusion.stats()
     report = {"config": {**vars(args), "model": str(model_path)}, "trainable_params": {
         "lora": lora_params, "s2ft": s2ft_params, "s2ft_heads_per_layer": heads,
-        "s2ft_channels_per_layer": channels}, "tokens_per_s": tps, "ratios": ratios}
+        "s2ft_channels_per_layer": channels}, "tokens_per_s": tps, "ratios": ratios,
+        "fusion": {"fusions": fusion["fusions"],
+                   "mean_fuse_plus_unfuse_s": fusion["fusion_seconds"] / max(1, fusion["fusions"])}}
     print(f"params per adapter: LoRA {lora_params:,}, S²FT {s2ft_params:,} ({heads} heads + {channels} channels/layer)")
     for k, v in tps.items():
-        print(f"{k:6s} {v:8.1f} tok/s")
+        print(f"{k:24s} {v:8.1f} tok/s")
     for k, v in ratios.items():
-        print(f"{k:26s} {v:6.2f}")
+        print(f"{k:38s} {v:6.2f}")
+    print(f"fuse + unfuse: {report['fusion']['mean_fuse_plus_unfuse_s'] * 1e3:.0f} ms on average")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(f"wrote {args.out}")

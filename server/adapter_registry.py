@@ -12,23 +12,28 @@ The store does blocking I/O: call the upload / list / download / delete methods 
 from __future__ import annotations
 
 import io
+import json
 import threading
 import time
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+from adapters_store import medusa_validation
 from adapters_store.archives import ArchiveLimits
 from adapters_store.backends import open_backend
 from adapters_store.base_model import BaseModelSpec
-from adapters_store.errors import AdapterNotFoundError, NameConflictError
+from adapters_store.coordination import MergeMember, WorkerMerge
+from adapters_store.errors import AdapterNotFoundError, InvalidAdapterError, NameConflictError
 from adapters_store.ingest import CompressionRequest, check_name, prepare
 from adapters_store.manifest import Manifest
-from adapters_store.materialise import download_files, store_ref
+from adapters_store.materialise import download_files, store_ref, stored_files
+from adapters_store.merge import MergeSpec, merge_files
 from adapters_store.registry import AdapterStore, parse_ref
 from adapters_store.validation import UploadedFile, UploadLimits
 from server.adapter_catalog import AdapterCatalog, AdapterVersion
 from server.auth import Tenant
-from server.errors import BaseModelUnknownError, ModelNotFoundError, PermissionDeniedError
+from server.dispatch import MergedAdapter
+from server.errors import BaseModelUnknownError, InvalidRequestError, ModelNotFoundError, PermissionDeniedError
 from server.protocol import AdapterDeleted, AdapterInfo, AdapterVersionInfo, ModelCard
 from server.settings import GatewaySettings
 
@@ -54,6 +59,10 @@ class StoredAdapter:
         return self.manifest.ref
 
 
+def weight_of(spec: MergeSpec, model: str) -> float:
+    return spec.weights[spec.ids.index(model)]
+
+
 def visible(manifest: Manifest, tenant: Tenant) -> bool:
     return manifest.public or manifest.owner == tenant.name
 
@@ -63,7 +72,7 @@ def version_info(m: Manifest) -> AdapterVersionInfo:
         id=m.ref, name=m.name, version=m.version, kind=m.kind, rank=m.rank, alpha=m.alpha, targets=m.targets,
         base_fingerprint=m.base_fingerprint, stored_bytes=m.stored_bytes, original_bytes=m.original_bytes,
         dense_bytes=m.dense_bytes, compression=m.compression, compression_ratio=round(m.compression_ratio, 3),
-        owner=m.owner, public=m.public, created=m.created,
+        owner=m.owner, public=m.public, created=m.created, attach_to=m.attach_to,
     )
 
 
@@ -88,6 +97,9 @@ class AdapterRegistry:
         """For the dispatcher: a stored version, else a directory adapter, else None. No tenant check:
         routes call `authorize` first."""
         manifest = self._manifest(model)
+        if manifest is not None and manifest.kind == "medusa":
+            raise InvalidRequestError(f"{model!r} is a set of Medusa heads, not a model: request the base or the "
+                                      "adapter they attach to", param="model")
         if manifest is not None:
             return StoredAdapter(manifest, store_ref(self._store.url, manifest))
         return self._catalog.resolve(model)
@@ -112,6 +124,28 @@ class AdapterRegistry:
         if manifest is not None and not visible(manifest, tenant):
             raise ModelNotFoundError(f"the model {model!r} does not exist", param="model")
 
+    def resolve_merge(self, raw: dict | None, tenant: Tenant) -> MergedAdapter | None:
+        """A request's `merged_adapters` → the merge the workers build (None when absent). Each member must
+        be an adapter the tenant may use; the merge is named by a key over the members' contents."""
+        if raw is None:
+            return None
+        spec = MergeSpec.from_dict(raw)
+        members, keys = [], []
+        for model in spec.ids:
+            adapter = self._merge_member(model, tenant)
+            members.append(MergeMember(path=str(adapter.path), weight=weight_of(spec, model)))
+            keys.append(adapter.manifest.content_id if isinstance(adapter, StoredAdapter) else str(adapter.path))
+        merge = WorkerMerge(members=members, strategy=spec.strategy, density=spec.density,
+                            majority_sign_method=spec.majority_sign_method)
+        return MergedAdapter(f"merge:{spec.key(keys)[:32]}", merge)
+
+    def _merge_member(self, model: str, tenant: Tenant) -> StoredAdapter | AdapterVersion:
+        self.authorize(model, tenant)
+        adapter = self.resolve(model)
+        if adapter is None:
+            raise ModelNotFoundError(f"merged_adapters: no adapter {model!r}", param="merged_adapters")
+        return adapter
+
     def model_cards(self, tenant: Tenant, base: str | None) -> list[ModelCard]:
         cards, named = [], set()
         for adapter in self._catalog.list():
@@ -128,18 +162,62 @@ class AdapterRegistry:
 
     def upload(self, tenant: Tenant, name: str, uploads: list[UploadedFile], kind: str | None,
                compression: CompressionRequest | None, public: bool) -> AdapterInfo:
-        if self._base is None:
-            raise BaseModelUnknownError(
-                "the gateway does not know the base model's config, so it cannot check uploads: "
-                "set ADAPTERD_BASE_MODEL_PATH to the base model folder")
+        base = self._require_base()
         check_name(name)
-        draft, files = prepare(uploads, self._base, self._limits, name=name, owner=tenant.name, public=public,
+        draft, files = prepare(uploads, base, self._limits, name=name, owner=tenant.name, public=public,
                                kind=kind, compression=compression)
+        if draft.kind == "medusa":
+            draft = replace(draft, attach_to=self._heads_owner(files, tenant))
         with self._writes:
             self._check_name_free(name, tenant)
             self._store.publish(draft, files)
             self._resolved.clear()
         return self.describe(tenant, name)
+
+    def _heads_owner(self, files: dict[str, bytes], tenant: Tenant) -> str | None:
+        """Medusa heads serve the base, or the adapter their config names (`adapter`, as our trainer writes
+        it), pinned to its current version: heads fit the hidden states of the weights they were trained on."""
+        adapter = json.loads(files[medusa_validation.CONFIG_NAME]).get("adapter")
+        if adapter is None:
+            return None
+        manifest = self._manifest(adapter)
+        if manifest is None or not visible(manifest, tenant):
+            raise ModelNotFoundError(f"the heads attach to adapter {adapter!r}, which does not exist", param="files")
+        if manifest.kind == "medusa":
+            raise InvalidAdapterError("Medusa heads attach to a LoRA or S²FT adapter, not to other heads",
+                                      param="files")
+        return manifest.ref
+
+    def save_merge(self, tenant: Tenant, name: str, raw: dict, public: bool) -> AdapterInfo:
+        """Computes a merge (`merged_adapters` shape) and publishes it as a new version of `name`."""
+        base = self._require_base()
+        check_name(name)
+        spec = MergeSpec.from_dict(raw)
+        members = [(self._member_files(self._merge_member(m, tenant)), weight_of(spec, m)) for m in spec.ids]
+        parts = merge_files(members, spec, base)
+        if len(parts) != 1:
+            raise InvalidAdapterError("a merge of LoRA and S²FT adapters is served per request but cannot be "
+                                      "saved as one version (no single kind holds both)", param="merged_adapters")
+        (files,) = parts.values()
+        uploads = [UploadedFile(filename, data) for filename, data in files.items()]
+        draft, files = prepare(uploads, base, self._limits, name=name, owner=tenant.name, public=public)
+        with self._writes:
+            self._check_name_free(name, tenant)
+            self._store.publish(draft, files)
+            self._resolved.clear()
+        return self.describe(tenant, name)
+
+    def _member_files(self, adapter: StoredAdapter | AdapterVersion) -> dict[str, bytes]:
+        if isinstance(adapter, StoredAdapter):
+            return stored_files(self._store, adapter.manifest)
+        return {p.name: p.read_bytes() for p in adapter.path.iterdir() if p.is_file()}
+
+    def _require_base(self) -> BaseModelSpec:
+        if self._base is None:
+            raise BaseModelUnknownError(
+                "the gateway does not know the base model's config, so it cannot check adapters: "
+                "set ADAPTERD_BASE_MODEL_PATH to the base model folder")
+        return self._base
 
     def _check_name_free(self, name: str, tenant: Tenant) -> None:
         latest = self._store.latest(name)

@@ -13,19 +13,23 @@ from server.adapter_registry import ADAPTER_UPLOAD_PATH, build_adapter_registry
 from server.auth import ApiKeyAuth
 from server.dispatch import Dispatcher
 from server.errors import error_response, install_error_boundary
+from server.files_service import FILES_PATH, build_files_service
+from server.jobs_service import JobsService
 from server.metrics import GatewayMetrics
 from server.native_service import NativeService
 from server.openai_service import ChatService, CompletionService
 from server.router import WorkerRouter
-from server.routes import adapters, native, openai, ops
+from server.routes import adapters, files, jobs, native, openai, ops
 from server.settings import GatewaySettings
 from server.worker_client import WorkerClient
 from server.worker_registry import WorkerRegistry
 
+UPLOAD_PATHS = (ADAPTER_UPLOAD_PATH, FILES_PATH)
+
 
 class BodySizeLimit:
     """Refuses bodies whose declared length exceeds the limit before anything reads them
-    (`upload_max_bytes` for adapter uploads, `max_bytes` for everything else)."""
+    (`upload_max_bytes` for adapter and training-file uploads, `max_bytes` for everything else)."""
 
     def __init__(self, app: ASGIApp, max_bytes: int, upload_max_bytes: int | None = None):
         self.app = app
@@ -34,7 +38,7 @@ class BodySizeLimit:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            limit = self.upload_max_bytes if scope["path"] == ADAPTER_UPLOAD_PATH else self.max_bytes
+            limit = self.upload_max_bytes if scope["path"] in UPLOAD_PATHS else self.max_bytes
             for name, value in scope["headers"]:
                 if name == b"content-length" and value.isdigit() and int(value) > limit:
                     response = error_response(
@@ -74,6 +78,9 @@ def _wire(app: FastAPI, settings: GatewaySettings) -> None:
     state.completions = CompletionService(state.dispatcher)
     state.chat = ChatService(state.dispatcher, settings.default_max_tokens)
     state.native = NativeService(state.dispatcher)
+    state.files = build_files_service(settings)
+    state.jobs = JobsService(state.redis, state.files, lambda: {state.dispatcher.base_model_id, settings.model_id},
+                             settings.max_job_list_limit, state.adapters)
 
 
 def create_app(settings: GatewaySettings) -> FastAPI:
@@ -98,6 +105,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.include_router(native.router)
     app.include_router(ops.router)
     app.include_router(adapters.router)
+    app.include_router(files.router)
+    app.include_router(jobs.router)
     install_error_boundary(app)
     app.add_middleware(
         BodySizeLimit, max_bytes=settings.max_request_bytes, upload_max_bytes=settings.max_upload_bytes

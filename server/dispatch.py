@@ -9,9 +9,15 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from adapters_store.coordination import WorkerGenerateRequest
+from adapters_store.coordination import WorkerGenerateRequest, WorkerMerge
 from server.adapter_catalog import AdapterCatalog, AdapterVersion
-from server.errors import GatewayError, ModelNotFoundError, NoWorkerError, WorkerUnreachableError
+from server.errors import (
+    GatewayError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    NoWorkerError,
+    WorkerUnreachableError,
+)
 from server.metrics import GatewayMetrics
 from server.router import Lease, WorkerRouter
 from server.worker_client import WorkerClient, WorkerStream
@@ -21,9 +27,17 @@ ATTEMPTS = 2  # the first worker, and one other if the first fails before answer
 
 
 @dataclass(frozen=True)
+class MergedAdapter:
+    """A per-request merge: `ref` names it on the engine (a content key), `merge` says how to build it."""
+
+    ref: str
+    merge: WorkerMerge
+
+
+@dataclass(frozen=True)
 class Target:
     model: str  # as the client named it (echoed back in responses)
-    adapter: AdapterVersion | None  # None → the base model
+    adapter: AdapterVersion | MergedAdapter | None  # None → the base model
 
     @property
     def label(self) -> str:
@@ -42,6 +56,7 @@ class Completion:
     completion_tokens: int
     finish_reason: str
     worker_id: str
+    speculative: dict | None = None  # Medusa: tokens per decode step (see WorkerGenerateResult)
 
 
 class Dispatcher:
@@ -67,10 +82,17 @@ class Dispatcher:
     def base_model_id(self) -> str | None:
         return self._registry.base_model_id or self._model_id or None
 
-    def resolve(self, model: str | None) -> Target:
+    def resolve(self, model: str | None, merged: MergedAdapter | None = None) -> Target:
         """`None`/base id → base; `name` / `name@version` → that adapter; anything else → 404. The base
-        id is checked first: it costs nothing, while an adapter lookup reads the store."""
+        id is checked first: it costs nothing, while an adapter lookup reads the store. With a per-request
+        merge, the model must be the base (or unset)."""
         base = self.base_model_id
+        if merged is not None:
+            if model is not None and model != base:
+                raise InvalidRequestError(
+                    f"merged_adapters applies to the base model {base!r}: name it (or no model), not {model!r}",
+                    param="merged_adapters")
+            return Target(model or base or "", merged)
         if model is None or (base is not None and model == base):
             return Target(model or base or "", None)
         adapter = self._catalog.resolve(model)
@@ -88,7 +110,9 @@ class Dispatcher:
 
     def _payload(self, target: Target, req: WorkerGenerateRequest, stream: bool) -> bytes:
         update: dict = {"stream": stream}
-        if target.adapter is not None:
+        if isinstance(target.adapter, MergedAdapter):
+            update |= {"adapter": target.adapter.ref, "merge": target.adapter.merge}
+        elif target.adapter is not None:
             update |= {"adapter": target.adapter.ref, "adapter_path": str(target.adapter.path)}
         return req.model_copy(update=update).model_dump_json(exclude_none=True).encode()
 
@@ -134,7 +158,7 @@ class Dispatcher:
                 raise
             finally:
                 lease.release()
-            done = Completion(**{k: result[k] for k in Completion.__dataclass_fields__})
+            done = Completion(**{k: result[k] for k in Completion.__dataclass_fields__ if k in result})
             self._record(target, worker, start, done.prompt_tokens, done.completion_tokens)
             return done
         raise AssertionError("unreachable")

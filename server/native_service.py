@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 from adapters_store.coordination import WorkerGenerateRequest, WorkerSampling
 from server import sse
-from server.dispatch import Dispatcher
+from server.dispatch import Dispatcher, MergedAdapter
 from server.errors import GatewayError
 from server.protocol import (
     GenerateDetails,
@@ -46,12 +46,12 @@ class NativeService:
     def __init__(self, dispatcher: Dispatcher):
         self._dispatcher = dispatcher
 
-    def _prepare(self, req: GenerateRequest):
-        target = self._dispatcher.resolve(req.parameters.adapter_id or None)
+    def _prepare(self, req: GenerateRequest, merged: MergedAdapter | None):
+        target = self._dispatcher.resolve(req.parameters.adapter_id or None, merged)
         return target, WorkerGenerateRequest(prompt=req.inputs, params=_sampling(req.parameters))
 
-    async def generate(self, req: GenerateRequest) -> GenerateResponse:
-        target, work = self._prepare(req)
+    async def generate(self, req: GenerateRequest, merged: MergedAdapter | None = None) -> GenerateResponse:
+        target, work = self._prepare(req, merged)
         done = await self._dispatcher.generate(target, work)
         p = req.parameters
         text = req.inputs + done.text if p.return_full_text else done.text
@@ -68,11 +68,12 @@ class NativeService:
                 prompt_tokens=done.prompt_tokens,
                 seed=p.seed,
                 tokens=tokens,
+                speculative=done.speculative,
             )
         return GenerateResponse(generated_text=text, details=details)
 
-    async def stream(self, req: GenerateRequest) -> AsyncIterator[bytes]:
-        target, work = self._prepare(req)
+    async def stream(self, req: GenerateRequest, merged: MergedAdapter | None = None) -> AsyncIterator[bytes]:
+        target, work = self._prepare(req, merged)
         events = await self._dispatcher.stream(target, work)
         return self._events(req, events)
 
@@ -94,6 +95,7 @@ class NativeService:
                             generated_tokens=ev["index"] + 1,
                             prompt_tokens=ev["prompt_tokens"],
                             seed=p.seed,
+                            speculative=ev.get("details"),
                         ).model_dump()
                     out.append(sse.event({"token": token, "generated_text": generated, "details": details}))
                 yield b"".join(out)

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 
 from adapters_store.coordination import ChatMessage, WorkerGenerateRequest, WorkerSampling
 from server import sse
-from server.dispatch import Completion, Dispatcher, Target
+from server.dispatch import Completion, Dispatcher, MergedAdapter, Target
 from server.errors import GatewayError, InvalidRequestError
 from server.protocol import (
     ChatChoice,
@@ -98,8 +98,8 @@ class CompletionService:
             text_offset=offsets,
         )
 
-    async def create(self, req: CompletionRequest) -> CompletionResponse:
-        target = self._dispatcher.resolve(req.model)
+    async def create(self, req: CompletionRequest, merged: MergedAdapter | None = None) -> CompletionResponse:
+        target = self._dispatcher.resolve(req.model, merged)
         work = self._requests(req)
         done = await asyncio.gather(*(self._dispatcher.generate(target, w) for w in work))
         choices = [
@@ -116,8 +116,8 @@ class CompletionService:
             usage=_usage(sum(d.prompt_tokens for d in done), sum(d.completion_tokens for d in done)),
         )
 
-    async def stream(self, req: CompletionRequest) -> AsyncIterator[bytes]:
-        target = self._dispatcher.resolve(req.model)
+    async def stream(self, req: CompletionRequest, merged: MergedAdapter | None = None) -> AsyncIterator[bytes]:
+        target = self._dispatcher.resolve(req.model, merged)
         (work,) = self._requests(req)
         events = await self._dispatcher.stream(target, work)
         return _stream_errors(self._chunks(req, target, events))
@@ -165,8 +165,8 @@ class ChatService:
         alts = [TopLogprob(token=text, logprob=logprob, bytes=raw)] if top else []
         return TokenLogprob(token=text, logprob=logprob, bytes=raw, top_logprobs=alts)
 
-    async def create(self, req: ChatCompletionRequest) -> ChatCompletionResponse:
-        target = self._dispatcher.resolve(req.model)
+    async def create(self, req: ChatCompletionRequest, merged: MergedAdapter | None = None) -> ChatCompletionResponse:
+        target = self._dispatcher.resolve(req.model, merged)
         done = await self._dispatcher.generate(target, self._request(req))
         logprobs = None
         if req.logprobs and done.logprobs is not None:
@@ -190,8 +190,8 @@ class ChatService:
             usage=_usage(done.prompt_tokens, done.completion_tokens),
         )
 
-    async def stream(self, req: ChatCompletionRequest) -> AsyncIterator[bytes]:
-        target = self._dispatcher.resolve(req.model)
+    async def stream(self, req: ChatCompletionRequest, merged: MergedAdapter | None = None) -> AsyncIterator[bytes]:
+        target = self._dispatcher.resolve(req.model, merged)
         events = await self._dispatcher.stream(target, self._request(req))
         return _stream_errors(self._chunks(req, events))
 

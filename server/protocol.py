@@ -76,6 +76,9 @@ class _SamplingFields(BaseModel):
 
 class CompletionRequest(_SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
+    merged_adapters: dict | None = Field(
+        None, description='a per-request merge instead of one adapter: {"ids": [...], "weights": [...], '
+                          '"strategy": "linear"|"ties", "density": 0.5, "majority_sign_method": "total"}')
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = Field(False, description="not supported; false only")
     best_of: int | None = Field(None, ge=1, le=1)
@@ -136,6 +139,9 @@ class ChatMessageIn(BaseModel):
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessageIn] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    merged_adapters: dict | None = Field(
+        None, description='a per-request merge instead of one adapter: {"ids": [...], "weights": [...], '
+                          '"strategy": "linear"|"ties", "density": 0.5, "majority_sign_method": "total"}')
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
 
@@ -222,6 +228,9 @@ class ModelList(BaseModel):
 class GenerateParameters(BaseModel):
     model_config = ConfigDict(extra="ignore")
     adapter_id: str | None = None
+    merged_adapters: dict | None = Field(
+        None, description='a per-request merge instead of one adapter: {"ids": [...], "weights": [...], '
+                          '"strategy": "linear"|"ties", "density": 0.5, "majority_sign_method": "total"}')
     max_new_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
@@ -248,12 +257,21 @@ class NativeToken(BaseModel):
     special: bool = False
 
 
+class SpeculativeDetails(BaseModel):
+    """Medusa speculative decoding: tokens emitted by each decode step (1 when a step decoded plainly)."""
+
+    decode_steps: int
+    tokens_per_step: list[int]
+    mean_tokens_per_step: float
+
+
 class GenerateDetails(BaseModel):
     finish_reason: Literal["length", "eos_token", "stop_sequence"]
     generated_tokens: int
     prompt_tokens: int
     seed: int | None = None
     tokens: list[NativeToken] = Field(default_factory=list)
+    speculative: SpeculativeDetails | None = None
 
 
 class GenerateResponse(BaseModel):
@@ -266,6 +284,7 @@ class StreamDetails(BaseModel):
     generated_tokens: int
     prompt_tokens: int
     seed: int | None = None
+    speculative: SpeculativeDetails | None = None
 
 
 class StreamResponse(BaseModel):
@@ -294,6 +313,7 @@ class AdapterVersionInfo(BaseModel):
     owner: str
     public: bool
     created: float
+    attach_to: str | None = None  # medusa: the adapter version the heads serve (None: the base)
 
 
 class AdapterInfo(BaseModel):
@@ -310,8 +330,125 @@ class AdapterList(BaseModel):
     data: list[AdapterInfo]
 
 
+class MergeSaveRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=100)
+    merged_adapters: dict = Field(description='{"ids": [...], "weights": [...], "strategy": "linear"|"ties", '
+                                              '"density": 0.5, "majority_sign_method": "total"}')
+    public: bool = False
+
+
 class AdapterDeleted(BaseModel):
     object: Literal["adapter.deleted"] = "adapter.deleted"
     name: str
     versions: list[int]
     deleted: bool = True
+
+
+# ---- fine-tune files and jobs (OpenAI's shapes) ---------------------------------------------------
+
+
+class FileObject(BaseModel):
+    id: str
+    object: Literal["file"] = "file"
+    bytes: int
+    created_at: int
+    filename: str
+    purpose: str
+    status: Literal["processed"] = "processed"
+    records: int  # validated records in the file
+
+
+class FileList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[FileObject]
+    has_more: bool = False
+
+
+class FileDeleted(BaseModel):
+    id: str
+    object: Literal["file"] = "file"
+    deleted: bool = True
+
+
+class FineTuningJobCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(min_length=1, max_length=200, description="the base model id")
+    training_file: str = Field(min_length=1, max_length=64)
+    validation_file: str | None = Field(None, min_length=1, max_length=64)
+    method: dict = Field(default_factory=lambda: {"type": "lora"},
+                         description='{"type": "lora"|"s2ft"|"medusa", ...hyperparameters}')
+    suffix: str | None = Field(None, min_length=1, max_length=40, pattern=r"^[A-Za-z0-9_.-]+$")
+    seed: int | None = Field(None, ge=0, le=2**31 - 1)
+    compression: dict | None = Field(None, description='{"method":"compeft","density":0.1,"alpha":1.0}')
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+    param: str | None = None
+
+
+class FineTuningJob(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job"] = "fine_tuning.job"
+    created_at: int
+    finished_at: int | None = None
+    model: str
+    fine_tuned_model: str | None = None
+    organization_id: str
+    status: Literal["validating_files", "queued", "running", "succeeded", "failed", "cancelled"]
+    training_file: str
+    validation_file: str | None = None
+    method: dict
+    seed: int
+    suffix: str | None = None
+    compression: dict | None = None
+    error: JobError | None = None
+    trained_tokens: int | None = None
+    estimated_finish: int | None = None
+    result_files: list[str] = Field(default_factory=list)
+    step: int = 0
+    total_steps: int | None = None
+    train_loss: float | None = None
+    validation_loss: float | None = None
+
+
+class FineTuningJobList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[FineTuningJob]
+    has_more: bool
+
+
+class FineTuningJobEvent(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job.event"] = "fine_tuning.job.event"
+    created_at: int
+    level: Literal["info", "warn", "error"]
+    message: str
+    type: Literal["message", "metrics"] = "message"
+    data: dict | None = None
+
+
+class FineTuningJobEventList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[FineTuningJobEvent]
+    has_more: bool
+
+
+class FineTuningJobCheckpoint(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job.checkpoint"] = "fine_tuning.job.checkpoint"
+    created_at: int
+    fine_tuning_job_id: str
+    fine_tuned_model_checkpoint: str
+    step_number: int
+    metrics: dict
+
+
+class FineTuningJobCheckpointList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[FineTuningJobCheckpoint]
+    has_more: bool
+    first_id: str | None = None
+    last_id: str | None = None

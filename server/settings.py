@@ -55,6 +55,12 @@ class GatewaySettings(BaseSettings):
     max_archive_ratio: float = Field(200.0, gt=1)
     store_gc_grace_s: float = Field(600.0, ge=0)  # unreferenced blobs younger than this are kept
 
+    # fine-tune files and jobs
+    max_training_file_bytes: int = Field(256 * 1024 * 1024, ge=1024)  # one JSONL training file
+    max_training_file_lines: int = Field(1_000_000, ge=1)
+    max_training_line_bytes: int = Field(1024 * 1024, ge=64)
+    max_job_list_limit: int = Field(100, ge=1)
+
     @property
     def resolved_store_url(self) -> str:
         return self.store_url or (self.data_dir / "store").resolve().as_uri()

@@ -5,19 +5,23 @@ byte-budgeted and least-recently-used, and never evicts an adapter that requests
 
 The gateway sends either a folder path or a store reference (`file:///store#name@3`, `s3://…#name@3`);
 a store reference is first materialised into a local folder under the cache dir, as stored (ComPEFT
-stays compressed)."""
+stays compressed). A per-request merge (`WorkerMerge`) is built from its members' folders once, written
+under the cache dir by its name (a content key), and loaded like any adapter folder."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from adapters_store import errors as store_errors
+from adapters_store.coordination import WorkerMerge
 from adapters_store.materialise import is_store_ref, materialise
+from adapters_store.merge import MergeSpec, merge_files
 from workers.errors import AdapterNotFoundError, AdapterValidationError
 
 DEFAULT_CACHE_DIR = Path(tempfile.gettempdir()) / f"adapterd-adapters-{os.getuid()}"
@@ -35,17 +39,29 @@ class AdapterLoader:
     def resident(self) -> list[str]:
         return list(self._engine.resident_adapters())
 
-    async def ensure(self, name: str, path: str | None) -> None:
+    async def ensure(self, name: str, path: str | None, merge: WorkerMerge | None = None) -> None:
         if name in self.resident():
             return
-        if not path:
+        if not path and merge is None:
             raise AdapterNotFoundError(f"adapter {name!r} is not resident on this worker", param="adapter")
         lock = self._locks.setdefault(name, asyncio.Lock())
         async with lock:
             if name in self.resident():
                 return
-            await self._engine.load_adapter(name, await self._folder(path))
+            folder = await self._merged_folder(name, merge) if merge is not None else await self._folder(path)
+            await self._engine.load_adapter(name, folder)
         self._on_change()
+
+    async def _merged_folder(self, name: str, merge: WorkerMerge) -> str:
+        members = [(await self._folder(m.path), m.weight) for m in merge.members]
+        spec = MergeSpec(tuple(str(i) for i in range(len(members))), tuple(w for _, w in members), merge.strategy,
+                         merge.density, merge.majority_sign_method)
+        out = self._cache_dir / "merges" / name.replace(":", "-").replace("/", "-")
+        try:
+            await asyncio.to_thread(write_merged_folder, members, spec, self._engine.base_config, out)
+        except store_errors.StoreError as exc:
+            raise AdapterValidationError(f"cannot merge the adapters: {exc.message}") from exc
+        return str(out)
 
     async def _folder(self, path: str) -> str:
         if not is_store_ref(path):
@@ -63,3 +79,26 @@ class AdapterLoader:
             raise AdapterNotFoundError(f"adapter {name!r} is not resident on this worker", param="name")
         self._engine.unload_adapter(name)
         self._on_change()
+
+
+def write_merged_folder(members: list[tuple[str, float]], spec: MergeSpec, base, out: Path) -> None:
+    """Merges the member folders (their regular files) and writes the result to `out`, atomically: one
+    kind's folder, or `lora/` + `s2ft/` for a merge of both kinds (`workers.adapters.combined`)."""
+    if out.is_dir():
+        return
+    files = [({p.name: p.read_bytes() for p in Path(folder).iterdir() if p.is_file()}, w) for folder, w in members]
+    parts = merge_files(files, spec, base)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".partial-"))
+    try:
+        for part, part_files in parts.items():
+            folder = tmp / part if len(parts) > 1 else tmp
+            folder.mkdir(exist_ok=True)
+            for filename, data in part_files.items():
+                (folder / filename).write_bytes(data)
+        os.rename(tmp, out)
+    except OSError:
+        if not out.is_dir():  # not a lost race with another writer
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

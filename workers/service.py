@@ -37,6 +37,7 @@ from workers.errors import AdapterdError, InvalidRequestError
 from workers.heartbeat import Heartbeat
 from workers.residency_metrics import FusionCollector, residency_registry
 from workers.service_config import WorkerServiceConfig
+from workers.speculative_metrics import SpeculativeCollector
 
 log = logging.getLogger("adapterd.worker")
 KEEP_ALIVE_S = 75  # idle keep-alive; above the gateway's pool keep-alive, so the gateway closes first
@@ -102,6 +103,8 @@ def _sse(ev: TokenEvent) -> bytes:
         "prompt_tokens": ev.prompt_tokens,
         "finish_reason": ev.finish_reason,
     }
+    if ev.details is not None:
+        payload["details"] = ev.details
     return b"data: " + orjson.dumps(payload) + b"\n\n"
 
 
@@ -116,6 +119,7 @@ class WorkerService:
         self.adapters = AdapterLoader(engine, on_change=self._residency_changed)
         self.metrics = residency_registry(lambda: self.engine.stats().get("adapters", {}))
         self.metrics.register(FusionCollector(lambda: self.engine.stats().get("fusion", {})))
+        self.metrics.register(SpeculativeCollector(lambda: self.engine.stats().get("medusa", {})))
         self.in_flight = 0
 
     def _residency_changed(self) -> None:
@@ -137,7 +141,7 @@ class WorkerService:
         """The engine's events for `req`; load errors and prompt errors raise before the first one."""
         prompt_ids = self.prompts.build(req)
         if req.adapter is not None:
-            await self.adapters.ensure(req.adapter, req.adapter_path)
+            await self.adapters.ensure(req.adapter, req.adapter_path, req.merge)
         gen_req = GenerationRequest(
             prompt_ids=prompt_ids, params=_sampling(req), adapter=req.adapter, request_id=req.request_id
         )
@@ -148,12 +152,17 @@ class WorkerService:
         finally:
             self.in_flight -= 1
 
+    async def load_medusa(self, path: str, attach_to: str | None) -> None:
+        folder = await self.adapters._folder(path)  # a store reference is materialised first
+        await self.engine.load_medusa(folder, attach_to)
+
     async def generate(self, req: WorkerGenerateRequest) -> WorkerGenerateResult:
         ids: list[int] = []
         texts: list[str] = []
         logprobs: list[float] = []
-        prompt_tokens, finish = 0, "length"
+        prompt_tokens, finish, speculative = 0, "length", None
         async for ev in self._events(req):
+            speculative = ev.details or speculative
             ids.append(ev.token_id)
             texts.append(ev.text)
             if ev.logprob is not None:
@@ -169,6 +178,7 @@ class WorkerService:
             completion_tokens=len(ids),
             finish_reason=finish,
             worker_id=self.config.worker_id,
+            speculative=speculative,
         )
 
     async def stream(self, req: WorkerGenerateRequest) -> AsyncIterator[bytes]:
@@ -231,6 +241,11 @@ async def metrics_route(service: Service) -> Response:
 
 
 async def load_route(body: AdapterLoadRequest, service: Service) -> dict:
+    if body.kind == "medusa":  # heads: for the base's requests, or attached to a loaded adapter
+        await service.load_medusa(body.path, body.attach_to)
+        return {"name": body.name, "attach_to": body.attach_to, "resident_adapters": service.adapters.resident()}
+    if body.attach_to is not None:
+        raise InvalidRequestError("attach_to is only for kind 'medusa'", param="attach_to")
     await service.adapters.ensure(body.name, body.path)
     return {"name": body.name, "resident_adapters": service.adapters.resident()}
 
@@ -319,6 +334,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-loras", type=int, default=8)
     p.add_argument("--max-rank", type=int, default=16)
     p.add_argument("--max-seq", type=int, default=2048)
+    p.add_argument("--medusa", default=None, help="folder of Medusa heads for base-model requests")
+    p.add_argument("--medusa-max-batch", type=int, default=4, help="decode plainly above this many rows")
     return p.parse_args(argv)
 
 
@@ -338,9 +355,13 @@ def _build_engine(args: argparse.Namespace) -> Any:
         "max_seq": args.max_seq,
         "max_loras": args.max_loras,
         "max_rank": args.max_rank,
+        "medusa_max_batch": args.medusa_max_batch,
     }
     known = {f.name for f in dataclasses.fields(EngineConfig)}
-    return Engine(EngineConfig(**{k: v for k, v in wanted.items() if k in known}))
+    engine = Engine(EngineConfig(**{k: v for k, v in wanted.items() if k in known}))
+    if args.medusa:
+        engine.core.load_medusa(args.medusa)
+    return engine
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -23,6 +23,14 @@ from adapterd_client.models import (
     ChatCompletion,
     ChatCompletionChunk,
     Completion,
+    FileDeleted,
+    FileList,
+    FileObject,
+    FineTuningJob,
+    FineTuningJobCheckpointList,
+    FineTuningJobEvent,
+    FineTuningJobEventList,
+    FineTuningJobList,
     GenerateResponse,
     ModelList,
     StreamResponse,
@@ -162,6 +170,63 @@ class BaseClient:
     @staticmethod
     def _download_adapter_call(ref: str) -> Call:
         return Call("GET", f"/v1/adapters/{ref}/download", None)
+
+    @staticmethod
+    def _save_merge_call(name: str, merged_adapters: dict, public: bool) -> Call:
+        body = {"name": name, "merged_adapters": merged_adapters, "public": public}
+        return Call("POST", "/v1/adapters/merge", AdapterInfo, body, retry_safe=False)
+
+    # ---- fine-tune files and jobs -------------------------------------------------------------
+
+    @staticmethod
+    def _upload_file_call(path: str | Path, purpose: str, progress: Callable[[int], None] | None) -> Call:
+        path = Path(path)
+        part = ("file", (path.name, ProgressReader(path.read_bytes(), progress)))
+        return Call("POST", "/v1/files", FileObject, retry_safe=False, files=[part], form={"purpose": purpose})
+
+    @staticmethod
+    def _list_files_call(purpose: str | None) -> Call:
+        return Call("GET", "/v1/files", FileList, params=_clean({"purpose": purpose}))
+
+    @staticmethod
+    def _get_file_call(file_id: str) -> Call:
+        return Call("GET", f"/v1/files/{file_id}", FileObject)
+
+    @staticmethod
+    def _delete_file_call(file_id: str) -> Call:
+        return Call("DELETE", f"/v1/files/{file_id}", FileDeleted, retry_safe=False)
+
+    @staticmethod
+    def _create_job_call(model: str, training_file: str, method: dict | None, options: dict) -> Call:
+        body = {"model": model, "training_file": training_file, **_clean({"method": method, **options})}
+        return Call("POST", "/v1/fine_tuning/jobs", FineTuningJob, body, retry_safe=False)
+
+    @staticmethod
+    def _list_jobs_call(after: str | None, limit: int | None) -> Call:
+        return Call("GET", "/v1/fine_tuning/jobs", FineTuningJobList, params=_clean({"after": after, "limit": limit}))
+
+    @staticmethod
+    def _get_job_call(job_id: str) -> Call:
+        return Call("GET", f"/v1/fine_tuning/jobs/{job_id}", FineTuningJob)
+
+    @staticmethod
+    def _cancel_job_call(job_id: str) -> Call:
+        return Call("POST", f"/v1/fine_tuning/jobs/{job_id}/cancel", FineTuningJob, retry_safe=False)
+
+    @staticmethod
+    def _job_events_call(job_id: str, after: str | None, limit: int | None) -> Call:
+        return Call("GET", f"/v1/fine_tuning/jobs/{job_id}/events", FineTuningJobEventList,
+                    params=_clean({"after": after, "limit": limit}))
+
+    @staticmethod
+    def _follow_job_call(job_id: str, after: str | None) -> Call:
+        return Call("GET", f"/v1/fine_tuning/jobs/{job_id}/events", FineTuningJobEvent, stream=True,
+                    params=_clean({"stream": "true", "after": after}))
+
+    @staticmethod
+    def _job_checkpoints_call(job_id: str, after: str | None, limit: int | None) -> Call:
+        return Call("GET", f"/v1/fine_tuning/jobs/{job_id}/checkpoints", FineTuningJobCheckpointList,
+                    params=_clean({"after": after, "limit": limit}))
 
     # ---- retries and errors -------------------------------------------------------------------
 

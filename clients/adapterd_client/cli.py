@@ -1,6 +1,7 @@
-"""The `adapterd` command: `serve` (the whole service; imports the server lazily), and the client
-commands `generate`, `chat`, `models`, `adapters upload|list|show|delete|download` (talk to `--url`,
-default $ADAPTERD_URL or http://127.0.0.1:8000)."""
+"""The `adapterd` command: `serve` (the whole service; imports the server lazily), `trainer` (a fine-tune
+trainer process; imports the trainer lazily), and the client commands `generate`, `chat`, `models`,
+`adapters upload|list|show|delete|download`, `files upload|list|delete`, `jobs create|list|show|cancel|follow`
+(talk to `--url`, default $ADAPTERD_URL or http://127.0.0.1:8000)."""
 
 from __future__ import annotations
 
@@ -37,14 +38,46 @@ def serve(
     data_dir: Annotated[Path, typer.Option(help="adapters/ and the embedded Redis live here")] = Path(".adapterd"),
     allow_insecure: Annotated[bool, typer.Option(help="allow a non-loopback bind without API keys")] = False,
     heartbeat_ttl: Annotated[float, typer.Option(help="seconds a silent worker stays routable")] = 5.0,
+    trainers: Annotated[int, typer.Option(min=0, help="fine-tune trainer processes")] = 0,
 ) -> None:
-    """Start Redis (embedded valkey unless --redis-url), the workers and the gateway; Ctrl-C stops all."""
+    """Start Redis (embedded valkey unless --redis-url), the workers, the trainers and the gateway; Ctrl-C
+    stops all."""
     from server.launcher import ServeOptions
     from server.launcher import serve as run
 
     options = ServeOptions(host=host, port=port, workers=workers, model=model, redis_url=redis_url,
-                           data_dir=data_dir, allow_insecure=allow_insecure, heartbeat_ttl_s=heartbeat_ttl)
+                           data_dir=data_dir, allow_insecure=allow_insecure, heartbeat_ttl_s=heartbeat_ttl,
+                           trainers=trainers)
     raise typer.Exit(run(options))
+
+
+@app.command()
+def trainer(
+    redis_url: Annotated[str, typer.Option(envvar="ADAPTERD_REDIS_URL", help="the Redis the gateway uses")
+                         ] = "redis://127.0.0.1:6379/0",
+    model: Annotated[str | None, typer.Option(help="HF base model folder (default: SmolLM2-135M-Instruct)")] = None,
+    model_id: Annotated[str | None, typer.Option(help="the base model's id in jobs (default: folder name)")] = None,
+    data_dir: Annotated[Path, typer.Option(help="work files; the store is DATA_DIR/store")] = Path(".adapterd"),
+    store_url: Annotated[str | None, typer.Option(help="the adapter store (file:// or s3://)")] = None,
+    trainer_id: Annotated[str | None, typer.Option(help="this trainer's name (default: host-pid)")] = None,
+    claim_timeout: Annotated[float, typer.Option(help="seconds before a silent trainer's job is taken over")] = 30.0,
+    max_attempts: Annotated[int, typer.Option(min=1, help="times a job is started before it fails")] = 3,
+    checkpoint_every: Annotated[int, typer.Option(min=1, help="steps between checkpoints")] = 10,
+) -> None:
+    """Run a fine-tune trainer: claims jobs for its base model from the queue and trains them."""
+    from workers.trainer.worker import main
+
+    if model is None:
+        from workers.model.default_model import ensure_default_model
+
+        model = str(ensure_default_model())
+    argv = ["--redis-url", redis_url, "--model", model, "--data-dir", str(data_dir),
+            "--claim-timeout", str(claim_timeout), "--max-attempts", str(max_attempts),
+            "--checkpoint-every", str(checkpoint_every)]
+    for flag, value in (("--model-id", model_id), ("--store-url", store_url), ("--trainer-id", trainer_id)):
+        if value:
+            argv += [flag, value]
+    main(argv)
 
 
 @app.command()
@@ -117,7 +150,7 @@ def models(url: Url = None, api_key: ApiKey = None) -> None:
         raise _fail(exc) from exc
 
 
-adapters_app = typer.Typer(help="Upload, list, show, download and delete adapters.", no_args_is_help=True)
+adapters_app = typer.Typer(help="Upload, merge, list, show, download and delete adapters.", no_args_is_help=True)
 app.add_typer(adapters_app, name="adapters")
 
 
@@ -153,6 +186,31 @@ def adapters_upload(
     latest = info.versions[-1]
     typer.echo(f"{latest.id}\t{latest.kind}\tr={latest.rank}\t{_size(latest.stored_bytes)}"
                f"\t{latest.compression_ratio:.1f}x")
+
+
+@adapters_app.command("merge")
+def adapters_merge(
+    name: str,
+    ids: Annotated[list[str], typer.Argument(help="the adapters to merge (name or name@version)")],
+    weights: Annotated[str | None, typer.Option(help="comma-separated, one per adapter (default 1 each)")] = None,
+    strategy: Annotated[str, typer.Option(help="linear or ties")] = "linear",
+    density: Annotated[float, typer.Option(help="TIES: the fraction of entries each adapter keeps")] = 1.0,
+    public: Annotated[bool, typer.Option(help="visible to every tenant")] = False,
+    url: Url = None,
+    api_key: ApiKey = None,
+) -> None:
+    """Merge IDS into a new version of adapter NAME (what `merged_adapters` does per request)."""
+    spec: dict = {"ids": list(ids), "strategy": strategy, "density": density}
+    try:
+        if weights:
+            spec["weights"] = [float(w) for w in weights.split(",")]
+        with Client(url, api_key) as client:
+            latest = client.save_merge(name, spec, public=public).versions[-1]
+    except ValueError as exc:
+        raise typer.BadParameter(f"--weights: {exc}") from exc
+    except AdapterdError as exc:
+        raise _fail(exc) from exc
+    typer.echo(f"{latest.id}	{latest.kind}	r={latest.rank}	{','.join(latest.targets)}")
 
 
 @adapters_app.command("list")
@@ -205,6 +263,178 @@ def adapters_download(
     except (AdapterdError, OSError) as exc:
         raise _fail(exc) from exc
     typer.echo(str(target))
+
+
+files_app = typer.Typer(help="Upload, list and delete fine-tune training files (JSONL).", no_args_is_help=True)
+app.add_typer(files_app, name="files")
+jobs_app = typer.Typer(help="Create, list, show, cancel and follow fine-tune jobs.", no_args_is_help=True)
+app.add_typer(jobs_app, name="jobs")
+
+
+@files_app.command("upload")
+def files_upload(
+    path: Annotated[Path, typer.Argument(help="a JSONL file: {prompt, completion} or {messages} per line")],
+    purpose: Annotated[str, typer.Option(help="what the file is for")] = "fine-tune",
+    url: Url = None,
+    api_key: ApiKey = None,
+) -> None:
+    """Upload a training file; prints its id (every line is checked; a bad one is reported by number)."""
+    try:
+        with Client(url, api_key) as client:
+            f = client.upload_file(path, purpose)
+    except (AdapterdError, OSError) as exc:
+        raise _fail(exc) from exc
+    typer.echo(f"{f.id}\t{f.filename}\t{f.records} records\t{_size(f.bytes)}")
+
+
+@files_app.command("list")
+def files_list(url: Url = None, api_key: ApiKey = None) -> None:
+    """Your training files, newest first."""
+    try:
+        with Client(url, api_key) as client:
+            for f in client.list_files().data:
+                typer.echo(f"{f.id}\t{f.filename}\t{f.records} records\t{_size(f.bytes)}")
+    except AdapterdError as exc:
+        raise _fail(exc) from exc
+
+
+@files_app.command("delete")
+def files_delete(file_id: str, url: Url = None, api_key: ApiKey = None) -> None:
+    """Delete a training file."""
+    try:
+        with Client(url, api_key) as client:
+            client.delete_file(file_id)
+    except AdapterdError as exc:
+        raise _fail(exc) from exc
+    typer.echo(f"deleted {file_id}")
+
+
+def _param(item: str) -> tuple[str, object]:
+    import json
+
+    key, eq, raw = item.partition("=")
+    if not eq or not key:
+        raise typer.BadParameter(f"{item!r} is not KEY=VALUE")
+    try:
+        return key, json.loads(raw)
+    except ValueError:
+        return key, raw
+
+
+def _job_line(j) -> str:
+    progress = f"step {j.step}/{j.total_steps}" if j.total_steps else ""
+    result = j.fine_tuned_model or (f"{j.error.code}: {j.error.message}" if j.error else "")
+    return "\t".join(x for x in (j.id, j.status, j.model, j.method.get("type", ""), progress, result) if x)
+
+
+@jobs_app.command("create")
+def jobs_create(
+    training_file: Annotated[str, typer.Argument(help="a file id, or a local .jsonl to upload first")],
+    model: Annotated[str | None, typer.Option("--model", "-m", help="the base model (default: the server's)")] = None,
+    method: Annotated[str, typer.Option(help="lora, s2ft or medusa")] = "lora",
+    param: Annotated[list[str] | None, typer.Option("--param", "-p", help="a hyperparameter KEY=VALUE")] = None,
+    validation_file: Annotated[str | None, typer.Option(help="a file id or a local .jsonl")] = None,
+    suffix: Annotated[str | None, typer.Option(help="part of the adapter's name")] = None,
+    seed: Annotated[int | None, typer.Option()] = None,
+    compeft_density: Annotated[float | None, typer.Option(help="ComPEFT-compress the result")] = None,
+    compeft_alpha: Annotated[float, typer.Option(help="ComPEFT scale factor α")] = 1.0,
+    follow: Annotated[bool, typer.Option(help="then follow it with a progress bar")] = False,
+    url: Url = None,
+    api_key: ApiKey = None,
+) -> None:
+    """Create a fine-tune job; prints its id (or follows it with --follow)."""
+    spec = {"type": method, **dict(_param(p) for p in param or [])}
+    compression = ({"method": "compeft", "density": compeft_density, "alpha": compeft_alpha}
+                   if compeft_density is not None else None)
+    try:
+        with Client(url, api_key) as client:
+            def file_id(ref: str | None) -> str | None:
+                return client.upload_file(ref).id if ref and Path(ref).is_file() else ref
+
+            job = client.create_job(model or _base_model(client), file_id(training_file), spec,
+                                    validation_file=file_id(validation_file), suffix=suffix, seed=seed,
+                                    compression=compression)
+            typer.echo(job.id)
+            if follow:
+                _follow(client, job.id)
+    except (AdapterdError, OSError) as exc:
+        raise _fail(exc) from exc
+
+
+@jobs_app.command("list")
+def jobs_list(
+    after: Annotated[str | None, typer.Option(help="continue after this job id")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=100)] = 20,
+    url: Url = None,
+    api_key: ApiKey = None,
+) -> None:
+    """Your fine-tune jobs, newest first."""
+    try:
+        with Client(url, api_key) as client:
+            page = client.list_jobs(after, limit)
+    except AdapterdError as exc:
+        raise _fail(exc) from exc
+    for j in page.data:
+        typer.echo(_job_line(j))
+    if page.has_more:
+        typer.echo(f"(more: --after {page.data[-1].id})", err=True)
+
+
+@jobs_app.command("show")
+def jobs_show(job_id: str, url: Url = None, api_key: ApiKey = None) -> None:
+    """One job as JSON."""
+    try:
+        with Client(url, api_key) as client:
+            typer.echo(client.get_job(job_id).model_dump_json(indent=2))
+    except AdapterdError as exc:
+        raise _fail(exc) from exc
+
+
+@jobs_app.command("cancel")
+def jobs_cancel(job_id: str, url: Url = None, api_key: ApiKey = None) -> None:
+    """Cancel a job (a running one stops at its next training step)."""
+    try:
+        with Client(url, api_key) as client:
+            typer.echo(_job_line(client.cancel_job(job_id)))
+    except AdapterdError as exc:
+        raise _fail(exc) from exc
+
+
+@jobs_app.command("follow")
+def jobs_follow(job_id: str, url: Url = None, api_key: ApiKey = None) -> None:
+    """Follow a job: its messages, and a progress bar with step, loss and ETA; exits 1 unless it succeeds."""
+    try:
+        with Client(url, api_key) as client:
+            _follow(client, job_id)
+    except AdapterdError as exc:
+        raise _fail(exc) from exc
+
+
+def _follow(client: Client, job_id: str) -> None:
+    from tqdm import tqdm
+
+    bar = None
+    try:
+        for event in client.follow_job(job_id):
+            data = event.data or {}
+            if event.type == "metrics" and "total_steps" in data:
+                if bar is None:
+                    bar = tqdm(total=data["total_steps"], unit="step", desc=job_id, file=sys.stderr,
+                               initial=max(0, data["step"] - 1))
+                bar.update(data["step"] - bar.n)
+                bar.set_postfix(loss=f"{data['train_loss']:.4f}")
+            else:
+                if bar is not None:
+                    bar.write(event.message, file=sys.stderr)
+                else:
+                    typer.echo(event.message, err=True)
+    finally:
+        if bar is not None:
+            bar.close()
+    job = client.get_job(job_id)
+    typer.echo(_job_line(job))
+    if job.status != "succeeded":
+        raise typer.Exit(1)
 
 
 if __name__ == "__main__":

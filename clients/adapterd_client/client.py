@@ -17,6 +17,14 @@ from adapterd_client.models import (
     ChatCompletion,
     ChatCompletionChunk,
     Completion,
+    FileDeleted,
+    FileList,
+    FileObject,
+    FineTuningJob,
+    FineTuningJobCheckpointList,
+    FineTuningJobEvent,
+    FineTuningJobEventList,
+    FineTuningJobList,
     GenerateResponse,
     ModelList,
     StreamResponse,
@@ -94,9 +102,59 @@ class Client(BaseClient):
         """`name@version` deletes one version; `name` deletes them all."""
         return self._request(self._delete_adapter_call(ref))
 
+    def save_merge(self, name: str, merged_adapters: dict, public: bool = False) -> AdapterInfo:
+        """Merges adapters ({"ids", "weights", "strategy", "density"}, as the per-request `merged_adapters`
+        parameter does) and stores the result as a new version of `name`."""
+        return self._request(self._save_merge_call(name, merged_adapters, public))
+
     def download_adapter(self, ref: str) -> bytes:
         """A zip of the PEFT folder (decoded to dense safetensors if stored compressed)."""
         return self._request(self._download_adapter_call(ref))
+
+    # ---- fine-tune files and jobs -------------------------------------------------------------
+
+    def upload_file(self, path: str | Path, purpose: str = "fine-tune",
+                    progress: Callable[[int], None] | None = None) -> FileObject:
+        """Uploads a JSONL training file (every line is checked; a bad one is refused with its number)."""
+        return self._request(self._upload_file_call(path, purpose, progress))
+
+    def list_files(self, purpose: str | None = None) -> FileList:
+        return self._request(self._list_files_call(purpose))
+
+    def get_file(self, file_id: str) -> FileObject:
+        return self._request(self._get_file_call(file_id))
+
+    def delete_file(self, file_id: str) -> FileDeleted:
+        return self._request(self._delete_file_call(file_id))
+
+    def create_job(self, model: str, training_file: str, method: dict | None = None, *,
+                   validation_file: str | None = None, suffix: str | None = None, seed: int | None = None,
+                   compression: dict | None = None) -> FineTuningJob:
+        """A fine-tune job of base `model` on an uploaded file; `method`: {"type": "lora"|"s2ft"|"medusa", ...}."""
+        options = {"validation_file": validation_file, "suffix": suffix, "seed": seed, "compression": compression}
+        return self._request(self._create_job_call(model, training_file, method, options))
+
+    def list_jobs(self, after: str | None = None, limit: int | None = None) -> FineTuningJobList:
+        return self._request(self._list_jobs_call(after, limit))
+
+    def get_job(self, job_id: str) -> FineTuningJob:
+        return self._request(self._get_job_call(job_id))
+
+    def cancel_job(self, job_id: str) -> FineTuningJob:
+        return self._request(self._cancel_job_call(job_id))
+
+    def list_job_events(self, job_id: str, after: str | None = None,
+                        limit: int | None = None) -> FineTuningJobEventList:
+        """Newest first; `after` (an event id) pages to older ones."""
+        return self._request(self._job_events_call(job_id, after, limit))
+
+    def follow_job(self, job_id: str, after: str | None = None) -> Iterator[FineTuningJobEvent]:
+        """Every event oldest first, then new ones as they happen, until the job has finished."""
+        return self._stream(self._follow_job_call(job_id, after))
+
+    def list_job_checkpoints(self, job_id: str, after: str | None = None,
+                             limit: int | None = None) -> FineTuningJobCheckpointList:
+        return self._request(self._job_checkpoints_call(job_id, after, limit))
 
     # ---- transport ----------------------------------------------------------------------------
 

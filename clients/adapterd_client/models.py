@@ -179,3 +179,101 @@ class AdapterDeleted(_Model):
     name: str
     versions: list[int]
     deleted: bool = True
+
+
+class FileObject(_Model):
+    id: str
+    object: str = "file"
+    bytes: int
+    created_at: int
+    filename: str
+    purpose: str
+    status: str = "processed"
+    records: int
+
+
+class FileList(_Model):
+    object: str = "list"
+    data: list[FileObject]
+    has_more: bool = False
+
+
+class FileDeleted(_Model):
+    id: str
+    object: str = "file"
+    deleted: bool = True
+
+
+class JobError(_Model):
+    code: str
+    message: str
+    param: str | None = None
+
+
+class FineTuningJob(_Model):
+    id: str
+    object: str = "fine_tuning.job"
+    created_at: int
+    finished_at: int | None = None
+    model: str
+    fine_tuned_model: str | None = None
+    organization_id: str
+    status: str
+    training_file: str
+    validation_file: str | None = None
+    method: dict
+    seed: int
+    suffix: str | None = None
+    compression: dict | None = None
+    error: JobError | None = None
+    trained_tokens: int | None = None
+    estimated_finish: int | None = None
+    result_files: list[str] = []
+    step: int = 0
+    total_steps: int | None = None
+    train_loss: float | None = None
+    validation_loss: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.status in ("succeeded", "failed", "cancelled")
+
+
+class FineTuningJobList(_Model):
+    object: str = "list"
+    data: list[FineTuningJob]
+    has_more: bool
+
+
+class FineTuningJobEvent(_Model):
+    id: str
+    object: str = "fine_tuning.job.event"
+    created_at: int
+    level: str
+    message: str
+    type: str = "message"
+    data: dict | None = None
+
+
+class FineTuningJobEventList(_Model):
+    object: str = "list"
+    data: list[FineTuningJobEvent]
+    has_more: bool
+
+
+class FineTuningJobCheckpoint(_Model):
+    id: str
+    object: str = "fine_tuning.job.checkpoint"
+    created_at: int
+    fine_tuning_job_id: str
+    fine_tuned_model_checkpoint: str
+    step_number: int
+    metrics: dict
+
+
+class FineTuningJobCheckpointList(_Model):
+    object: str = "list"
+    data: list[FineTuningJobCheckpoint]
+    has_more: bool
+    first_id: str | None = None
+    last_id: str | None = None

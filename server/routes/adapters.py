@@ -1,4 +1,4 @@
-"""The adapters API: upload (multipart), list, show, download (a PEFT folder as a zip), delete."""
+"""The adapters API: upload (multipart), save a merge, list, show, download (the folder as a zip), delete."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from adapters_store.validation import UploadedFile
 from server.auth import CurrentTenant
 from server.dependencies import Adapters
 from server.errors import InvalidRequestError
-from server.protocol import AdapterDeleted, AdapterInfo, AdapterList, ErrorResponse
+from server.protocol import AdapterDeleted, AdapterInfo, AdapterList, ErrorResponse, MergeSaveRequest
 
 router = APIRouter(prefix="/v1/adapters", responses={"default": {"model": ErrorResponse}})
 
@@ -40,6 +40,12 @@ async def upload_adapter(
 ) -> AdapterInfo:
     uploads = [UploadedFile(f.filename or "upload", await f.read()) for f in files]
     return await asyncio.to_thread(registry.upload, tenant, name, uploads, kind, _compression(compression), public)
+
+
+@router.post("/merge", response_model=AdapterInfo, status_code=201)
+async def save_merge(body: MergeSaveRequest, registry: Adapters, tenant: CurrentTenant) -> AdapterInfo:
+    """Merges adapters (as `merged_adapters` does per request) and stores the result as a new version."""
+    return await asyncio.to_thread(registry.save_merge, tenant, body.name, body.merged_adapters, body.public)
 
 
 @router.get("", response_model=AdapterList)

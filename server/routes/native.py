@@ -15,9 +15,10 @@ router = APIRouter(responses={"default": {"model": ErrorResponse}})
 @router.post("/generate", response_model=GenerateResponse)
 async def generate(body: GenerateRequest, service: Native, adapters: Adapters, tenant: CurrentTenant):
     adapters.authorize(body.parameters.adapter_id, tenant)
+    merged = adapters.resolve_merge(body.parameters.merged_adapters, tenant)
     if body.stream:
-        return StreamingResponse(await service.stream(body), media_type="text/event-stream")
-    return await service.generate(body)
+        return StreamingResponse(await service.stream(body, merged), media_type="text/event-stream")
+    return await service.generate(body, merged)
 
 
 @router.post("/generate_stream")
@@ -25,4 +26,5 @@ async def generate_stream(
     body: GenerateRequest, service: Native, adapters: Adapters, tenant: CurrentTenant
 ) -> StreamingResponse:
     adapters.authorize(body.parameters.adapter_id, tenant)
-    return StreamingResponse(await service.stream(body), media_type="text/event-stream")
+    merged = adapters.resolve_merge(body.parameters.merged_adapters, tenant)
+    return StreamingResponse(await service.stream(body, merged), media_type="text/event-stream")

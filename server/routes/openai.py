@@ -24,17 +24,19 @@ SSE = "text/event-stream"
 @router.post("/completions", response_model=CompletionResponse)
 async def completions(body: CompletionRequest, service: Completions, adapters: Adapters, tenant: CurrentTenant):
     adapters.authorize(body.model, tenant)
+    merged = adapters.resolve_merge(body.merged_adapters, tenant)
     if body.stream:
-        return StreamingResponse(await service.stream(body), media_type=SSE)
-    return await service.create(body)
+        return StreamingResponse(await service.stream(body, merged), media_type=SSE)
+    return await service.create(body, merged)
 
 
 @router.post("/chat/completions", response_model=ChatCompletionResponse)
 async def chat_completions(body: ChatCompletionRequest, service: Chat, adapters: Adapters, tenant: CurrentTenant):
     adapters.authorize(body.model, tenant)
+    merged = adapters.resolve_merge(body.merged_adapters, tenant)
     if body.stream:
-        return StreamingResponse(await service.stream(body), media_type=SSE)
-    return await service.create(body)
+        return StreamingResponse(await service.stream(body, merged), media_type=SSE)
+    return await service.create(body, merged)
 
 
 @router.get("/models", response_model=ModelList)

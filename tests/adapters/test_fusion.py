@@ -73,7 +73,7 @@ def test_policy_fuses_a_dominant_adapter_after_a_full_window_with_hysteresis():
     assert policy.decide(mixed, "a") is None  # the sliding window: a holds 3 of 7 rows now
     assert [policy.decide(["b"] * 4, None) for _ in range(3)] == [None, None, "b"]
     off = FusionPolicy(FusionConfig(enabled=False, window=1))
-    assert off.decide(["a"], None) is None
+    assert off.decide(["a"], None) is None and off.decide(["b"], "a") == "a"  # only by hand
 
 
 # fused serving in mixed batches ------------------------------------------------------------------

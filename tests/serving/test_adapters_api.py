@@ -60,9 +60,10 @@ def client(cluster, key=ALICE) -> Client:
     return Client(cluster.url, key, timeout=60, max_retries=0)
 
 
-def served(cluster, model: str, key=ALICE) -> list[int]:
-    """Greedy token ids from the cluster (native /generate with details)."""
-    params = {"adapter_id": model, "max_new_tokens": NEW_TOKENS, "details": True, "ignore_eos": True}
+def served(cluster, model: str | None, key=ALICE, merged: dict | None = None) -> list[int]:
+    """Greedy token ids from the cluster (native /generate with details), of an adapter or a merge."""
+    which = {"merged_adapters": merged} if merged is not None else {"adapter_id": model}
+    params = {**which, "max_new_tokens": NEW_TOKENS, "details": True, "ignore_eos": True}
     r = httpx.post(cluster.url + "/generate", headers={"authorization": f"Bearer {key}"}, timeout=60,
                    json={"inputs": PROMPT, "parameters": params})
     assert r.status_code == 200, r.text
@@ -173,12 +174,17 @@ def make_s2ft(out: Path, seed: int, **bad_index) -> Path:
     return write_s2ft(out, updates)
 
 
-def s2ft_greedy(model_dir: Path, adapter_dir: Path) -> list[int]:
-    """transformers with the (downloaded, dense) S²FT deltas added to its weights: the oracle."""
+def s2ft_greedy(model_dir: Path, adapter_dir: Path, lora_dir: Path | None = None) -> list[int]:
+    """transformers with the (downloaded, dense) S²FT deltas added to its weights (after merging a LoRA
+    into them with peft, if given): the oracle."""
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+    if lora_dir is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, lora_dir).merge_and_unload()
     tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
     widths = {"o_proj": 16, "v_proj": 16, "down_proj": 1, "up_proj": 1}
     with torch.no_grad():
@@ -223,6 +229,56 @@ def test_s2ft_uploads_serve_what_transformers_with_the_deltas_computes(cluster, 
             assert r.status_code == status, r.text
             assert "out of range" in r.json()["error"]["message"] or "duplicate" in r.json()["error"]["message"]
             assert store_state(cluster) == before
+
+
+def completion_text(cluster, merged: dict | None, model: str = "tiny", key=ALICE) -> httpx.Response:
+    body = {"model": model, "prompt": PROMPT, "max_tokens": NEW_TOKENS, "temperature": 0, "ignore_eos": True}
+    if merged is not None:
+        body["merged_adapters"] = merged
+    return httpx.post(cluster.url + "/v1/completions", headers={"authorization": f"Bearer {key}"}, json=body,
+                      timeout=60)
+
+
+def test_per_request_merges_equal_the_saved_merge_and_the_oracles(cluster, loras, tiny_assets, tmp_path):
+    model, _ = tiny_assets
+    other = make_lora(model, tmp_path / "other", r=4, seed=9, targets=("q_proj", "down_proj"))
+    with client(cluster) as c:
+        c.upload_adapter("ma", loras["v1"])
+        c.upload_adapter("mb", other)
+        c.upload_adapter("ms", make_s2ft(tmp_path / "s2ft", seed=6))
+        base_id = c.models().data[0].id
+        for spec in ({"ids": ["ma", "mb"], "weights": [0.7, -0.4]},
+                     {"ids": ["ma", "mb"], "weights": [1.0, 1.0], "strategy": "ties", "density": 0.5}):
+            per_request = served(cluster, None, merged=spec)
+            assert per_request != served(cluster, "ma")
+            sdk = c.generate(PROMPT, merged_adapters=spec, max_new_tokens=NEW_TOKENS, details=True, ignore_eos=True)
+            assert [t.id for t in sdk.details.tokens] == per_request
+            saved = c.save_merge("merged-ab", spec).versions[-1]
+            assert saved.kind == "lora"
+            assert served(cluster, saved.id) == per_request
+            folder = unzip(c.download_adapter(saved.id), tmp_path / saved.id.replace("@", "-"))
+            assert peft_greedy(model, folder) == per_request  # the merged LoRA, as peft runs it
+            r1, r2 = completion_text(cluster, spec, base_id), completion_text(cluster, None, saved.id)
+            assert r1.status_code == 200 and r1.json()["choices"][0]["text"] == r2.json()["choices"][0]["text"]
+        # a LoRA and an S²FT adapter: a LoRA part and an S²FT part, served together per request
+        mixed = {"ids": ["ma", "ms"], "weights": [1.0, 1.0]}
+        lora_dir = unzip(c.download_adapter("ma"), tmp_path / "ma")
+        s2ft_dir = unzip(c.download_adapter("ms"), tmp_path / "ms")
+        assert served(cluster, None, merged=mixed) == s2ft_greedy(model, s2ft_dir, lora_dir)
+        r = httpx.post(cluster.url + "/v1/adapters/merge", headers={"authorization": f"Bearer {ALICE}"},
+                       json={"name": "mixed", "merged_adapters": mixed})
+        assert r.status_code == 400 and "cannot be saved" in r.json()["error"]["message"]
+    bad = {
+        "unknown member": ({"ids": ["ma", "nope"]}, base_id, ALICE, 404),
+        "another tenant's private adapter": ({"ids": ["ma"]}, base_id, BOB, 404),
+        "bad strategy": ({"ids": ["ma", "mb"], "strategy": "slerp"}, base_id, ALICE, 400),
+        "weights length": ({"ids": ["ma", "mb"], "weights": [1.0]}, base_id, ALICE, 400),
+        "an adapter as the model": ({"ids": ["ma", "mb"]}, "ma", ALICE, 400),
+    }
+    for what, (spec, model_id, key, status) in bad.items():
+        r = completion_text(cluster, spec, model_id, key)
+        assert r.status_code == status, (what, r.text)
+        assert r.json()["error"]["param"] in ("merged_adapters", "model"), what
 
 
 def _zip(entries: dict[str, bytes], symlink: str | None = None) -> bytes:
@@ -339,6 +395,11 @@ def test_cli_adapters_commands(cluster, loras, tmp_path, monkeypatch):
     out = tmp_path / "cli.zip"
     r = runner.invoke(app, ["adapters", "download", "cli-ada@1", "-o", str(out)])
     assert r.exit_code == 0 and zipfile.is_zipfile(out)
+    r = runner.invoke(app, ["adapters", "merge", "cli-merged", "cli-ada", "cli-ada@1", "--weights", "0.5,0.25",
+                            "--strategy", "ties", "--density", "0.5"])
+    assert r.exit_code == 0 and "cli-merged@1\tlora\tr=4" in r.output, r.output
+    r = runner.invoke(app, ["adapters", "merge", "cli-bad", "cli-ada", "--weights", "x"])
+    assert r.exit_code != 0
     r = runner.invoke(app, ["adapters", "delete", "cli-ada"])
     assert r.exit_code == 0 and "deleted cli-ada" in r.output
     r = runner.invoke(app, ["adapters", "show", "cli-ada"])

@@ -119,8 +119,8 @@ class FusionPolicy:
     def decide(self, rows: Sequence[str | None], fused: str | None) -> str | None:
         """rows: the adapter of each running row this step (None: base). Returns the adapter to hold
         fused (None: none); a change resets the window."""
-        if not self.cfg.enabled:
-            return None
+        if not self.cfg.enabled:  # the state changes only by hand (`FusionController.fuse` / `unfuse`)
+            return fused
         if rows:
             self.window.append(Counter(rows))
         if len(self.window) < self.cfg.window:
@@ -163,6 +163,8 @@ class FusionController:
     def fuse(self, name: str) -> bool:
         """Fuses `name` (an adapter in the host cache); False when its correction finds no device room."""
         assert self.adapters.fused is None
+        if self.adapters.host[name].kind == "combined":  # a per-request merge: short-lived, not fused
+            return False
         started = time.perf_counter()
         weights = self.adapters.staged.get(name) or self.adapters.host[name].decode(self.adapters.base)
         correction = self.adapters.place_correction(negated(weights))

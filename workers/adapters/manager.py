@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from workers.adapters.combined import AdapterWeights, split_parts
 from workers.adapters.lora import LoRAWeights
 from workers.adapters.ops import RowRanges
 from workers.adapters.s2ft import S2FTWeights
@@ -28,7 +29,7 @@ MAX_STAGED = 4  # decoded adapters waiting for admission (each is a full fp32 co
 
 class AdapterSource(Protocol):
     """One adapter in the host cache, in its stored form. `kind` says what it decodes to:
-    "lora" (LoRA and ComPEFT sources: LoRAWeights) or "s2ft" (S2FTWeights)."""
+    "lora" (LoRA and ComPEFT sources: LoRAWeights), "s2ft" (S2FTWeights) or "combined" (CombinedWeights)."""
 
     kind: str
     targets: frozenset[str]
@@ -36,7 +37,7 @@ class AdapterSource(Protocol):
     @property
     def nbytes(self) -> int: ...
 
-    def decode(self, base: DecoderConfig) -> LoRAWeights | S2FTWeights: ...
+    def decode(self, base: DecoderConfig) -> AdapterWeights: ...
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,7 @@ class AdapterManager:
         self.device: OrderedDict[str, DevicePlacement] = OrderedDict()  # LRU order; device ⊆ host
         self.pins: Counter[str] = Counter()  # requests in the engine (waiting or running)
         self.refs: Counter[str] = Counter()  # running rows using the device copy
-        self.staged: OrderedDict[str, LoRAWeights | S2FTWeights] = OrderedDict()  # decoded ahead of admission
+        self.staged: OrderedDict[str, AdapterWeights] = OrderedDict()  # decoded ahead of admission
         self.counters: Counter[str] = Counter()
         self.fused: str | None = None  # the adapter merged into the base weights (see `fusion`)
         self.correction = BASE_PLACEMENT  # its negated copy, which every other row adds
@@ -119,7 +120,7 @@ class AdapterManager:
             return None
         return self.host.get(name)
 
-    def stage(self, name: str, weights: LoRAWeights | S2FTWeights) -> None:
+    def stage(self, name: str, weights: AdapterWeights) -> None:
         """Keeps decoded weights until admission (dropped then, when the last request unpins, or when
         more than MAX_STAGED are waiting)."""
         if name in self.host and name not in self.device:
@@ -167,20 +168,21 @@ class AdapterManager:
 
     def _load_to_device(self, name: str) -> DevicePlacement | None:
         source = self.host[name]
-        if source.kind == "s2ft":
-            if not self._evict_until(lambda: len(self.s2ft.resident) < self.max_s2ft, kind="s2ft"):
-                return None
-        elif self._evict_until(lambda: self.bank.can_allocate(source.rank), kind="lora"):
-            rows = self.bank.allocate(source.rank)
-        else:
+        lora_rank = source.rank if source.kind in ("lora", "combined") else 0
+        if source.kind in ("s2ft", "combined") and not self._evict_until(
+                lambda: len(self.s2ft.resident) < self.max_s2ft, kind="s2ft"):
+            return None
+        if lora_rank and not self._evict_until(lambda: self.bank.can_allocate(lora_rank), kind="lora"):
             return None
         started = time.perf_counter()
-        weights = self.staged.pop(name, None) or source.decode(self.base)
-        if source.kind == "s2ft":
-            placement = DevicePlacement(s2ft_ids=(self.s2ft.add(weights),))
-        else:
-            self.bank.write(rows, weights)
-            placement = DevicePlacement(lora_rows=(rows,))
+        lora, s2ft = split_parts(self.staged.pop(name, None) or source.decode(self.base))
+        placement = BASE_PLACEMENT
+        if s2ft is not None:
+            placement = placement.plus(DevicePlacement(s2ft_ids=(self.s2ft.add(s2ft),)))
+        if lora is not None:
+            rows = self.bank.allocate(lora_rank)
+            self.bank.write(rows, lora)
+            placement = placement.plus(DevicePlacement(lora_rows=(rows,)))
         self.counters["device_load_us"] += int((time.perf_counter() - started) * 1e6)
         return placement
 
@@ -205,8 +207,10 @@ class AdapterManager:
 
     # eviction --------------------------------------------------------------------------------
     def _evict_until(self, fits: Callable[[], bool], kind: str) -> bool:
-        """Evicts unused device copies of `kind`, least recently used first, until `fits()`."""
-        for victim in [n for n in self.device if not self.refs[n] and self.host[n].kind == kind]:
+        """Evicts unused device copies holding `kind` ("lora" rows or "s2ft" ids), least recently used
+        first, until `fits()`."""
+        holds = (lambda p: p.lora_rows) if kind == "lora" else (lambda p: p.s2ft_ids)
+        for victim in [n for n, p in self.device.items() if not self.refs[n] and holds(p)]:
             if fits():
                 return True
             self._release_device(victim)

@@ -7,6 +7,11 @@ from dataclasses import dataclass
 from workers.adapters.fusion import FusionConfig
 from workers.adapters.lora import TARGETS
 
+# Medusa's tree as paths of top-k ranks ((0, 1): the 2nd best of head 1 under the best of head 0). Sized
+# for a 2-core CPU, where a forward's cost grows with its tokens beyond ~4 (SmolLM2-135M: 7 tokens ≈ 1.2×,
+# 15 ≈ 2.6× a one-token decode step): 7 tokens per verification, 3 heads. GPUs afford Medusa's 64 nodes.
+DEFAULT_MEDUSA_TREE: tuple[tuple[int, ...], ...] = ((0,), (1,), (2,), (0, 0), (1, 0), (0, 0, 0))
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -25,3 +30,7 @@ class EngineConfig:
     lora_kernel: str = "fast"  # "fast" | "reference"
     num_threads: int | None = None  # torch intra-op threads; None → leave as is
     fusion: FusionConfig = FusionConfig()  # when a dominant adapter is merged into the base weights
+    medusa_max_batch: int = 4  # decoding rows up to which rows with Medusa heads verify trees; 0 → never
+    medusa_tree: tuple[tuple[int, ...], ...] = DEFAULT_MEDUSA_TREE
+    medusa_epsilon: float = 0.09  # typical acceptance (sampling): p(x) > min(ε, δ·exp(−H(p)))
+    medusa_delta: float = 0.3

@@ -12,19 +12,22 @@ from pathlib import Path
 
 import torch
 
+from workers.adapters.combined import AdapterWeights, is_combined_folder, read_combined
 from workers.adapters.compeft import is_compeft_folder, read_compeft
 from workers.adapters.fusion import FusionController
-from workers.adapters.lora import LoRAWeights, read_lora
+from workers.adapters.lora import read_lora
 from workers.adapters.manager import AdapterManager, AdapterSource
-from workers.adapters.s2ft import S2FTWeights, is_s2ft_folder, read_s2ft
+from workers.adapters.medusa import MedusaWeights, is_medusa_folder, read_medusa
+from workers.adapters.s2ft import is_s2ft_folder, read_s2ft
 from workers.engine.config import EngineConfig
 from workers.engine.detokenizer import IncrementalText
 from workers.engine.runner import ModelRunner
 from workers.engine.sampler import sample
 from workers.engine.scheduler import Scheduler, StepPlan
 from workers.engine.sequence import Sequence
+from workers.engine.speculative import Draft, Speculator
 from workers.engine.types import GenerationRequest, TokenEvent
-from workers.errors import AdapterValidationError, InvalidRequestError, PromptTooLongError
+from workers.errors import AdapterNotFoundError, AdapterValidationError, InvalidRequestError, PromptTooLongError
 
 
 def load_tokenizer(path: str):
@@ -45,31 +48,68 @@ class EngineCore:
                                        cfg.host_cache_bytes)
         self.scheduler = Scheduler(cfg, self.runner.kv, self.adapters)
         self.fusion = FusionController(self.runner.model, self.adapters, cfg.fusion, lambda: self.scheduler.running)
+        self.speculator = Speculator(cfg.medusa_tree, cfg.medusa_max_batch, cfg.medusa_epsilon, cfg.medusa_delta,
+                                     self.runner.model.lm_head, self.runner.dtype, self.runner.device)
         self.eos_ids = frozenset(self.runner.config.eos_token_ids) | frozenset(
             [self.tokenizer.eos_token_id] if getattr(self.tokenizer, "eos_token_id", None) is not None else [])
         self.lock = threading.RLock()  # guards adapters + scheduler against the service's threads
         self.by_id: dict[str, Sequence] = {}
 
-    def read_adapter(self, folder: str | Path) -> tuple[AdapterSource, LoRAWeights | S2FTWeights]:
-        """Reads and validates an adapter folder (PEFT LoRA, ComPEFT-compressed LoRA, or S²FT) against the
-        base (thread-safe; touches no state). Returns what the host cache keeps and the decoded weights."""
+    def read_adapter(self, folder: str | Path) -> tuple[AdapterSource, AdapterWeights]:
+        """Reads and validates an adapter folder (PEFT LoRA, ComPEFT-compressed LoRA, S²FT, or a combined
+        LoRA + S²FT merge) against the base (thread-safe; touches no state). Returns what the host cache
+        keeps and the decoded weights."""
         folder = Path(folder)
         if folder.is_dir() and is_s2ft_folder(folder):
             return read_s2ft(folder, self.runner.config)
+        if folder.is_dir() and is_combined_folder(folder):
+            source, weights = read_combined(folder, self.runner.config, self.cfg.max_rank)
+            self._check_lora_targets(source.lora.targets)
+            return source, weights
         read = read_compeft if folder.is_dir() and is_compeft_folder(folder) else read_lora
         source, weights = read(folder, self.runner.config, self.cfg.max_rank)
-        missing = source.targets - set(self.cfg.lora_targets)
-        if missing:
-            raise AdapterValidationError(f"target modules {sorted(missing)} are not enabled on this worker")
+        self._check_lora_targets(source.targets)
         return source, weights
 
+    def _check_lora_targets(self, targets: frozenset[str]) -> None:
+        missing = targets - set(self.cfg.lora_targets)
+        if missing:
+            raise AdapterValidationError(f"target modules {sorted(missing)} are not enabled on this worker")
+
     def load_adapter(self, name: str, folder: str | Path) -> AdapterSource:
-        """Registers in the host cache; the decoded weights are staged, since a request usually follows."""
+        """Registers in the host cache; the decoded weights are staged, since a request usually follows.
+        Medusa heads in a `medusa/` subfolder are attached to the adapter."""
         source, weights = self.read_adapter(folder)
+        heads_folder = Path(folder) / "medusa"
+        heads = self.read_medusa(heads_folder) if is_medusa_folder(heads_folder) else None
         with self.lock:
             self.adapters.register(name, source)
             self.adapters.stage(name, weights)
+            if heads is not None:
+                self.speculator.attach(name, heads)
         return source
+
+    def read_medusa(self, folder: str | Path) -> MedusaWeights:
+        """Reads Medusa heads and validates them against the base and this worker's tree (touches no state)."""
+        heads = read_medusa(folder, self.runner.config)
+        self.speculator.check(heads)
+        return heads
+
+    def load_medusa(self, folder: str | Path, attach_to: str | None = None) -> MedusaWeights:
+        """Attaches heads to the base (attach_to None: the default heads of base-model requests) or to a
+        loaded adapter (its requests use them); replaces heads already there."""
+        heads = self.read_medusa(folder)
+        with self.lock:
+            if attach_to is not None:
+                self.adapters.require(attach_to)
+            self.speculator.attach(attach_to, heads)
+        return heads
+
+    def unload_medusa(self, attach_to: str | None = None) -> None:
+        with self.lock:
+            if not self.speculator.detach(attach_to):
+                raise AdapterNotFoundError(
+                    f"no Medusa heads are attached to {'the base' if attach_to is None else repr(attach_to)}")
 
     def stage_adapter(self, name: str) -> None:
         """Decodes an adapter that is not on device yet, so admission only copies it (off the loop)."""
@@ -132,16 +172,19 @@ class EngineCore:
         with self.lock:
             self.fusion.update()  # between steps: fuse a dominant adapter, or unfuse
             plan = self.scheduler.schedule()
+            spec, plain = self.speculator.split(plan.decode, self.max_seq)  # rows with heads verify a tree
         if plan.empty:
             return []
-        logits = self._forward(plan)
-        sampled = plan.decode + [seq for seq, n in plan.prefill if seq.num_cached + n == len(seq.prompt)]
+        drafts = self.speculator.propose(spec)
+        logits, hidden = self._forward(plan, plain, drafts)
+        sampled = plain + [seq for seq, n in plan.prefill if seq.num_cached + n == len(seq.prompt)]
         for seq, n in plan.prefill:
             seq.num_cached += n
-        for seq in plan.decode:
+        for seq in plain:
             seq.num_cached += 1
-        tokens, logprobs = sample(logits, sampled)
-        events = [(seq, self._append(seq, tok, lp)) for seq, tok, lp in zip(sampled, tokens, logprobs, strict=True)]
+        rows = len(sampled)
+        events = self._sample(sampled, logits[:rows], hidden[:rows])
+        events += self._accept(drafts, logits[rows:], hidden[rows:])
         with self.lock:
             for seq, event in events:
                 if event.finish_reason is not None:
@@ -149,11 +192,46 @@ class EngineCore:
                     self.by_id.pop(seq.request.request_id, None)
         return events
 
-    def _forward(self, plan: StepPlan) -> torch.Tensor:
-        decode = [(s.kv_slot, s.num_cached, s.last_token, s.placement) for s in plan.decode]
+    def _forward(self, plan: StepPlan, plain: list[Sequence],
+                 drafts: list[Draft]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits [rows, vocab] and hidden states [rows, hidden]: plain decode rows, prompts that end, then
+        every node of each tree."""
+        decode = [(s.kv_slot, s.num_cached, s.last_token, s.placement) for s in plain]
         prefill = [(s.kv_slot, s.num_cached, list(s.prompt[s.num_cached:s.num_cached + n]),
                     s.num_cached + n == len(s.prompt), s.placement) for s, n in plan.prefill]
-        return self.runner.forward(decode, prefill)
+        layout = self.speculator.tree.layout
+        prefill += [(d.seq.kv_slot, d.seq.num_cached, d.tokens, True, d.seq.placement, layout) for d in drafts]
+        return self.runner.forward(decode, prefill, with_hidden=True)
+
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor,
+                hidden: torch.Tensor) -> list[tuple[Sequence, TokenEvent]]:
+        """One token per row (logits [R, vocab], hidden [R, hidden]); rows with heads keep the hidden state."""
+        tokens, logprobs = sample(logits, seqs)
+        for row, seq in enumerate(seqs):
+            if self.speculator.heads_for(seq) is not None:
+                seq.medusa_hidden = hidden[row].clone()
+                if seq.output:  # a plain decode step (a prompt's first token is not one)
+                    seq.tokens_per_step.append(1)
+        return [(seq, self._append(seq, tok, lp)) for seq, tok, lp in zip(seqs, tokens, logprobs, strict=True)]
+
+    def _accept(self, drafts: list[Draft], logits: torch.Tensor,
+                hidden: torch.Tensor) -> list[tuple[Sequence, TokenEvent]]:
+        """Verifies the trees (logits [B·T, vocab], hidden [B·T, hidden]), moves each accepted path's KV
+        entries into place and emits its tokens (up to a stop)."""
+        events = []
+        for v in self.speculator.verify(drafts, logits, hidden):
+            seq, start = v.seq, v.seq.num_cached
+            if v.nodes[1:] != list(range(1, len(v.nodes))):
+                self.runner.kv.compact(seq.kv_slot, [start + n for n in v.nodes[1:]], start + 1)
+            seq.num_cached += len(v.nodes)
+            seq.medusa_hidden = v.hidden
+            seq.tokens_per_step.append(0)
+            for tok, lp in zip(v.tokens, v.logprobs, strict=True):
+                seq.tokens_per_step[-1] += 1
+                events.append((seq, self._append(seq, tok, lp)))
+                if seq.finish_reason is not None:
+                    break
+        return events
 
     def _append(self, seq: Sequence, token: int, logprob: float | None) -> TokenEvent:
         seq.output.append(token)
@@ -165,8 +243,13 @@ class EngineCore:
         elif len(seq.output) >= p.max_tokens or len(seq.prompt) + len(seq.output) >= self.max_seq:
             seq.finish_reason = "length"
         text = seq.text.release(final=seq.finish_reason is not None)
+        details = None
+        if seq.finish_reason is not None and seq.tokens_per_step:
+            steps = seq.tokens_per_step
+            details = {"decode_steps": len(steps), "tokens_per_step": list(steps),
+                       "mean_tokens_per_step": sum(steps) / len(steps)}
         return TokenEvent(token_id=token, text=text, logprob=logprob, index=len(seq.output) - 1,
-                          prompt_tokens=len(seq.prompt), finish_reason=seq.finish_reason)
+                          prompt_tokens=len(seq.prompt), finish_reason=seq.finish_reason, details=details)
 
     def generate(self, requests: list[GenerationRequest]) -> list[list[TokenEvent]]:
         """Runs requests to completion together (for tests and benchmarks)."""

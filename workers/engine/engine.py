@@ -42,6 +42,11 @@ class Engine:
     def max_seq(self) -> int:
         return self.core.max_seq
 
+    @property
+    def base_config(self):
+        """The base model's DecoderConfig (shapes adapters are checked and merged against)."""
+        return self.core.runner.config
+
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="engine-loop", daemon=True)
         self._thread.start()
@@ -88,6 +93,13 @@ class Engine:
         """Reads and validates off the event loop and the decode loop; registers in the host cache."""
         return await asyncio.to_thread(self.core.load_adapter, name, path)
 
+    async def load_medusa(self, path: str, attach_to: str | None = None) -> None:
+        """Medusa heads for the base (attach_to None) or a loaded adapter; validated off the loops."""
+        await asyncio.to_thread(self.core.load_medusa, path, attach_to)
+
+    def unload_medusa(self, attach_to: str | None = None) -> None:
+        self.core.unload_medusa(attach_to)
+
     def on_adapter_evicted(self, callback) -> None:
         """`callback(name)` runs (in the engine's threads) whenever the host cache evicts an adapter."""
         self.core.adapters.on_evict = callback
@@ -104,8 +116,9 @@ class Engine:
         s = self.core.scheduler
         with self.core.lock:
             adapters, fusion = self.core.adapters.stats(), self.core.fusion.stats()
+            medusa = self.core.speculator.metrics()
         return {"running": len(s.running), "waiting": len(s.waiting), "max_batch": self.core.cfg.max_batch,
-                "adapters": adapters, "fusion": fusion}
+                "adapters": adapters, "fusion": fusion, "medusa": medusa}
 
     def _post(self, kind: str, payload: object) -> None:
         self._inbox.put((kind, payload))

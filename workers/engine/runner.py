@@ -38,18 +38,19 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(self, decode: list[tuple[int, int, int, DevicePlacement]],
-                prefill: list[tuple[int, int, list[int], bool, DevicePlacement]]) -> torch.Tensor:
+                prefill: list[tuple], with_hidden: bool = False):
         """decode: (kv_slot, position, token, adapter placement) per decoding sequence;
-        prefill: (kv_slot, start, tokens, wants_logits, adapter placement) per chunk.
-        Returns logits [rows, vocab] for the decode rows, then the chunks that want logits."""
-        batch = build_step_batch([d[:3] for d in decode], [p[:4] for p in prefill], self.cos, self.sin,
-                                 self.config.sliding_window, self.device)
+        prefill: (kv_slot, start, tokens, wants_logits, adapter placement[, tree layout]) per chunk (a tree:
+        a Medusa tree to verify). Returns logits [rows, vocab] for the decode rows, then the chunks that want
+        logits (every node of a tree); with_hidden: (logits, final hidden states [rows, hidden])."""
+        batch = build_step_batch([d[:3] for d in decode], [(*p[:4], *p[5:6]) for p in prefill], self.cos,
+                                 self.sin, self.config.sliding_window, self.device)
         chunks, offset = [], len(decode)
-        for _, _, tokens, _, placement in prefill:
+        for _, _, tokens, _, placement, *_ in prefill:
             chunks.append((offset, offset + len(tokens), placement))
             offset += len(tokens)
         self.adapter_ctx.batch = build_adapter_batch(
             [d[3].lora_rows for d in decode], [(s, e, p.lora_rows) for s, e, p in chunks], self.dtype, self.device)
         self.s2ft_ctx.batch = build_s2ft_batch(
             [d[3].s2ft_ids for d in decode], [(s, e, p.s2ft_ids) for s, e, p in chunks], self.device)
-        return self.model(batch, self.kv)
+        return self.model(batch, self.kv, with_hidden)

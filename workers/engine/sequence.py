@@ -22,6 +22,8 @@ class Sequence:
     num_cached: int = 0  # positions already written to the KV cache
     output: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None
+    medusa_hidden: torch.Tensor | None = None  # [hidden] that predicted last_token: Medusa heads read it
+    tokens_per_step: list[int] = field(default_factory=list)  # decode steps of a row with heads
 
     @property
     def prompt(self) -> tuple[int, ...]:

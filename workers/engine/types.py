@@ -41,3 +41,4 @@ class TokenEvent:
     index: int  # 0-based position in the completion
     prompt_tokens: int
     finish_reason: FinishReason | None = None
+    details: dict | None = None  # last event of a request with Medusa heads: tokens per decode step

@@ -21,9 +21,18 @@ class PrefillChunk:
 
 
 @dataclass(frozen=True)
+class TreeLayout:
+    """A speculative tree verified as one chunk: node i is written at KV position start + i but sits at
+    RoPE position start + depths[i], and sees the cached prefix plus its own ancestors."""
+
+    depths: torch.Tensor  # [T] long, root 0
+    ancestors: torch.Tensor  # [T, T] bool: node i sees node j (j is i or an ancestor of i)
+
+
+@dataclass(frozen=True)
 class StepBatch:
     input_ids: torch.Tensor  # [N] long
-    positions: torch.Tensor  # [N] long
+    positions: torch.Tensor  # [N] long: KV-cache position of each token (= RoPE position, except in trees)
     cache_slots: torch.Tensor  # [N] long: KV slot of each token
     cos: torch.Tensor  # [N, 1, head_dim]
     sin: torch.Tensor  # [N, 1, head_dim]
@@ -51,31 +60,54 @@ def causal_mask(start: int, length: int, window: int | None) -> torch.Tensor:
     return visible
 
 
+def tree_mask(start: int, tree: TreeLayout, window: int | None) -> torch.Tensor:
+    """[T, start + T] bool: every node sees the cached prefix and its ancestors (within the window)."""
+    t = tree.depths.shape[0]
+    q_pos = (start + tree.depths).unsqueeze(1)  # [T, 1]: RoPE positions
+    k_pos = torch.cat([torch.arange(start), start + tree.depths]).unsqueeze(0)  # [1, start + T]
+    visible = torch.cat([torch.ones(t, start, dtype=torch.bool), tree.ancestors], dim=1)
+    if window is not None:
+        visible &= k_pos > q_pos - window
+    return visible
+
+
 def build_step_batch(
     decode: list[tuple[int, int, int]],
-    prefill: list[tuple[int, int, list[int], bool]],
+    prefill: list[tuple],
     cos_table: torch.Tensor,
     sin_table: torch.Tensor,
     window: int | None,
     device: torch.device,
 ) -> StepBatch:
     """decode: (slot, position, token) per decoding sequence; prefill: (slot, start, tokens, wants_logits)
-    per chunk. Every decode row, and every chunk that ends its prompt, asks for logits at its last token."""
+    or (slot, start, tokens, wants_logits, tree: TreeLayout | None) per chunk. Every decode row, and every
+    chunk that ends its prompt, asks for logits at its last token; a tree chunk asks for all its nodes'."""
     ids: list[int] = [tok for _, _, tok in decode]
     pos: list[int] = [p for _, p, _ in decode]
+    rope_pos: list[int] = list(pos)
     slots: list[int] = [s for s, _, _ in decode]
     chunks: list[PrefillChunk] = []
     logits_rows = list(range(len(decode)))
-    for slot, start, tokens, wants_logits in prefill:
+    for slot, start, tokens, wants_logits, *rest in prefill:
+        tree: TreeLayout | None = rest[0] if rest else None
         offset = len(ids)
         ids.extend(tokens)
         pos.extend(range(start, start + len(tokens)))
         slots.extend([slot] * len(tokens))
-        mask = causal_mask(start, len(tokens), window).to(device)
+        if tree is None:
+            rope_pos.extend(range(start, start + len(tokens)))
+            mask = causal_mask(start, len(tokens), window).to(device)
+        else:
+            assert tree.depths.shape[0] == len(tokens)
+            rope_pos.extend((start + tree.depths).tolist())
+            mask = tree_mask(start, tree, window).to(device)
         chunks.append(PrefillChunk(slot, start, len(tokens), offset, mask))
-        if wants_logits:
+        if tree is not None:
+            logits_rows.extend(range(offset, offset + len(tokens)))
+        elif wants_logits:
             logits_rows.append(offset + len(tokens) - 1)
     positions = torch.tensor(pos, dtype=torch.long)
+    rope_positions = torch.tensor(rope_pos, dtype=torch.long)
     decode_slots = [s for s, _, _ in decode]
     kv_len = max((p + 1 for _, p, _ in decode), default=0)
     decode_mask = None
@@ -90,8 +122,8 @@ def build_step_batch(
         input_ids=torch.tensor(ids, dtype=torch.long, device=device),
         positions=positions.to(device),
         cache_slots=torch.tensor(slots, dtype=torch.long, device=device),
-        cos=cos_table[positions].unsqueeze(1).to(device),
-        sin=sin_table[positions].unsqueeze(1).to(device),
+        cos=cos_table[rope_positions].unsqueeze(1).to(device),
+        sin=sin_table[rope_positions].unsqueeze(1).to(device),
         num_decode=len(decode),
         decode_slots=torch.tensor(decode_slots, dtype=torch.long, device=device),
         decode_slots_are_prefix=decode_slots == list(range(len(decode_slots))),

@@ -131,6 +131,10 @@ class Decoder(nn.Module):
             x = layer(x, batch, kv)
         return self.model.norm(x)
 
-    def forward(self, batch: StepBatch, kv: KVCache) -> torch.Tensor:
+    def forward(self, batch: StepBatch, kv: KVCache,
+                with_hidden: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits [R, vocab] fp32; with_hidden: also the final hidden states [R, hidden] they came from
+        (what Medusa heads read)."""
         h = self.hidden_states(batch, kv)[batch.logits_rows]  # [R, hidden]
-        return self.lm_head(h).float()  # [R, vocab]
+        logits = self.lm_head(h).float()  # [R, vocab]
+        return (logits, h) if with_hidden else logits

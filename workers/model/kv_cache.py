@@ -43,6 +43,14 @@ class KVCache:
             return self.k[layer, :n, :, :s], self.v[layer, :n, :, :s]
         return self.k[layer][batch.decode_slots, :, :s], self.v[layer][batch.decode_slots, :, :s]
 
+    def compact(self, slot: int, src_positions: list[int], dst_start: int) -> None:
+        """Moves one sequence's entries at src_positions to dst_start, dst_start+1, … in every layer
+        (a speculative tree's accepted path into consecutive positions). Gathered first, so overlap is safe."""
+        src = torch.tensor(src_positions, dtype=torch.long, device=self.k.device)
+        dst = slice(dst_start, dst_start + len(src_positions))
+        for cache in (self.k, self.v):
+            cache[:, slot, :, dst] = cache[:, slot, :, src]  # [L, kv_heads, n, head_dim]
+
     def prefix_view(self, layer: int, slot: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One sequence's first `length` cached positions: [1, kv_heads, length, head_dim]."""
         return self.k[layer, slot:slot + 1, :, :length], self.v[layer, slot:slot + 1, :, :length]

@@ -1,0 +1,46 @@
+"""Fine-tune training files: upload (multipart, `purpose=fine-tune`), list, show, delete."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
+
+from server.auth import CurrentTenant
+from server.files_service import FILES_PATH, FilesService
+from server.protocol import ErrorResponse, FileDeleted, FileList, FileObject
+
+
+async def _files(request: Request) -> FilesService:
+    return request.app.state.files
+
+
+Files = Annotated[FilesService, Depends(_files)]
+router = APIRouter(prefix=FILES_PATH, responses={"default": {"model": ErrorResponse}})
+
+
+@router.post("", response_model=FileObject)
+async def upload_file(
+    files: Files,
+    tenant: CurrentTenant,
+    file: Annotated[UploadFile, File(description="JSONL: {prompt, completion} or {messages} records")],
+    purpose: Annotated[str, Form()] = "fine-tune",
+) -> FileObject:
+    data = await file.read()
+    return await asyncio.to_thread(files.upload, tenant, file.filename or "upload.jsonl", data, purpose)
+
+
+@router.get("", response_model=FileList)
+async def list_files(files: Files, tenant: CurrentTenant, purpose: str | None = None) -> FileList:
+    return await asyncio.to_thread(files.list, tenant, purpose)
+
+
+@router.get("/{file_id}", response_model=FileObject)
+async def show_file(file_id: str, files: Files, tenant: CurrentTenant) -> FileObject:
+    return await asyncio.to_thread(files.get, tenant, file_id)
+
+
+@router.delete("/{file_id}", response_model=FileDeleted)
+async def delete_file(file_id: str, files: Files, tenant: CurrentTenant) -> FileDeleted:
+    return await asyncio.to_thread(files.delete, tenant, file_id)

@@ -1,0 +1,76 @@
+"""Medusa heads through the worker service on a real engine: loading (base default heads, attached to an
+adapter, refused when they do not fit), tokens-per-step details in responses, per-adapter metrics."""
+
+import json
+
+import httpx
+import pytest
+import torch
+from tiny_models import make_lora, make_tiny_model
+
+from workers.adapters.medusa import init_medusa, write_medusa
+from workers.engine.config import EngineConfig
+from workers.engine.engine import Engine
+from workers.service import create_app
+from workers.service_config import WorkerServiceConfig
+
+
+@pytest.fixture
+async def served(tmp_path, smollm2_tokenizer):
+    folder, _ = make_tiny_model(tmp_path / "m", "llama")
+    engine = Engine(EngineConfig(model_path=str(folder), max_batch=4, max_seq=128), tokenizer=smollm2_tokenizer)
+    engine.start()
+    app = create_app(engine, WorkerServiceConfig(worker_id="w1", max_adapters=2))
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://w1") as client:
+            yield client, engine, folder
+    finally:
+        engine.stop()
+
+
+def write_heads(engine, folder, num_heads=3):
+    heads = init_medusa(engine.core.runner.config, num_heads, 1, 2, 0.3, torch.Generator().manual_seed(0))
+    return str(write_medusa(folder, heads))
+
+
+async def test_heads_load_serve_and_report(served, tmp_path):
+    client, engine, model = served
+    body = {"prompt_ids": [5, 6, 7], "params": {"max_tokens": 8, "temperature": 0, "ignore_eos": True}}
+    plain = (await client.post("/generate", json=body)).json()
+    assert plain["speculative"] is None
+    r = await client.post("/adapters/load", json={"name": "h", "path": write_heads(engine, tmp_path / "h"),
+                                                   "kind": "medusa"})
+    assert r.status_code == 200, r.text
+    spec = (await client.post("/generate", json=body)).json()
+    assert spec["token_ids"] == plain["token_ids"]
+    assert spec["speculative"]["decode_steps"] == 7 and len(spec["speculative"]["tokens_per_step"]) == 7
+    r = await client.post("/generate", json={**body, "stream": True})
+    events = [json.loads(line[5:]) for line in r.text.splitlines() if line.startswith("data:")]
+    assert [e["token_id"] for e in events] == plain["token_ids"]
+    assert events[-1]["details"]["mean_tokens_per_step"] >= 1 and "details" not in events[0]
+    metrics = (await client.get("/metrics")).text
+    assert 'adapterd_worker_medusa_steps_total{adapter=""}' in metrics
+    assert 'adapterd_worker_medusa_head_acceptance{adapter="",head="2"}' in metrics
+    assert (await client.get("/stats")).json()["medusa"][""]["steps"] > 0
+
+
+async def test_heads_for_an_adapter_and_bad_heads(served, tmp_path):
+    client, engine, model = served
+    lora = make_lora(model, tmp_path / "lora")
+    r = await client.post("/adapters/load", json={"name": "h", "path": write_heads(engine, tmp_path / "h"),
+                                                   "kind": "medusa", "attach_to": "lora"})
+    assert r.status_code == 404  # the adapter must be loaded first
+    assert (await client.post("/adapters/load", json={"name": "lora", "path": str(lora)})).status_code == 200
+    r = await client.post("/adapters/load", json={"name": "h", "path": write_heads(engine, tmp_path / "h"),
+                                                   "kind": "medusa", "attach_to": "lora"})
+    assert r.status_code == 200
+    assert set(engine.core.speculator.heads) == {"lora"}
+    body = {"prompt_ids": [5, 6, 7], "adapter": "lora",
+            "params": {"max_tokens": 6, "temperature": 0, "ignore_eos": True}}
+    assert (await client.post("/generate", json=body)).json()["speculative"]["decode_steps"] == 5
+    r = await client.post("/adapters/load", json={"name": "h2", "path": write_heads(engine, tmp_path / "h2", 2),
+                                                   "kind": "medusa"})
+    assert r.status_code == 400 and "needs 3 heads" in r.json()["error"]["message"]
+    r = await client.post("/adapters/load", json={"name": "x", "path": str(lora), "attach_to": "lora"})
+    assert r.status_code == 400
+    assert set(engine.core.speculator.heads) == {"lora"}

@@ -126,6 +126,7 @@ class WorkerGenerateRequest(BaseModel):
     adapter: str | None = None  # the engine-level adapter name; None → base model
     adapter_path: str | None = None  # where to load it from if it is not resident
     merge: WorkerMerge | None = None  # `adapter` is this merge (built from the members if not resident)
+    medusa_path: str | None = None  # Medusa heads for `adapter` (or the base): attached if not already
     params: WorkerSampling = Field(default_factory=WorkerSampling)
     stream: bool = False
 

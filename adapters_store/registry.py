@@ -4,6 +4,7 @@ Layout (keys on the backend):
 
     blobs/sha256/{hex}                  file bytes, named by their digest (shared between versions)
     manifests/{name}/{version:010d}     one JSON manifest per version; a tombstone once deleted
+    heads/{name}@{version} | heads/@base  the ref of the Medusa heads last attached there (may dangle)
 
 Publishing writes the blobs first, then creates the manifest with `create` (only-if-absent, atomic). A
 version is visible exactly when its manifest exists, so a crash at any point leaves either no version
@@ -26,6 +27,11 @@ from adapters_store.manifest import NAME_PATTERN, FileEntry, Manifest, tombstone
 BLOBS = "blobs/sha256/"
 MANIFESTS = "manifests/"
 _PUBLISH_ATTEMPTS = 8
+
+
+def heads_key(adapter_ref: str | None) -> str:
+    """Where the ref of the Medusa heads of an adapter version (or of the base: `heads/@base`) is kept."""
+    return f"heads/{adapter_ref or '@base'}"
 
 
 def blob_key(sha256: str) -> str:
@@ -142,6 +148,17 @@ class AdapterStore:
             return None
         name, version = parsed
         return self.latest(name) if version is None else self._read_manifest(name, version)
+
+    def attach_heads(self, heads: Manifest) -> None:
+        """Records `heads` (a Medusa version) as the heads of the adapter version it attaches to (or of the
+        base), replacing earlier ones."""
+        self.backend.write(heads_key(heads.attach_to), heads.ref.encode())
+
+    def heads_for(self, adapter_ref: str | None) -> Manifest | None:
+        """The Medusa heads attached to `adapter_ref` (None: the base), if they still exist."""
+        raw = self.backend.read(heads_key(adapter_ref))
+        heads = self.resolve(raw.decode()) if raw else None
+        return heads if heads is not None and heads.kind == "medusa" and heads.attach_to == adapter_ref else None
 
     def read_file(self, manifest: Manifest, filename: str) -> bytes:
         entry = manifest.files[filename]

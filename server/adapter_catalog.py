@@ -26,6 +26,7 @@ class AdapterVersion:
     name: str
     version: str | None
     path: Path
+    heads: str | None = None  # registry-attached Medusa heads (a folder's own heads sit in its `medusa/`)
 
     @property
     def ref(self) -> str:
@@ -40,6 +41,10 @@ def _natural_key(s: str) -> list:
 class AdapterCatalog:
     def __init__(self, root: Path):
         self.root = Path(root)
+
+    def heads_path(self, adapter_ref: str | None) -> str | None:
+        """Directory adapters carry their heads in a `medusa/` subfolder; none come from here."""
+        return None
 
     def resolve(self, model: str) -> AdapterVersion | None:
         """`name` or `name@version` → that adapter version, or None if there is no such adapter."""

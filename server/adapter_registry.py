@@ -45,6 +45,7 @@ class StoredAdapter:
 
     manifest: Manifest
     path: str
+    heads: str | None = None  # store reference of the Medusa heads attached to this version
 
     @property
     def name(self) -> str:
@@ -101,8 +102,18 @@ class AdapterRegistry:
             raise InvalidRequestError(f"{model!r} is a set of Medusa heads, not a model: request the base or the "
                                       "adapter they attach to", param="model")
         if manifest is not None:
-            return StoredAdapter(manifest, store_ref(self._store.url, manifest))
+            return StoredAdapter(manifest, store_ref(self._store.url, manifest), self.heads_path(manifest.ref))
         return self._catalog.resolve(model)
+
+    def heads_path(self, adapter_ref: str | None) -> str | None:
+        """The store reference of the Medusa heads attached to `adapter_ref` (None: the base's), remembered
+        for RESOLVE_TTL_S like manifests."""
+        key, now = f"heads {adapter_ref}", time.monotonic()
+        hit = self._resolved.get(key)
+        if hit is None or now - hit[0] >= RESOLVE_TTL_S:
+            hit = (now, self._store.heads_for(adapter_ref))
+            self._resolved[key] = hit
+        return None if hit[1] is None else store_ref(self._store.url, hit[1])
 
     def _manifest(self, model: str) -> Manifest | None:
         """The store's answer for `model`, remembered for RESOLVE_TTL_S: an inference request asks twice
@@ -170,7 +181,9 @@ class AdapterRegistry:
             draft = replace(draft, attach_to=self._heads_owner(files, tenant))
         with self._writes:
             self._check_name_free(name, tenant)
-            self._store.publish(draft, files)
+            published = self._store.publish(draft, files)
+            if published.kind == "medusa":
+                self._store.attach_heads(published)  # served with that adapter version (or the base) from now
             self._resolved.clear()
         return self.describe(tenant, name)
 

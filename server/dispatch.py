@@ -113,7 +113,10 @@ class Dispatcher:
         if isinstance(target.adapter, MergedAdapter):
             update |= {"adapter": target.adapter.ref, "merge": target.adapter.merge}
         elif target.adapter is not None:
-            update |= {"adapter": target.adapter.ref, "adapter_path": str(target.adapter.path)}
+            update |= {"adapter": target.adapter.ref, "adapter_path": str(target.adapter.path),
+                       "medusa_path": target.adapter.heads}
+        else:
+            update |= {"medusa_path": self._catalog.heads_path(None)}  # the base's heads, if any
         return req.model_copy(update=update).model_dump_json(exclude_none=True).encode()
 
     async def _acquire(self, target: Target, exclude: list[str]) -> Lease:

@@ -34,6 +34,7 @@ class AdapterLoader:
         self._cache_dir = cache_dir
         self._on_change = on_change
         self._locks: dict[str, asyncio.Lock] = {}
+        self._heads: dict[str | None, str] = {}  # owner → path of the Medusa heads attached to it
         engine.on_adapter_evicted(lambda name: on_change())
 
     def resident(self) -> list[str]:
@@ -72,6 +73,19 @@ class AdapterLoader:
             raise AdapterNotFoundError(exc.message, param="adapter") from exc
         except store_errors.StoreError as exc:
             raise AdapterValidationError(f"cannot read the adapter from the store: {exc.message}") from exc
+
+    async def ensure_heads(self, owner: str | None, path: str) -> None:
+        """Attaches the Medusa heads at `path` to `owner` (an adapter; None: the base) unless they already are:
+        the gateway names the heads the registry attaches to each adapter version."""
+        if self._heads.get(owner) == path:
+            return
+        async with self._locks.setdefault(f"heads {owner}", asyncio.Lock()):
+            if self._heads.get(owner) != path:
+                await self.load_heads(owner, path)
+
+    async def load_heads(self, owner: str | None, path: str) -> None:
+        await self._engine.load_medusa(await self._folder(path), owner)
+        self._heads[owner] = path
 
     def unload(self, name: str) -> None:
         """Raises AdapterNotFoundError if not resident, AdapterBusyError (409) while requests use it."""

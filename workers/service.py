@@ -142,6 +142,8 @@ class WorkerService:
         prompt_ids = self.prompts.build(req)
         if req.adapter is not None:
             await self.adapters.ensure(req.adapter, req.adapter_path, req.merge)
+        if req.medusa_path:
+            await self.adapters.ensure_heads(req.adapter, req.medusa_path)
         gen_req = GenerationRequest(
             prompt_ids=prompt_ids, params=_sampling(req), adapter=req.adapter, request_id=req.request_id
         )
@@ -153,8 +155,7 @@ class WorkerService:
             self.in_flight -= 1
 
     async def load_medusa(self, path: str, attach_to: str | None) -> None:
-        folder = await self.adapters._folder(path)  # a store reference is materialised first
-        await self.engine.load_medusa(folder, attach_to)
+        await self.adapters.load_heads(attach_to, path)
 
     async def generate(self, req: WorkerGenerateRequest) -> WorkerGenerateResult:
         ids: list[int] = []

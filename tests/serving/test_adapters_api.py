@@ -281,6 +281,46 @@ def test_per_request_merges_equal_the_saved_merge_and_the_oracles(cluster, loras
         assert r.json()["error"]["param"] in ("merged_adapters", "model"), what
 
 
+def test_medusa_heads_uploaded_for_an_adapter_or_the_base_are_used_and_change_no_token(cluster, loras,
+                                                                                       tiny_assets, tmp_path):
+    from workers.adapters.medusa import init_medusa, write_medusa
+    from workers.model.config import DecoderConfig
+
+    model, _ = tiny_assets
+    base = DecoderConfig.from_folder(model)
+
+    def heads_folder(name: str, adapter: str | None) -> Path:
+        folder = write_medusa(tmp_path / name, init_medusa(base, 3, generator=torch.Generator().manual_seed(1)))
+        if adapter is not None:
+            config = json.loads((folder / "config.json").read_text())
+            (folder / "config.json").write_text(json.dumps({**config, "adapter": adapter}))
+        return folder
+
+    def speculative(model_id: str | None) -> tuple[list[int], dict | None]:
+        params = {"adapter_id": model_id, "max_new_tokens": NEW_TOKENS, "details": True, "ignore_eos": True}
+        r = httpx.post(cluster.url + "/generate", headers={"authorization": f"Bearer {ALICE}"}, timeout=60,
+                       json={"inputs": PROMPT, "parameters": params})
+        assert r.status_code == 200, r.text
+        details = r.json()["details"]
+        return [t["id"] for t in details["tokens"]], details.get("speculative")
+
+    with client(cluster) as c:
+        c.upload_adapter("hx", loras["v1"])
+        plain_adapter, none = speculative("hx")
+        plain_base, _ = speculative(None)
+        assert none is None  # no heads yet
+        heads = c.upload_adapter("hx-heads", heads_folder("hx-heads", "hx"), kind="medusa")
+        assert heads.versions[0].attach_to == "hx@1"
+        tokens, spec = speculative("hx")
+        assert tokens == plain_adapter and spec is not None and spec["decode_steps"] > 0
+        assert sum(spec["tokens_per_step"]) == NEW_TOKENS - 1  # the first token comes from the prompt's pass
+        tokens, spec = speculative(None)
+        assert tokens == plain_base and spec is None  # the adapter's heads are not the base's
+        c.upload_adapter("base-heads", heads_folder("base-heads", None), kind="medusa")
+        tokens, spec = speculative(None)
+        assert tokens == plain_base and spec is not None and spec["decode_steps"] > 0
+
+
 def _zip(entries: dict[str, bytes], symlink: str | None = None) -> bytes:
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:

@@ -41,7 +41,8 @@ class FakeTrain:
             if self.step_s:
                 threading.Event().wait(self.step_s)
             step += 1
-            hooks.on_step(StepReport(step=step, total_steps=self.steps, loss=1.0 / step, tokens_per_s=100.0))
+            hooks.on_step(StepReport(step=step, total_steps=self.steps, loss=1.0 / step, tokens_per_s=100.0,
+                                     tokens=32))
             if step % hooks.checkpoint_every == 0 and step < self.steps:
                 folder = root / f"step-{step:06d}"
                 folder.mkdir(parents=True, exist_ok=True)

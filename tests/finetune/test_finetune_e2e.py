@@ -182,3 +182,17 @@ def test_cli_upload_and_follow(cluster, tmp_path):
     assert "succeeded" in r.stdout and "2/2" in r.stderr and "loss=" in r.stderr, (r.stdout, r.stderr)
 
 
+
+
+def test_a_medusa_job_publishes_heads_that_the_base_then_decodes_with(cluster, tmp_path):
+    with client(cluster) as c:
+        method = {"type": "medusa", "num_heads": 3, "epochs": 2, "max_new_tokens": 16, **SMALL}
+        job = c.create_job("model", upload(c, tmp_path), method, suffix="heads", seed=1)
+        done = wait_job(c, job.id, timeout=90)
+        assert done.status == "succeeded", done
+        (heads,) = c.get_adapter(done.fine_tuned_model).versions
+        assert heads.kind == "medusa" and heads.attach_to is None  # distilled from the base: the base's heads
+    r = httpx.post(cluster["url"] + "/generate", headers={"authorization": f"Bearer {KEY}"}, timeout=60,
+                   json={"inputs": "two plus two is", "parameters": {"max_new_tokens": 8, "details": True}})
+    assert r.status_code == 200, r.text
+    assert r.json()["details"]["speculative"]["decode_steps"] > 0  # the worker verified trees with them

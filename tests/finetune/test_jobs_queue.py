@@ -140,6 +140,7 @@ def test_job_runs_to_an_adapter(fresh, tiny_model, tmp_path):
     assert done["status"] == "succeeded", done
     assert done["fine_tuned_model"] == f"ft:{created['model']}:demo:{created['id']}"
     assert done["validation_loss"] == 0.7 and done["step"] == 5 and done["finished_at"]
+    assert done["trained_tokens"] == 5 * 32
     store = AdapterStore(open_backend((gateway[2] / "store").as_uri()))
     manifest = store.latest(done["fine_tuned_model"])
     assert manifest is not None and manifest.owner == "alice" and manifest.kind == "lora"

@@ -49,6 +49,7 @@ class StepReport:
     total_steps: int
     loss: float
     tokens_per_s: float
+    tokens: int = 0  # input tokens of this step's batch
 
 
 @dataclass
@@ -192,7 +193,7 @@ class TrainingLoop:
         self.losses.append(value)
         elapsed = max(time.perf_counter() - start, 1e-9)
         return StepReport(step=self.step, total_steps=self.total_steps, loss=value,
-                          tokens_per_s=out.input_tokens / elapsed)
+                          tokens_per_s=out.input_tokens / elapsed, tokens=int(out.input_tokens))
 
     def evaluate(self, examples: Sequence[Any]) -> float:
         """Token-weighted mean loss over examples, in order, without gradients."""

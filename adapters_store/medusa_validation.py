@@ -1,5 +1,6 @@
-"""Upload validation of Medusa heads (kind `medusa`), torch-free: the same rules as the engine's
-`workers.adapters.medusa` (format documented there), on the safetensors header and numpy arrays.
+"""Validation of Medusa heads (kind `medusa`), torch-free: the store checks uploads with it and the worker
+(`workers.adapters.medusa`, format documented there) loads heads through it, on the safetensors header
+and numpy arrays.
 
 Files: `config.json` (`medusa_num_heads`, `medusa_num_layers`, optional `version` 1|2,
 `base_model_name_or_path`, and optionally `hidden_size`/`vocab_size`, which must match the base) and
@@ -13,6 +14,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -25,6 +27,13 @@ KIND = "medusa"
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "medusa_lm_head.safetensors"
 MAX_HEADS, MAX_LAYERS = 16, 8
 _KEY = re.compile(r"^(\d+)\.(\d+)\.(?:linear\.(weight|bias)|(weight))$")
+
+
+class HeadsBase(Protocol):
+    """What the checks read of a base: `BaseModelSpec` (store) and `DecoderConfig` (worker) both fit."""
+
+    hidden_size: int
+    vocab_size: int
 
 
 @dataclass(frozen=True)
@@ -41,7 +50,7 @@ def is_medusa_upload(files: dict[str, bytes]) -> bool:
     return WEIGHTS_NAME in files
 
 
-def parse_config(raw: bytes, base: BaseModelSpec) -> dict:
+def parse_config(raw: bytes, base: HeadsBase) -> dict:
     try:
         cfg = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -67,9 +76,14 @@ def parse_config(raw: bytes, base: BaseModelSpec) -> dict:
     return cfg
 
 
-def validate_medusa(files: dict[str, bytes], base: BaseModelSpec) -> MedusaInfo:
+def validate_medusa(files: dict[str, bytes], base: HeadsBase) -> MedusaInfo:
     """Checks a Medusa folder's files against the base; raises InvalidAdapterError (malformed) or
     IncompatibleAdapterError (does not fit the base) naming the problem."""
+    return check_medusa(files, base)[0]
+
+
+def check_medusa(files: dict[str, bytes], base: HeadsBase) -> tuple[MedusaInfo, dict[str, np.ndarray]]:
+    """`validate_medusa`, also returning the checked tensors (float32), for the worker to load."""
     if CONFIG_NAME not in files:
         raise InvalidAdapterError(f"a Medusa upload needs {CONFIG_NAME} next to {WEIGHTS_NAME}", param="files")
     if WEIGHTS_NAME not in files:
@@ -105,7 +119,7 @@ def validate_medusa(files: dict[str, bytes], base: BaseModelSpec) -> MedusaInfo:
     if missing:
         more = " …" if len(missing) > 6 else ""
         raise IncompatibleAdapterError(f"{WEIGHTS_NAME}: missing tensors {missing[:6]}{more}")
-    dense = 0
+    dense, arrays = 0, {}
     for key, shape in expected.items():
         info = header.tensors[key]
         if info.dtype not in safetensors_file.FLOAT_DTYPES:
@@ -114,10 +128,12 @@ def validate_medusa(files: dict[str, bytes], base: BaseModelSpec) -> MedusaInfo:
             raise IncompatibleAdapterError(
                 f"{key}: shape {list(info.shape)} does not fit the base (expected {list(shape)}); "
                 "were these heads trained for another base model?")
-        if not np.isfinite(safetensors_file.tensor_array(data, header, key)).all():
+        arrays[key] = safetensors_file.tensor_array(data, header, key)
+        if not np.isfinite(arrays[key]).all():
             raise IncompatibleAdapterError(f"{key}: non-finite values")
         dense += 4 * info.numel
-    return MedusaInfo(k, n, version, cfg.get("base_model_name_or_path", ""), dense, cfg.get("adapter"))
+    info = MedusaInfo(k, n, version, cfg.get("base_model_name_or_path", ""), dense, cfg.get("adapter"))
+    return info, arrays
 
 
 def validate_upload(files: dict[str, bytes], base: BaseModelSpec) -> ValidatedAdapter:

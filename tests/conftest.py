@@ -19,6 +19,18 @@ def valkey(tmp_path_factory):
     server.stop()
 
 
+@pytest.fixture
+def redis_url(valkey):
+    """A clean database on the shared server (database 1; module-wide clusters use others)."""
+    import redis
+
+    url = f"{valkey.connection_url}/1"
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    client.close()
+    return url
+
+
 @pytest.fixture(scope="session")
 def smollm2_path():
     """The default model, converted once and cached across sessions (~30 s the first time)."""

@@ -8,18 +8,6 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "serving"))  # serving_cluster, serving_assets
 
 
-@pytest.fixture
-def redis_url(valkey):
-    """A clean database on the shared server."""
-    import redis
-
-    url = f"{valkey.connection_url}/5"
-    client = redis.Redis.from_url(url)
-    client.flushdb()
-    client.close()
-    return url
-
-
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     """A tiny random Llama with a chat template (hidden 64, 2 layers), built offline."""

@@ -6,18 +6,6 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 
-@pytest.fixture
-def redis_url(valkey):
-    """A clean database on the shared server."""
-    import redis
-
-    url = f"{valkey.connection_url}/1"
-    client = redis.Redis.from_url(url)
-    client.flushdb()
-    client.close()
-    return url
-
-
 @pytest.fixture(scope="session")
 def tiny_assets(tmp_path_factory):
     """A tiny random Llama with a chat template, and a data dir holding two LoRA adapters for it:

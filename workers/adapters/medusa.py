@@ -29,25 +29,24 @@ every check passes; pickle files are refused outright.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 
+from adapters_store.errors import StoreError
+from adapters_store.medusa_validation import CONFIG_NAME as CONFIG_FILE
+from adapters_store.medusa_validation import KIND, check_medusa
+from adapters_store.medusa_validation import WEIGHTS_NAME as WEIGHTS_FILE
 from adapters_store.validation import PICKLE_SUFFIXES
 from workers.errors import AdapterValidationError
 from workers.model.config import DecoderConfig
 
-KIND = "medusa"
-CONFIG_FILE, WEIGHTS_FILE = "config.json", "medusa_lm_head.safetensors"
-MAX_HEADS, MAX_LAYERS = 16, 8
-_KEY = re.compile(r"^(\d+)\.(\d+)\.(?:linear\.(weight|bias)|(weight))$")
+__all__ = ["CONFIG_FILE", "KIND", "WEIGHTS_FILE", "MedusaHeads", "MedusaWeights", "init_medusa", "is_medusa_folder",
+           "read_medusa", "reference_head_logits", "write_medusa"]
 
 
 @dataclass(frozen=True)
@@ -79,121 +78,34 @@ class MedusaWeights:
                              self.base_model_name_or_path)
 
 
-# config --------------------------------------------------------------------------------------------
 def is_medusa_folder(folder: str | Path) -> bool:
     return (Path(folder) / WEIGHTS_FILE).is_file()
 
 
-def check_config(cfg: object, base: DecoderConfig) -> dict:
-    """Returns {"num_heads", "num_layers", "version" (None when not given), "base_model_name_or_path"}."""
-    if not isinstance(cfg, dict):
-        raise AdapterValidationError(f"{CONFIG_FILE} must be a JSON object")
-    out: dict = {}
-    for key, name, limit in (("medusa_num_heads", "num_heads", MAX_HEADS),
-                             ("medusa_num_layers", "num_layers", MAX_LAYERS)):
-        value = cfg.get(key)
-        if type(value) is not int or not 1 <= value <= limit:
-            raise AdapterValidationError(f"{CONFIG_FILE}: {key} must be an integer in [1, {limit}], got {value!r}")
-        out[name] = value
-    version = cfg.get("version")
-    if version is not None and (type(version) is not int or version not in (1, 2)):
-        raise AdapterValidationError(f"{CONFIG_FILE}: version {version!r} is not supported (1 or 2)")
-    out["version"] = version
-    name = cfg.get("base_model_name_or_path", "")
-    if not isinstance(name, str):
-        raise AdapterValidationError(f"{CONFIG_FILE}: base_model_name_or_path must be a string")
-    out["base_model_name_or_path"] = name
-    for key, expected in (("hidden_size", base.hidden_size), ("vocab_size", base.vocab_size)):
-        if key in cfg and cfg[key] != expected:
-            raise AdapterValidationError(
-                f"{CONFIG_FILE}: {key} {cfg[key]!r} does not match the base model's {expected}: "
-                "these heads were trained for another base")
-    return out
-
-
-def read_config(folder: Path, base: DecoderConfig) -> dict:
-    path = folder / CONFIG_FILE
-    if not path.is_file():
-        raise AdapterValidationError(f"{folder.name}: no {CONFIG_FILE}")
-    try:
-        cfg = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterValidationError(f"{CONFIG_FILE} is not valid JSON: {e}") from e
-    return check_config(cfg, base)
-
-
-# tensors -------------------------------------------------------------------------------------------
-def _check_tensor(key: str, tensor: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    if not tensor.is_floating_point():
-        raise AdapterValidationError(f"{key}: dtype {tensor.dtype} is not floating point")
-    if tuple(tensor.shape) != shape:
-        raise AdapterValidationError(
-            f"{key}: shape {list(tensor.shape)} does not fit the base (expected {list(shape)}); "
-            "were these heads trained for another base model?")
-    if not bool(torch.isfinite(tensor).all()):
-        raise AdapterValidationError(f"{key}: non-finite values")
-    return tensor.float()
-
-
-def parse_medusa(cfg: dict, tensors: dict[str, torch.Tensor], base: DecoderConfig) -> MedusaWeights:
-    """cfg: the output of `check_config`. Refuses unknown, missing and misshapen tensors."""
-    k, n, h, v = cfg["num_heads"], cfg["num_layers"], base.hidden_size, base.vocab_size
-    seen: set[str] = set()
-    has_projection = False
-    for key in tensors:
-        m = _KEY.match(key)
-        if m is None:
-            raise AdapterValidationError(
-                f"unsupported tensor {key!r}: expected {{i}}.{{j}}.linear.weight|bias or {{i}}.{{n}}.weight")
-        head, block = int(m.group(1)), int(m.group(2))
-        if head >= k:
-            raise AdapterValidationError(f"{key}: head {head} but {CONFIG_FILE} declares medusa_num_heads={k}")
-        if m.group(4) is not None:  # a projection: only at block n
-            if block != n:
-                raise AdapterValidationError(
-                    f"{key}: a projection must follow the last ResBlock ({head}.{n}.weight with medusa_num_layers={n})")
-            has_projection = True
-        elif block >= n:
-            raise AdapterValidationError(f"{key}: ResBlock {block} but {CONFIG_FILE} declares medusa_num_layers={n}")
-        seen.add(key)
-    version = cfg["version"] if cfg["version"] is not None else (1 if has_projection else 2)
-    if version == 2 and has_projection:
-        raise AdapterValidationError("version 2 heads use the base lm_head; the file must not hold projections")
-    expected = {f"{i}.{j}.linear.{p}" for i in range(k) for j in range(n) for p in ("weight", "bias")}
-    if version == 1:
-        expected |= {f"{i}.{n}.weight" for i in range(k)}
-    missing = sorted(expected - seen)
-    if missing:
-        more = " …" if len(missing) > 6 else ""
-        raise AdapterValidationError(f"{WEIGHTS_FILE}: missing tensors {missing[:6]}{more}")
-    weights = torch.stack([torch.stack([_check_tensor(f"{i}.{j}.linear.weight", tensors[f"{i}.{j}.linear.weight"],
-                                                      (h, h)) for j in range(n)]) for i in range(k)])  # [K, n, H, H]
-    biases = torch.stack([torch.stack([_check_tensor(f"{i}.{j}.linear.bias", tensors[f"{i}.{j}.linear.bias"], (h,))
-                                       for j in range(n)]) for i in range(k)])  # [K, n, H]
-    projections = None
-    if version == 1:
-        projections = torch.stack([_check_tensor(f"{i}.{n}.weight", tensors[f"{i}.{n}.weight"], (v, h))
-                                   for i in range(k)])  # [K, V, H]
-    return MedusaWeights(version, weights, biases, projections, cfg["base_model_name_or_path"])
-
-
 def read_medusa(folder: str | Path, base: DecoderConfig) -> MedusaWeights:
-    """Reads and fully validates a Medusa folder against the base."""
+    """Reads and fully validates a Medusa folder against the base (the checks are the store's,
+    `adapters_store.medusa_validation`)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise AdapterValidationError(f"medusa folder {str(folder)!r} does not exist")
     pickles = [p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
     if pickles:
         raise AdapterValidationError(f"pickle files are refused ({', '.join(pickles)}); use safetensors")
-    cfg = read_config(folder, base)
-    path = folder / WEIGHTS_FILE
-    if not path.is_file():
-        raise AdapterValidationError(f"{folder.name}: no {WEIGHTS_FILE}")
+    files = {name: (folder / name).read_bytes() for name in (CONFIG_FILE, WEIGHTS_FILE) if (folder / name).is_file()}
     try:
-        tensors = load_safetensors(path.read_bytes())
-    except (SafetensorError, OSError, ValueError) as e:
-        raise AdapterValidationError(f"{WEIGHTS_FILE} is not a valid safetensors file: {e}") from e
-    return parse_medusa(cfg, tensors, base)
+        info, arrays = check_medusa(files, base)
+    except StoreError as e:
+        raise AdapterValidationError(e.message) from e
+    k, n = info.num_heads, info.num_layers
+    tensor = lambda key: torch.from_numpy(arrays[key])  # float32
+    weights = torch.stack([torch.stack([tensor(f"{i}.{j}.linear.weight") for j in range(n)])
+                           for i in range(k)])  # [K, n, H, H]
+    biases = torch.stack([torch.stack([tensor(f"{i}.{j}.linear.bias") for j in range(n)])
+                          for i in range(k)])  # [K, n, H]
+    projections = None
+    if info.version == 1:
+        projections = torch.stack([tensor(f"{i}.{n}.weight") for i in range(k)])  # [K, V, H]
+    return MedusaWeights(info.version, weights, biases, projections, info.base_model_name_or_path)
 
 
 def init_medusa(base: DecoderConfig, num_heads: int, num_layers: int = 1, version: int = 2, std: float = 0.02,

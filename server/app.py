@@ -99,7 +99,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 
     app = FastAPI(title="adapterd", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
-    app.state.auth = ApiKeyAuth(settings.tenants_by_key())
+    app.state.auth = ApiKeyAuth(settings.tenants_by_key(), settings.admin_key_list())
     app.state.metrics = GatewayMetrics()
     app.include_router(openai.router)
     app.include_router(native.router)

@@ -1,5 +1,7 @@
-"""Bearer API keys, each belonging to a tenant. With no keys configured, auth is off (the settings
-refuse that on a non-loopback bind unless explicitly insecure)."""
+"""Bearer API keys. Two kinds: tenant keys (their own adapters, files and jobs, plus public adapters) and
+admin (operator) keys, which also see cluster-wide views (metrics, workers, placement). With no keys
+configured, auth is off and every caller is the anonymous admin (the settings refuse that on a
+non-loopback bind unless explicitly insecure)."""
 
 from __future__ import annotations
 
@@ -9,20 +11,23 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from server.errors import AuthenticationError
+from server.errors import AuthenticationError, PermissionDeniedError
 
 
 @dataclass(frozen=True)
 class Tenant:
     name: str
+    admin: bool = False
 
 
-ANONYMOUS = Tenant("anonymous")
+ANONYMOUS = Tenant("anonymous", admin=True)
+ADMIN_TENANT = "admin"  # the tenant an admin key acts as for its own uploads, files and jobs
 
 
 class ApiKeyAuth:
-    def __init__(self, tenants_by_key: dict[str, str]):
+    def __init__(self, tenants_by_key: dict[str, str], admin_keys: tuple[str, ...] = ()):
         self._keys = [(k.encode(), Tenant(t)) for k, t in tenants_by_key.items()]
+        self._keys += [(k.encode(), Tenant(ADMIN_TENANT, admin=True)) for k in admin_keys]
 
     @property
     def enabled(self) -> bool:
@@ -48,4 +53,12 @@ async def current_tenant(request: Request) -> Tenant:  # async: no threadpool ho
     return request.app.state.auth.authenticate(request.headers.get("authorization"))
 
 
+async def current_admin(request: Request) -> Tenant:
+    tenant = request.app.state.auth.authenticate(request.headers.get("authorization"))
+    if not tenant.admin:
+        raise PermissionDeniedError("this needs an admin (operator) API key", code="admin_required")
+    return tenant
+
+
 CurrentTenant = Annotated[Tenant, Depends(current_tenant)]
+AdminTenant = Annotated[Tenant, Depends(current_admin)]

@@ -1,8 +1,8 @@
 """Typed gateway configuration (pydantic-settings; env prefix `ADAPTERD_`).
 
 API keys: `ADAPTERD_API_KEYS="key1:tenant-a,key2:tenant-b"` (a key without `:tenant` belongs to the
-tenant `default`). With no keys, auth is off, which is allowed only on a loopback host unless
-`ADAPTERD_ALLOW_INSECURE=true`.
+tenant `default`). Admin (operator) keys: `ADAPTERD_ADMIN_KEYS="key1,key2"`. With no keys, auth is off,
+which is allowed only on a loopback host unless `ADAPTERD_ALLOW_INSECURE=true`.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ class GatewaySettings(BaseSettings):
     redis_url: str = "redis://127.0.0.1:6379/0"
     data_dir: Path = Path(".adapterd")
     api_keys: str = ""
+    admin_keys: str = ""  # operator keys: cluster-wide views (metrics, workers, placement)
     allow_insecure: bool = False
     model_id: str = ""  # the base model's id if known before any worker registers
 
@@ -75,9 +76,12 @@ class GatewaySettings(BaseSettings):
             keys[key.strip()] = tenant.strip() or "default"
         return keys
 
+    def admin_key_list(self) -> tuple[str, ...]:
+        return tuple(k.strip() for k in self.admin_keys.replace("\n", ",").split(",") if k.strip())
+
     @property
     def auth_enabled(self) -> bool:
-        return bool(self.tenants_by_key())
+        return bool(self.tenants_by_key() or self.admin_key_list())
 
     def check_bind_safety(self) -> None:
         if self.auth_enabled or self.allow_insecure or is_loopback(self.host):

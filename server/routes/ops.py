@@ -1,11 +1,15 @@
-"""Operations: /health (alive), /ready (Redis reachable and at least one worker), /metrics."""
+"""Operations: /health (alive), /ready (Redis reachable and at least one worker); for admin keys only:
+/metrics and /v1/workers (each live worker's last heartbeat and this gateway's in-flight count)."""
 
 from __future__ import annotations
+
+from dataclasses import asdict
 
 from fastapi import APIRouter
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from server.auth import AdminTenant
 from server.dependencies import Metrics, Registry
 from server.errors import NoWorkerError
 
@@ -27,7 +31,15 @@ async def ready(registry: Registry) -> dict:
     return {"status": "ready", "workers": len(workers), "model": registry.base_model_id}
 
 
-@router.get("/metrics")
-async def metrics(metrics: Metrics, registry: Registry) -> Response:
+@router.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
+async def metrics(_: AdminTenant, metrics: Metrics, registry: Registry) -> Response:
     metrics.workers_alive.set(len(registry.alive()))
     return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/v1/workers")
+async def workers(_: AdminTenant, registry: Registry) -> dict:
+    return {
+        "object": "list",
+        "data": [{**asdict(w.info), "gateway_in_flight": w.in_flight} for w in registry.alive()],
+    }

@@ -312,6 +312,20 @@ async def test_auth(redis_url, tmp_path):
         assert (await client.get("/health")).status_code == 200
 
 
+async def test_cluster_views_need_the_admin_key(redis_url, tmp_path):
+    async with cluster(redis_url, tmp_path, n_workers=1, api_keys="k1:acme", admin_keys="root") as client:
+        tenant, admin = {"authorization": "Bearer k1"}, {"authorization": "Bearer root"}
+        for path in ("/metrics", "/v1/workers"):
+            assert_error(await client.get(path), 401)
+            assert_error(await client.get(path, headers=tenant), 403, "admin_required")
+        assert "adapterd_workers_alive" in (await client.get("/metrics", headers=admin)).text
+        workers = (await client.get("/v1/workers", headers=admin)).json()["data"]
+        assert [w["worker_id"] for w in workers] == ["w0"] and workers[0]["gateway_in_flight"] == 0
+        ok = await client.post("/v1/completions", json={"model": "fake-model", "prompt": "x", "max_tokens": 1},
+                               headers=admin)
+        assert ok.status_code == 200  # an admin key is also a tenant of its own
+
+
 async def test_ready(gw):
     body = (await gw.get("/ready")).json()
     assert body["status"] == "ready" and body["workers"] == 2

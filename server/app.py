@@ -19,7 +19,7 @@ from server.metrics import GatewayMetrics
 from server.native_service import NativeService
 from server.openai_service import ChatService, CompletionService
 from server.router import WorkerRouter
-from server.routes import adapters, files, jobs, native, openai, ops
+from server.routes import adapters, console, files, jobs, native, openai, ops
 from server.settings import GatewaySettings
 from server.worker_client import WorkerClient
 from server.worker_registry import WorkerRegistry
@@ -107,6 +107,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.include_router(adapters.router)
     app.include_router(files.router)
     app.include_router(jobs.router)
+    console.install(app)
     install_error_boundary(app)
     app.add_middleware(
         BodySizeLimit, max_bytes=settings.max_request_bytes, upload_max_bytes=settings.max_upload_bytes

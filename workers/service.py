@@ -35,6 +35,7 @@ from workers.adapter_loader import AdapterLoader
 from workers.engine.types import GenerationRequest, SamplingParams, TokenEvent
 from workers.errors import AdapterdError, InvalidRequestError
 from workers.heartbeat import Heartbeat
+from workers.load_report import TokenRate, load_report
 from workers.residency_metrics import FusionCollector, residency_registry
 from workers.service_config import WorkerServiceConfig
 from workers.speculative_metrics import SpeculativeCollector
@@ -121,20 +122,23 @@ class WorkerService:
         self.metrics.register(FusionCollector(lambda: self.engine.stats().get("fusion", {})))
         self.metrics.register(SpeculativeCollector(lambda: self.engine.stats().get("medusa", {})))
         self.in_flight = 0
+        self.tokens = TokenRate()
 
     def _residency_changed(self) -> None:
         if self.heartbeat is not None:
             self.heartbeat.nudge()
 
     def info(self) -> WorkerInfo:
+        stats = self.engine.stats()
         return WorkerInfo(
             worker_id=self.config.worker_id,
             url=self.config.url,
             model_id=self.engine.model_id,
-            capacity=int(self.engine.stats().get("max_batch", 1)),
+            capacity=int(stats.get("max_batch", 1)),
             in_flight=self.in_flight,
             resident_adapters=self.adapters.resident(),
             max_adapters=self.config.max_adapters,
+            stats=load_report(stats, self.tokens.per_second()),
         )
 
     async def _events(self, req: WorkerGenerateRequest) -> AsyncIterator[TokenEvent]:
@@ -150,6 +154,7 @@ class WorkerService:
         self.in_flight += 1
         try:
             async for ev in self.engine.generate(gen_req):
+                self.tokens.add()
                 yield ev
         finally:
             self.in_flight -= 1

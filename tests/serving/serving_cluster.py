@@ -131,3 +131,13 @@ class Cluster:
     def stop(self) -> None:
         for p in [self.gateway, *self.extra, *self.workers]:
             p.stop()
+
+
+def start_trainer(name: str, model: Path, redis_url: str, data_dir: Path, logs: Path, *extra: str) -> Proc:
+    """A trainer process (`python -m workers.trainer.worker`) on `model`, storing into `data_dir`."""
+    log = logs / f"{name}.log"
+    args = [sys.executable, "-m", "workers.trainer.worker", "--redis-url", redis_url, "--model", str(model),
+            "--data-dir", str(data_dir), "--trainer-id", name, "--log-level", "warning", *extra]
+    popen = subprocess.Popen(args, cwd=ROOT, env=_env({"OMP_NUM_THREADS": "1"}), stdout=log.open("wb"),
+                             stderr=subprocess.STDOUT)
+    return Proc(name, "", popen, log)

@@ -164,7 +164,7 @@ class AdapterManager:
         return {**self.counters, "host_adapters": len(self.host), "host_bytes": self.host_bytes,
                 "host_budget_bytes": self.host_budget_bytes, "device_adapters": len(self.device),
                 "device_free_rows": self.bank.free_rows, "device_rows": self.bank.num_rows,
-                "device_s2ft_bytes": self.s2ft.nbytes}
+                "device_s2ft_bytes": self.s2ft.nbytes, "device_names": sorted(self.device)}
 
     def _load_to_device(self, name: str) -> DevicePlacement | None:
         source = self.host[name]

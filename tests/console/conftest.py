@@ -1,0 +1,91 @@
+"""The console's browser tests: a real gateway + worker + trainer on the tiny model (real processes, the
+session Redis), and Debian's chromium driven headless by Playwright (its own browser download does not
+work on these machines; scripts/setup.sh installs chromium)."""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+import zipfile
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE.parent / "serving"))  # serving_cluster, serving_assets
+
+from serving_assets import build_lora, build_tiny_model  # noqa: E402
+from serving_cluster import ready_workers, start_gateway, start_trainer, start_worker, wait_until  # noqa: E402
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+ADMIN_KEY, KEY_A, KEY_B = "key-console-admin", "key-console-a", "key-console-b"
+REDIS_DB = 11
+
+
+@pytest.fixture(scope="session")
+def console_cluster(valkey, tmp_path_factory):
+    """Gateway (keys on: an admin key and two tenants), one worker and one trainer process."""
+    url = f"{valkey.connection_url}/{REDIS_DB}"
+    redis.Redis.from_url(url).flushdb()
+    root = tmp_path_factory.mktemp("console")
+    model = build_tiny_model(root / "model")
+    logs, data = root / "logs", root / "data"
+    logs.mkdir()
+    procs = [start_worker("w0", model, url, logs, 1.5),
+             start_trainer("trainer-c", model, url, data, logs, "--checkpoint-every", "10", "--event-interval", "0.2")]
+    gateway = start_gateway(url, data, logs, ADAPTERD_API_KEYS=f"{KEY_A}:tenant-a,{KEY_B}:tenant-b",
+                            ADAPTERD_ADMIN_KEYS=ADMIN_KEY, ADAPTERD_BASE_MODEL_PATH=str(model))
+    procs.append(gateway)
+    trainers = redis.Redis.from_url(url)
+    try:
+        wait_until(lambda: ready_workers(gateway.url) == 1 and len(trainers.smembers("adapterd:v1:trainers")) == 1,
+                   120, "a worker and a trainer", procs)
+        yield {"url": gateway.url, "model": model, "root": root}
+    finally:
+        for p in procs:
+            p.stop()
+
+
+@pytest.fixture(scope="session")
+def lora_dir(console_cluster):
+    return build_lora(console_cluster["model"], console_cluster["root"] / "lora", seed=5)
+
+
+def zipped(folder: Path) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for f in sorted(folder.iterdir()):
+            if f.is_file():
+                z.write(f, f"{folder.name}/{f.name}")
+    return buf.getvalue()
+
+
+def api(cluster, key: str) -> httpx.Client:
+    return httpx.Client(base_url=cluster["url"], headers={"authorization": f"Bearer {key}"}, timeout=60)
+
+
+@pytest.fixture(scope="session")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    assert Path(CHROMIUM).is_file(), f"{CHROMIUM} is missing: scripts/setup.sh installs Debian's chromium"
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+@pytest.fixture(scope="session")
+def shots(tmp_path_factory) -> Path:
+    """Where the tests write screenshots of each view (ADAPTERD_CONSOLE_SHOTS overrides the tmp dir)."""
+    wanted = os.environ.get("ADAPTERD_CONSOLE_SHOTS")
+    folder = Path(wanted) if wanted else tmp_path_factory.mktemp("console-shots")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder

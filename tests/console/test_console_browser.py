@@ -2,9 +2,9 @@
 gateway + worker + trainer on the tiny model: each view renders real data; a drag-and-dropped archive
 upload appears in the list, with its placement; download and delete; a chat streams tokens; compare mode
 shows base and adapter answers side by side with TTFT and tokens/s; the workers view refreshes with load
-and tokens/s; a fine-tune job's loss chart gains points while it runs, lists checkpoints and is
-cancelled; user values (a file name, a prompt) that look like HTML are shown as text; a tenant key sees
-nothing of another tenant's. Screenshots of each view go to the `shots` folder."""
+and tokens/s; a fine-tune job's loss chart gains points while it runs, lists checkpoints and is cancelled,
+and a short one ends with its validation loss; user values (a file name, a prompt) that look like HTML
+are shown as text; a tenant key sees nothing of another tenant's. Screenshots of each view go to `shots`."""
 
 from __future__ import annotations
 
@@ -195,6 +195,13 @@ def test_finetune_file_errors_live_loss_chart_checkpoints_cancel(admin, console_
     expect(status).to_have_attribute("data-status", "cancelled", timeout=60_000)
     expect(page.locator("#job-cancel")).to_be_disabled()
     expect(page.locator("#jobs-table td.status").first).to_have_text("cancelled", timeout=10_000)
+
+    # a short job runs to its end: the validation loss joins the chart, the job names its adapter
+    page.fill('#job-params input[name="epochs"]', "1")
+    page.click("#job-form button[type=submit]")
+    expect(status).to_have_attribute("data-status", "succeeded", timeout=90_000)
+    expect(chart).to_have_attribute("data-valid-points", "1")
+    expect(status).to_contain_text(re.compile(r"→ ft.model.console.ftjob-"))
     admin.check_clean()
 
 

@@ -210,6 +210,8 @@ def test_a_tenant_key_sees_nothing_of_another_tenants(browser, console_cluster, 
         files = [("files", (p.name, p.read_bytes())) for p in sorted(lora_dir.iterdir()) if p.is_file()]
         assert a.post("/v1/adapters", data={"name": "secret-of-a"}, files=files).status_code == 201
         assert b.post("/v1/adapters", data={"name": "mine-of-b"}, files=files).status_code == 201
+        shared = a.post("/v1/adapters", data={"name": "shared-by-a", "public": "true"}, files=files)
+        assert shared.status_code == 201, shared.text
         train = "\n".join(json.dumps(r) for r in RECORDS).encode()
         assert a.post("/v1/files", files={"file": ("secret-a-train.jsonl", train)}).status_code == 200
         assert b.post("/v1/files", files={"file": ("b-train.jsonl", train)}).status_code == 200
@@ -219,6 +221,9 @@ def test_a_tenant_key_sees_nothing_of_another_tenants(browser, console_cluster, 
         expect(page.locator('#tabs [data-view="workers"]')).to_be_hidden()  # no workers, no placement
         expect(page.locator('#adapters-table tr[data-model="mine-of-b@1"]')).to_be_visible()
         expect(page.locator('#adapters-table tr[data-model="mine-of-b@1"] td.held')).to_have_text("admin key only")
+        expect(page.locator('#adapters-table tr[data-model="shared-by-a@1"]')).to_contain_text("tenant-a")  # public
+        assert KEY_B not in page.url  # the key lives in this tab's sessionStorage only
+        assert page.evaluate("[sessionStorage.getItem('adapterd.apiKey'), localStorage.length]") == [KEY_B, 0]
         seen = page.locator("body").inner_text()
         tenant.open("finetune")
         expect(page.locator("#files-table td.filename")).to_have_text("b-train.jsonl")

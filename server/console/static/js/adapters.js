@@ -94,6 +94,11 @@ async function send() {
   }
 }
 
+// A model id in a path: each segment encoded, a namespace's '/' kept (TENANT/NAME@VERSION).
+function refPath(id) {
+  return id.split('/').map(encodeURIComponent).join('/');
+}
+
 async function placements() {
   if (!session.admin) return null;
   const held = new Map();  // model id → [{worker, device}]
@@ -128,7 +133,7 @@ function row(v, held) {
   const del = el('button', { type: 'button', class: 'danger', text: 'Delete' });
   del.addEventListener('click', async () => {
     if (del.dataset.armed !== '1') { del.dataset.armed = '1'; del.textContent = 'Really delete?'; return; }
-    await request(`/v1/adapters/${encodeURIComponent(v.id)}`, { method: 'DELETE' });
+    await request(`/v1/adapters/${refPath(v.id)}`, { method: 'DELETE' });
     await refresh();
   });
   return el('tr', { dataset: { model: v.id } },
@@ -144,9 +149,9 @@ function row(v, held) {
 }
 
 async function download(v) {
-  const blob = await (await request(`/v1/adapters/${encodeURIComponent(v.id)}/download`)).blob();
+  const blob = await (await request(`/v1/adapters/${refPath(v.id)}/download`)).blob();
   const url = URL.createObjectURL(blob);
-  const a = el('a', { href: url, download: `${v.name}-${v.version}.zip` });
+  const a = el('a', { href: url, download: `${v.name.replace(/\//g, '-')}-${v.version}.zip` });
   document.body.append(a);
   a.click();
   a.remove();

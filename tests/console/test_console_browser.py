@@ -74,8 +74,9 @@ def test_adapters_upload_by_drop_placement_download_delete(admin, console_cluste
     dl.value.save_as(saved)
     assert saved.read_bytes()[:2] == b"PK" and dl.value.suggested_filename == "console-lora-1.zip"
 
-    # the same files picked one by one (a folder's files), under another name, then deleted
-    page.set_input_files("#adapter-files", [str(p) for p in sorted(lora_dir.iterdir()) if p.is_file()])
+    # the same adapter picked as a folder (webkitdirectory), under another name, then deleted
+    page.set_input_files("#adapter-folder", str(lora_dir))
+    expect(page.locator("#upload-picked")).to_contain_text(f"{lora_dir.name}/adapter_config.json")
     page.fill("#upload-name", "console-doomed")
     page.click("#upload-form button[type=submit]")
     doomed = page.locator('#adapters-table tr[data-model="console-doomed@1"]')

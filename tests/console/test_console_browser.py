@@ -121,8 +121,24 @@ def test_playground_streams_a_chat_and_compares_side_by_side(admin, console_clus
     admin.check_clean()
 
 
-def test_workers_view_refreshes_load_and_tokens_per_s(admin, console_cluster, shots):
+def medusa_heads(console_cluster, folder) -> list[tuple]:
+    """Random Medusa heads for the tiny base model, as upload files."""
+    import torch
+
+    from workers.adapters.medusa import init_medusa, write_medusa
+    from workers.model.config import DecoderConfig
+
+    base = DecoderConfig.from_folder(console_cluster["model"])
+    heads = write_medusa(folder, init_medusa(base, 3, generator=torch.Generator().manual_seed(1)))
+    return [("files", (p.name, p.read_bytes())) for p in sorted(heads.iterdir()) if p.is_file()]
+
+
+def test_workers_view_refreshes_load_tokens_per_s_and_medusa(admin, console_cluster, shots, tmp_path):
     page = admin.page
+    with api(console_cluster, ADMIN_KEY) as c:  # heads for the base: its requests decode speculatively
+        r = c.post("/v1/adapters", data={"name": "console-heads", "kind": "medusa"},
+                   files=medusa_heads(console_cluster, tmp_path / "heads"))
+        assert r.status_code == 201, r.text
     admin.open("workers")
     row = page.locator('#workers-table tr[data-worker="w0"]')
     expect(row).to_contain_text("console-lora@1")  # resident, with its tier
@@ -133,8 +149,9 @@ def test_workers_view_refreshes_load_and_tokens_per_s(admin, console_cluster, sh
         with api(console_cluster, ADMIN_KEY) as c:
             deadline = time.monotonic() + 60
             while not stop.is_set() and time.monotonic() < deadline:
-                c.post("/v1/completions", json={"model": "console-lora", "prompt": "hi", "max_tokens": 32,
-                                                "ignore_eos": True})
+                for model in ("console-lora", "model"):
+                    c.post("/v1/completions", json={"model": model, "prompt": "hi", "max_tokens": 32,
+                                                    "ignore_eos": True})
 
     t = threading.Thread(target=traffic, daemon=True)
     t.start()
@@ -146,6 +163,7 @@ def test_workers_view_refreshes_load_and_tokens_per_s(admin, console_cluster, sh
         while time.monotonic() < deadline and not float(tps.inner_text() or 0) > 0:
             page.wait_for_timeout(250)
         assert float(tps.inner_text()) > 0
+        expect(row.locator("td.medusa")).to_contain_text(re.compile(r"base: [\d.]+ tok/step, heads \d+%"))
         admin.shot(shots, "workers")
     finally:
         stop.set()
@@ -237,7 +255,7 @@ def test_a_tenant_key_sees_nothing_of_another_tenants(browser, console_cluster, 
         expect(page.locator("#view-adapters")).to_be_visible()
         expect(page.locator("#view-workers")).to_be_hidden()
         seen += page.locator("body").inner_text()
-        for other in ("secret-of-a", "secret-a-train", "console-lora", XSS, "ftjob-", "w0"):
+        for other in ("secret-of-a", "secret-a-train", "console-", XSS, "ftjob-", "w0"):
             assert other not in seen, other
         tenant.check_clean()
     finally:

@@ -44,7 +44,7 @@ function row(w) {
       class: `tag${device.has(n) ? ' device' : ''}`, text: `${n} (${device.has(n) ? 'device' : 'host'})`,
     })) : el('span', { class: 'muted', text: `none (of ${w.max_adapters})` })),
     el('td', { text: fused ? `fused: ${fused}` : `off (${(s.fusion && s.fusion.fusions) || 0} fusions)` }),
-    el('td', {}, medusa(s.medusa || {})));
+    el('td', { class: 'medusa' }, medusa(s.medusa || {})));
 }
 
 function medusa(byOwner) {

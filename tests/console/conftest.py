@@ -44,7 +44,7 @@ def console_cluster(valkey, tmp_path_factory):
     trainers = redis.Redis.from_url(url)
     try:
         wait_until(lambda: ready_workers(gateway.url) == 1 and len(trainers.smembers("adapterd:v1:trainers")) == 1,
-                   120, "a worker and a trainer", procs)
+                   180, "a worker and a trainer", procs)
         yield {"url": gateway.url, "model": model, "root": root}
     finally:
         for p in procs:

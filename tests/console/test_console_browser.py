@@ -19,7 +19,7 @@ from conftest import ADMIN_KEY, KEY_A, KEY_B, api, zipped
 from console_page import ConsolePage
 from playwright.sync_api import expect
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = pytest.mark.timeout(360)  # the first test also waits for the cluster to start
 XSS = "<img src=x onerror=alert(1)>"
 RECORDS = [{"prompt": "two plus two is", "completion": " four."},
            {"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hello world"}]}] * 8

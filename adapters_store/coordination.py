@@ -5,7 +5,8 @@
 Redis layout (all keys under `adapterd:v1:`; Redis 6.2 commands only):
 
 - `worker:{id}`        STRING, JSON `WorkerInfo`, written with `SET … EX ttl` on every heartbeat.
-                       A worker that stops heartbeating disappears when the key expires.
+                       A worker that stops heartbeating disappears when the key expires. Signed with the
+                       cluster secret (`WorkerInfo.signature`); the gateway ignores records that fail it.
 - `workers`            SET of worker ids that have heartbeated; readers drop ids whose key expired.
 - `placement:{name}`   SET of worker ids holding adapter `name` resident; refreshed (with an expiry of a
                        few TTLs) on each heartbeat; readers intersect it with the live workers.
@@ -33,15 +34,18 @@ from __future__ import annotations
 import json
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from adapters_store.cluster_auth import ClusterSigner
 
 SCHEMA_VERSION = 1
 KEY_PREFIX = f"adapterd:v{SCHEMA_VERSION}"
 WORKERS_SET = f"{KEY_PREFIX}:workers"
 PLACEMENT_TTL_FACTOR = 3  # placement sets live this many heartbeat TTLs after their last refresh
+WORKER_RECORD = "worker"  # the record kind a worker's registration is signed as
 
 
 def worker_key(worker_id: str) -> str:
@@ -65,9 +69,22 @@ class WorkerInfo:
     max_adapters: int = 0
     heartbeat_at: float = field(default_factory=time.time)
     version: int = SCHEMA_VERSION
+    signature: str = ""  # the cluster secret's record signature over every other field (`signed_by`)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
+
+    def _signed_payload(self) -> bytes:
+        fields = {k: v for k, v in asdict(self).items() if k != "signature"}
+        return json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
+
+    def signed_by(self, signer: ClusterSigner) -> WorkerInfo:
+        """This record with its signature set: what a heartbeat publishes."""
+        return replace(self, signature=signer.sign_record(WORKER_RECORD, self._signed_payload()))
+
+    def verified_by(self, signer: ClusterSigner) -> bool:
+        """The gateway routes only to workers whose record verifies (written by a cluster member)."""
+        return signer.record_valid(WORKER_RECORD, self._signed_payload(), self.signature)
 
     @classmethod
     def from_json(cls, raw: str | bytes) -> WorkerInfo:

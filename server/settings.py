@@ -3,6 +3,9 @@
 API keys: `ADAPTERD_API_KEYS="key1:tenant-a,key2:tenant-b"` (a key without `:tenant` belongs to the
 tenant `default`). Admin (operator) keys: `ADAPTERD_ADMIN_KEYS="key1,key2"`. With no keys, auth is off,
 which is allowed only on a loopback host unless `ADAPTERD_ALLOW_INSECURE=true`.
+
+Cluster secret (signs every call to a worker and verifies worker registrations): `ADAPTERD_CLUSTER_SECRET`
+or `ADAPTERD_CLUSTER_SECRET_FILE`; the gateway does not start without one.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ from pathlib import Path
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from adapters_store.cluster_auth import ClusterSigner, load_secret
 
 
 class InsecureBindError(RuntimeError):
@@ -28,6 +33,8 @@ class GatewaySettings(BaseSettings):
     api_keys: str = ""
     admin_keys: str = ""  # operator keys: cluster-wide views (metrics, workers, placement)
     allow_insecure: bool = False
+    cluster_secret: str = Field("", repr=False)
+    cluster_secret_file: Path | None = None
     model_id: str = ""  # the base model's id if known before any worker registers
 
     # routing
@@ -78,6 +85,10 @@ class GatewaySettings(BaseSettings):
 
     def admin_key_list(self) -> tuple[str, ...]:
         return tuple(k.strip() for k in self.admin_keys.replace("\n", ",").split(",") if k.strip())
+
+    def cluster_signer(self) -> ClusterSigner:
+        """Raises ClusterSecretError when no secret is configured."""
+        return ClusterSigner(load_secret(self.cluster_secret, self.cluster_secret_file, env={}))
 
     @property
     def auth_enabled(self) -> bool:

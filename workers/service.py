@@ -1,8 +1,10 @@
 """The worker's HTTP service around one engine: generate (streamed as SSE or not), health, stats and the
-internal adapter load/unload used by the gateway. Registers itself in Redis through `Heartbeat`.
+internal adapter load/unload used by the gateway. Registers itself in Redis through `Heartbeat`. Every
+route but `GET /health` needs a request signed with the cluster secret (`workers.request_auth`).
 Errors (`workers.errors.AdapterdError`) become the JSON error shape at this module's one boundary.
 
-Entry point: `python -m workers.service --port 9001 --redis-url redis://… --model PATH`.
+Entry point: `python -m workers.service --port 9001 --redis-url redis://… --model PATH`, with the cluster
+secret in `ADAPTERD_CLUSTER_SECRET` or `ADAPTERD_CLUSTER_SECRET_FILE`.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
@@ -23,6 +27,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from adapters_store.cluster_auth import ClusterSecretError, ClusterSigner, RequestVerifier, load_secret
 from adapters_store.coordination import (
     AdapterLoadRequest,
     AdapterUnloadRequest,
@@ -35,6 +40,7 @@ from workers.adapter_loader import AdapterLoader
 from workers.engine.types import GenerationRequest, SamplingParams, TokenEvent
 from workers.errors import AdapterdError, InvalidRequestError
 from workers.heartbeat import Heartbeat
+from workers.request_auth import ClusterAuthMiddleware
 from workers.residency_metrics import FusionCollector, residency_registry
 from workers.service_config import WorkerServiceConfig
 from workers.speculative_metrics import SpeculativeCollector
@@ -290,13 +296,14 @@ def install_error_boundary(app: FastAPI) -> None:
 
 def create_app(engine: Any, config: WorkerServiceConfig) -> FastAPI:
     """The worker app. `engine` is started/stopped by whoever built it (the entry point, or a test)."""
+    signer = ClusterSigner(config.cluster_secret)  # raises ClusterSecretError without a usable secret
     service = WorkerService(engine, config)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         if config.redis_url:
             service.heartbeat = Heartbeat(
-                config.redis_url, service.info, config.heartbeat_ttl_s, config.interval_s
+                config.redis_url, service.info, config.heartbeat_ttl_s, config.interval_s, signer
             )
             await service.heartbeat.start()
         try:
@@ -314,6 +321,7 @@ def create_app(engine: Any, config: WorkerServiceConfig) -> FastAPI:
     app.add_api_route("/adapters/load", load_route, methods=["POST"])
     app.add_api_route("/adapters/unload", unload_route, methods=["POST"])
     install_error_boundary(app)
+    app.add_middleware(ClusterAuthMiddleware, verifier=RequestVerifier(config.cluster_secret))
     return app
 
 
@@ -325,7 +333,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=9001)
     p.add_argument("--advertise-url", default="", help="URL the gateway uses (default http://HOST:PORT)")
-    p.add_argument("--redis-url", default=None)
+    p.add_argument("--redis-url", default=os.environ.get("ADAPTERD_REDIS_URL"),
+                   help="default: $ADAPTERD_REDIS_URL (keeps a password off the command line)")
     p.add_argument("--model", default=None, help="HF model folder (default: the packaged SmolLM2)")
     p.add_argument("--worker-id", default=None)
     p.add_argument("--heartbeat-ttl", type=float, default=5.0)
@@ -370,6 +379,11 @@ def main(argv: list[str] | None = None) -> None:
 
     args = _parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(levelname)s %(name)s: %(message)s")
+    try:
+        secret = load_secret()
+    except ClusterSecretError as exc:
+        print(f"adapterd worker: {exc}", file=sys.stderr)
+        raise SystemExit(2) from exc
     config = WorkerServiceConfig(
         host=args.host,
         port=args.port,
@@ -377,6 +391,7 @@ def main(argv: list[str] | None = None) -> None:
         redis_url=args.redis_url,
         heartbeat_ttl_s=args.heartbeat_ttl,
         max_adapters=args.max_loras,
+        cluster_secret=secret,
         **({"worker_id": args.worker_id} if args.worker_id else {}),
     )
     engine = _build_engine(args)

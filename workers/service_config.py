@@ -16,6 +16,7 @@ class WorkerServiceConfig:
     heartbeat_ttl_s: float = 5.0
     heartbeat_interval_s: float = 0.0  # 0 → ttl / 3
     max_adapters: int = 8  # resident adapters at once (the engine's LoRA slots)
+    cluster_secret: bytes = field(default=b"", repr=False)  # required: requests and heartbeats are signed
 
     @property
     def url(self) -> str:

@@ -146,6 +146,7 @@ async def test_worker_loader_loads_once_and_reports_evictions(tiny, smollm2_toke
 
 async def test_worker_metrics_report_residency(tiny, smollm2_tokenizer):
     import httpx
+    from cluster_signing import ClusterAuth, cluster_secret
 
     from workers.service import create_app
     from workers.service_config import WorkerServiceConfig
@@ -154,8 +155,9 @@ async def test_worker_metrics_report_residency(tiny, smollm2_tokenizer):
     engine = Engine(EngineConfig(model_path=str(folder), max_rank=8, max_seq=64), tokenizer=smollm2_tokenizer)
     engine.start()
     try:
-        app = create_app(engine, WorkerServiceConfig(worker_id="w1"))
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://w1") as client:
+        app = create_app(engine, WorkerServiceConfig(worker_id="w1", cluster_secret=cluster_secret()))
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://w1",
+                                     auth=ClusterAuth()) as client:
             for _ in range(2):
                 r = await client.post("/generate", json={"prompt_ids": [5, 6, 7], "adapter": "r4",
                                                          "adapter_path": str(adapters["r4"]),

@@ -6,6 +6,7 @@ import json
 import httpx
 import pytest
 import torch
+from cluster_signing import ClusterAuth, cluster_secret
 from tiny_models import make_lora, make_tiny_model
 
 from workers.adapters.medusa import init_medusa, write_medusa
@@ -20,9 +21,10 @@ async def served(tmp_path, smollm2_tokenizer):
     folder, _ = make_tiny_model(tmp_path / "m", "llama")
     engine = Engine(EngineConfig(model_path=str(folder), max_batch=4, max_seq=128), tokenizer=smollm2_tokenizer)
     engine.start()
-    app = create_app(engine, WorkerServiceConfig(worker_id="w1", max_adapters=2))
+    app = create_app(engine, WorkerServiceConfig(worker_id="w1", max_adapters=2, cluster_secret=cluster_secret()))
     try:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://w1") as client:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://w1",
+                                     auth=ClusterAuth()) as client:
             yield client, engine, folder
     finally:
         engine.stop()

@@ -4,6 +4,7 @@ import json
 
 import httpx
 import pytest
+from cluster_signing import ClusterAuth, cluster_secret
 from serving_fakes import FakeEngine, make_adapter_dir
 
 from workers.service import create_app
@@ -17,8 +18,8 @@ def engine():
 
 @pytest.fixture
 async def client(engine):
-    app = create_app(engine, WorkerServiceConfig(worker_id="w1", max_adapters=2))
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://w1") as c:
+    app = create_app(engine, WorkerServiceConfig(worker_id="w1", max_adapters=2, cluster_secret=cluster_secret()))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://w1", auth=ClusterAuth()) as c:
         yield c
 
 

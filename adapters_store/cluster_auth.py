@@ -99,8 +99,11 @@ class ClusterSigner:
             raise ClusterSecretError(f"the cluster secret must have at least {MIN_SECRET_CHARS} characters")
         self._secret = secret
 
-    def request_headers(self, method: str, path_qs: str, body: bytes = b"") -> dict[str, str]:
-        timestamp, nonce = str(int(time.time() * 1000)), secrets.token_hex(16)
+    def request_headers(self, method: str, path_qs: str, body: bytes = b"",
+                        signed_at: float | None = None) -> dict[str, str]:
+        """The signature headers; `signed_at` (epoch seconds) defaults to now."""
+        timestamp = str(int((time.time() if signed_at is None else signed_at) * 1000))
+        nonce = secrets.token_hex(16)
         signature = _digest(self._secret, _request_message(method, path_qs, body, timestamp, nonce))
         return {TIMESTAMP_HEADER: timestamp, NONCE_HEADER: nonce, SIGNATURE_HEADER: signature}
 

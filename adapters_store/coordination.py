@@ -116,7 +116,7 @@ class WorkerSampling(BaseModel):
 
 class MergeMember(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    path: str = Field(min_length=1)  # a folder or store reference, as `adapter_path`
+    path: str = Field(min_length=1)  # a source, as `adapter_path`
     weight: float
 
 
@@ -141,9 +141,9 @@ class WorkerGenerateRequest(BaseModel):
     prompt_ids: list[int] | None = None
     messages: list[ChatMessage] | None = None
     adapter: str | None = None  # the engine-level adapter name; None → base model
-    adapter_path: str | None = None  # where to load it from if it is not resident
+    adapter_path: str | None = None  # its source if it is not resident (`adapters_store.adapter_source`)
     merge: WorkerMerge | None = None  # `adapter` is this merge (built from the members if not resident)
-    medusa_path: str | None = None  # Medusa heads for `adapter` (or the base): attached if not already
+    medusa_path: str | None = None  # the source of Medusa heads for `adapter` (or the base), if any
     params: WorkerSampling = Field(default_factory=WorkerSampling)
     stream: bool = False
 
@@ -174,7 +174,7 @@ class WorkerGenerateResult(BaseModel):
 class AdapterLoadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(min_length=1, max_length=200)
-    path: str = Field(min_length=1)
+    path: str = Field(min_length=1)  # a source (`adapters_store.adapter_source`): never a filesystem path
     kind: str | None = None  # "medusa": heads, attached to `attach_to` (an adapter) or to the base
     attach_to: str | None = Field(None, min_length=1, max_length=200)
 

@@ -17,6 +17,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from adapters_store.adapter_source import dropin_source
+
 _PART = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}$")
 _CONFIG = "adapter_config.json"
 
@@ -32,6 +34,11 @@ class AdapterVersion:
     def ref(self) -> str:
         """The name the engine knows this exact version by (and the model id that addresses it)."""
         return f"{self.name}@{self.version}" if self.version else self.name
+
+    @property
+    def source(self) -> str:
+        """How workers find it: in their own drop-in folder, by name (never by this gateway's path)."""
+        return dropin_source(self.name, self.version)
 
 
 def _natural_key(s: str) -> list:

@@ -19,6 +19,7 @@ import zipfile
 from dataclasses import dataclass, replace
 
 from adapters_store import medusa_validation
+from adapters_store.adapter_source import store_source
 from adapters_store.archives import ArchiveLimits
 from adapters_store.backends import open_backend
 from adapters_store.base_model import BaseModelSpec
@@ -26,7 +27,7 @@ from adapters_store.coordination import MergeMember, WorkerMerge
 from adapters_store.errors import AdapterNotFoundError, InvalidAdapterError, NameConflictError
 from adapters_store.ingest import CompressionRequest, check_name, prepare
 from adapters_store.manifest import Manifest
-from adapters_store.materialise import download_files, store_ref, stored_files
+from adapters_store.materialise import download_files, stored_files
 from adapters_store.merge import MergeSpec, merge_files
 from adapters_store.registry import AdapterStore, parse_ref
 from adapters_store.validation import UploadedFile, UploadLimits
@@ -40,12 +41,11 @@ from server.settings import GatewaySettings
 
 @dataclass(frozen=True)
 class StoredAdapter:
-    """A resolved stored version, as the dispatcher uses it: `ref` names it on the engine, `path` is the
-    store reference the worker materialises."""
+    """A resolved stored version, as the dispatcher uses it: `ref` names it on the engine, `source` is what
+    the worker materialises from its store (`adapters_store.adapter_source`)."""
 
     manifest: Manifest
-    path: str
-    heads: str | None = None  # store reference of the Medusa heads attached to this version
+    heads: str | None = None  # the source of the Medusa heads attached to this version
 
     @property
     def name(self) -> str:
@@ -58,6 +58,10 @@ class StoredAdapter:
     @property
     def ref(self) -> str:
         return self.manifest.ref
+
+    @property
+    def source(self) -> str:
+        return store_source(self.manifest.ref)
 
 
 def weight_of(spec: MergeSpec, model: str) -> float:
@@ -102,18 +106,18 @@ class AdapterRegistry:
             raise InvalidRequestError(f"{model!r} is a set of Medusa heads, not a model: request the base or the "
                                       "adapter they attach to", param="model")
         if manifest is not None:
-            return StoredAdapter(manifest, store_ref(self._store.url, manifest), self.heads_path(manifest.ref))
+            return StoredAdapter(manifest, self.heads_path(manifest.ref))
         return self._catalog.resolve(model)
 
     def heads_path(self, adapter_ref: str | None) -> str | None:
-        """The store reference of the Medusa heads attached to `adapter_ref` (None: the base's), remembered
+        """The source of the Medusa heads attached to `adapter_ref` (None: the base's), remembered
         for RESOLVE_TTL_S like manifests."""
         key, now = f"heads {adapter_ref}", time.monotonic()
         hit = self._resolved.get(key)
         if hit is None or now - hit[0] >= RESOLVE_TTL_S:
             hit = (now, self._store.heads_for(adapter_ref))
             self._resolved[key] = hit
-        return None if hit[1] is None else store_ref(self._store.url, hit[1])
+        return None if hit[1] is None else store_source(hit[1].ref)
 
     def _manifest(self, model: str) -> Manifest | None:
         """The store's answer for `model`, remembered for RESOLVE_TTL_S: an inference request asks twice
@@ -144,8 +148,8 @@ class AdapterRegistry:
         members, keys = [], []
         for model in spec.ids:
             adapter = self._merge_member(model, tenant)
-            members.append(MergeMember(path=str(adapter.path), weight=weight_of(spec, model)))
-            keys.append(adapter.manifest.content_id if isinstance(adapter, StoredAdapter) else str(adapter.path))
+            members.append(MergeMember(path=adapter.source, weight=weight_of(spec, model)))
+            keys.append(adapter.manifest.content_id if isinstance(adapter, StoredAdapter) else adapter.source)
         merge = WorkerMerge(members=members, strategy=spec.strategy, density=spec.density,
                             majority_sign_method=spec.majority_sign_method)
         return MergedAdapter(f"merge:{spec.key(keys)[:32]}", merge)

@@ -113,7 +113,7 @@ class Dispatcher:
         if isinstance(target.adapter, MergedAdapter):
             update |= {"adapter": target.adapter.ref, "merge": target.adapter.merge}
         elif target.adapter is not None:
-            update |= {"adapter": target.adapter.ref, "adapter_path": str(target.adapter.path),
+            update |= {"adapter": target.adapter.ref, "adapter_path": target.adapter.source,
                        "medusa_path": target.adapter.heads}
         else:
             update |= {"medusa_path": self._catalog.heads_path(None)}  # the base's heads, if any

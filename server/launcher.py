@@ -125,7 +125,8 @@ class Launcher:
         data_dir = Path(self.opts.data_dir).resolve()
         (data_dir / "adapters").mkdir(parents=True, exist_ok=True)
         redis_url = self.opts.redis_url or self._start_valkey(data_dir)
-        self.child_env = {**os.environ, "ADAPTERD_REDIS_URL": redis_url, **self._cluster_secret_env(data_dir)}
+        self.child_env = {**os.environ, "ADAPTERD_REDIS_URL": redis_url, "ADAPTERD_DATA_DIR": str(data_dir),
+                          **self._cluster_secret_env(data_dir)}
         model = self.opts.model or self._default_model()
         for i in range(self.opts.workers):
             self._start_worker(i, model)

@@ -18,6 +18,7 @@ import os
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Annotated, Any
 
 import orjson
@@ -27,6 +28,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from adapters_store.backends import open_backend
 from adapters_store.cluster_auth import ClusterSecretError, ClusterSigner, RequestVerifier, load_secret
 from adapters_store.coordination import (
     AdapterLoadRequest,
@@ -36,7 +38,8 @@ from adapters_store.coordination import (
     WorkerGenerateResult,
     WorkerInfo,
 )
-from workers.adapter_loader import AdapterLoader
+from adapters_store.registry import AdapterStore
+from workers.adapter_loader import AdapterLoader, AdapterSources
 from workers.engine.types import GenerationRequest, SamplingParams, TokenEvent
 from workers.errors import AdapterdError, InvalidRequestError
 from workers.heartbeat import Heartbeat
@@ -122,7 +125,9 @@ class WorkerService:
         self.config = config
         self.prompts = PromptBuilder(engine.tokenizer)
         self.heartbeat: Heartbeat | None = None
-        self.adapters = AdapterLoader(engine, on_change=self._residency_changed)
+        sources = AdapterSources(AdapterStore(open_backend(config.resolved_store_url)), config.dropin_dir,
+                                 config.cache_dir)
+        self.adapters = AdapterLoader(engine, sources, on_change=self._residency_changed)
         self.metrics = residency_registry(lambda: self.engine.stats().get("adapters", {}))
         self.metrics.register(FusionCollector(lambda: self.engine.stats().get("fusion", {})))
         self.metrics.register(SpeculativeCollector(lambda: self.engine.stats().get("medusa", {})))
@@ -336,6 +341,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--redis-url", default=os.environ.get("ADAPTERD_REDIS_URL"),
                    help="default: $ADAPTERD_REDIS_URL (keeps a password off the command line)")
     p.add_argument("--model", default=None, help="HF model folder (default: the packaged SmolLM2)")
+    p.add_argument("--data-dir", default=os.environ.get("ADAPTERD_DATA_DIR", ".adapterd"),
+                   help="the drop-in adapters/ folder, the store/ (unless --store-url) and the worker's cache")
+    p.add_argument("--store-url", default=os.environ.get("ADAPTERD_STORE_URL", ""),
+                   help="the adapter store (file:// or s3://; default DATA_DIR/store, as the gateway's)")
     p.add_argument("--worker-id", default=None)
     p.add_argument("--heartbeat-ttl", type=float, default=5.0)
     p.add_argument("--device", default="cpu")
@@ -392,6 +401,8 @@ def main(argv: list[str] | None = None) -> None:
         heartbeat_ttl_s=args.heartbeat_ttl,
         max_adapters=args.max_loras,
         cluster_secret=secret,
+        data_dir=Path(args.data_dir),
+        store_url=args.store_url,
         **({"worker_id": args.worker_id} if args.worker_id else {}),
     )
     engine = _build_engine(args)

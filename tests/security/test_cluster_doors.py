@@ -41,7 +41,7 @@ def protected_redis(tmp_path_factory):
 def cluster(security_assets, protected_redis, tmp_path_factory):
     model, data = security_assets
     logs = tmp_path_factory.mktemp("logs")
-    worker = start_worker("real", model, protected_redis, logs)
+    worker = start_worker("real", model, protected_redis, logs, data_dir=data)
     gateway = start_gateway(protected_redis, data, logs, ADAPTERD_ADMIN_KEYS="admin-key",
                             ADAPTERD_API_KEYS="tenant-key:tenant-a")
     c = Cluster(gateway, [worker], data, protected_redis, logs)

@@ -33,7 +33,7 @@ def cluster(valkey, tiny_assets, tmp_path_factory):
     root = tmp_path_factory.mktemp("adapters-api")
     logs = root / "logs"
     logs.mkdir()
-    worker = start_worker("wx", model, redis_url, logs)
+    worker = start_worker("wx", model, redis_url, logs, data_dir=root / "data")
     gateway = start_gateway(redis_url, root / "data", logs, ADAPTERD_BASE_MODEL_PATH=str(model),
                             ADAPTERD_API_KEYS=f"{ALICE}:alice,{BOB}:bob", ADAPTERD_STORE_GC_GRACE_S="0",
                             ADAPTERD_MAX_ADAPTER_RANK="16", ADAPTERD_MAX_UPLOAD_BYTES=str(8 * 1024 * 1024))

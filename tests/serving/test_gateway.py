@@ -59,7 +59,8 @@ async def cluster(redis_url, data_dir, n_workers=2, api_keys="", **settings):
         engine = FakeEngine(max_batch=2)
         sock = workers.bind()
         url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        cfg = WorkerServiceConfig(worker_id=f"w{i}", advertise_url=url, max_adapters=4, cluster_secret=cluster_secret())
+        cfg = WorkerServiceConfig(worker_id=f"w{i}", advertise_url=url, max_adapters=4, cluster_secret=cluster_secret(),
+                                  data_dir=data_dir)
         wapp = create_worker_app(engine, cfg)
         await workers.serve(f"w{i}", wapp, sock)
         beat = Heartbeat(redis_url, wapp.state.service.info, ttl_s=30, interval_s=30,

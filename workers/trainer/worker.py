@@ -37,7 +37,7 @@ from adapters_store.coordination import (
     fine_tuned_name,
 )
 from adapters_store.ingest import CompressionRequest, prepare
-from adapters_store.materialise import materialise, store_ref
+from adapters_store.materialise import materialise
 from adapters_store.registry import AdapterStore
 from adapters_store.training_files import TrainingFileStore
 from adapters_store.validation import UploadedFile, UploadLimits
@@ -374,7 +374,7 @@ class Trainer:
         manifest = self.adapters.resolve(ref)
         if manifest is None:
             raise ValueError(f"method.adapter: no adapter {ref!r} in the store")
-        return str(materialise(store_ref(self.adapters.url, manifest), self.config.work_dir / "adapters"))
+        return str(materialise(self.adapters, manifest.ref, self.config.work_dir / "adapters"))
 
     def mirror_checkpoint(self, job_id: str, root: Path, path: Path) -> str:
         """Copies one checkpoint (a folder or a file under root) to the store; returns its key prefix."""

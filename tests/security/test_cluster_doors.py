@@ -6,6 +6,7 @@ import json
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import httpx
 import pytest
@@ -151,3 +152,37 @@ def test_fake_worker_in_redis_gets_no_traffic(cluster, protected_redis):
         for worker_id in ("fake-unsigned", "fake-forged"):
             r.delete(worker_key(worker_id))
             r.srem(WORKERS_SET, worker_id)
+
+
+@pytest.mark.parametrize("source", [
+    "/etc",  # a folder
+    "{data}/adapters/../../model",  # a path that climbs out
+    "file:///tmp/adapterd-attack-store#x@1",  # another store (a file:// store would create its folder)
+    "s3://bucket/p?endpoint_url=http://127.0.0.1:1#x@1",  # an S3 endpoint of the caller's choice
+    "dropin:../model",  # a drop-in name that climbs out
+    "store:x",  # not pinned to a version
+])
+def test_worker_takes_no_paths_or_urls(cluster, tmp_path_factory, source):
+    """Even a signed request (the gateway's) cannot name a path, another store or an endpoint: the worker
+    refuses it with a 4xx that repeats no path, and creates nothing."""
+    source = source.format(data=cluster.data_dir)
+    signer = ClusterSigner(cluster_secret())
+    for path, body in (("/adapters/load", {"name": "evil", "path": source}),
+                       ("/generate", {"prompt": "hi", "adapter": "evil", "adapter_path": source}),
+                       ("/generate", {"prompt": "hi", "medusa_path": source})):
+        raw = json.dumps(body).encode()
+        headers = {**signer.request_headers("POST", path, raw), "content-type": "application/json"}
+        r = httpx.post(worker_url(cluster) + path, content=raw, headers=headers, timeout=30)
+        assert 400 <= r.status_code < 500, r.text
+        assert str(cluster.data_dir) not in r.text and "/etc" not in r.text and "/tmp" not in r.text
+    assert not Path("/tmp/adapterd-attack-store").exists()
+
+
+def test_drop_in_adapter_still_serves(cluster):
+    """The operator's drop-in folder keeps working: a folder put into DATA_DIR/adapters serves at once."""
+    from serving_assets import build_lora
+
+    build_lora(cluster.data_dir.parent / "model", cluster.data_dir / "adapters" / "dropped", seed=5)
+    r = httpx.post(cluster.url + "/v1/completions", headers=TENANT, timeout=60,
+                   json={"model": "dropped", "prompt": "hello", "max_tokens": 3})
+    assert r.status_code == 200, r.text

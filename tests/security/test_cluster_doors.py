@@ -13,6 +13,7 @@ import pytest
 import redis
 from cluster_signing import cluster_secret
 from serving_cluster import Cluster, ready_workers, start_gateway, start_worker, wait_until
+from tls_proxy import TlsProxy, write_self_signed
 
 from adapters_store.cluster_auth import ClusterSigner
 from adapters_store.coordination import WORKERS_SET, WorkerInfo, worker_key
@@ -39,13 +40,25 @@ def protected_redis(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def cluster(security_assets, protected_redis, tmp_path_factory):
+def tls_redis(protected_redis, tmp_path_factory):
+    """The same Redis behind TLS (as stunnel would put it): a `rediss://` URL with the password."""
+    cert, key = write_self_signed(tmp_path_factory.mktemp("tls"))
+    proxy = TlsProxy(int(protected_redis.rsplit(":", 1)[1]), cert, key).start()
+    password = protected_redis.split("@")[0].rsplit(":", 1)[1]
+    yield proxy, f"rediss://:{password}@127.0.0.1:{proxy.port}/0?ssl_ca_certs={cert}"
+    proxy.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster(security_assets, tls_redis, tmp_path_factory):
+    """A worker and a gateway that reach Redis only through TLS, with the password."""
     model, data = security_assets
+    _, url = tls_redis
     logs = tmp_path_factory.mktemp("logs")
-    worker = start_worker("real", model, protected_redis, logs, data_dir=data)
-    gateway = start_gateway(protected_redis, data, logs, ADAPTERD_ADMIN_KEYS="admin-key",
+    worker = start_worker("real", model, url, logs, data_dir=data)
+    gateway = start_gateway(url, data, logs, ADAPTERD_ADMIN_KEYS="admin-key",
                             ADAPTERD_API_KEYS="tenant-key:tenant-a")
-    c = Cluster(gateway, [worker], data, protected_redis, logs)
+    c = Cluster(gateway, [worker], data, url, logs)
     try:
         wait_until(lambda: ready_workers(gateway.url) == 1, 90, "the worker", [gateway, worker])
         yield c
@@ -89,6 +102,15 @@ def test_signed_request_works_once(cluster):
     r = httpx.post(worker_url(cluster) + "/generate", content=tampered,
                    headers={**signed, "content-type": "application/json"}, timeout=10)
     assert r.status_code == 401
+
+
+def test_cluster_runs_over_rediss(cluster, tls_redis):
+    """The worker and the gateway registered and routed through the TLS port; plain text there is refused."""
+    proxy, url = tls_redis
+    assert proxy.connections >= 2
+    with pytest.raises(redis.ConnectionError):
+        redis.Redis(port=proxy.port, socket_timeout=5).ping()
+    assert redis.Redis.from_url(url).sismember(WORKERS_SET, "real")
 
 
 def test_redis_needs_the_password(cluster, protected_redis):

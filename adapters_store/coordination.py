@@ -366,6 +366,11 @@ def stream_id_of(event: str) -> str | None:
     return raw if event.startswith("ftevent-") and dash and ms.isdigit() and seq.isdigit() else None
 
 
+def owned_name(owner: str, name: str) -> str:
+    """The full name of tenant `owner`'s adapter `name` (`NAME[@VERSION]`), as the store keeps it."""
+    return f"{owner}/{name}"
+
+
 def fine_tuned_name(model: str, suffix: str | None, job_id: str) -> str:
     """`ft:{base}:{suffix}:{job-id}`, the adapter name a job's result is published under (characters the
     store's names do not allow become '-')."""

@@ -17,6 +17,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from adapters_store.cluster_auth import ClusterSigner, load_secret
+from adapters_store.manifest import NAMESPACE_PATTERN
 
 
 class InsecureBindError(RuntimeError):
@@ -80,7 +81,10 @@ class GatewaySettings(BaseSettings):
             if not item:
                 continue
             key, _, tenant = item.partition(":")
-            keys[key.strip()] = tenant.strip() or "default"
+            tenant = tenant.strip() or "default"
+            if not NAMESPACE_PATTERN.match(tenant):  # a tenant's name is its adapters' namespace
+                raise ValueError(f"tenant name {tenant!r}: use letters, digits, '.', '_', '-' (64 at most)")
+            keys[key.strip()] = tenant
         return keys
 
     def admin_key_list(self) -> tuple[str, ...]:

@@ -53,19 +53,20 @@ async def list_adapters(registry: Adapters, tenant: CurrentTenant) -> AdapterLis
     return AdapterList(data=await asyncio.to_thread(registry.list, tenant))
 
 
-@router.get("/{name}", response_model=AdapterInfo)
-async def show_adapter(name: str, registry: Adapters, tenant: CurrentTenant) -> AdapterInfo:
-    return await asyncio.to_thread(registry.describe, tenant, name)
-
-
-@router.get("/{ref}/download", response_class=Response, responses={200: {"content": {"application/zip": {}}}})
+# names may be full (`TENANT/NAME`), hence `:path`; download comes first so that it is not read as a name
+@router.get("/{ref:path}/download", response_class=Response, responses={200: {"content": {"application/zip": {}}}})
 async def download_adapter(ref: str, registry: Adapters, tenant: CurrentTenant) -> Response:
     manifest, data = await asyncio.to_thread(registry.download, tenant, ref)
-    filename = f"{manifest.name}-{manifest.version}.zip"
+    filename = f"{manifest.name.replace('/', '_')}-{manifest.version}.zip"
     return Response(data, media_type="application/zip",
                     headers={"content-disposition": f'attachment; filename="{filename}"'})
 
 
-@router.delete("/{ref}", response_model=AdapterDeleted)
+@router.get("/{name:path}", response_model=AdapterInfo)
+async def show_adapter(name: str, registry: Adapters, tenant: CurrentTenant) -> AdapterInfo:
+    return await asyncio.to_thread(registry.describe, tenant, name)
+
+
+@router.delete("/{ref:path}", response_model=AdapterDeleted)
 async def delete_adapter(ref: str, registry: Adapters, tenant: CurrentTenant) -> AdapterDeleted:
     return await asyncio.to_thread(registry.delete, tenant, ref)

@@ -18,8 +18,8 @@ async def generate(body: GenerateRequest, service: Native, adapters: Adapters, t
     adapters.authorize(body.parameters.adapter_id, tenant)
     merged = adapters.resolve_merge(body.parameters.merged_adapters, tenant)
     if body.stream:
-        return StreamingResponse(await service.stream(body, merged), media_type="text/event-stream")
-    return await service.generate(body, merged)
+        return StreamingResponse(await service.stream(body, merged, tenant), media_type="text/event-stream")
+    return await service.generate(body, merged, tenant)
 
 
 @router.post("/generate_stream", response_class=EventStreamResponse, responses=OR_STREAM)
@@ -28,4 +28,4 @@ async def generate_stream(
 ) -> EventStreamResponse:
     adapters.authorize(body.parameters.adapter_id, tenant)
     merged = adapters.resolve_merge(body.parameters.merged_adapters, tenant)
-    return EventStreamResponse(await service.stream(body, merged))
+    return EventStreamResponse(await service.stream(body, merged, tenant))

@@ -27,8 +27,8 @@ async def completions(body: CompletionRequest, service: Completions, adapters: A
     adapters.authorize(body.model, tenant)
     merged = adapters.resolve_merge(body.merged_adapters, tenant)
     if body.stream:
-        return StreamingResponse(await service.stream(body, merged), media_type=SSE)
-    return await service.create(body, merged)
+        return StreamingResponse(await service.stream(body, merged, tenant), media_type=SSE)
+    return await service.create(body, merged, tenant)
 
 
 @router.post("/chat/completions", response_model=ChatCompletionResponse, responses=OR_STREAM)
@@ -36,8 +36,8 @@ async def chat_completions(body: ChatCompletionRequest, service: Chat, adapters:
     adapters.authorize(body.model, tenant)
     merged = adapters.resolve_merge(body.merged_adapters, tenant)
     if body.stream:
-        return StreamingResponse(await service.stream(body, merged), media_type=SSE)
-    return await service.create(body, merged)
+        return StreamingResponse(await service.stream(body, merged, tenant), media_type=SSE)
+    return await service.create(body, merged, tenant)
 
 
 @router.get("/models", response_model=ModelList)

@@ -208,3 +208,20 @@ def test_drop_in_adapter_still_serves(cluster):
     r = httpx.post(cluster.url + "/v1/completions", headers=TENANT, timeout=60,
                    json={"model": "dropped", "prompt": "hello", "max_tokens": 3})
     assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("module", ["server", "workers.service"])
+def test_processes_refuse_to_start_without_the_secret(module, tmp_path):
+    import subprocess
+    import sys
+
+    from serving_cluster import ROOT, _env
+
+    env = {k: v for k, v in _env().items() if not k.startswith("ADAPTERD_CLUSTER_SECRET")}
+    args = [sys.executable, "-m", module, "--port", "1", "--redis-url", "redis://127.0.0.1:1/0", "--data-dir",
+            str(tmp_path)]
+    done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "no cluster secret" in done.stderr, done.stderr[-2000:]
+    short = subprocess.run(args, cwd=ROOT, env={**env, "ADAPTERD_CLUSTER_SECRET": "short"}, capture_output=True,
+                           text=True, timeout=120)
+    assert short.returncode == 2 and "at least 16 characters" in short.stderr

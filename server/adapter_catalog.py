@@ -70,6 +70,21 @@ class AdapterCatalog:
         latest = self._latest_version(folder)
         return AdapterVersion(name, latest, folder / latest) if latest else None
 
+    def read_folder(self, folder: str, max_bytes: int) -> dict[str, bytes] | None:
+        """The regular files of `NAME` or `NAME/VERSION` under the root (the operator's allow-list), or None
+        if there is no such folder inside it; symlinks are not followed out, nothing above `max_bytes` is read."""
+        parts = folder.split("/")
+        if not 1 <= len(parts) <= 2 or not all(_PART.match(p) for p in parts):
+            return None
+        root = self.root.resolve()
+        path = (root / Path(*parts)).resolve()
+        if not path.is_relative_to(root) or not path.is_dir():
+            return None
+        files = [p for p in path.iterdir() if p.is_file() and not p.is_symlink()]
+        if sum(p.stat().st_size for p in files) > max_bytes:
+            raise ValueError(f"the folder holds more than {max_bytes} bytes")
+        return {p.name: p.read_bytes() for p in files}
+
     def list(self) -> list[AdapterVersion]:
         found: list[AdapterVersion] = []
         if not self.root.is_dir():

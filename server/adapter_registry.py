@@ -27,9 +27,9 @@ from adapters_store.archives import ArchiveLimits
 from adapters_store.backends import open_backend
 from adapters_store.base_model import BaseModelSpec
 from adapters_store.coordination import MergeMember, WorkerMerge, owned_name
-from adapters_store.errors import AdapterNotFoundError, InvalidAdapterError, NameConflictError
+from adapters_store.errors import AdapterNotFoundError, InvalidAdapterError
 from adapters_store.ingest import CompressionRequest, check_name, prepare
-from adapters_store.manifest import Manifest
+from adapters_store.manifest import NAMESPACE_PATTERN, Manifest
 from adapters_store.materialise import download_files, stored_files
 from adapters_store.merge import MergeSpec, merge_files
 from adapters_store.registry import AdapterStore, parse_ref
@@ -199,7 +199,6 @@ class AdapterRegistry:
         if draft.kind == "medusa":
             draft = replace(draft, attach_to=self._heads_owner(files, tenant))
         with self._writes:
-            self._check_name_free(name, tenant)
             published = self._store.publish(draft, files)
             if published.kind == "medusa":
                 self._store.attach_heads(published)  # served with that adapter version (or the base) from now
@@ -234,10 +233,23 @@ class AdapterRegistry:
         uploads = [UploadedFile(filename, data) for filename, data in files.items()]
         draft, files = prepare(uploads, base, self._limits, name=name, owner=tenant.name, public=public)
         with self._writes:
-            self._check_name_free(name, tenant)
             self._store.publish(draft, files)
             self._resolved.clear()
         return self.describe(tenant, name)
+
+    def import_folder(self, folder: str, owner: str, name: str | None, public: bool) -> AdapterInfo:
+        """An operator's import: the drop-in folder `NAME[/VERSION]` (the allow-list, `DATA_DIR/adapters`),
+        validated like an upload and published as a version of `owner`'s `name` (default: the folder's NAME)."""
+        if not NAMESPACE_PATTERN.match(owner):
+            raise InvalidRequestError("owner must be a tenant's name", param="owner")
+        try:
+            files = self._catalog.read_folder(folder, self._limits.max_total_bytes)
+        except ValueError as exc:
+            raise InvalidAdapterError(str(exc), param="folder") from exc
+        if files is None:
+            raise AdapterNotFoundError(f"no folder {folder!r} in the drop-in directory", param="folder")
+        uploads = [UploadedFile(filename, data) for filename, data in files.items()]
+        return self.upload(Tenant(owner), name or folder.split("/")[0], uploads, None, None, public)
 
     def _member_files(self, adapter: StoredAdapter | AdapterVersion) -> dict[str, bytes]:
         if isinstance(adapter, StoredAdapter):
@@ -259,14 +271,6 @@ class AdapterRegistry:
             raise PermissionDeniedError("adapters are uploaded into your own namespace: name them NAME or "
                                         f"{tenant.name}/NAME", param="name")
         return full
-
-    def _check_name_free(self, name: str, tenant: Tenant) -> None:
-        """`name` is full and in the caller's namespace: only a drop-in adapter (visible to every tenant, so
-        naming it tells nothing) can stand in its way."""
-        latest = self._store.latest(name)
-        bare = name.split("/", 1)[1]
-        if latest is None and self._catalog.resolve(bare) is not None:
-            raise NameConflictError(f"{bare!r} names an adapter installed on the server", param="name")
 
     def list(self, tenant: Tenant) -> list[AdapterInfo]:
         found = []

@@ -1,4 +1,5 @@
-"""The adapters API: upload (multipart), save a merge, list, show, download (the folder as a zip), delete."""
+"""The adapters API: upload (multipart), save a merge, list, show, download (the folder as a zip), delete;
+for admin keys, import a folder from the operator's drop-in directory into a tenant's namespace."""
 
 from __future__ import annotations
 
@@ -11,10 +12,17 @@ from fastapi.responses import Response
 
 from adapters_store.ingest import CompressionRequest
 from adapters_store.validation import UploadedFile
-from server.auth import CurrentTenant
+from server.auth import AdminTenant, CurrentTenant
 from server.dependencies import Adapters
 from server.errors import InvalidRequestError
-from server.protocol import AdapterDeleted, AdapterInfo, AdapterList, ErrorResponse, MergeSaveRequest
+from server.protocol import (
+    AdapterDeleted,
+    AdapterImportRequest,
+    AdapterInfo,
+    AdapterList,
+    ErrorResponse,
+    MergeSaveRequest,
+)
 
 router = APIRouter(prefix="/v1/adapters", responses={"default": {"model": ErrorResponse}})
 
@@ -46,6 +54,12 @@ async def upload_adapter(
 async def save_merge(body: MergeSaveRequest, registry: Adapters, tenant: CurrentTenant) -> AdapterInfo:
     """Merges adapters (as `merged_adapters` does per request) and stores the result as a new version."""
     return await asyncio.to_thread(registry.save_merge, tenant, body.name, body.merged_adapters, body.public)
+
+
+@router.post("/import", response_model=AdapterInfo, status_code=201)
+async def import_adapter(body: AdapterImportRequest, registry: Adapters, _: AdminTenant) -> AdapterInfo:
+    """Validates and stores `DATA_DIR/adapters/FOLDER` as a new version of OWNER's NAME (admin keys only)."""
+    return await asyncio.to_thread(registry.import_folder, body.folder, body.owner, body.name, body.public)
 
 
 @router.get("", response_model=AdapterList)

@@ -57,7 +57,7 @@ def cluster(security_assets, tls_redis, tmp_path_factory):
     logs = tmp_path_factory.mktemp("logs")
     worker = start_worker("real", model, url, logs, data_dir=data)
     gateway = start_gateway(url, data, logs, ADAPTERD_ADMIN_KEYS="admin-key",
-                            ADAPTERD_API_KEYS="tenant-key:tenant-a")
+                            ADAPTERD_API_KEYS="tenant-key:tenant-a", ADAPTERD_BASE_MODEL_PATH=str(model))
     c = Cluster(gateway, [worker], data, url, logs)
     try:
         wait_until(lambda: ready_workers(gateway.url) == 1, 90, "the worker", [gateway, worker])
@@ -208,6 +208,29 @@ def test_drop_in_adapter_still_serves(cluster):
     r = httpx.post(cluster.url + "/v1/completions", headers=TENANT, timeout=60,
                    json={"model": "dropped", "prompt": "hello", "max_tokens": 3})
     assert r.status_code == 200, r.text
+
+
+def test_admin_imports_a_drop_in_folder_into_a_tenants_namespace(cluster):
+    """Local folders enter the store only from the allow-list (the drop-in folder), by an admin key, with
+    their owner; a tenant key cannot, and no folder outside it can be named."""
+    from serving_assets import build_lora
+
+    build_lora(cluster.data_dir.parent / "model", cluster.data_dir / "adapters" / "importable", seed=7)
+    body = {"folder": "importable", "owner": "tenant-a", "name": "imported"}
+    r = httpx.post(cluster.url + "/v1/adapters/import", headers=TENANT, json=body, timeout=60)
+    assert r.status_code == 403 and r.json()["error"]["code"] == "admin_required"
+    r = httpx.post(cluster.url + "/v1/adapters/import", headers=ADMIN, json=body, timeout=60)
+    assert r.status_code == 201, r.text
+    assert r.json()["name"] == "imported" and r.json()["owner"] == "tenant-a" and r.json()["latest"] == 1
+    for model in ("imported", "tenant-a/imported@1"):
+        out = httpx.post(cluster.url + "/v1/completions", headers=TENANT, timeout=60,
+                         json={"model": model, "prompt": "hello", "max_tokens": 2})
+        assert out.status_code == 200, out.text
+    for folder in ("../model", "importable/../../model", "/etc", "missing"):
+        r = httpx.post(cluster.url + "/v1/adapters/import", headers=ADMIN, timeout=60,
+                       json={"folder": folder, "owner": "tenant-a"})
+        assert r.status_code == 404, r.text
+        assert str(cluster.data_dir) not in r.text
 
 
 @pytest.mark.parametrize("module", ["server", "workers.service"])

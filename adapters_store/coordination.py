@@ -5,7 +5,8 @@
 Redis layout (all keys under `adapterd:v1:`; Redis 6.2 commands only):
 
 - `worker:{id}`        STRING, JSON `WorkerInfo`, written with `SET … EX ttl` on every heartbeat.
-                       A worker that stops heartbeating disappears when the key expires.
+                       A worker that stops heartbeating disappears when the key expires. Signed with the
+                       cluster secret (`WorkerInfo.signature`); the gateway ignores records that fail it.
 - `workers`            SET of worker ids that have heartbeated; readers drop ids whose key expired.
 - `placement:{name}`   SET of worker ids holding adapter `name` resident; refreshed (with an expiry of a
                        few TTLs) on each heartbeat; readers intersect it with the live workers.
@@ -33,15 +34,18 @@ from __future__ import annotations
 import json
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from adapters_store.cluster_auth import ClusterSigner
 
 SCHEMA_VERSION = 1
 KEY_PREFIX = f"adapterd:v{SCHEMA_VERSION}"
 WORKERS_SET = f"{KEY_PREFIX}:workers"
 PLACEMENT_TTL_FACTOR = 3  # placement sets live this many heartbeat TTLs after their last refresh
+WORKER_RECORD = "worker"  # the record kind a worker's registration is signed as
 
 
 def worker_key(worker_id: str) -> str:
@@ -68,9 +72,22 @@ class WorkerInfo:
     # load as the console shows it (workers.load_report): tokens_per_s, running, queue, fusion, medusa,
     # device_adapters; additive, so older readers ignore it
     stats: dict = field(default_factory=dict)
+    signature: str = ""  # the cluster secret's record signature over every other field (`signed_by`)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
+
+    def _signed_payload(self) -> bytes:
+        fields = {k: v for k, v in asdict(self).items() if k != "signature"}
+        return json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
+
+    def signed_by(self, signer: ClusterSigner) -> WorkerInfo:
+        """This record with its signature set: what a heartbeat publishes."""
+        return replace(self, signature=signer.sign_record(WORKER_RECORD, self._signed_payload()))
+
+    def verified_by(self, signer: ClusterSigner) -> bool:
+        """The gateway routes only to workers whose record verifies (written by a cluster member)."""
+        return signer.record_valid(WORKER_RECORD, self._signed_payload(), self.signature)
 
     @classmethod
     def from_json(cls, raw: str | bytes) -> WorkerInfo:
@@ -102,7 +119,7 @@ class WorkerSampling(BaseModel):
 
 class MergeMember(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    path: str = Field(min_length=1)  # a folder or store reference, as `adapter_path`
+    path: str = Field(min_length=1)  # a source, as `adapter_path`
     weight: float
 
 
@@ -127,9 +144,9 @@ class WorkerGenerateRequest(BaseModel):
     prompt_ids: list[int] | None = None
     messages: list[ChatMessage] | None = None
     adapter: str | None = None  # the engine-level adapter name; None → base model
-    adapter_path: str | None = None  # where to load it from if it is not resident
+    adapter_path: str | None = None  # its source if it is not resident (`adapters_store.adapter_source`)
     merge: WorkerMerge | None = None  # `adapter` is this merge (built from the members if not resident)
-    medusa_path: str | None = None  # Medusa heads for `adapter` (or the base): attached if not already
+    medusa_path: str | None = None  # the source of Medusa heads for `adapter` (or the base), if any
     params: WorkerSampling = Field(default_factory=WorkerSampling)
     stream: bool = False
 
@@ -160,7 +177,7 @@ class WorkerGenerateResult(BaseModel):
 class AdapterLoadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(min_length=1, max_length=200)
-    path: str = Field(min_length=1)
+    path: str = Field(min_length=1)  # a source (`adapters_store.adapter_source`): never a filesystem path
     kind: str | None = None  # "medusa": heads, attached to `attach_to` (an adapter) or to the base
     attach_to: str | None = Field(None, min_length=1, max_length=200)
 
@@ -350,6 +367,11 @@ def stream_id_of(event: str) -> str | None:
     raw = event.removeprefix("ftevent-")
     ms, dash, seq = raw.partition("-")
     return raw if event.startswith("ftevent-") and dash and ms.isdigit() and seq.isdigit() else None
+
+
+def owned_name(owner: str, name: str) -> str:
+    """The full name of tenant `owner`'s adapter `name` (`NAME[@VERSION]`), as the store keeps it."""
+    return f"{owner}/{name}"
 
 
 def fine_tuned_name(model: str, suffix: str | None, job_id: str) -> str:

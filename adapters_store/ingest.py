@@ -37,7 +37,8 @@ class CompressionRequest:
 def check_name(name: str) -> str:
     if not NAME_PATTERN.match(name):
         raise InvalidAdapterError(
-            "adapter names use letters, digits, '.', '_', '-', ':' (no leading '.' or ':', at most 100 characters)",
+            "adapter names use letters, digits, '.', '_', '-', ':' (no leading '.' or ':', at most 100 characters), "
+            "optionally after your tenant's name and '/'",
             param="name")
     return name
 

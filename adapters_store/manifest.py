@@ -13,7 +13,11 @@ from dataclasses import asdict, dataclass, field
 from adapters_store.errors import StoreCorruptionError
 
 MANIFEST_FORMAT = 1
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._:-]{0,99}$")
+NAMESPACE = r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}"  # a tenant's name
+NAMESPACE_PATTERN = re.compile(f"^{NAMESPACE}$")
+# `NAMESPACE/NAME`: the owner tenant's namespace, then the name (the gateway always stores both parts; a bare
+# name is still a valid store name for direct users of the store, such as tests and benchmarks)
+NAME_PATTERN = re.compile(f"^(?:{NAMESPACE}/)?[A-Za-z0-9_-][A-Za-z0-9._:-]{{0,99}}$")
 
 
 @dataclass(frozen=True)

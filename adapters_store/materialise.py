@@ -1,8 +1,8 @@
 """A stored version → a local folder. Downloads get the kind's plain folder (for a LoRA, a PEFT folder that
-peft loads): ComPEFT-compressed weights are decoded to dense float32. Workers get a
-*store reference* from the gateway (`{store url}#{name}@{version}`) and materialise the version's files
-as stored into a local cache directory, keyed by the manifest's content id: a ComPEFT adapter stays
-compressed there and in the worker's host cache, and is decoded only when it moves onto the device."""
+peft loads): ComPEFT-compressed weights are decoded to dense float32. Workers get a pinned version's
+name from the gateway (`adapters_store.adapter_source`) and materialise its files as stored, from their
+own configured store, into a local cache directory, keyed by the manifest's content id: a ComPEFT adapter
+stays compressed there and in the worker's host cache, and is decoded only when it moves onto the device."""
 
 from __future__ import annotations
 
@@ -12,13 +12,10 @@ import tempfile
 from pathlib import Path
 
 from adapters_store import compeft, s2ft_format, safetensors_file
-from adapters_store.backends import open_backend
 from adapters_store.errors import AdapterNotFoundError
 from adapters_store.manifest import Manifest
 from adapters_store.registry import AdapterStore
 from adapters_store.validation import CONFIG_NAME, SAFETENSORS_NAME
-
-_SCHEMES = ("file://", "s3://")
 
 
 def download_files(store: AdapterStore, manifest: Manifest) -> dict[str, bytes]:
@@ -36,21 +33,11 @@ def stored_files(store: AdapterStore, manifest: Manifest) -> dict[str, bytes]:
     return {name: store.read_file(manifest, name) for name in manifest.files}
 
 
-def store_ref(store_url: str, manifest: Manifest) -> str:
-    return f"{store_url}#{manifest.ref}"
-
-
-def is_store_ref(path: str) -> bool:
-    return path.startswith(_SCHEMES) and "#" in path
-
-
-def materialise(ref: str, cache_dir: str | Path) -> Path:
-    """The stored files of `ref`, written once under `cache_dir` (atomically)."""
-    url, _, adapter = ref.rpartition("#")
-    store = AdapterStore(open_backend(url))
-    manifest = store.resolve(adapter)
+def materialise(store: AdapterStore, ref: str, cache_dir: str | Path) -> Path:
+    """The stored files of version `ref` (`name@3`), written once under `cache_dir` (atomically)."""
+    manifest = store.resolve(ref)
     if manifest is None:
-        raise AdapterNotFoundError(f"adapter {adapter!r} is not in the store at {url}", param="adapter")
+        raise AdapterNotFoundError(f"adapter {ref!r} is not in the store", param="adapter")
     cache = Path(cache_dir)
     folder = cache / manifest.content_id
     if (folder / manifest.weights_name).is_file():

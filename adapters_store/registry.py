@@ -3,7 +3,8 @@
 Layout (keys on the backend):
 
     blobs/sha256/{hex}                  file bytes, named by their digest (shared between versions)
-    manifests/{name}/{version:010d}     one JSON manifest per version; a tombstone once deleted
+    manifests/{name}/{version:010d}     one JSON manifest per version; a tombstone once deleted (a name is
+                                        `{tenant}/{name}` when the gateway stores it: one folder per tenant)
     heads/{name}@{version} | heads/@base  the ref of the Medusa heads last attached there (may dangle)
 
 Publishing writes the blobs first, then creates the manifest with `create` (only-if-absent, atomic). A
@@ -112,8 +113,8 @@ class AdapterStore:
 
     def _version_numbers(self, name: str) -> list[int]:
         """Every version number ever published under `name`, tombstones included, ascending."""
-        keys = self.backend.list(f"{MANIFESTS}{name}/")
-        return sorted(int(k.rsplit("/", 1)[1]) for k in keys if k.rsplit("/", 1)[1].isdigit())
+        prefix = f"{MANIFESTS}{name}/"  # a bare name's listing also holds its namespace's names: skip them
+        return sorted(int(k[len(prefix):]) for k in self.backend.list(prefix) if k[len(prefix):].isdigit())
 
     def _read_manifest(self, name: str, version: int) -> Manifest | None:
         raw = self.backend.read(manifest_key(name, version))
@@ -121,7 +122,7 @@ class AdapterStore:
 
     def names(self) -> list[str]:
         keys = self.backend.list(MANIFESTS)
-        names = sorted({k[len(MANIFESTS):].split("/", 1)[0] for k in keys})
+        names = sorted({k[len(MANIFESTS):].rsplit("/", 1)[0] for k in keys})
         return [n for n in names if NAME_PATTERN.match(n) and self.latest(n) is not None]
 
     def versions(self, name: str) -> list[Manifest]:

@@ -18,6 +18,7 @@ Blank lines are skipped. Layout on the backend:
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import time
 from dataclasses import asdict, dataclass
@@ -26,6 +27,8 @@ from adapters_store.backends import StoreBackend
 from adapters_store.errors import StoreError
 
 FILES = "files/"
+DEFAULT_FILENAME = "upload.jsonl"
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 PURPOSE = "fine-tune"
 ROLES = ("system", "user", "assistant", "developer")
 _MESSAGE_KEYS = {"role", "content", "name", "weight"}
@@ -139,6 +142,14 @@ def parse_records(data: bytes, limits: FileLimits = FileLimits()) -> list[dict]:
     return records
 
 
+def safe_filename(name: str) -> str:
+    """The name a file is kept under: its last path component (either slash), runs of anything but letters,
+    digits, `.`, `_`, `-` as one `_`, no leading dots, at most 128 characters."""
+    base = name.replace("\\", "/").rsplit("/", 1)[-1]
+    cleaned = _UNSAFE.sub("_", base).lstrip(".")[:128]
+    return cleaned if cleaned.strip("_") else DEFAULT_FILENAME
+
+
 class TrainingFileStore:
     """Training files on a store backend. Blocking I/O: call off the event loop."""
 
@@ -161,7 +172,7 @@ class TrainingFileStore:
         if purpose != PURPOSE:
             raise TrainingFileError(f"purpose must be {PURPOSE!r}, got {purpose!r}", param="purpose")
         records = parse_records(data, limits)
-        meta = TrainingFile(id=f"file-{secrets.token_hex(12)}", filename=filename[:255] or "upload.jsonl",
+        meta = TrainingFile(id=f"file-{secrets.token_hex(12)}", filename=safe_filename(filename),
                             bytes=len(data), records=len(records), purpose=purpose, owner=owner,
                             created_at=int(time.time()))
         self.backend.write(self._data_key(meta.id), data)

@@ -21,6 +21,7 @@ import http.client
 import json
 import os
 import platform
+import secrets
 import socket
 import statistics
 import subprocess
@@ -58,9 +59,10 @@ def resolve_model(choice: str, tmp: Path) -> Path:
 class Http:
     """One keep-alive connection to one server: JSON posts and streamed SSE posts."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, signer=None):
         parts = urlsplit(url)
         self.conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=300)
+        self.signer = signer  # straight to a worker: signed with the cluster secret, as the gateway does
 
     def close(self) -> None:
         self.conn.close()
@@ -74,7 +76,10 @@ class Http:
         """Sends and returns the response; reconnects once if the server had closed the idle connection."""
         for attempt in (1, 2):
             try:
-                self.conn.request(method, path, body, {"content-type": "application/json"})
+                headers = {"content-type": "application/json"}
+                if self.signer is not None:
+                    headers.update(self.signer.request_headers(method, path, body))
+                self.conn.request(method, path, body, headers)
                 return self.conn.getresponse()
             except (BrokenPipeError, ConnectionResetError, http.client.RemoteDisconnected):
                 self.conn.close()
@@ -119,7 +124,7 @@ def sides(gateway: str, worker: str, model_id: str, tokens: int) -> list[Side]:
     return [
         Side(
             "direct",
-            Http(worker),
+            Http(worker, cluster_signer()),
             "/generate",
             dump({"prompt": "hi", "params": {"max_tokens": 1}}),
             dump(w_stream),
@@ -164,6 +169,14 @@ def streamed(pair: list[Side], rounds: int) -> dict[str, list[tuple[int, float]]
     return out
 
 
+def cluster_signer():
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from adapters_store.cluster_auth import ClusterSigner, load_secret
+
+    return ClusterSigner(load_secret())
+
+
 def start(args: list[str], log: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.Popen(
@@ -196,7 +209,9 @@ def stack(model: Path, tmp: Path) -> Iterator[tuple[str, str, str]]:
     valkey.start()
     wport, gport = free_port(), free_port()
     redis = ["--redis-url", valkey.connection_url]
-    worker = start(["-m", "workers.service", "--port", str(wport), *redis, "--model", str(model)], tmp / "worker.log")
+    os.environ.setdefault("ADAPTERD_CLUSTER_SECRET", secrets.token_hex(32))  # both processes inherit it
+    worker = start(["-m", "workers.service", "--port", str(wport), *redis, "--model", str(model),
+                    "--data-dir", str(tmp / "data")], tmp / "worker.log")
     gateway = start(["-m", "server", "--port", str(gport), *redis, "--data-dir", str(tmp / "data")], tmp / "gw.log")
     gw_url, w_url = f"http://127.0.0.1:{gport}", f"http://127.0.0.1:{wport}"
     try:

@@ -66,7 +66,7 @@ def make_variants(model_path: Path, out: Path, rank: int, density: float, alpha:
 
 def s3_store(model_path: Path, variants: dict[str, Path], density: float, alpha: float):
     """Publishes the fp32 and fp16 files, and the fp32 files ComPEFT-compressed on upload, to a store on
-    moto's S3 server; returns (the server, {kind: store reference})."""
+    moto's S3 server; returns (the server, the store, {kind: version ref})."""
     import logging
     import os
     import socket
@@ -77,7 +77,6 @@ def s3_store(model_path: Path, variants: dict[str, Path], density: float, alpha:
     from adapters_store.backends import S3Backend
     from adapters_store.base_model import BaseModelSpec
     from adapters_store.ingest import CompressionRequest, prepare
-    from adapters_store.materialise import store_ref
     from adapters_store.registry import AdapterStore
     from adapters_store.validation import UploadedFile, UploadLimits
 
@@ -98,8 +97,8 @@ def s3_store(model_path: Path, variants: dict[str, Path], density: float, alpha:
         uploads = [UploadedFile(p.name, p.read_bytes()) for p in folder.iterdir() if p.is_file()]
         draft, files = prepare(uploads, base, UploadLimits(max_rank=64), name=kind, owner="bench",
                                compression=compression)
-        refs[kind] = store_ref(store.url, store.publish(draft, files))
-    return server, refs
+        refs[kind] = store.publish(draft, files).ref
+    return server, store, refs
 
 
 def weights_file(folder: Path) -> Path:
@@ -138,7 +137,7 @@ def main() -> None:
         core.generate([GenerationRequest(prompt, first_token, adapter)])
         return time.perf_counter() - t
 
-    server, refs = s3_store(model_path, variants, args.density, args.alpha)
+    server, store, refs = s3_store(model_path, variants, args.density, args.alpha)
 
     def cold_load(kind: str, i: int, from_s3: bool) -> float:
         """Store → servable: fetch, validate, register, decode into device rows."""
@@ -146,7 +145,7 @@ def main() -> None:
 
         name = f"{kind}-{i}"
         t = time.perf_counter()
-        folder = materialise(refs[kind], tmp / f"cache-{name}") if from_s3 else variants[kind]
+        folder = materialise(store, refs[kind], tmp / f"cache-{name}") if from_s3 else variants[kind]
         core.load_adapter(name, folder)
         with core.lock:
             core.adapters.pin(name)

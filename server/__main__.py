@@ -7,6 +7,7 @@ import argparse
 import logging
 import sys
 
+from adapters_store.cluster_auth import ClusterSecretError
 from server.settings import GatewaySettings, InsecureBindError
 
 KEEP_ALIVE_S = 75  # idle client connections stay open this long (uvicorn's default of 5 s drops slow clients)
@@ -39,8 +40,9 @@ def main(argv: list[str] | None = None) -> None:
     settings = GatewaySettings(**overrides)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s gateway %(levelname)s %(name)s: %(message)s")
     try:
+        settings.cluster_signer()
         app = create_app(settings)
-    except InsecureBindError as exc:
+    except (InsecureBindError, ClusterSecretError) as exc:
         print(f"adapterd gateway: {exc}", file=sys.stderr)
         raise SystemExit(2) from exc
     uvicorn.run(

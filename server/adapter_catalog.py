@@ -17,6 +17,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from adapters_store.adapter_source import dropin_source
+
 _PART = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}$")
 _CONFIG = "adapter_config.json"
 
@@ -32,6 +34,11 @@ class AdapterVersion:
     def ref(self) -> str:
         """The name the engine knows this exact version by (and the model id that addresses it)."""
         return f"{self.name}@{self.version}" if self.version else self.name
+
+    @property
+    def source(self) -> str:
+        """How workers find it: in their own drop-in folder, by name (never by this gateway's path)."""
+        return dropin_source(self.name, self.version)
 
 
 def _natural_key(s: str) -> list:
@@ -62,6 +69,21 @@ class AdapterCatalog:
             return AdapterVersion(name, None, folder)
         latest = self._latest_version(folder)
         return AdapterVersion(name, latest, folder / latest) if latest else None
+
+    def read_folder(self, folder: str, max_bytes: int) -> dict[str, bytes] | None:
+        """The regular files of `NAME` or `NAME/VERSION` under the root (the operator's allow-list), or None
+        if there is no such folder inside it; symlinks are not followed out, nothing above `max_bytes` is read."""
+        parts = folder.split("/")
+        if not 1 <= len(parts) <= 2 or not all(_PART.match(p) for p in parts):
+            return None
+        root = self.root.resolve()
+        path = (root / Path(*parts)).resolve()
+        if not path.is_relative_to(root) or not path.is_dir():
+            return None
+        files = [p for p in path.iterdir() if p.is_file() and not p.is_symlink()]
+        if sum(p.stat().st_size for p in files) > max_bytes:
+            raise ValueError(f"the folder holds more than {max_bytes} bytes")
+        return {p.name: p.read_bytes() for p in files}
 
     def list(self) -> list[AdapterVersion]:
         found: list[AdapterVersion] = []

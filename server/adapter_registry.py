@@ -1,10 +1,13 @@
 """The gateway's adapter registry: uploads (validate → optional ComPEFT → publish), listing, download and
 deletion on the `AdapterStore`, tenant visibility, and model-name resolution for inference.
 
-Names are one namespace: a name belongs to the tenant that first published it (others get 409 on upload).
-A version is visible to its owner, and to every tenant when it is public; an invisible adapter looks
-exactly like a missing one (404). Only the owner deletes. Adapters in the operator's directory
-(`DATA_DIR/adapters`, see `server.adapter_catalog`) stay servable to every tenant; stored names win.
+Names are per tenant: the full name is `TENANT/NAME[@VERSION]` (the store keeps it so); a bare `NAME` means
+the caller's own `CALLER/NAME`, and the API shows the caller's names bare and other tenants' in full. So the
+same bare name in two tenants is two adapters, and an upload never tells whether another tenant has a name.
+A version is visible to its owner, and to every tenant when it is public (by its full name); an invisible
+adapter looks exactly like a missing one (404). Only the owner deletes. Adapters in the operator's drop-in
+directory (`DATA_DIR/adapters`, see `server.adapter_catalog`) are servable to every tenant by their bare
+name, after the caller's own adapters of that name.
 
 The store does blocking I/O: call the upload / list / download / delete methods off the event loop.
 """
@@ -19,14 +22,15 @@ import zipfile
 from dataclasses import dataclass, replace
 
 from adapters_store import medusa_validation
+from adapters_store.adapter_source import store_source
 from adapters_store.archives import ArchiveLimits
 from adapters_store.backends import open_backend
 from adapters_store.base_model import BaseModelSpec
-from adapters_store.coordination import MergeMember, WorkerMerge
-from adapters_store.errors import AdapterNotFoundError, InvalidAdapterError, NameConflictError
+from adapters_store.coordination import MergeMember, WorkerMerge, owned_name
+from adapters_store.errors import AdapterNotFoundError, InvalidAdapterError
 from adapters_store.ingest import CompressionRequest, check_name, prepare
-from adapters_store.manifest import Manifest
-from adapters_store.materialise import download_files, store_ref, stored_files
+from adapters_store.manifest import NAMESPACE_PATTERN, Manifest
+from adapters_store.materialise import download_files, stored_files
 from adapters_store.merge import MergeSpec, merge_files
 from adapters_store.registry import AdapterStore, parse_ref
 from adapters_store.validation import UploadedFile, UploadLimits
@@ -40,12 +44,11 @@ from server.settings import GatewaySettings
 
 @dataclass(frozen=True)
 class StoredAdapter:
-    """A resolved stored version, as the dispatcher uses it: `ref` names it on the engine, `path` is the
-    store reference the worker materialises."""
+    """A resolved stored version, as the dispatcher uses it: `ref` names it on the engine, `source` is what
+    the worker materialises from its store (`adapters_store.adapter_source`)."""
 
     manifest: Manifest
-    path: str
-    heads: str | None = None  # store reference of the Medusa heads attached to this version
+    heads: str | None = None  # the source of the Medusa heads attached to this version
 
     @property
     def name(self) -> str:
@@ -59,6 +62,10 @@ class StoredAdapter:
     def ref(self) -> str:
         return self.manifest.ref
 
+    @property
+    def source(self) -> str:
+        return store_source(self.manifest.ref)
+
 
 def weight_of(spec: MergeSpec, model: str) -> float:
     return spec.weights[spec.ids.index(model)]
@@ -68,12 +75,24 @@ def visible(manifest: Manifest, tenant: Tenant) -> bool:
     return manifest.public or manifest.owner == tenant.name
 
 
-def version_info(m: Manifest) -> AdapterVersionInfo:
+def qualified(model: str, tenant: Tenant) -> str:
+    """`NAME[@VERSION]` → `TENANT/NAME[@VERSION]` in the caller's namespace; a full name stays as it is."""
+    return model if "/" in model.partition("@")[0] else owned_name(tenant.name, model)
+
+
+def relative(name: str | None, tenant: Tenant) -> str | None:
+    """A full name as `tenant` writes it: bare in its own namespace, full in another's."""
+    prefix = f"{tenant.name}/"
+    return name[len(prefix):] if name and name.startswith(prefix) else name
+
+
+def version_info(m: Manifest, tenant: Tenant) -> AdapterVersionInfo:
     return AdapterVersionInfo(
-        id=m.ref, name=m.name, version=m.version, kind=m.kind, rank=m.rank, alpha=m.alpha, targets=m.targets,
+        id=relative(m.ref, tenant), name=relative(m.name, tenant), version=m.version, kind=m.kind, rank=m.rank,
+        alpha=m.alpha, targets=m.targets,
         base_fingerprint=m.base_fingerprint, stored_bytes=m.stored_bytes, original_bytes=m.original_bytes,
         dense_bytes=m.dense_bytes, compression=m.compression, compression_ratio=round(m.compression_ratio, 3),
-        owner=m.owner, public=m.public, created=m.created, attach_to=m.attach_to,
+        owner=m.owner, public=m.public, created=m.created, attach_to=relative(m.attach_to, tenant),
     )
 
 
@@ -94,26 +113,26 @@ class AdapterRegistry:
 
     # ---- inference ---------------------------------------------------------------------------
 
-    def resolve(self, model: str) -> StoredAdapter | AdapterVersion | None:
-        """For the dispatcher: a stored version, else a directory adapter, else None. No tenant check:
-        routes call `authorize` first."""
-        manifest = self._manifest(model)
+    def resolve(self, model: str, tenant: Tenant) -> StoredAdapter | AdapterVersion | None:
+        """For the dispatcher: a stored version (in the caller's namespace unless named in full), else a
+        drop-in adapter, else None. No visibility check: routes call `authorize` first."""
+        manifest = self._manifest(qualified(model, tenant))
         if manifest is not None and manifest.kind == "medusa":
             raise InvalidRequestError(f"{model!r} is a set of Medusa heads, not a model: request the base or the "
                                       "adapter they attach to", param="model")
         if manifest is not None:
-            return StoredAdapter(manifest, store_ref(self._store.url, manifest), self.heads_path(manifest.ref))
-        return self._catalog.resolve(model)
+            return StoredAdapter(manifest, self.heads_path(manifest.ref))
+        return self._catalog.resolve(model) if "/" not in model else None
 
     def heads_path(self, adapter_ref: str | None) -> str | None:
-        """The store reference of the Medusa heads attached to `adapter_ref` (None: the base's), remembered
+        """The source of the Medusa heads attached to `adapter_ref` (None: the base's), remembered
         for RESOLVE_TTL_S like manifests."""
         key, now = f"heads {adapter_ref}", time.monotonic()
         hit = self._resolved.get(key)
         if hit is None or now - hit[0] >= RESOLVE_TTL_S:
             hit = (now, self._store.heads_for(adapter_ref))
             self._resolved[key] = hit
-        return None if hit[1] is None else store_ref(self._store.url, hit[1])
+        return None if hit[1] is None else store_source(hit[1].ref)
 
     def _manifest(self, model: str) -> Manifest | None:
         """The store's answer for `model`, remembered for RESOLVE_TTL_S: an inference request asks twice
@@ -131,7 +150,7 @@ class AdapterRegistry:
 
     def authorize(self, model: str | None, tenant: Tenant) -> None:
         """404 if `model` is a stored adapter the tenant may not use (as if it did not exist)."""
-        manifest = self._manifest(model) if model else None
+        manifest = self._manifest(qualified(model, tenant)) if model else None
         if manifest is not None and not visible(manifest, tenant):
             raise ModelNotFoundError(f"the model {model!r} does not exist", param="model")
 
@@ -144,15 +163,15 @@ class AdapterRegistry:
         members, keys = [], []
         for model in spec.ids:
             adapter = self._merge_member(model, tenant)
-            members.append(MergeMember(path=str(adapter.path), weight=weight_of(spec, model)))
-            keys.append(adapter.manifest.content_id if isinstance(adapter, StoredAdapter) else str(adapter.path))
+            members.append(MergeMember(path=adapter.source, weight=weight_of(spec, model)))
+            keys.append(adapter.manifest.content_id if isinstance(adapter, StoredAdapter) else adapter.source)
         merge = WorkerMerge(members=members, strategy=spec.strategy, density=spec.density,
                             majority_sign_method=spec.majority_sign_method)
         return MergedAdapter(f"merge:{spec.key(keys)[:32]}", merge)
 
     def _merge_member(self, model: str, tenant: Tenant) -> StoredAdapter | AdapterVersion:
         self.authorize(model, tenant)
-        adapter = self.resolve(model)
+        adapter = self.resolve(model, tenant)
         if adapter is None:
             raise ModelNotFoundError(f"merged_adapters: no adapter {model!r}", param="merged_adapters")
         return adapter
@@ -174,13 +193,12 @@ class AdapterRegistry:
     def upload(self, tenant: Tenant, name: str, uploads: list[UploadedFile], kind: str | None,
                compression: CompressionRequest | None, public: bool) -> AdapterInfo:
         base = self._require_base()
-        check_name(name)
+        name = self._own_name(name, tenant)
         draft, files = prepare(uploads, base, self._limits, name=name, owner=tenant.name, public=public,
                                kind=kind, compression=compression)
         if draft.kind == "medusa":
             draft = replace(draft, attach_to=self._heads_owner(files, tenant))
         with self._writes:
-            self._check_name_free(name, tenant)
             published = self._store.publish(draft, files)
             if published.kind == "medusa":
                 self._store.attach_heads(published)  # served with that adapter version (or the base) from now
@@ -193,7 +211,7 @@ class AdapterRegistry:
         adapter = json.loads(files[medusa_validation.CONFIG_NAME]).get("adapter")
         if adapter is None:
             return None
-        manifest = self._manifest(adapter)
+        manifest = self._manifest(qualified(adapter, tenant))
         if manifest is None or not visible(manifest, tenant):
             raise ModelNotFoundError(f"the heads attach to adapter {adapter!r}, which does not exist", param="files")
         if manifest.kind == "medusa":
@@ -204,7 +222,7 @@ class AdapterRegistry:
     def save_merge(self, tenant: Tenant, name: str, raw: dict, public: bool) -> AdapterInfo:
         """Computes a merge (`merged_adapters` shape) and publishes it as a new version of `name`."""
         base = self._require_base()
-        check_name(name)
+        name = self._own_name(name, tenant)
         spec = MergeSpec.from_dict(raw)
         members = [(self._member_files(self._merge_member(m, tenant)), weight_of(spec, m)) for m in spec.ids]
         parts = merge_files(members, spec, base)
@@ -215,10 +233,23 @@ class AdapterRegistry:
         uploads = [UploadedFile(filename, data) for filename, data in files.items()]
         draft, files = prepare(uploads, base, self._limits, name=name, owner=tenant.name, public=public)
         with self._writes:
-            self._check_name_free(name, tenant)
             self._store.publish(draft, files)
             self._resolved.clear()
         return self.describe(tenant, name)
+
+    def import_folder(self, folder: str, owner: str, name: str | None, public: bool) -> AdapterInfo:
+        """An operator's import: the drop-in folder `NAME[/VERSION]` (the allow-list, `DATA_DIR/adapters`),
+        validated like an upload and published as a version of `owner`'s `name` (default: the folder's NAME)."""
+        if not NAMESPACE_PATTERN.match(owner):
+            raise InvalidRequestError("owner must be a tenant's name", param="owner")
+        try:
+            files = self._catalog.read_folder(folder, self._limits.max_total_bytes)
+        except ValueError as exc:
+            raise InvalidAdapterError(str(exc), param="folder") from exc
+        if files is None:
+            raise AdapterNotFoundError(f"no folder {folder!r} in the drop-in directory", param="folder")
+        uploads = [UploadedFile(filename, data) for filename, data in files.items()]
+        return self.upload(Tenant(owner), name or folder.split("/")[0], uploads, None, None, public)
 
     def _member_files(self, adapter: StoredAdapter | AdapterVersion) -> dict[str, bytes]:
         if isinstance(adapter, StoredAdapter):
@@ -232,23 +263,26 @@ class AdapterRegistry:
                 "set ADAPTERD_BASE_MODEL_PATH to the base model folder")
         return self._base
 
-    def _check_name_free(self, name: str, tenant: Tenant) -> None:
-        latest = self._store.latest(name)
-        if latest is not None and latest.owner != tenant.name:
-            raise NameConflictError(f"the adapter name {name!r} is taken; choose another", param="name")
-        if latest is None and self._catalog.resolve(name) is not None:
-            raise NameConflictError(f"{name!r} names an adapter installed on the server", param="name")
+    def _own_name(self, name: str, tenant: Tenant) -> str:
+        """An upload's name, in full: a bare name, or a full one in the caller's own namespace."""
+        check_name(name)
+        full = qualified(name, tenant)
+        if full.split("/", 1)[0] != tenant.name:
+            raise PermissionDeniedError("adapters are uploaded into your own namespace: name them NAME or "
+                                        f"{tenant.name}/NAME", param="name")
+        return full
 
     def list(self, tenant: Tenant) -> list[AdapterInfo]:
         found = []
-        for name in self._store.names():
+        for name in self._store.names():  # every tenant's; `_info` keeps the visible ones
             info = self._info(name, tenant)
             if info is not None:
                 found.append(info)
         return found
 
     def describe(self, tenant: Tenant, name: str) -> AdapterInfo:
-        info = self._info(name, tenant) if parse_ref(name) == (name, None) else None
+        full = qualified(name, tenant)
+        info = self._info(full, tenant) if parse_ref(full) == (full, None) else None
         if info is None:
             raise AdapterNotFoundError(f"no adapter named {name!r}", param="name")
         return info
@@ -258,11 +292,11 @@ class AdapterRegistry:
         if not versions:
             return None
         latest = versions[-1]
-        return AdapterInfo(name=name, latest=latest.version, owner=latest.owner, public=latest.public,
-                           versions=[version_info(m) for m in versions])
+        return AdapterInfo(name=relative(name, tenant), latest=latest.version, owner=latest.owner,
+                           public=latest.public, versions=[version_info(m, tenant) for m in versions])
 
     def _visible_manifest(self, tenant: Tenant, ref: str) -> Manifest:
-        manifest = self._store.resolve(ref)
+        manifest = self._store.resolve(qualified(ref, tenant))
         if manifest is None or not visible(manifest, tenant):
             raise AdapterNotFoundError(f"no adapter {ref!r}", param="name")
         return manifest
@@ -279,21 +313,21 @@ class AdapterRegistry:
 
     def delete(self, tenant: Tenant, ref: str) -> AdapterDeleted:
         """`name@version` deletes that version; `name` deletes every version."""
-        parsed = parse_ref(ref)
+        parsed = parse_ref(qualified(ref, tenant))
         if parsed is None:
             raise AdapterNotFoundError(f"no adapter {ref!r}", param="name")
         name, version = parsed
         targets = [self._visible_manifest(tenant, ref)] if version is not None else [
             m for m in self._store.versions(name) if visible(m, tenant)]
         if not targets:
-            raise AdapterNotFoundError(f"no adapter named {name!r}", param="name")
+            raise AdapterNotFoundError(f"no adapter named {relative(name, tenant)!r}", param="name")
         if any(m.owner != tenant.name for m in targets):
             raise PermissionDeniedError(f"only the owner may delete {ref!r}", param="name")
         with self._writes:
             deleted = [self._store.delete_version(name, m.version).version for m in targets]
             self._resolved.clear()
             self._store.collect_garbage(self._gc_grace_s)
-        return AdapterDeleted(name=name, versions=deleted)
+        return AdapterDeleted(name=relative(name, tenant), versions=deleted)
 
 
 ADAPTER_UPLOAD_PATH = "/v1/adapters"

@@ -55,7 +55,8 @@ class BodySizeLimit:
 def _wire(app: FastAPI, settings: GatewaySettings) -> None:
     state = app.state
     state.redis = aioredis.from_url(settings.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
-    state.registry = WorkerRegistry(state.redis, settings.registry_refresh_s, settings.worker_down_s)
+    signer = settings.cluster_signer()
+    state.registry = WorkerRegistry(state.redis, settings.registry_refresh_s, settings.worker_down_s, signer)
     state.router = WorkerRouter(
         state.registry, settings.queue_max, settings.queue_timeout_s, settings.retry_after_s
     )
@@ -63,6 +64,7 @@ def _wire(app: FastAPI, settings: GatewaySettings) -> None:
         settings.worker_connect_timeout_s,
         settings.worker_read_timeout_s,
         settings.max_connections,
+        signer,
     )
     state.catalog = AdapterCatalog(settings.data_dir / "adapters")
     state.adapters = build_adapter_registry(settings, state.catalog)

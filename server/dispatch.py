@@ -8,9 +8,11 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 from adapters_store.coordination import WorkerGenerateRequest, WorkerMerge
-from server.adapter_catalog import AdapterCatalog, AdapterVersion
+from server.adapter_catalog import AdapterVersion
+from server.auth import Tenant
 from server.errors import (
     GatewayError,
     InvalidRequestError,
@@ -24,6 +26,13 @@ from server.worker_client import WorkerClient, WorkerStream
 from server.worker_registry import WorkerRegistry
 
 ATTEMPTS = 2  # the first worker, and one other if the first fails before answering
+
+
+class ModelResolver(Protocol):
+    """What the dispatcher asks of the adapter registry (`server.adapter_registry.AdapterRegistry`)."""
+
+    def resolve(self, model: str, tenant: Tenant) -> Any: ...  # an adapter version with `ref`, `source`; or None
+    def heads_path(self, adapter_ref: str | None) -> str | None: ...
 
 
 @dataclass(frozen=True)
@@ -62,7 +71,7 @@ class Completion:
 class Dispatcher:
     def __init__(
         self,
-        catalog: AdapterCatalog,
+        catalog: ModelResolver,
         registry: WorkerRegistry,
         router: WorkerRouter,
         client: WorkerClient,
@@ -82,7 +91,7 @@ class Dispatcher:
     def base_model_id(self) -> str | None:
         return self._registry.base_model_id or self._model_id or None
 
-    def resolve(self, model: str | None, merged: MergedAdapter | None = None) -> Target:
+    def resolve(self, model: str | None, merged: MergedAdapter | None, tenant: Tenant) -> Target:
         """`None`/base id → base; `name` / `name@version` → that adapter; anything else → 404. The base
         id is checked first: it costs nothing, while an adapter lookup reads the store. With a per-request
         merge, the model must be the base (or unset)."""
@@ -95,7 +104,7 @@ class Dispatcher:
             return Target(model or base or "", merged)
         if model is None or (base is not None and model == base):
             return Target(model or base or "", None)
-        adapter = self._catalog.resolve(model)
+        adapter = self._catalog.resolve(model, tenant)
         if adapter is not None:
             return Target(model, adapter)
         if base is None:
@@ -113,7 +122,7 @@ class Dispatcher:
         if isinstance(target.adapter, MergedAdapter):
             update |= {"adapter": target.adapter.ref, "merge": target.adapter.merge}
         elif target.adapter is not None:
-            update |= {"adapter": target.adapter.ref, "adapter_path": str(target.adapter.path),
+            update |= {"adapter": target.adapter.ref, "adapter_path": target.adapter.source,
                        "medusa_path": target.adapter.heads}
         else:
             update |= {"medusa_path": self._catalog.heads_path(None)}  # the base's heads, if any

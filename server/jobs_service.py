@@ -36,7 +36,7 @@ from adapters_store.errors import AdapterNotFoundError
 from adapters_store.ingest import CompressionRequest
 from adapters_store.training_files import PURPOSE, TrainingFileNotFoundError
 from adapters_store.training_methods import validate_method
-from server.adapter_registry import AdapterRegistry, StoredAdapter, visible
+from server.adapter_registry import AdapterRegistry, StoredAdapter, qualified, visible
 from server.auth import Tenant
 from server.errors import ConflictError, InvalidRequestError, JobNotFoundError, ModelNotFoundError
 from server.files_service import FilesService
@@ -108,11 +108,13 @@ class JobsService:
             raise InvalidRequestError(f"{param} {file_id!r} has purpose {found.purpose!r}, not {PURPOSE!r}",
                                       param=param, code="invalid_file_purpose")
 
-    def _check_adapter(self, tenant: Tenant, ref: str) -> None:
-        """medusa's `adapter` must be a stored adapter the tenant may use (the trainer reads it from the store)."""
-        found = self._adapters.resolve(ref) if self._adapters is not None else None
+    def _check_adapter(self, tenant: Tenant, ref: str) -> str:
+        """medusa's `adapter` must be a stored adapter the tenant may use (the trainer reads it from the store);
+        returns its full name (`TENANT/NAME[@VERSION]`), which the trainer resolves."""
+        found = self._adapters.resolve(ref, tenant) if self._adapters is not None else None
         if not isinstance(found, StoredAdapter) or not visible(found.manifest, tenant):
             raise AdapterNotFoundError(f"method.adapter: no stored adapter {ref!r}", param="method")
+        return qualified(ref, tenant)
 
     async def create(self, tenant: Tenant, body: FineTuningJobCreate) -> FineTuningJob:
         bases = await self.known_bases()
@@ -130,7 +132,7 @@ class JobsService:
         await self._check_file(tenant, body.training_file, "training_file")
         await self._check_file(tenant, body.validation_file, "validation_file")
         if method.get("adapter"):
-            await asyncio.to_thread(self._check_adapter, tenant, method["adapter"])
+            method["adapter"] = await asyncio.to_thread(self._check_adapter, tenant, method["adapter"])
         job = FineTuneJob(
             id=f"ftjob-{secrets.token_hex(12)}", model=body.model, organization_id=tenant.name,
             training_file=body.training_file, validation_file=body.validation_file, method=method,

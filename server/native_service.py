@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 
 from adapters_store.coordination import WorkerGenerateRequest, WorkerSampling
 from server import sse
+from server.auth import Tenant
 from server.dispatch import Dispatcher, MergedAdapter
 from server.errors import GatewayError
 from server.protocol import (
@@ -46,12 +47,12 @@ class NativeService:
     def __init__(self, dispatcher: Dispatcher):
         self._dispatcher = dispatcher
 
-    def _prepare(self, req: GenerateRequest, merged: MergedAdapter | None):
-        target = self._dispatcher.resolve(req.parameters.adapter_id or None, merged)
+    def _prepare(self, req: GenerateRequest, merged: MergedAdapter | None, tenant: Tenant):
+        target = self._dispatcher.resolve(req.parameters.adapter_id or None, merged, tenant)
         return target, WorkerGenerateRequest(prompt=req.inputs, params=_sampling(req.parameters))
 
-    async def generate(self, req: GenerateRequest, merged: MergedAdapter | None = None) -> GenerateResponse:
-        target, work = self._prepare(req, merged)
+    async def generate(self, req: GenerateRequest, merged: MergedAdapter | None, tenant: Tenant) -> GenerateResponse:
+        target, work = self._prepare(req, merged, tenant)
         done = await self._dispatcher.generate(target, work)
         p = req.parameters
         text = req.inputs + done.text if p.return_full_text else done.text
@@ -72,8 +73,8 @@ class NativeService:
             )
         return GenerateResponse(generated_text=text, details=details)
 
-    async def stream(self, req: GenerateRequest, merged: MergedAdapter | None = None) -> AsyncIterator[bytes]:
-        target, work = self._prepare(req, merged)
+    async def stream(self, req: GenerateRequest, merged: MergedAdapter | None, tenant: Tenant) -> AsyncIterator[bytes]:
+        target, work = self._prepare(req, merged, tenant)
         events = await self._dispatcher.stream(target, work)
         return self._events(req, events)
 

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 
 from adapters_store.coordination import ChatMessage, WorkerGenerateRequest, WorkerSampling
 from server import sse
+from server.auth import Tenant
 from server.dispatch import Completion, Dispatcher, MergedAdapter, Target
 from server.errors import GatewayError, InvalidRequestError
 from server.protocol import (
@@ -98,8 +99,9 @@ class CompletionService:
             text_offset=offsets,
         )
 
-    async def create(self, req: CompletionRequest, merged: MergedAdapter | None = None) -> CompletionResponse:
-        target = self._dispatcher.resolve(req.model, merged)
+    async def create(self, req: CompletionRequest, merged: MergedAdapter | None,
+                     tenant: Tenant) -> CompletionResponse:
+        target = self._dispatcher.resolve(req.model, merged, tenant)
         work = self._requests(req)
         done = await asyncio.gather(*(self._dispatcher.generate(target, w) for w in work))
         choices = [
@@ -116,8 +118,9 @@ class CompletionService:
             usage=_usage(sum(d.prompt_tokens for d in done), sum(d.completion_tokens for d in done)),
         )
 
-    async def stream(self, req: CompletionRequest, merged: MergedAdapter | None = None) -> AsyncIterator[bytes]:
-        target = self._dispatcher.resolve(req.model, merged)
+    async def stream(self, req: CompletionRequest, merged: MergedAdapter | None,
+                     tenant: Tenant) -> AsyncIterator[bytes]:
+        target = self._dispatcher.resolve(req.model, merged, tenant)
         (work,) = self._requests(req)
         events = await self._dispatcher.stream(target, work)
         return _stream_errors(self._chunks(req, target, events))
@@ -165,8 +168,9 @@ class ChatService:
         alts = [TopLogprob(token=text, logprob=logprob, bytes=raw)] if top else []
         return TokenLogprob(token=text, logprob=logprob, bytes=raw, top_logprobs=alts)
 
-    async def create(self, req: ChatCompletionRequest, merged: MergedAdapter | None = None) -> ChatCompletionResponse:
-        target = self._dispatcher.resolve(req.model, merged)
+    async def create(self, req: ChatCompletionRequest, merged: MergedAdapter | None,
+                     tenant: Tenant) -> ChatCompletionResponse:
+        target = self._dispatcher.resolve(req.model, merged, tenant)
         done = await self._dispatcher.generate(target, self._request(req))
         logprobs = None
         if req.logprobs and done.logprobs is not None:
@@ -190,8 +194,9 @@ class ChatService:
             usage=_usage(done.prompt_tokens, done.completion_tokens),
         )
 
-    async def stream(self, req: ChatCompletionRequest, merged: MergedAdapter | None = None) -> AsyncIterator[bytes]:
-        target = self._dispatcher.resolve(req.model, merged)
+    async def stream(self, req: ChatCompletionRequest, merged: MergedAdapter | None,
+                     tenant: Tenant) -> AsyncIterator[bytes]:
+        target = self._dispatcher.resolve(req.model, merged, tenant)
         events = await self._dispatcher.stream(target, self._request(req))
         return _stream_errors(self._chunks(req, events))
 

@@ -338,6 +338,16 @@ class MergeSaveRequest(BaseModel):
     public: bool = False
 
 
+class AdapterImportRequest(BaseModel):
+    """An operator's import of a folder from the drop-in directory into a tenant's namespace in the store."""
+
+    model_config = ConfigDict(extra="forbid")
+    folder: str = Field(min_length=1, max_length=201, description="NAME or NAME/VERSION under DATA_DIR/adapters")
+    owner: str = Field(min_length=1, max_length=64, description="the tenant the adapter will belong to")
+    name: str | None = Field(None, min_length=1, max_length=100, description="default: the folder's NAME")
+    public: bool = False
+
+
 class AdapterDeleted(BaseModel):
     object: Literal["adapter.deleted"] = "adapter.deleted"
     name: str

@@ -3,6 +3,9 @@
 API keys: `ADAPTERD_API_KEYS="key1:tenant-a,key2:tenant-b"` (a key without `:tenant` belongs to the
 tenant `default`). Admin (operator) keys: `ADAPTERD_ADMIN_KEYS="key1,key2"`. With no keys, auth is off,
 which is allowed only on a loopback host unless `ADAPTERD_ALLOW_INSECURE=true`.
+
+Cluster secret (signs every call to a worker and verifies worker registrations): `ADAPTERD_CLUSTER_SECRET`
+or `ADAPTERD_CLUSTER_SECRET_FILE`; the gateway does not start without one.
 """
 
 from __future__ import annotations
@@ -12,6 +15,9 @@ from pathlib import Path
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from adapters_store.cluster_auth import ClusterSigner, load_secret
+from adapters_store.manifest import NAMESPACE_PATTERN
 
 
 class InsecureBindError(RuntimeError):
@@ -28,6 +34,8 @@ class GatewaySettings(BaseSettings):
     api_keys: str = ""
     admin_keys: str = ""  # operator keys: cluster-wide views (metrics, workers, placement)
     allow_insecure: bool = False
+    cluster_secret: str = Field("", repr=False)
+    cluster_secret_file: Path | None = None
     model_id: str = ""  # the base model's id if known before any worker registers
 
     # routing
@@ -73,11 +81,18 @@ class GatewaySettings(BaseSettings):
             if not item:
                 continue
             key, _, tenant = item.partition(":")
-            keys[key.strip()] = tenant.strip() or "default"
+            tenant = tenant.strip() or "default"
+            if not NAMESPACE_PATTERN.match(tenant):  # a tenant's name is its adapters' namespace
+                raise ValueError(f"tenant name {tenant!r}: use letters, digits, '.', '_', '-' (64 at most)")
+            keys[key.strip()] = tenant
         return keys
 
     def admin_key_list(self) -> tuple[str, ...]:
         return tuple(k.strip() for k in self.admin_keys.replace("\n", ",").split(",") if k.strip())
+
+    def cluster_signer(self) -> ClusterSigner:
+        """Raises ClusterSecretError when no secret is configured."""
+        return ClusterSigner(load_secret(self.cluster_secret, self.cluster_secret_file, env={}))
 
     @property
     def auth_enabled(self) -> bool:

@@ -5,8 +5,18 @@ from __future__ import annotations
 
 import orjson
 from pydantic import BaseModel
+from starlette.responses import StreamingResponse
 
 DONE = b"data: [DONE]\n\n"
+MEDIA_TYPE = "text/event-stream"
+# OpenAPI for a route that answers JSON, or SSE when the request asks to stream
+OR_STREAM = {200: {"content": {MEDIA_TYPE: {"schema": {"type": "string", "description": "`data: {json}` events"}}}}}
+
+
+class EventStreamResponse(StreamingResponse):
+    """A streamed SSE response; as a route's `response_class` it documents the route as text/event-stream."""
+
+    media_type = MEDIA_TYPE
 
 
 def event(payload: BaseModel | dict) -> bytes:

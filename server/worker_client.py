@@ -2,7 +2,8 @@
 module that speaks to workers. Transport failures become `WorkerUnreachableError` (the dispatcher retries
 those once elsewhere); a worker's error answer becomes `UpstreamError` carrying its status and error body
 unchanged. Streams are read as raw SSE bytes and handed on in batches: every event one socket read
-brought, so a gateway that falls behind catches up by forwarding several tokens per write."""
+brought, so a gateway that falls behind catches up by forwarding several tokens per write. Every request is
+signed with the cluster secret (`adapters_store.cluster_auth`): workers refuse anything else."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ from contextlib import contextmanager
 
 import aiohttp
 import orjson
+from yarl import URL
 
+from adapters_store.cluster_auth import ClusterSigner
 from server.errors import GatewayError, UpstreamError, WorkerUnreachableError
 
 _JSON = {"content-type": "application/json"}
@@ -105,7 +108,9 @@ class WorkerStream:
 
 
 class WorkerClient:
-    def __init__(self, connect_timeout_s: float, read_timeout_s: float, max_connections: int):
+    def __init__(self, connect_timeout_s: float, read_timeout_s: float, max_connections: int,
+                 signer: ClusterSigner):
+        self._signer = signer
         self._http = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=max_connections, keepalive_timeout=KEEPALIVE_S),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout_s, sock_read=read_timeout_s),
@@ -116,9 +121,12 @@ class WorkerClient:
     async def aclose(self) -> None:
         await self._http.close()
 
+    def _headers(self, target: str, body: bytes) -> dict[str, str]:
+        return {**_JSON, **self._signer.request_headers("POST", URL(target).raw_path_qs, body)}
+
     async def post(self, url: str, path: str, body: bytes) -> dict:
         with _translated(url, "to a request"):
-            async with self._http.post(url + path, data=body, headers=_JSON) as response:
+            async with self._http.post(url + path, data=body, headers=self._headers(url + path, body)) as response:
                 raw = await response.read()
         if response.status >= 400:
             raise _upstream(response.status, raw)
@@ -126,7 +134,8 @@ class WorkerClient:
 
     async def open_stream(self, url: str, body: bytes) -> WorkerStream:
         with _translated(url, "before the first token"):
-            response = await self._http.post(url + "/generate", data=body, headers=_JSON)
+            target = url + "/generate"
+            response = await self._http.post(target, data=body, headers=self._headers(target, body))
         try:
             with _translated(url, "before the first token"):
                 if response.status >= 400:

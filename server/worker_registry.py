@@ -1,6 +1,7 @@
 """The gateway's view of the live workers: a snapshot re-read from Redis every `refresh_s`, plus what
 only this gateway knows (its own in-flight count per worker, adapters it just sent to a worker, workers
-it saw fail). Routing reads the snapshot, so the request path never waits on Redis."""
+it saw fail). Routing reads the snapshot, so the request path never waits on Redis. Only records signed
+with the cluster secret count: anything else written there (by a process that got into Redis) is ignored."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
 
+from adapters_store.cluster_auth import ClusterSigner
 from adapters_store.coordination import WORKERS_SET, WorkerInfo, worker_key
 
 log = logging.getLogger("adapterd.gateway.registry")
@@ -53,8 +55,10 @@ class WorkerView:
 
 
 class WorkerRegistry:
-    def __init__(self, redis: aioredis.Redis, refresh_s: float, down_s: float):
+    def __init__(self, redis: aioredis.Redis, refresh_s: float, down_s: float, signer: ClusterSigner):
         self._redis = redis
+        self._signer = signer
+        self._refused: set[str] = set()  # worker ids whose unsigned records were already logged
         self._refresh_s = refresh_s
         self._down_s = down_s
         self._workers: dict[str, WorkerView] = {}
@@ -104,8 +108,9 @@ class WorkerRegistry:
             if raw is None:
                 gone.append(worker_id)
                 continue
-            info = WorkerInfo.from_json(raw)
-            fresh[worker_id] = self._merge(info)
+            info = self._verified(worker_id, raw)
+            if info is not None:
+                fresh[worker_id] = self._merge(info)
         if gone:
             await self._redis.srem(WORKERS_SET, *gone)
         self._workers = fresh
@@ -113,6 +118,20 @@ class WorkerRegistry:
             self.base_model_id = next(iter(fresh.values())).info.model_id
         self.changed.set()
         self.changed = asyncio.Event()
+
+    def _verified(self, worker_id: str, raw: bytes) -> WorkerInfo | None:
+        try:
+            info = WorkerInfo.from_json(raw)
+            valid = info.worker_id == worker_id and info.verified_by(self._signer)
+        except (ValueError, TypeError):
+            info, valid = None, False
+        if valid:
+            self._refused.discard(worker_id)
+            return info
+        if worker_id not in self._refused:
+            self._refused.add(worker_id)
+            log.warning("ignoring worker record %r: not signed with this cluster's secret", worker_id[:64])
+        return None
 
     def _merge(self, info: WorkerInfo) -> WorkerView:
         """Updates the worker's view in place: leases in flight hold it, so its counts must carry over."""

@@ -1,3 +1,5 @@
+import os
+import secrets
 import sys
 from pathlib import Path
 
@@ -6,6 +8,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 torch.set_num_threads(2)
+# the cluster secret of every process the tests start (they inherit the environment); see cluster_signing.py
+os.environ["ADAPTERD_CLUSTER_SECRET"] = secrets.token_hex(32)
+os.environ.pop("ADAPTERD_CLUSTER_SECRET_FILE", None)
 
 
 @pytest.fixture(scope="session")

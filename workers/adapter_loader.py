@@ -3,10 +3,12 @@ requests for the same cold adapter share one load). Eviction is the engine's: it
 byte-budgeted and least-recently-used, and never evicts an adapter that requests in flight use.
 `on_change` hears of every load, unload and eviction (the heartbeat republishes placement).
 
-The gateway sends either a folder path or a store reference (`file:///store#name@3`, `s3://…#name@3`);
-a store reference is first materialised into a local folder under the cache dir, as stored (ComPEFT
-stays compressed). A per-request merge (`WorkerMerge`) is built from its members' folders once, written
-under the cache dir by its name (a content key), and loaded like any adapter folder."""
+The gateway names where the files are with a source (`adapters_store.adapter_source`), never a path or a
+URL: `store:name@3` is materialised from this worker's own configured store into a local folder under the
+cache dir, as stored (ComPEFT stays compressed); `dropin:name[/version]` is a folder in the operator's
+drop-in directory, and must stay inside it. A per-request merge (`WorkerMerge`) is built from its members'
+folders once, written under the cache dir by its name (a content key), and loaded like any adapter folder.
+Error messages name sources, never this machine's paths."""
 
 from __future__ import annotations
 
@@ -14,24 +16,34 @@ import asyncio
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from adapters_store import errors as store_errors
+from adapters_store.adapter_source import STORE, InvalidSourceError, parse_source
 from adapters_store.coordination import WorkerMerge
-from adapters_store.materialise import is_store_ref, materialise
+from adapters_store.materialise import materialise
 from adapters_store.merge import MergeSpec, merge_files
-from workers.errors import AdapterNotFoundError, AdapterValidationError
+from adapters_store.registry import AdapterStore
+from workers.errors import AdapterdError, AdapterNotFoundError, AdapterValidationError, InvalidRequestError
 
-DEFAULT_CACHE_DIR = Path(tempfile.gettempdir()) / f"adapterd-adapters-{os.getuid()}"
+
+@dataclass(frozen=True)
+class AdapterSources:
+    """Where this worker may take adapter files from (its configuration, never a request's)."""
+
+    store: AdapterStore | None  # None: no store configured (store sources are refused)
+    dropin_dir: Path | None  # the operator's drop-in folder; None: drop-in sources are refused
+    cache_dir: Path  # materialised store versions and built merges
 
 
 class AdapterLoader:
-    def __init__(self, engine: Any, on_change: Callable[[], None] = lambda: None,
-                 cache_dir: Path = DEFAULT_CACHE_DIR):
+    def __init__(self, engine: Any, sources: AdapterSources, on_change: Callable[[], None] = lambda: None):
         self._engine = engine
-        self._cache_dir = cache_dir
+        self._sources = sources
+        self._cache_dir = sources.cache_dir
         self._on_change = on_change
         self._locks: dict[str, asyncio.Lock] = {}
         self._heads: dict[str | None, str] = {}  # owner → path of the Medusa heads attached to it
@@ -50,7 +62,7 @@ class AdapterLoader:
             if name in self.resident():
                 return
             folder = await self._merged_folder(name, merge) if merge is not None else await self._folder(path)
-            await self._engine.load_adapter(name, folder)
+            await self._without_paths(self._engine.load_adapter(name, folder), folder, path or name)
         self._on_change()
 
     async def _merged_folder(self, name: str, merge: WorkerMerge) -> str:
@@ -64,15 +76,35 @@ class AdapterLoader:
             raise AdapterValidationError(f"cannot merge the adapters: {exc.message}") from exc
         return str(out)
 
-    async def _folder(self, path: str) -> str:
-        if not is_store_ref(path):
-            return path
+    async def _folder(self, text: str) -> str:
+        """The local folder of a source: materialised from the store, or inside the drop-in folder."""
         try:
-            return str(await asyncio.to_thread(materialise, path, self._cache_dir))
-        except store_errors.AdapterNotFoundError as exc:
-            raise AdapterNotFoundError(exc.message, param="adapter") from exc
-        except store_errors.StoreError as exc:
-            raise AdapterValidationError(f"cannot read the adapter from the store: {exc.message}") from exc
+            source = parse_source(text)
+        except InvalidSourceError as exc:
+            raise InvalidRequestError(str(exc), param="adapter_path") from exc
+        if source.kind == STORE:
+            if self._sources.store is None:
+                raise InvalidRequestError("this worker has no adapter store configured", param="adapter_path")
+            try:
+                return str(await asyncio.to_thread(materialise, self._sources.store, source.name, self._cache_dir))
+            except store_errors.AdapterNotFoundError as exc:
+                raise AdapterNotFoundError(exc.message, param="adapter") from exc
+            except store_errors.StoreError as exc:
+                raise AdapterValidationError(f"cannot read the adapter {source.name!r} from the store") from exc
+        root = self._sources.dropin_dir
+        folder = (root / Path(*source.parts)).resolve() if root is not None else None
+        if folder is None or not folder.is_relative_to(root.resolve()) or not folder.is_dir():
+            raise AdapterNotFoundError(f"no drop-in adapter {source.name!r} on this worker", param="adapter")
+        return str(folder)
+
+    async def _without_paths(self, loading: Awaitable, folder: str, source: str) -> Any:
+        """Awaits `loading`; an error's message names `source` where it named this machine's folder."""
+        try:
+            return await loading
+        except AdapterdError as exc:
+            exc.message = exc.message.replace(folder, repr(source))
+            exc.args = (exc.message,)
+            raise
 
     async def ensure_heads(self, owner: str | None, path: str) -> None:
         """Attaches the Medusa heads at `path` to `owner` (an adapter; None: the base) unless they already are:
@@ -84,7 +116,8 @@ class AdapterLoader:
                 await self.load_heads(owner, path)
 
     async def load_heads(self, owner: str | None, path: str) -> None:
-        await self._engine.load_medusa(await self._folder(path), owner)
+        folder = await self._folder(path)
+        await self._without_paths(self._engine.load_medusa(folder, owner), folder, path)
         self._heads[owner] = path
 
     def unload(self, name: str) -> None:

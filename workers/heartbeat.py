@@ -1,5 +1,6 @@
 """Worker → Redis heartbeat: announces address, capacity, load and resident adapters with a TTL, and
-keeps the adapter → workers placement sets. Key names and payload live in adapters_store.coordination."""
+keeps the adapter → workers placement sets. Key names and payload live in adapters_store.coordination;
+each record is signed with the cluster secret, so the gateway routes only to cluster members."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from collections.abc import Callable
 
 import redis.asyncio as aioredis
 
+from adapters_store.cluster_auth import ClusterSigner
 from adapters_store.coordination import (
     PLACEMENT_TTL_FACTOR,
     WORKERS_SET,
@@ -22,9 +24,11 @@ log = logging.getLogger("adapterd.worker.heartbeat")
 
 
 class Heartbeat:
-    def __init__(self, redis_url: str, info: Callable[[], WorkerInfo], ttl_s: float, interval_s: float):
+    def __init__(self, redis_url: str, info: Callable[[], WorkerInfo], ttl_s: float, interval_s: float,
+                 signer: ClusterSigner):
         self._redis = aioredis.from_url(redis_url, socket_timeout=max(ttl_s, 1.0))
         self._info = info
+        self._signer = signer
         self._ttl_ms = max(int(ttl_s * 1000), 100)
         self._interval_s = interval_s
         self._placed: set[str] = set()
@@ -57,7 +61,7 @@ class Heartbeat:
         await self._redis.aclose()
 
     async def beat(self) -> None:
-        info = self._info()
+        info = self._info().signed_by(self._signer)
         resident = set(info.resident_adapters)
         pipe = self._redis.pipeline(transaction=False)
         pipe.set(worker_key(info.worker_id), info.to_json(), px=self._ttl_ms)

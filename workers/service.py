@@ -1,8 +1,10 @@
 """The worker's HTTP service around one engine: generate (streamed as SSE or not), health, stats and the
-internal adapter load/unload used by the gateway. Registers itself in Redis through `Heartbeat`.
+internal adapter load/unload used by the gateway. Registers itself in Redis through `Heartbeat`. Every
+route but `GET /health` needs a request signed with the cluster secret (`workers.request_auth`).
 Errors (`workers.errors.AdapterdError`) become the JSON error shape at this module's one boundary.
 
-Entry point: `python -m workers.service --port 9001 --redis-url redis://… --model PATH`.
+Entry point: `python -m workers.service --port 9001 --redis-url redis://… --model PATH`, with the cluster
+secret in `ADAPTERD_CLUSTER_SECRET` or `ADAPTERD_CLUSTER_SECRET_FILE`.
 """
 
 from __future__ import annotations
@@ -12,8 +14,11 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Annotated, Any
 
 import orjson
@@ -23,6 +28,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from adapters_store.backends import open_backend
+from adapters_store.cluster_auth import ClusterSecretError, ClusterSigner, RequestVerifier, load_secret
 from adapters_store.coordination import (
     AdapterLoadRequest,
     AdapterUnloadRequest,
@@ -31,11 +38,13 @@ from adapters_store.coordination import (
     WorkerGenerateResult,
     WorkerInfo,
 )
-from workers.adapter_loader import AdapterLoader
+from adapters_store.registry import AdapterStore
+from workers.adapter_loader import AdapterLoader, AdapterSources
 from workers.engine.types import GenerationRequest, SamplingParams, TokenEvent
 from workers.errors import AdapterdError, InvalidRequestError
 from workers.heartbeat import Heartbeat
 from workers.load_report import TokenRate, load_report
+from workers.request_auth import ClusterAuthMiddleware
 from workers.residency_metrics import FusionCollector, residency_registry
 from workers.service_config import WorkerServiceConfig
 from workers.speculative_metrics import SpeculativeCollector
@@ -117,7 +126,9 @@ class WorkerService:
         self.config = config
         self.prompts = PromptBuilder(engine.tokenizer)
         self.heartbeat: Heartbeat | None = None
-        self.adapters = AdapterLoader(engine, on_change=self._residency_changed)
+        sources = AdapterSources(AdapterStore(open_backend(config.resolved_store_url)), config.dropin_dir,
+                                 config.cache_dir)
+        self.adapters = AdapterLoader(engine, sources, on_change=self._residency_changed)
         self.metrics = residency_registry(lambda: self.engine.stats().get("adapters", {}))
         self.metrics.register(FusionCollector(lambda: self.engine.stats().get("fusion", {})))
         self.metrics.register(SpeculativeCollector(lambda: self.engine.stats().get("medusa", {})))
@@ -295,13 +306,14 @@ def install_error_boundary(app: FastAPI) -> None:
 
 def create_app(engine: Any, config: WorkerServiceConfig) -> FastAPI:
     """The worker app. `engine` is started/stopped by whoever built it (the entry point, or a test)."""
+    signer = ClusterSigner(config.cluster_secret)  # raises ClusterSecretError without a usable secret
     service = WorkerService(engine, config)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         if config.redis_url:
             service.heartbeat = Heartbeat(
-                config.redis_url, service.info, config.heartbeat_ttl_s, config.interval_s
+                config.redis_url, service.info, config.heartbeat_ttl_s, config.interval_s, signer
             )
             await service.heartbeat.start()
         try:
@@ -319,6 +331,7 @@ def create_app(engine: Any, config: WorkerServiceConfig) -> FastAPI:
     app.add_api_route("/adapters/load", load_route, methods=["POST"])
     app.add_api_route("/adapters/unload", unload_route, methods=["POST"])
     install_error_boundary(app)
+    app.add_middleware(ClusterAuthMiddleware, verifier=RequestVerifier(config.cluster_secret))
     return app
 
 
@@ -330,8 +343,13 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=9001)
     p.add_argument("--advertise-url", default="", help="URL the gateway uses (default http://HOST:PORT)")
-    p.add_argument("--redis-url", default=None)
+    p.add_argument("--redis-url", default=os.environ.get("ADAPTERD_REDIS_URL"),
+                   help="default: $ADAPTERD_REDIS_URL (keeps a password off the command line)")
     p.add_argument("--model", default=None, help="HF model folder (default: the packaged SmolLM2)")
+    p.add_argument("--data-dir", default=os.environ.get("ADAPTERD_DATA_DIR", ".adapterd"),
+                   help="the drop-in adapters/ folder, the store/ (unless --store-url) and the worker's cache")
+    p.add_argument("--store-url", default=os.environ.get("ADAPTERD_STORE_URL", ""),
+                   help="the adapter store (file:// or s3://; default DATA_DIR/store, as the gateway's)")
     p.add_argument("--worker-id", default=None)
     p.add_argument("--heartbeat-ttl", type=float, default=5.0)
     p.add_argument("--device", default="cpu")
@@ -375,6 +393,11 @@ def main(argv: list[str] | None = None) -> None:
 
     args = _parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(levelname)s %(name)s: %(message)s")
+    try:
+        secret = load_secret()
+    except ClusterSecretError as exc:
+        print(f"adapterd worker: {exc}", file=sys.stderr)
+        raise SystemExit(2) from exc
     config = WorkerServiceConfig(
         host=args.host,
         port=args.port,
@@ -382,6 +405,9 @@ def main(argv: list[str] | None = None) -> None:
         redis_url=args.redis_url,
         heartbeat_ttl_s=args.heartbeat_ttl,
         max_adapters=args.max_loras,
+        cluster_secret=secret,
+        data_dir=Path(args.data_dir),
+        store_url=args.store_url,
         **({"worker_id": args.worker_id} if args.worker_id else {}),
     )
     engine = _build_engine(args)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -16,10 +17,25 @@ class WorkerServiceConfig:
     heartbeat_ttl_s: float = 5.0
     heartbeat_interval_s: float = 0.0  # 0 → ttl / 3
     max_adapters: int = 8  # resident adapters at once (the engine's LoRA slots)
+    cluster_secret: bytes = field(default=b"", repr=False)  # required: requests and heartbeats are signed
+    data_dir: Path = Path(".adapterd")  # adapters/ (the drop-in folder), store/, worker-cache/ live here
+    store_url: str = ""  # the adapter store adapters load from; default DATA_DIR/store (as the gateway's)
 
     @property
     def url(self) -> str:
         return self.advertise_url or f"http://{self.host}:{self.port}"
+
+    @property
+    def resolved_store_url(self) -> str:
+        return self.store_url or (self.data_dir / "store").resolve().as_uri()
+
+    @property
+    def dropin_dir(self) -> Path:
+        return self.data_dir / "adapters"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.data_dir / "worker-cache"
 
     @property
     def interval_s(self) -> float:

@@ -1,4 +1,5 @@
-"""The adapters API: upload (multipart), save a merge, list, show, download (the folder as a zip), delete."""
+"""The adapters API: upload (multipart), save a merge, list, show, download (the folder as a zip), delete;
+for admin keys, import a folder from the operator's drop-in directory into a tenant's namespace."""
 
 from __future__ import annotations
 
@@ -11,10 +12,17 @@ from fastapi.responses import Response
 
 from adapters_store.ingest import CompressionRequest
 from adapters_store.validation import UploadedFile
-from server.auth import CurrentTenant
+from server.auth import AdminTenant, CurrentTenant
 from server.dependencies import Adapters
 from server.errors import InvalidRequestError
-from server.protocol import AdapterDeleted, AdapterInfo, AdapterList, ErrorResponse, MergeSaveRequest
+from server.protocol import (
+    AdapterDeleted,
+    AdapterImportRequest,
+    AdapterInfo,
+    AdapterList,
+    ErrorResponse,
+    MergeSaveRequest,
+)
 
 router = APIRouter(prefix="/v1/adapters", responses={"default": {"model": ErrorResponse}})
 
@@ -48,24 +56,31 @@ async def save_merge(body: MergeSaveRequest, registry: Adapters, tenant: Current
     return await asyncio.to_thread(registry.save_merge, tenant, body.name, body.merged_adapters, body.public)
 
 
+@router.post("/import", response_model=AdapterInfo, status_code=201)
+async def import_adapter(body: AdapterImportRequest, registry: Adapters, _: AdminTenant) -> AdapterInfo:
+    """Validates and stores `DATA_DIR/adapters/FOLDER` as a new version of OWNER's NAME (admin keys only)."""
+    return await asyncio.to_thread(registry.import_folder, body.folder, body.owner, body.name, body.public)
+
+
 @router.get("", response_model=AdapterList)
 async def list_adapters(registry: Adapters, tenant: CurrentTenant) -> AdapterList:
     return AdapterList(data=await asyncio.to_thread(registry.list, tenant))
 
 
-@router.get("/{name}", response_model=AdapterInfo)
-async def show_adapter(name: str, registry: Adapters, tenant: CurrentTenant) -> AdapterInfo:
-    return await asyncio.to_thread(registry.describe, tenant, name)
-
-
-@router.get("/{ref}/download", response_class=Response, responses={200: {"content": {"application/zip": {}}}})
+# names may be full (`TENANT/NAME`), hence `:path`; download comes first so that it is not read as a name
+@router.get("/{ref:path}/download", response_class=Response, responses={200: {"content": {"application/zip": {}}}})
 async def download_adapter(ref: str, registry: Adapters, tenant: CurrentTenant) -> Response:
     manifest, data = await asyncio.to_thread(registry.download, tenant, ref)
-    filename = f"{manifest.name}-{manifest.version}.zip"
+    filename = f"{manifest.name.replace('/', '_')}-{manifest.version}.zip"
     return Response(data, media_type="application/zip",
                     headers={"content-disposition": f'attachment; filename="{filename}"'})
 
 
-@router.delete("/{ref}", response_model=AdapterDeleted)
+@router.get("/{name:path}", response_model=AdapterInfo)
+async def show_adapter(name: str, registry: Adapters, tenant: CurrentTenant) -> AdapterInfo:
+    return await asyncio.to_thread(registry.describe, tenant, name)
+
+
+@router.delete("/{ref:path}", response_model=AdapterDeleted)
 async def delete_adapter(ref: str, registry: Adapters, tenant: CurrentTenant) -> AdapterDeleted:
     return await asyncio.to_thread(registry.delete, tenant, ref)

@@ -8,23 +8,24 @@ from fastapi.responses import StreamingResponse
 from server.auth import CurrentTenant
 from server.dependencies import Adapters, Native
 from server.protocol import ErrorResponse, GenerateRequest, GenerateResponse
+from server.sse import OR_STREAM, EventStreamResponse
 
 router = APIRouter(responses={"default": {"model": ErrorResponse}})
 
 
-@router.post("/generate", response_model=GenerateResponse)
+@router.post("/generate", response_model=GenerateResponse, responses=OR_STREAM)
 async def generate(body: GenerateRequest, service: Native, adapters: Adapters, tenant: CurrentTenant):
     adapters.authorize(body.parameters.adapter_id, tenant)
     merged = adapters.resolve_merge(body.parameters.merged_adapters, tenant)
     if body.stream:
-        return StreamingResponse(await service.stream(body, merged), media_type="text/event-stream")
-    return await service.generate(body, merged)
+        return StreamingResponse(await service.stream(body, merged, tenant), media_type="text/event-stream")
+    return await service.generate(body, merged, tenant)
 
 
-@router.post("/generate_stream")
+@router.post("/generate_stream", response_class=EventStreamResponse, responses=OR_STREAM)
 async def generate_stream(
     body: GenerateRequest, service: Native, adapters: Adapters, tenant: CurrentTenant
-) -> StreamingResponse:
+) -> EventStreamResponse:
     adapters.authorize(body.parameters.adapter_id, tenant)
     merged = adapters.resolve_merge(body.parameters.merged_adapters, tenant)
-    return StreamingResponse(await service.stream(body, merged), media_type="text/event-stream")
+    return EventStreamResponse(await service.stream(body, merged, tenant))

@@ -16,27 +16,28 @@ from server.protocol import (
     ModelCard,
     ModelList,
 )
+from server.sse import OR_STREAM
 
 router = APIRouter(prefix="/v1", responses={"default": {"model": ErrorResponse}})
 SSE = "text/event-stream"
 
 
-@router.post("/completions", response_model=CompletionResponse)
+@router.post("/completions", response_model=CompletionResponse, responses=OR_STREAM)
 async def completions(body: CompletionRequest, service: Completions, adapters: Adapters, tenant: CurrentTenant):
     adapters.authorize(body.model, tenant)
     merged = adapters.resolve_merge(body.merged_adapters, tenant)
     if body.stream:
-        return StreamingResponse(await service.stream(body, merged), media_type=SSE)
-    return await service.create(body, merged)
+        return StreamingResponse(await service.stream(body, merged, tenant), media_type=SSE)
+    return await service.create(body, merged, tenant)
 
 
-@router.post("/chat/completions", response_model=ChatCompletionResponse)
+@router.post("/chat/completions", response_model=ChatCompletionResponse, responses=OR_STREAM)
 async def chat_completions(body: ChatCompletionRequest, service: Chat, adapters: Adapters, tenant: CurrentTenant):
     adapters.authorize(body.model, tenant)
     merged = adapters.resolve_merge(body.merged_adapters, tenant)
     if body.stream:
-        return StreamingResponse(await service.stream(body, merged), media_type=SSE)
-    return await service.create(body, merged)
+        return StreamingResponse(await service.stream(body, merged, tenant), media_type=SSE)
+    return await service.create(body, merged, tenant)
 
 
 @router.get("/models", response_model=ModelList)

@@ -113,7 +113,7 @@ def test_medusa_heads_upload_through_the_registry(tmp_path):
     upload("ada-heads", _medusa_files(base, adapter="ada"))
     assert registry.describe(alice, "ada-heads").versions[-1].attach_to == "ada@1"  # the version it fits
     with pytest.raises(GatewayError) as info:  # heads are not a model to run
-        registry.resolve("ada-heads")
+        registry.resolve("ada-heads", alice)
     assert info.value.status == 400
     bad = [(_medusa_files(base, adapter="nobody"), 404),
            ({**_medusa_files(base), WEIGHTS_NAME: _medusa_files(BaseModelSpec(**{**base.__dict__, "hidden_size": 32}))

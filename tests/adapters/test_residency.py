@@ -1,6 +1,7 @@
 """Residency tiers: device rows budgeted by rank, host cache budgeted by bytes, staging off the loop."""
 
 import asyncio
+import shutil
 
 import pytest
 import torch
@@ -128,8 +129,8 @@ def test_compeft_adapter_keeps_compressed_bytes_and_serves_its_decoded_lora(tiny
     assert [e.token_id for e in out[0]] == [e.token_id for e in out[1]]
 
 
-async def test_worker_loader_loads_once_and_reports_evictions(tiny, smollm2_tokenizer):
-    from workers.adapter_loader import AdapterLoader
+async def test_worker_loader_loads_once_and_reports_evictions(tiny, smollm2_tokenizer, tmp_path):
+    from workers.adapter_loader import AdapterLoader, AdapterSources
 
     folder, adapters = tiny
     probe = Engine(EngineConfig(model_path=str(folder), max_rank=8), tokenizer=smollm2_tokenizer)
@@ -137,15 +138,17 @@ async def test_worker_loader_loads_once_and_reports_evictions(tiny, smollm2_toke
     engine = Engine(EngineConfig(model_path=str(folder), max_rank=8, host_cache_bytes=int(1.5 * size)),
                     tokenizer=smollm2_tokenizer)
     changes = []
-    loader = AdapterLoader(engine, on_change=lambda: changes.append(engine.resident_adapters()))
-    await asyncio.gather(*[loader.ensure("r8a", str(adapters["r8a"])) for _ in range(5)])
+    sources = AdapterSources(store=None, dropin_dir=adapters["r8a"].parent, cache_dir=tmp_path)
+    loader = AdapterLoader(engine, sources, on_change=lambda: changes.append(engine.resident_adapters()))
+    await asyncio.gather(*[loader.ensure("r8a", "dropin:r8a") for _ in range(5)])
     assert engine.stats()["adapters"]["host_loads"] == 1 and changes == [["r8a"]]
-    await loader.ensure("r8b", str(adapters["r8b"]))  # over budget: r8a (unused) is evicted
+    await loader.ensure("r8b", "dropin:r8b")  # over budget: r8a (unused) is evicted
     assert loader.resident() == ["r8b"] and len(changes) == 3  # the eviction, then the load
 
 
-async def test_worker_metrics_report_residency(tiny, smollm2_tokenizer):
+async def test_worker_metrics_report_residency(tiny, smollm2_tokenizer, tmp_path):
     import httpx
+    from cluster_signing import ClusterAuth, cluster_secret
 
     from workers.service import create_app
     from workers.service_config import WorkerServiceConfig
@@ -154,11 +157,18 @@ async def test_worker_metrics_report_residency(tiny, smollm2_tokenizer):
     engine = Engine(EngineConfig(model_path=str(folder), max_rank=8, max_seq=64), tokenizer=smollm2_tokenizer)
     engine.start()
     try:
-        app = create_app(engine, WorkerServiceConfig(worker_id="w1"))
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://w1") as client:
+        (tmp_path / "adapters").mkdir()
+        (tmp_path / "adapters" / "r4").symlink_to(adapters["r4"])  # a symlink out of the drop-in folder: refused
+        shutil.copytree(adapters["r4"], tmp_path / "adapters" / "r4-copy")
+        config = WorkerServiceConfig(worker_id="w1", cluster_secret=cluster_secret(), data_dir=tmp_path)
+        app = create_app(engine, config)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://w1",
+                                     auth=ClusterAuth()) as client:
+            r = await client.post("/generate", json={"prompt_ids": [5], "adapter": "r4", "adapter_path": "dropin:r4"})
+            assert r.status_code == 404 and str(tmp_path) not in r.text
             for _ in range(2):
                 r = await client.post("/generate", json={"prompt_ids": [5, 6, 7], "adapter": "r4",
-                                                         "adapter_path": str(adapters["r4"]),
+                                                         "adapter_path": "dropin:r4-copy",
                                                          "params": {"max_tokens": 2}})
                 assert r.status_code == 200, r.text
             text = (await client.get("/metrics")).text

@@ -6,6 +6,7 @@ import json
 import httpx
 import pytest
 import torch
+from cluster_signing import ClusterAuth, cluster_secret
 from tiny_models import make_lora, make_tiny_model
 
 from workers.adapters.medusa import init_medusa, write_medusa
@@ -20,17 +21,21 @@ async def served(tmp_path, smollm2_tokenizer):
     folder, _ = make_tiny_model(tmp_path / "m", "llama")
     engine = Engine(EngineConfig(model_path=str(folder), max_batch=4, max_seq=128), tokenizer=smollm2_tokenizer)
     engine.start()
-    app = create_app(engine, WorkerServiceConfig(worker_id="w1", max_adapters=2))
+    app = create_app(engine, WorkerServiceConfig(worker_id="w1", max_adapters=2, cluster_secret=cluster_secret(),
+                                                 data_dir=tmp_path))
     try:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://w1") as client:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://w1",
+                                     auth=ClusterAuth()) as client:
             yield client, engine, folder
     finally:
         engine.stop()
 
 
-def write_heads(engine, folder, num_heads=3):
+def write_heads(engine, data_dir, name, num_heads=3):
+    """Heads in the worker's drop-in folder; returns their source."""
     heads = init_medusa(engine.core.runner.config, num_heads, 1, 2, 0.3, torch.Generator().manual_seed(0))
-    return str(write_medusa(folder, heads))
+    write_medusa(data_dir / "adapters" / name, heads)
+    return f"dropin:{name}"
 
 
 async def test_heads_load_serve_and_report(served, tmp_path):
@@ -38,7 +43,7 @@ async def test_heads_load_serve_and_report(served, tmp_path):
     body = {"prompt_ids": [5, 6, 7], "params": {"max_tokens": 8, "temperature": 0, "ignore_eos": True}}
     plain = (await client.post("/generate", json=body)).json()
     assert plain["speculative"] is None
-    r = await client.post("/adapters/load", json={"name": "h", "path": write_heads(engine, tmp_path / "h"),
+    r = await client.post("/adapters/load", json={"name": "h", "path": write_heads(engine, tmp_path, "h"),
                                                    "kind": "medusa"})
     assert r.status_code == 200, r.text
     spec = (await client.post("/generate", json=body)).json()
@@ -56,21 +61,21 @@ async def test_heads_load_serve_and_report(served, tmp_path):
 
 async def test_heads_for_an_adapter_and_bad_heads(served, tmp_path):
     client, engine, model = served
-    lora = make_lora(model, tmp_path / "lora")
-    r = await client.post("/adapters/load", json={"name": "h", "path": write_heads(engine, tmp_path / "h"),
+    make_lora(model, tmp_path / "adapters" / "lora")
+    r = await client.post("/adapters/load", json={"name": "h", "path": write_heads(engine, tmp_path, "h"),
                                                    "kind": "medusa", "attach_to": "lora"})
     assert r.status_code == 404  # the adapter must be loaded first
-    assert (await client.post("/adapters/load", json={"name": "lora", "path": str(lora)})).status_code == 200
-    r = await client.post("/adapters/load", json={"name": "h", "path": write_heads(engine, tmp_path / "h"),
+    assert (await client.post("/adapters/load", json={"name": "lora", "path": "dropin:lora"})).status_code == 200
+    r = await client.post("/adapters/load", json={"name": "h", "path": write_heads(engine, tmp_path, "h"),
                                                    "kind": "medusa", "attach_to": "lora"})
     assert r.status_code == 200
     assert set(engine.core.speculator.heads) == {"lora"}
     body = {"prompt_ids": [5, 6, 7], "adapter": "lora",
             "params": {"max_tokens": 6, "temperature": 0, "ignore_eos": True}}
     assert (await client.post("/generate", json=body)).json()["speculative"]["decode_steps"] == 5
-    r = await client.post("/adapters/load", json={"name": "h2", "path": write_heads(engine, tmp_path / "h2", 2),
+    r = await client.post("/adapters/load", json={"name": "h2", "path": write_heads(engine, tmp_path, "h2", 2),
                                                    "kind": "medusa"})
     assert r.status_code == 400 and "needs 3 heads" in r.json()["error"]["message"]
-    r = await client.post("/adapters/load", json={"name": "x", "path": str(lora), "attach_to": "lora"})
+    r = await client.post("/adapters/load", json={"name": "x", "path": "dropin:lora", "attach_to": "lora"})
     assert r.status_code == 400
     assert set(engine.core.speculator.heads) == {"lora"}

@@ -65,7 +65,8 @@ def cluster(valkey, tiny_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("ft-e2e")
     logs, data = root / "logs", root / "data"
     logs.mkdir()
-    procs = [start_worker("w0", tiny_model, url, logs), start_trainer("trainer-a", tiny_model, url, data, logs)]
+    procs = [start_worker("w0", tiny_model, url, logs, data_dir=data),
+             start_trainer("trainer-a", tiny_model, url, data, logs)]
     gateway = start_gateway(url, data, logs, ADAPTERD_API_KEYS=f"{KEY}:e2e", ADAPTERD_BASE_MODEL_PATH=str(tiny_model))
     procs.append(gateway)
     threads = torch.get_num_threads()

@@ -142,7 +142,7 @@ def test_job_runs_to_an_adapter(fresh, tiny_model, tmp_path):
     assert done["validation_loss"] == 0.7 and done["step"] == 5 and done["finished_at"]
     assert done["trained_tokens"] == 5 * 32
     store = AdapterStore(open_backend((gateway[2] / "store").as_uri()))
-    manifest = store.latest(done["fine_tuned_model"])
+    manifest = store.latest(f"alice/{done['fine_tuned_model']}")  # the result lives in its owner's namespace
     assert manifest is not None and manifest.owner == "alice" and manifest.kind == "lora"
     events = api(gateway, "GET", f"/v1/fine_tuning/jobs/{created['id']}/events?limit=50").json()["data"]
     messages = [e["message"] for e in reversed(events)]

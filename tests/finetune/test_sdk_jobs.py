@@ -112,4 +112,6 @@ def test_serve_starts_trainers(tmp_path, monkeypatch):
     trainers = [args for name, args in spawned if name.startswith("trainer-")]
     assert len(trainers) == 2
     assert trainers[0][:2] == ["-m", "workers.trainer.worker"]
-    assert "redis://r" in trainers[0] and "/m" in trainers[0] and str(Path(tmp_path).resolve()) in trainers[0]
+    assert "/m" in trainers[0] and str(Path(tmp_path).resolve()) in trainers[0]
+    assert launcher.child_env["ADAPTERD_REDIS_URL"] == "redis://r"  # in the environment, not the command line
+    assert not any("redis://" in arg for _, args in spawned for arg in args)

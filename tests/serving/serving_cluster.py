@@ -53,7 +53,9 @@ class Proc:
         return self.log.read_text(errors="replace")[-3000:] if self.log.exists() else ""
 
 
-def start_worker(name: str, model: Path, redis_url: str, logs: Path, ttl: float = 2.0, *extra: str) -> Proc:
+def start_worker(name: str, model: Path, redis_url: str, logs: Path, ttl: float = 2.0, *extra: str,
+                 data_dir: Path) -> Proc:
+    """A worker process; `data_dir` is the gateway's (the store and the drop-in adapters/ it loads from)."""
     port = free_port()
     log = logs / f"{name}.log"
     args = [
@@ -66,6 +68,8 @@ def start_worker(name: str, model: Path, redis_url: str, logs: Path, ttl: float 
         redis_url,
         "--model",
         str(model),
+        "--data-dir",
+        str(data_dir),
         "--worker-id",
         name,
         "--heartbeat-ttl",

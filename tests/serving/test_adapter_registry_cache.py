@@ -25,10 +25,10 @@ def test_store_lookups_are_remembered_and_own_writes_forget_them(tmp_path, monke
     real = store.resolve
     monkeypatch.setattr(store, "resolve", lambda ref: calls.append(ref) or real(ref))
     tenant = Tenant("a")
-    assert registry.resolve("ada") is None
+    assert registry.resolve("ada", tenant) is None
     registry.authorize("ada", tenant)
-    assert calls == ["ada"]  # the second lookup was remembered
+    assert calls == ["a/ada"]  # the second lookup was remembered (names are in the caller's namespace)
     registry.upload(tenant, "ada", [UploadedFile(n, b) for n, b in lora_folder().items()], None, None, False)
-    assert registry.resolve("ada").version == "1"  # the upload forgot the remembered "absent"
+    assert registry.resolve("ada", tenant).version == "1"  # the upload forgot the remembered "absent"
     registry.delete(tenant, "ada")
-    assert registry.resolve("ada") is None
+    assert registry.resolve("ada", tenant) is None

@@ -13,7 +13,7 @@ import httpx
 import pytest
 import redis
 import torch
-from adapterd_client import Client, ConflictError, NotFoundError, PermissionDeniedError
+from adapterd_client import Client, NotFoundError, PermissionDeniedError
 from serving_cluster import Cluster, ready_workers, start_gateway, start_worker, wait_until
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: tiny_models
@@ -33,7 +33,7 @@ def cluster(valkey, tiny_assets, tmp_path_factory):
     root = tmp_path_factory.mktemp("adapters-api")
     logs = root / "logs"
     logs.mkdir()
-    worker = start_worker("wx", model, redis_url, logs)
+    worker = start_worker("wx", model, redis_url, logs, data_dir=root / "data")
     gateway = start_gateway(redis_url, root / "data", logs, ADAPTERD_BASE_MODEL_PATH=str(model),
                             ADAPTERD_API_KEYS=f"{ALICE}:alice,{BOB}:bob", ADAPTERD_STORE_GC_GRACE_S="0",
                             ADAPTERD_MAX_ADAPTER_RANK="16", ADAPTERD_MAX_UPLOAD_BYTES=str(8 * 1024 * 1024))
@@ -150,7 +150,7 @@ def test_compeft_compression_serves_the_decoded_lora(cluster, loras, tiny_assets
         from adapters_store.registry import AdapterStore
 
         store = AdapterStore(LocalBackend(cluster.data_dir / "store"))
-        manifest = store.resolve("packed")
+        manifest = store.resolve("alice/packed")
         pre = tmp_path / "pre"
         pre.mkdir()
         (pre / "adapter_config.json").write_bytes(store.read_file(manifest, "adapter_config.json"))
@@ -382,24 +382,38 @@ def test_every_bad_upload_is_refused_and_the_store_is_unchanged(cluster, loras, 
 
 
 def test_tenants_cannot_see_use_or_delete_each_others_private_adapters(cluster, loras):
+    """Names are per tenant (`TENANT/NAME`): another tenant's private adapter is invisible by any name, the
+    same bare name in another tenant is another adapter (no 'name taken' oracle), public ones serve by
+    their full name."""
     with client(cluster) as alice, client(cluster, BOB) as bob:
         alice.upload_adapter("secret", loras["v1"])
         alice.upload_adapter("shared", loras["v1"], public=True)
-        assert "secret" not in {a.name for a in bob.list_adapters().data}
-        assert "secret" not in {m.id for m in bob.models().data}
-        for call in (lambda: bob.get_adapter("secret"), lambda: bob.download_adapter("secret"),
-                     lambda: bob.delete_adapter("secret"), lambda: bob.delete_adapter("secret@1"),
-                     lambda: bob.completions("secret", "hi", max_tokens=1),
-                     lambda: bob.generate("hi", adapter_id="secret@1", max_new_tokens=1)):
-            with pytest.raises(NotFoundError):
-                call()
-        with pytest.raises(ConflictError):
-            bob.upload_adapter("secret", loras["v2"])
-        assert "shared" in {a.name for a in bob.list_adapters().data}
-        assert bob.completions("shared", "hi", max_tokens=1).choices
+        assert not {a.name for a in bob.list_adapters().data} & {"secret", "alice/secret"}
+        assert not {m.id for m in bob.models().data} & {"secret", "alice/secret", "alice/secret@1"}
+        for name in ("secret", "alice/secret", "alice/never-uploaded"):  # private and missing look the same
+            for call in (lambda n=name: bob.get_adapter(n), lambda n=name: bob.download_adapter(n),
+                         lambda n=name: bob.delete_adapter(n), lambda n=name: bob.delete_adapter(f"{n}@1"),
+                         lambda n=name: bob.completions(n, "hi", max_tokens=1),
+                         lambda n=name: bob.generate("hi", adapter_id=f"{n}@1", max_new_tokens=1)):
+                with pytest.raises(NotFoundError):
+                    call()
+        mine = bob.upload_adapter("secret", loras["v2"])  # the same bare name: bob's own, no conflict
+        assert mine.name == "secret" and mine.owner == "bob" and mine.latest == 1
+        assert served(cluster, "secret", BOB) == served(cluster, "secret@1", BOB) != served(cluster, "secret")
+        assert served(cluster, "secret") == served(cluster, "alice/secret")
+        with pytest.raises(PermissionDeniedError):  # uploads go into one's own namespace, whatever exists
+            bob.upload_adapter("alice/secret", loras["v2"])
         with pytest.raises(PermissionDeniedError):
-            bob.delete_adapter("shared")
-        assert alice.get_adapter("secret").latest == 1
+            bob.upload_adapter("alice/never-uploaded", loras["v2"])
+        assert "alice/shared" in {a.name for a in bob.list_adapters().data}
+        assert "alice/shared@1" in {m.id for m in bob.models().data}
+        assert bob.completions("alice/shared", "hi", max_tokens=1).choices
+        assert served(cluster, "alice/shared@1", BOB) == served(cluster, "shared")
+        with pytest.raises(NotFoundError):  # a bare name is the caller's own
+            bob.completions("shared", "hi", max_tokens=1)
+        with pytest.raises(PermissionDeniedError):
+            bob.delete_adapter("alice/shared")
+        assert alice.get_adapter("secret").latest == 1 and bob.get_adapter("secret").owner == "bob"
 
 
 def test_delete_versions_and_names(cluster, loras):

@@ -42,10 +42,14 @@ def compose(tmp_path: Path, *args: str, env: dict) -> subprocess.CompletedProces
 
 def test_compose_config_is_valid(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("ADAPTERD_")}
-    ok = compose(tmp_path, "config", "-q", env={**env, "ADAPTERD_API_KEYS": "sk-test:team"})
+    secret = {"ADAPTERD_CLUSTER_SECRET": "0123456789abcdef0123"}
+    ok = compose(tmp_path, "config", "-q", env={**env, "ADAPTERD_API_KEYS": "sk-test:team", **secret})
     assert ok.returncode == 0, ok.stderr
+    # without the cluster secret the workers would refuse to start: compose refuses to render
+    unsigned = compose(tmp_path / "unsigned", "config", "-q", env={**env, "ADAPTERD_API_KEYS": "sk-test:team"})
+    assert unsigned.returncode != 0 and "ADAPTERD_CLUSTER_SECRET" in unsigned.stderr
     # without keys the gateway would listen on 0.0.0.0 unprotected: compose refuses to render
-    refused = compose(tmp_path / "again", "config", "-q", env=env)
+    refused = compose(tmp_path / "again", "config", "-q", env={**env, **secret})
     assert refused.returncode != 0 and "ADAPTERD_API_KEYS" in refused.stderr
 
 

@@ -22,7 +22,7 @@ def cluster(valkey, tiny_assets, tmp_path_factory):
     redis_url = f"{valkey.connection_url}/2"
     redis.Redis.from_url(redis_url).flushdb()
     logs = tmp_path_factory.mktemp("logs")
-    workers = [start_worker(n, model, redis_url, logs) for n in ("wa", "wb")]
+    workers = [start_worker(n, model, redis_url, logs, data_dir=data) for n in ("wa", "wb")]
     gateway = start_gateway(redis_url, data, logs)
     c = Cluster(gateway, workers, data, redis_url, logs)
     try:

@@ -9,8 +9,10 @@ from contextlib import asynccontextmanager
 import httpx
 import pytest
 import uvicorn
+from cluster_signing import cluster_secret
 from serving_fakes import FakeEngine, make_adapter_dir
 
+from adapters_store.cluster_auth import ClusterSigner
 from server.app import create_app
 from server.settings import GatewaySettings
 from workers.heartbeat import Heartbeat
@@ -57,10 +59,12 @@ async def cluster(redis_url, data_dir, n_workers=2, api_keys="", **settings):
         engine = FakeEngine(max_batch=2)
         sock = workers.bind()
         url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        cfg = WorkerServiceConfig(worker_id=f"w{i}", advertise_url=url, max_adapters=4)
+        cfg = WorkerServiceConfig(worker_id=f"w{i}", advertise_url=url, max_adapters=4, cluster_secret=cluster_secret(),
+                                  data_dir=data_dir)
         wapp = create_worker_app(engine, cfg)
         await workers.serve(f"w{i}", wapp, sock)
-        beat = Heartbeat(redis_url, wapp.state.service.info, ttl_s=30, interval_s=30)
+        beat = Heartbeat(redis_url, wapp.state.service.info, ttl_s=30, interval_s=30,
+                         signer=ClusterSigner(cluster_secret()))
         wapp.state.service.heartbeat = beat
         await beat.beat()
         beats.append(beat)

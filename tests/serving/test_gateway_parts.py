@@ -61,16 +61,19 @@ def test_gateway_imports_no_torch_nor_workers():
 async def test_lease_released_after_a_registry_refresh(redis_url):
     """A refresh while a request is in flight must not leak its slot (the lease holds the worker's view)."""
     import redis.asyncio as aioredis
+    from cluster_signing import cluster_secret
 
+    from adapters_store.cluster_auth import ClusterSigner
     from adapters_store.coordination import WORKERS_SET, WorkerInfo, worker_key
     from server.router import WorkerRouter
     from server.worker_registry import WorkerRegistry
 
     redis = aioredis.from_url(redis_url)
-    info = WorkerInfo(worker_id="w", url="http://w", model_id="m", capacity=1)
+    signer = ClusterSigner(cluster_secret())
+    info = WorkerInfo(worker_id="w", url="http://w", model_id="m", capacity=1).signed_by(signer)
     await redis.set(worker_key("w"), info.to_json())
     await redis.sadd(WORKERS_SET, "w")
-    registry = WorkerRegistry(redis, refresh_s=60, down_s=5)
+    registry = WorkerRegistry(redis, refresh_s=60, down_s=5, signer=signer)
     router = WorkerRouter(registry, queue_max=0, queue_timeout_s=0, retry_after_s=1)
     await registry.refresh()
     for _ in range(3):

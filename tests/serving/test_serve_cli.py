@@ -1,6 +1,7 @@
 """`adapterd serve` as a user runs it (embedded valkey, gateway, a worker), the CLI client commands
 against it, and a clean stop on SIGTERM with no process left behind."""
 
+import json
 import os
 import signal
 import subprocess
@@ -8,7 +9,9 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
+import redis
 from serving_cluster import ROOT, _env, free_port
 
 pytestmark = pytest.mark.timeout(150)
@@ -60,7 +63,9 @@ def served(tiny_assets, tmp_path_factory):
         "--heartbeat-ttl",
         "2",
     ]
-    proc = subprocess.Popen(args, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=log.open("wb"), text=True)
+    env = _env()
+    env.pop("ADAPTERD_CLUSTER_SECRET")  # as a user runs it: serve makes the cluster secret itself
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=log.open("wb"), text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 90
     line = ""
@@ -107,6 +112,26 @@ def test_embedded_valkey_uses_aof(served):
     _, _, data = served
     conf = (data / "redis" / "valkey.conf").read_text()
     assert "appendonly yes" in conf
+
+
+def test_serve_runs_with_secrets_on(served):
+    """A cluster secret and a Redis password are made in the data dir (0600); Redis refuses a client without
+    the password; the worker refuses unsigned requests."""
+    _, _, data = served
+    for name in ("cluster-secret", "redis-password"):
+        assert (data / name).stat().st_mode & 0o777 == 0o600
+    assert (data / "redis").stat().st_mode & 0o777 == 0o700
+    password = (data / "redis-password").read_text().strip()
+    conf = (data / "redis" / "valkey.conf").read_text()
+    port = int(next(line.split()[1] for line in conf.splitlines() if line.startswith("port ")))
+    with pytest.raises(redis.AuthenticationError):
+        redis.Redis(port=port).keys("*")
+    authed = redis.Redis(port=port, password=password)
+    (worker_key,) = authed.keys("adapterd:v1:worker:*")
+    info = json.loads(authed.get(worker_key))
+    assert info["signature"]
+    r = httpx.post(info["url"] + "/generate", json={"prompt": "hi"}, timeout=10)
+    assert r.status_code == 401 and r.json()["error"]["code"] == "cluster_auth_required"
 
 
 def test_sigterm_stops_everything(served):

@@ -4,6 +4,7 @@ import json
 
 import httpx
 import pytest
+from cluster_signing import ClusterAuth, cluster_secret
 from serving_fakes import FakeEngine, make_adapter_dir
 
 from workers.service import create_app
@@ -16,9 +17,10 @@ def engine():
 
 
 @pytest.fixture
-async def client(engine):
-    app = create_app(engine, WorkerServiceConfig(worker_id="w1", max_adapters=2))
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://w1") as c:
+async def client(engine, tmp_path):
+    config = WorkerServiceConfig(worker_id="w1", max_adapters=2, cluster_secret=cluster_secret(), data_dir=tmp_path)
+    app = create_app(engine, config)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://w1", auth=ClusterAuth()) as c:
         yield c
 
 
@@ -78,9 +80,10 @@ async def test_bad_json(client):
 
 
 async def test_adapter_loaded_on_demand_once(client, engine, tmp_path):
-    paths = {n: str(make_adapter_dir(tmp_path, n)) for n in ("a", "b", "c")}
+    for n in ("a", "b", "c"):
+        make_adapter_dir(tmp_path, n)  # in the worker's drop-in folder
     for name in ("a", "b", "a", "c"):
-        r = await client.post("/generate", json={"prompt": "x", "adapter": name, "adapter_path": paths[name]})
+        r = await client.post("/generate", json={"prompt": "x", "adapter": name, "adapter_path": f"dropin:{name}"})
         assert r.status_code == 200, r.text
     assert engine.loads == ["a", "b", "c"]
     stats = (await client.get("/stats")).json()
@@ -93,11 +96,15 @@ async def test_unknown_adapter_without_path_is_404(client):
 
 
 async def test_load_and_unload_routes(client, engine, tmp_path):
-    path = str(make_adapter_dir(tmp_path, "z"))
-    r = await client.post("/adapters/load", json={"name": "z", "path": path})
+    make_adapter_dir(tmp_path, "z")
+    (tmp_path / "adapters" / "empty").mkdir()
+    r = await client.post("/adapters/load", json={"name": "z", "path": "dropin:z"})
     assert r.status_code == 200 and r.json()["resident_adapters"] == ["z"]
-    r = await client.post("/adapters/load", json={"name": "bad", "path": str(tmp_path / "missing")})
+    r = await client.post("/adapters/load", json={"name": "bad", "path": "dropin:empty"})
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_adapter"
+    assert str(tmp_path) not in r.text  # names the source, never the worker's folders
+    r = await client.post("/adapters/load", json={"name": "bad", "path": "dropin:missing"})
+    assert r.status_code == 404 and str(tmp_path) not in r.text
     r = await client.post("/adapters/unload", json={"name": "z"})
     assert r.status_code == 200 and engine.resident == []
     r = await client.post("/adapters/unload", json={"name": "z"})

@@ -8,7 +8,7 @@ from adapters_store import compeft
 from adapters_store.base_model import BaseModelSpec
 from adapters_store.errors import AdapterNotFoundError, StoreCorruptionError
 from adapters_store.ingest import CompressionRequest, prepare
-from adapters_store.materialise import download_files, materialise, store_ref
+from adapters_store.materialise import download_files, materialise
 from adapters_store.registry import BLOBS, blob_key
 from adapters_store.safetensors_file import read_tensors
 from adapters_store.validation import UploadedFile, UploadLimits
@@ -78,12 +78,12 @@ def test_corrupted_blob_is_detected(store):
 def test_compressed_version_materialises_compressed_and_downloads_dense(store, tmp_path):
     m = publish(store, compression=CompressionRequest(density=0.2, alpha=1.0))
     assert m.kind == "compeft" and m.compression_ratio > 4
-    folder = materialise(store_ref(store.url, m), tmp_path / "cache")  # what a worker gets: as stored
+    folder = materialise(store, m.ref, tmp_path / "cache")  # what a worker gets: as stored
     assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json", compeft.FILENAME]
     assert (folder / compeft.FILENAME).read_bytes() == store.read_file(m, compeft.FILENAME)
     tensors = read_tensors(download_files(store, m)["adapter_model.safetensors"])  # what a download gets
     for t in tensors.values():  # ternary: one magnitude per tensor
         assert len({abs(float(v)) for v in t.ravel() if v}) == 1
-    assert materialise(store_ref(store.url, m), tmp_path / "cache") == folder  # cached
+    assert materialise(store, m.ref, tmp_path / "cache") == folder  # cached
     with pytest.raises(AdapterNotFoundError):
-        materialise(f"{store.url}#ada@9", tmp_path / "cache")
+        materialise(store, "ada@9", tmp_path / "cache")

@@ -35,9 +35,10 @@ from adapters_store.coordination import (
     JobEvent,
     TrainerInfo,
     fine_tuned_name,
+    owned_name,
 )
 from adapters_store.ingest import CompressionRequest, prepare
-from adapters_store.materialise import materialise, store_ref
+from adapters_store.materialise import materialise
 from adapters_store.registry import AdapterStore
 from adapters_store.training_files import TrainingFileStore
 from adapters_store.validation import UploadedFile, UploadLimits
@@ -177,8 +178,9 @@ class _Run:
                        level="warn")
         else:
             self.event(f"Fine-tuning started on trainer {t.config.trainer_id}")
-        name = fine_tuned_name(job.model, job.suffix, job.id)
-        if t.adapters.latest(name) is not None:  # a previous attempt published, then died before recording it
+        name = fine_tuned_name(job.model, job.suffix, job.id)  # in the job owner's namespace
+        if t.adapters.latest(owned_name(job.organization_id, name)) is not None:
+            # a previous attempt published, then died before recording it
             return self._succeed(name, None)
         from workers.trainer.training import TrainingCancelled, TrainingHooks, TrainingSpec
 
@@ -358,7 +360,8 @@ class Trainer:
         uploads = [UploadedFile(p.name, p.read_bytes()) for p in sorted(Path(adapter_dir).iterdir()) if p.is_file()]
         compression = CompressionRequest.from_dict(job.compression) if job.compression else None
         limits = UploadLimits(max_rank=4096)
-        draft, files = prepare(uploads, self.base, limits, name=name, owner=job.organization_id, public=False,
+        draft, files = prepare(uploads, self.base, limits, name=owned_name(job.organization_id, name),
+                               owner=job.organization_id, public=False,
                                compression=compression)
         if draft.kind == "medusa":  # heads serve the adapter version they were distilled from, or the base
             adapter = job.method.get("adapter")
@@ -374,7 +377,7 @@ class Trainer:
         manifest = self.adapters.resolve(ref)
         if manifest is None:
             raise ValueError(f"method.adapter: no adapter {ref!r} in the store")
-        return str(materialise(store_ref(self.adapters.url, manifest), self.config.work_dir / "adapters"))
+        return str(materialise(self.adapters, manifest.ref, self.config.work_dir / "adapters"))
 
     def mirror_checkpoint(self, job_id: str, root: Path, path: Path) -> str:
         """Copies one checkpoint (a folder or a file under root) to the store; returns its key prefix."""

@@ -4,27 +4,19 @@ work on these machines; scripts/setup.sh installs chromium)."""
 
 from __future__ import annotations
 
-import io
 import os
 import sys
-import zipfile
 from pathlib import Path
 
-import httpx
 import pytest
 import redis
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE.parent / "serving"))  # serving_cluster, serving_assets
 
+from console_support import ADMIN_KEY, CHROMIUM, CHROMIUM_ARGS, KEY_A, KEY_B, REDIS_DB  # noqa: E402
 from serving_assets import build_lora, build_tiny_model  # noqa: E402
 from serving_cluster import ready_workers, start_gateway, start_trainer, start_worker, wait_until  # noqa: E402
-
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-ADMIN_KEY, KEY_A, KEY_B = "key-console-admin", "key-console-a", "key-console-b"
-REDIS_DB = 11
 
 
 @pytest.fixture(scope="session")
@@ -36,7 +28,7 @@ def console_cluster(valkey, tmp_path_factory):
     model = build_tiny_model(root / "model")
     logs, data = root / "logs", root / "data"
     logs.mkdir()
-    procs = [start_worker("w0", model, url, logs, 1.5),
+    procs = [start_worker("w0", model, url, logs, 1.5, data_dir=data),
              start_trainer("trainer-c", model, url, data, logs, "--checkpoint-every", "10", "--event-interval", "0.2")]
     gateway = start_gateway(url, data, logs, ADAPTERD_API_KEYS=f"{KEY_A}:tenant-a,{KEY_B}:tenant-b",
                             ADAPTERD_ADMIN_KEYS=ADMIN_KEY, ADAPTERD_BASE_MODEL_PATH=str(model))
@@ -54,19 +46,6 @@ def console_cluster(valkey, tmp_path_factory):
 @pytest.fixture(scope="session")
 def lora_dir(console_cluster):
     return build_lora(console_cluster["model"], console_cluster["root"] / "lora", seed=5)
-
-
-def zipped(folder: Path) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as z:
-        for f in sorted(folder.iterdir()):
-            if f.is_file():
-                z.write(f, f"{folder.name}/{f.name}")
-    return buf.getvalue()
-
-
-def api(cluster, key: str) -> httpx.Client:
-    return httpx.Client(base_url=cluster["url"], headers={"authorization": f"Bearer {key}"}, timeout=60)
 
 
 @pytest.fixture(scope="session")

@@ -15,8 +15,8 @@ import threading
 import time
 
 import pytest
-from conftest import ADMIN_KEY, KEY_A, KEY_B, api, zipped
 from console_page import ConsolePage
+from console_support import ADMIN_KEY, KEY_A, KEY_B, api, zipped
 from playwright.sync_api import expect
 
 pytestmark = pytest.mark.timeout(360)  # the first test also waits for the cluster to start
@@ -181,12 +181,12 @@ def test_finetune_file_errors_live_loss_chart_checkpoints_cancel(admin, console_
     page.click("#file-form button[type=submit]")
     expect(page.locator("#file-error")).to_contain_text("line 2")
 
-    good = tmp_path / f"{XSS}.jsonl"  # a user-chosen name that looks like HTML
+    good = tmp_path / f"{XSS}.jsonl"  # a user-chosen name that looks like HTML: the gateway keeps a safe basename
     good.write_text("\n".join(json.dumps(r) for r in RECORDS) + "\n")
     page.set_input_files("#train-file", str(good))
     page.click("#file-form button[type=submit]")
     expect(page.locator("#file-status")).to_contain_text("uploaded file-")
-    expect(page.locator("#files-table td.filename")).to_have_text(f"{XSS}.jsonl")
+    expect(page.locator("#files-table td.filename")).to_have_text("_img_src_x_onerror_alert_1_.jsonl")
     file_id = page.locator("#files-table tr[data-file]").first.get_attribute("data-file")
 
     page.select_option("#job-train", file_id)

@@ -132,7 +132,8 @@ async def test_sdk_async(cluster):
         )
         assert all(r.choices[0].message.role == "assistant" for r in results)
         chunks = [c async for c in await client.completions_stream("alpha", "hi", max_tokens=3, ignore_eos=True)]
-        assert "".join(c.choices[0].text for c in chunks)
+        # three sampled tokens of a random tiny model may decode to no text (partial UTF-8): check the stream's shape
+        assert chunks and chunks[-1].choices[0].finish_reason == "length"
 
 
 def _requests_by_worker(metrics: str, adapter: str) -> dict[str, float]:

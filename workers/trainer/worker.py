@@ -171,7 +171,7 @@ class _Run:
         location = self.t.mirror_checkpoint(self.job.id, self.dir / "checkpoints", Path(r.path))
         metrics = {"step": r.step, "train_loss": r.train_loss}
         if self.last_eval.get("step") == r.step:
-            metrics.update({k: v for k, v in self.last_eval.items() if k.startswith("valid")})
+            metrics.update({k: v for k, v in self.last_eval.items() if k.startswith(("valid", "full_valid"))})
         if r.adapter_dir is not None:  # servable by its fine_tuned_model_checkpoint name
             job = self.job
             try:

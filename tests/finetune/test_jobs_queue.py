@@ -5,12 +5,15 @@ tenant isolation, and every bad input refused with a clear 4xx."""
 
 from __future__ import annotations
 
+import io
 import json
 import threading
 import time
 
 import httpx
 import pytest
+from adapterd_client import Client
+from adapterd_client.job_progress import follow
 from finetune_fakes import FakeTrain
 from serving_cluster import start_gateway, wait_until
 
@@ -196,6 +199,14 @@ def test_openai_shapes_are_resolved_and_echoed_and_a_job_without_trainer_says_so
     events = api(gateway, "GET", f"/v1/fine_tuning/jobs/{top['id']}/events").json()["data"]
     warning = [e for e in events if e["message"].startswith("No trainer is running for model")]
     assert warning and warning[0]["level"] == "warn" and "adapterd trainer" in warning[0]["message"]
+    shown = io.StringIO()  # `jobs follow` shows it while the job waits
+    with Client(gateway[0].url, ALICE, timeout=30, max_retries=0) as sdk:
+        following = threading.Thread(target=follow, args=(sdk, top["id"], shown, False), daemon=True)
+        following.start()
+        wait_until(lambda: "No trainer is running" in shown.getvalue(), 10, "the warning followed")
+        api(gateway, "POST", f"/v1/fine_tuning/jobs/{top['id']}/cancel")
+        following.join(10)
+    assert not following.is_alive() and f"{top['id']}: cancelled" in shown.getvalue()
 
 
 def test_list_is_paginated_newest_first(gateway):

@@ -17,9 +17,9 @@ import pytest
 import redis
 import torch
 from adapterd_client import Client
+from adapterd_client.job_progress import follow
 from serving_cluster import ROOT, _env, ready_workers, start_gateway, start_worker, wait_until
 
-from adapterd_client.job_progress import follow
 from workers.trainer.worker import Trainer, TrainerConfig
 
 pytestmark = pytest.mark.timeout(240)

@@ -63,6 +63,7 @@ def trainer(
     claim_timeout: Annotated[float, typer.Option(help="seconds before a silent trainer's job is taken over")] = 30.0,
     max_attempts: Annotated[int, typer.Option(min=1, help="times a job is started before it fails")] = 3,
     checkpoint_every: Annotated[int, typer.Option(min=1, help="steps between checkpoints")] = 10,
+    nproc: Annotated[int, typer.Option(min=1, help="processes that train each job data-parallel")] = 1,
 ) -> None:
     """Run a fine-tune trainer: claims jobs for its base model from the queue and trains them."""
     from workers.trainer.worker import main
@@ -73,7 +74,7 @@ def trainer(
         model = str(ensure_default_model())
     argv = ["--redis-url", redis_url, "--model", model, "--data-dir", str(data_dir),
             "--claim-timeout", str(claim_timeout), "--max-attempts", str(max_attempts),
-            "--checkpoint-every", str(checkpoint_every)]
+            "--checkpoint-every", str(checkpoint_every), "--nproc", str(nproc)]
     for flag, value in (("--model-id", model_id), ("--store-url", store_url), ("--trainer-id", trainer_id)):
         if value:
             argv += [flag, value]

@@ -64,6 +64,7 @@ class TrainerConfig:
     checkpoint_every: int = 10
     event_interval_s: float = 1.0  # step events at most this often (plus the first and last step)
     poll_s: float = 1.0
+    nproc: int = 1  # processes training each job data-parallel (workers/trainer/distributed.py)
 
     @property
     def base_id(self) -> str:
@@ -91,7 +92,13 @@ def _retrying(op: Callable, for_s: float = REDIS_RETRY_S):
             time.sleep(0.25)
 
 
-def _default_train():
+def _default_train(nproc: int = 1):
+    if nproc > 1:  # data-parallel: this process is rank 0, the other ranks are spawned per job
+        from functools import partial
+
+        from workers.trainer import distributed
+
+        return partial(distributed.train, nproc=nproc)
     from workers.trainer import training
 
     return training.train
@@ -278,7 +285,7 @@ class _Run:
 class Trainer:
     def __init__(self, config: TrainerConfig, train_fn: Callable | None = None, client: redis.Redis | None = None):
         self.config = config
-        self.train_fn = train_fn or _default_train()
+        self.train_fn = train_fn or _default_train(config.nproc)
         self.redis = client or redis.Redis.from_url(config.redis_url, socket_timeout=10, socket_connect_timeout=2)
         self.queue = JobQueue(self.redis, config.base_id, config.trainer_id, config.claim_timeout_s)
         self.records = JobRecords(self.redis)
@@ -482,6 +489,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-attempts", type=int, default=3)
     p.add_argument("--checkpoint-every", type=int, default=10, help="steps between checkpoints")
     p.add_argument("--event-interval", type=float, default=1.0, help="seconds between step events")
+    p.add_argument("--nproc", type=int, default=1, help="processes that train each job data-parallel "
+                   "(torch.distributed: gloo on CPU, NCCL on GPUs); checkpoints are written once, by this one")
     p.add_argument("--log-level", default="info")
     return p.parse_args(argv)
 
@@ -492,7 +501,7 @@ def config_from_args(args: argparse.Namespace) -> TrainerConfig:
         redis_url=args.redis_url, base_model_path=str(Path(args.model).resolve()),
         store_url=args.store_url or (data_dir / "store").as_uri(), work_dir=data_dir / "trainer",
         model_id=args.model_id, claim_timeout_s=args.claim_timeout, max_attempts=args.max_attempts,
-        checkpoint_every=args.checkpoint_every, event_interval_s=args.event_interval)
+        checkpoint_every=args.checkpoint_every, event_interval_s=args.event_interval, nproc=max(1, args.nproc))
     if args.trainer_id:
         config.trainer_id = args.trainer_id
     return config

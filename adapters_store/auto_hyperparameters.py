@@ -11,7 +11,7 @@ With n training examples:
   steps, a few hundred or more get 3 epochs, 50k+ get 1–2;
 - learning_rate_multiplier = 10 below 1k examples, 5 below 10k, else 2.5; the learning rate is the
   method's base rate times it (base: lora 2e-4, s2ft 2e-4, medusa 1e-4). Small files need a large step to
-  move an adapter in ~100 steps; large ones take many steps and a smaller rate.
+  move an adapter in ~150 steps; large ones take many steps and a smaller rate.
 
 An explicit number always wins over the rule; an explicit `lr` sets the multiplier to lr / base.
 """

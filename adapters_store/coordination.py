@@ -227,7 +227,7 @@ class FineTuneJob:
     model: str  # the base model id
     organization_id: str  # the tenant that created it
     training_file: str
-    method: dict  # validated: adapters_store.training_methods.validate_method
+    method: dict  # validated and resolved: adapters_store.training_methods.validate_method(…, examples)
     seed: int
     created_at: int
     status: str = "validating_files"
@@ -247,6 +247,9 @@ class FineTuneJob:
     attempt: int = 0  # deliveries so far; a trainer writes only while the attempt is its own
     trainer: str | None = None
     cancel_requested: bool = False
+    method_type: str | None = None  # the method's type as requested ("supervised" is a LoRA)
+    metadata: dict | None = None  # the creator's key-value pairs, returned as given
+    result_files: list[str] = field(default_factory=list)  # file ids: the metrics CSV once the job ends
     version: int = SCHEMA_VERSION
 
     def to_hash(self) -> dict[str, str]:
@@ -374,10 +377,11 @@ def owned_name(owner: str, name: str) -> str:
     return f"{owner}/{name}"
 
 
-def fine_tuned_name(model: str, suffix: str | None, job_id: str) -> str:
+def fine_tuned_name(model: str, suffix: str | None, job_id: str, checkpoint_step: int | None = None) -> str:
     """`ft:{base}:{suffix}:{job-id}`, the adapter name a job's result is published under (characters the
-    store's names do not allow become '-')."""
+    store's names do not allow become '-'); with `checkpoint_step`, the name of that checkpoint's adapter
+    (`…:{job-id}:ckpt-step-{N}`, OpenAI's `fine_tuned_model_checkpoint`). At most 100 characters."""
     clean = lambda s: re.sub(r"[^A-Za-z0-9._-]", "-", s).strip(".") or "x"
-    tail = f":{clean(suffix or 'ft')}:{job_id}"
+    tail = f":{clean(suffix or 'ft')}:{job_id}" + (f":ckpt-step-{checkpoint_step}" if checkpoint_step else "")
     head = f"ft:{clean(model)}"
     return head[: 100 - len(tail)] + tail

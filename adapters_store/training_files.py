@@ -10,7 +10,7 @@ Record formats (a file may mix them):
 
 Blank lines are skipped. Layout on the backend:
 
-    files/{file_id}/data.jsonl     the bytes as uploaded
+    files/{file_id}/data.jsonl     the bytes as uploaded (a result file's CSV is stored under the same key)
     files/{file_id}/meta.json      `TrainingFile` JSON, created (only-if-absent) after the data: a file
                                    exists exactly when its meta does
 """
@@ -30,6 +30,7 @@ FILES = "files/"
 DEFAULT_FILENAME = "upload.jsonl"
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 PURPOSE = "fine-tune"
+RESULTS_PURPOSE = "fine-tune-results"  # a job's metrics CSV, written by its trainer
 ROLES = ("system", "user", "assistant", "developer")
 _MESSAGE_KEYS = {"role", "content", "name", "weight"}
 
@@ -178,6 +179,22 @@ class TrainingFileStore:
         self.backend.write(self._data_key(meta.id), data)
         self.backend.create(self._meta_key(meta.id), meta.to_json())
         return meta
+
+    def put_result(self, owner: str, filename: str, data: bytes, rows: int) -> TrainingFile:
+        """A job's result file (purpose `fine-tune-results`): stored as given, owned by the job's tenant."""
+        meta = TrainingFile(id=f"file-{secrets.token_hex(12)}", filename=filename[:255], bytes=len(data),
+                            records=rows, purpose=RESULTS_PURPOSE, owner=owner, created_at=int(time.time()))
+        self.backend.write(self._data_key(meta.id), data)
+        self.backend.create(self._meta_key(meta.id), meta.to_json())
+        return meta
+
+    def content(self, file_id: str, owner: str) -> tuple[TrainingFile, bytes]:
+        """The file's bytes as stored (only the owner's)."""
+        meta = self.get(file_id, owner)
+        data = self.backend.read(self._data_key(file_id))
+        if data is None:
+            raise TrainingFileNotFoundError(f"no file {file_id!r}", param="file_id")
+        return meta, data
 
     def find(self, file_id: str) -> TrainingFile | None:
         if not self._valid_id(file_id):

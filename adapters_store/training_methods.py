@@ -2,7 +2,11 @@
 (the gateway imports it to refuse a bad job before it is queued; the trainer trusts the result).
 
     validate_method({"type": "lora", "rank": 16})
-    → {"type": "lora", "rank": 16, "alpha": 16.0, "targets": ["q_proj", "v_proj"], "epochs": 1, ...}
+    → {"type": "lora", "rank": 16, "alpha": 16.0, "targets": [all seven linears], "epochs": "auto", ...}
+    validate_method({"type": "lora"}, examples=32)   # "auto" resolved (adapters_store.auto_hyperparameters)
+    → {..., "epochs": 13, "batch_size": 4, "lr": 0.002, "learning_rate_multiplier": 10.0}
+
+`epochs`, `batch_size`, `lr` and `learning_rate_multiplier` are each "auto" (the default) or a number.
 
 Methods:
 - `lora`: supervised fine-tuning of low-rank updates `B A` on the `targets` linears, scale `alpha / rank`.
@@ -18,32 +22,39 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from adapters_store.auto_hyperparameters import AUTO, resolve
+
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 S2FT_MODULES = ("o_proj", "down_proj", "v_proj", "up_proj")
 
 # The loop's hyperparameters, shared by every method: name → (default, check, description of valid values).
 _COMMON: dict[str, tuple[Any, Any, str]] = {
-    "epochs": (1, lambda v: _is_int(v) and 1 <= v <= 1000, "an integer in [1, 1000]"),
-    "batch_size": (8, lambda v: _is_int(v) and 1 <= v <= 1024, "an integer in [1, 1024]"),
+    "epochs": (AUTO, lambda v: v == AUTO or (_is_int(v) and 1 <= v <= 1000), '"auto" or an integer in [1, 1000]'),
+    "batch_size": (AUTO, lambda v: v == AUTO or (_is_int(v) and 1 <= v <= 1024),
+                   '"auto" or an integer in [1, 1024]'),
+    "learning_rate_multiplier": (AUTO, lambda v: v == AUTO or (_is_num(v) and 0 < v <= 1000),
+                                 '"auto" or a number in (0, 1000]'),
     "max_seq_len": (512, lambda v: _is_int(v) and 8 <= v <= 32768, "an integer in [8, 32768]"),
     "warmup_ratio": (0.03, lambda v: _is_num(v) and 0 <= v < 1, "a number in [0, 1)"),
     "weight_decay": (0.0, lambda v: _is_num(v) and 0 <= v <= 1, "a number in [0, 1]"),
 }
 
+_LR = (AUTO, lambda v: v == AUTO or (_is_num(v) and 0 < v <= 1), '"auto" or a number in (0, 1]')
+
 _METHODS: dict[str, dict[str, tuple[Any, Any, str]]] = {
     "lora": {
         "rank": (8, lambda v: _is_int(v) and 1 <= v <= 1024, "an integer in [1, 1024]"),
         "alpha": (16.0, lambda v: _is_num(v) and v > 0, "a positive number"),
-        "targets": (["q_proj", "v_proj"], lambda v: _is_subset(v, LORA_TARGETS),
+        "targets": (list(LORA_TARGETS), lambda v: _is_subset(v, LORA_TARGETS),
                     f"a non-empty list of distinct modules from {list(LORA_TARGETS)}"),
-        "lr": (2e-4, lambda v: _is_num(v) and 0 < v <= 1, "a number in (0, 1]"),
+        "lr": _LR,
     },
     "s2ft": {
         "head_ratio": (0.1, lambda v: _is_num(v) and 0 <= v <= 1, "a number in [0, 1]"),
         "channel_ratio": (0.05, lambda v: _is_num(v) and 0 <= v <= 1, "a number in [0, 1]"),
         "modules": (["o_proj", "down_proj"], lambda v: _is_subset(v, S2FT_MODULES),
                     f"a non-empty list of distinct modules from {list(S2FT_MODULES)}"),
-        "lr": (2e-4, lambda v: _is_num(v) and 0 < v <= 1, "a number in (0, 1]"),
+        "lr": _LR,
     },
     "medusa": {
         "num_heads": (3, lambda v: _is_int(v) and 1 <= v <= 5, "an integer in [1, 5]"),
@@ -52,7 +63,7 @@ _METHODS: dict[str, dict[str, tuple[Any, Any, str]]] = {
                            "an integer in [1, 4096] (length of the self-distilled continuations)"),
         "adapter": (None, lambda v: v is None or (isinstance(v, str) and 0 < len(v) <= 256),
                     "null or an adapter name (distil the adapter's continuations instead of the base's)"),
-        "lr": (1e-3, lambda v: _is_num(v) and 0 < v <= 1, "a number in (0, 1]"),
+        "lr": _LR,
     },
 }
 METHOD_TYPES = tuple(_METHODS)
@@ -71,9 +82,10 @@ def _is_subset(v: object, allowed: tuple[str, ...]) -> bool:
             and len(set(v)) == len(v))
 
 
-def validate_method(method: dict) -> dict:
+def validate_method(method: dict, examples: int | None = None) -> dict:
     """{"type": ..., hyperparameters...} → the same with every default filled in (numbers as floats where
-    the parameter is real-valued). Raises ValueError naming the bad field."""
+    the parameter is real-valued); with `examples` (the training file's record count) every "auto" is
+    resolved. Raises ValueError naming the bad field."""
     if not isinstance(method, dict):
         raise ValueError("method must be an object with a 'type'")
     kind = method.get("type")
@@ -88,12 +100,14 @@ def validate_method(method: dict) -> dict:
         value = method.get(name, default)
         if not ok(value):
             raise ValueError(f"method.{name}: {value!r} is not {expected}")
-        if isinstance(default, float) and value is not None:
+        if (isinstance(default, float) or name in ("lr", "learning_rate_multiplier")) and _is_num(value):
             value = float(value)
         out[name] = list(value) if isinstance(value, list) else value
     if kind == "s2ft":
         _check_s2ft_budget(out)
-    return out
+    if out["lr"] != AUTO and out["learning_rate_multiplier"] != AUTO:
+        raise ValueError("method: lr and learning_rate_multiplier both set the learning rate; give one")
+    return resolve(out, examples) if examples is not None else out
 
 
 def _check_s2ft_budget(method: dict) -> None:

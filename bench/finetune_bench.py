@@ -11,6 +11,13 @@ synthetic instruction set (sorting, reversing, adding, spelling backwards, count
 on the answers) with a disjoint held-out split. Reported: median step time, peak RSS while training (sampled
 every 5 ms) and its increase over the loaded model, held-out loss after the same number of steps (each
 method with its usual learning rate), and ratios vs full fine-tuning measured in the same run.
+
+    .venv/bin/python bench/finetune_bench.py --previous 7cc4f58   # LoRA on peft vs the hand-written LoRA (issue 16)
+
+`--previous REV` instead runs only the LoRA child, alternately from this tree and from REV (checked out once
+with `git worktree add --detach` under /tmp), `--rounds` times each, same data, seed and hyperparameters, and
+reports this tree's step time and peak / training memory over REV's (medians of same-round ratios) in
+bench/results/finetune_peft_vs_previous.json.
 """
 
 from __future__ import annotations
@@ -187,6 +194,8 @@ def main() -> None:
     ap.add_argument("--lr-full", type=float, default=5e-5)
     ap.add_argument("--lr-lora", type=float, default=1e-3)
     ap.add_argument("--lr-s2ft", type=float, default=1e-3)
+    ap.add_argument("--previous", help="compare LoRA with this git revision's trainer instead (see the doc)")
+    ap.add_argument("--rounds", type=int, default=2, help="--previous: alternating runs of each tree")
     ap.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
     ap.add_argument("--budget", help=argparse.SUPPRESS)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "finetune_bench.json"))
@@ -200,6 +209,8 @@ def main() -> None:
     from workers.model.default_model import ensure_default_model
 
     args.model = str(args.model or ensure_default_model())
+    if args.previous:
+        return compare_previous(args)
     config = AutoConfig.from_pretrained(args.model)
     per_layer = lora_params_per_layer(config, args.rank)
     head_ratio, channel_ratio, heads, channels = s2ft_ratios(config, per_layer)
@@ -237,6 +248,51 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(f"wrote {args.out}")
+
+
+# this tree's LoRA vs a previous revision's ------------------------------------------------------------
+def checkout(rev: str) -> Path:
+    """A detached worktree of `rev` under /tmp (made once)."""
+    root = Path(__file__).resolve().parents[1]
+    sha = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", rev], check=True, text=True,
+                         stdout=subprocess.PIPE).stdout.strip()
+    path = Path(tempfile.gettempdir()) / f"adapterd-{sha}"
+    if not (path / "bench" / "finetune_bench.py").is_file():
+        subprocess.run(["git", "-C", str(root), "worktree", "add", "--detach", str(path), sha], check=True)
+    return path
+
+
+def run_lora_child(tree: Path, args: argparse.Namespace) -> dict:
+    flags = [f"--{k}={getattr(args, k.replace('-', '_'))}" for k in ("model", "threads", "steps", "batch", "eval",
+                                                                    "rank", "lr-lora")]
+    budget = json.dumps({"head_ratio": 0.1, "channel_ratio": 0.05})
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), str(tree / "clients")])}
+    out = subprocess.run([sys.executable, str(tree / "bench" / "finetune_bench.py"), *flags, "--child", "lora",
+                          "--budget", budget], check=True, stdout=subprocess.PIPE, text=True, cwd=tree, env=env).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def compare_previous(args: argparse.Namespace) -> None:
+    trees = {"current": Path(__file__).resolve().parents[1], "previous": checkout(args.previous)}
+    runs: dict[str, list[dict]] = {"current": [], "previous": []}
+    for i in range(args.rounds):
+        for name in (("previous", "current") if i % 2 == 0 else ("current", "previous")):
+            r = run_lora_child(trees[name], args)
+            runs[name].append(r)
+            print(f"round {i + 1} {name:8s} step {r['step_s']:6.3f} s  peak {r['peak_rss_mb']:7.0f} MB "
+                  f"(+{r['train_extra_mb']:.0f})  held-out loss {r['heldout_loss']:.4f}", flush=True)
+    ratio = lambda key: statistics.median(c[key] / p[key] for c, p in zip(runs["current"], runs["previous"]))
+    ratios = {"step time (current / previous)": ratio("step_s"),
+              "peak memory (current / previous)": ratio("peak_rss_mb"),
+              "training memory over the loaded model (current / previous)": ratio("train_extra_mb")}
+    report = {"config": {k: v for k, v in vars(args).items() if k not in ("child", "budget", "out")},
+              "previous_tree": str(trees["previous"]), "runs": runs, "ratios": ratios}
+    for k, v in ratios.items():
+        print(f"{k:60s} {v:6.3f}")
+    out = Path(args.out).with_name("finetune_peft_vs_previous.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

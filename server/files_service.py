@@ -32,6 +32,11 @@ class FilesService:
     def get(self, tenant: Tenant, file_id: str) -> FileObject:
         return file_object(self.store.get(file_id, tenant.name))
 
+    def content(self, tenant: Tenant, file_id: str) -> tuple[str, bytes]:
+        """(media type, bytes) of one of the tenant's files."""
+        meta, data = self.store.content(file_id, tenant.name)
+        return ("text/csv" if meta.filename.endswith(".csv") else "application/jsonl"), data
+
     def find(self, tenant: Tenant, file_id: str) -> TrainingFile | None:
         found = self.store.find(file_id)
         return found if found is not None and found.owner == tenant.name else None

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Callable
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
+from adapters_store.auto_hyperparameters import resolve
 from adapters_store.coordination import (
     FT_GROUP,
     JOB_UPDATE_LUA,
@@ -34,12 +35,13 @@ from adapters_store.coordination import (
 )
 from adapters_store.errors import AdapterNotFoundError
 from adapters_store.ingest import CompressionRequest
-from adapters_store.training_files import PURPOSE, TrainingFileNotFoundError
+from adapters_store.training_files import PURPOSE, TrainingFile, TrainingFileNotFoundError
 from adapters_store.training_methods import validate_method
 from server.adapter_registry import AdapterRegistry, StoredAdapter, qualified, visible
 from server.auth import Tenant
 from server.errors import ConflictError, InvalidRequestError, JobNotFoundError, ModelNotFoundError
 from server.files_service import FilesService
+from server.job_shapes import check_metadata, flat_method, hyperparameters_view, method_view
 from server.protocol import (
     FineTuningJob,
     FineTuningJobCheckpoint,
@@ -55,11 +57,16 @@ from server.sse import DONE, event
 EVENTS_MAX_LEN = 10_000  # each job's event stream is trimmed (approximately) to this many entries
 FOLLOW_BLOCK_MS = 1000
 KEEPALIVE_S = 15.0
+NO_TRAINER = ("No trainer is running for {model}: the job waits in the queue until one starts. Start one with "
+              "`adapterd trainer --model PATH --redis-url URL` (the gateway's Redis), or run `adapterd serve` "
+              "without `--trainers 0`")
 
 
 def job_view(job: FineTuneJob) -> FineTuningJob:
     fields = {k: getattr(job, k) for k in FineTuningJob.model_fields if hasattr(job, k)}
     fields["error"] = JobError(**job.error) if job.error else None
+    fields["method"] = method_view(job.method, job.method_type)
+    fields["hyperparameters"] = hyperparameters_view(job.method)
     return FineTuningJob(**fields)
 
 
@@ -69,10 +76,10 @@ def event_view(stream_id: bytes | str, raw: bytes) -> FineTuningJobEvent:
                               type=e.type, data=e.data)
 
 
-def checkpoint_view(c: JobCheckpoint, fine_tuned_name: str) -> FineTuningJobCheckpoint:
+def checkpoint_view(c: JobCheckpoint, job: FineTuneJob) -> FineTuningJobCheckpoint:
+    name = fine_tuned_name(job.model, job.suffix, job.id, checkpoint_step=c.step_number)
     return FineTuningJobCheckpoint(id=c.id, created_at=c.created_at, fine_tuning_job_id=c.fine_tuning_job_id,
-                                   fine_tuned_model_checkpoint=f"{fine_tuned_name}:ckpt-step-{c.step_number}",
-                                   step_number=c.step_number, metrics=c.metrics)
+                                   fine_tuned_model_checkpoint=name, step_number=c.step_number, metrics=c.metrics)
 
 
 class JobsService:
@@ -87,26 +94,30 @@ class JobsService:
 
     # ---- create --------------------------------------------------------------------------------
 
-    async def known_bases(self) -> set[str]:
-        bases = {b for b in self._gateway_bases() if b}
+    async def live_trainers(self) -> list[TrainerInfo]:
+        """Trainers whose heartbeat has not expired (each announces its base model and current job)."""
         ids = list(await self._redis.smembers(TRAINERS_SET))
-        if ids:
-            raws = await self._redis.mget([trainer_key(i.decode()) for i in ids])
-            bases |= {TrainerInfo.from_json(r).model_id for r in raws if r}
-            gone = [i for i, r in zip(ids, raws) if r is None]  # trainers whose heartbeat expired
-            if gone:
-                await self._redis.srem(TRAINERS_SET, *gone)
-        return bases
+        if not ids:
+            return []
+        raws = await self._redis.mget([trainer_key(i.decode()) for i in ids])
+        gone = [i for i, r in zip(ids, raws) if r is None]  # trainers whose heartbeat expired
+        if gone:
+            await self._redis.srem(TRAINERS_SET, *gone)
+        return [TrainerInfo.from_json(r) for r in raws if r]
 
-    async def _check_file(self, tenant: Tenant, file_id: str | None, param: str) -> None:
+    async def known_bases(self) -> set[str]:
+        return {b for b in self._gateway_bases() if b} | {t.model_id for t in await self.live_trainers()}
+
+    async def _check_file(self, tenant: Tenant, file_id: str | None, param: str) -> TrainingFile | None:
         if file_id is None:
-            return
+            return None
         found = await asyncio.to_thread(self._files.find, tenant, file_id)
         if found is None:
             raise TrainingFileNotFoundError(f"{param} {file_id!r}: no such file", param=param)
         if found.purpose != PURPOSE:
             raise InvalidRequestError(f"{param} {file_id!r} has purpose {found.purpose!r}, not {PURPOSE!r}",
                                       param=param, code="invalid_file_purpose")
+        return found
 
     def _check_adapter(self, tenant: Tenant, ref: str) -> str:
         """medusa's `adapter` must be a stored adapter the tenant may use (the trainer reads it from the store);
@@ -121,23 +132,35 @@ class JobsService:
         if body.model not in bases:
             known = ", ".join(sorted(bases)) or "none yet: no worker or trainer has registered"
             raise ModelNotFoundError(f"the base model {body.model!r} is unknown (known: {known})", param="model")
+        if body.integrations:
+            raise InvalidRequestError(
+                "integrations are not supported: adapterd reports a job's metrics as its events (GET "
+                "/v1/fine_tuning/jobs/{id}/events) and as a CSV result file (result_files); nothing is sent to "
+                "third-party services", param="integrations", code="unsupported_integrations")
         try:
-            method = validate_method(body.method)
+            metadata = check_metadata(body.metadata)
         except ValueError as e:
-            raise InvalidRequestError(str(e), param="method", code="invalid_method") from e
+            raise InvalidRequestError(str(e), param="metadata", code="invalid_metadata") from e
+        try:
+            flat, requested = flat_method(body.method, body.hyperparameters)
+            method = validate_method(flat)
+        except ValueError as e:
+            param = "hyperparameters" if body.hyperparameters is not None else "method"
+            raise InvalidRequestError(str(e), param=param, code="invalid_method") from e
         compression = None
         if body.compression is not None:
             c = CompressionRequest.from_dict(body.compression)
             compression = {"method": c.method, "density": c.density, "alpha": c.alpha}
-        await self._check_file(tenant, body.training_file, "training_file")
+        training = await self._check_file(tenant, body.training_file, "training_file")
         await self._check_file(tenant, body.validation_file, "validation_file")
+        method = resolve(method, training.records)  # "auto" → the rule's values for this file
         if method.get("adapter"):
             method["adapter"] = await asyncio.to_thread(self._check_adapter, tenant, method["adapter"])
         job = FineTuneJob(
             id=f"ftjob-{secrets.token_hex(12)}", model=body.model, organization_id=tenant.name,
             training_file=body.training_file, validation_file=body.validation_file, method=method,
             seed=body.seed if body.seed is not None else secrets.randbelow(2**31), suffix=body.suffix,
-            compression=compression, created_at=int(time.time()))
+            compression=compression, created_at=int(time.time()), method_type=requested, metadata=metadata)
         await self._write_new(job)
         return job_view(await self._load(job.id))
 
@@ -160,6 +183,10 @@ class JobsService:
             self._add_event(pipe, job.id, JobEvent(f"Files validated; job queued for {job.model}"))
             pipe.xadd(queue, {"job_id": job.id})
             await pipe.execute()
+        if not any(t.model_id == job.model for t in await self.live_trainers()):
+            await self._redis.xadd(ft_events_key(job.id), {"event": JobEvent(NO_TRAINER.format(model=job.model),
+                                                                             level="warn").to_json()},
+                                   maxlen=EVENTS_MAX_LEN, approximate=True)
 
     @staticmethod
     def _add_event(pipe, job_id: str, e: JobEvent) -> None:
@@ -259,8 +286,7 @@ class JobsService:
             if after not in ids:
                 raise InvalidRequestError(f"after: no checkpoint {after!r}", param="after")
             found = found[ids.index(after) + 1:]
-        name = job.fine_tuned_model or fine_tuned_name(job.model, job.suffix, job.id)
-        data = [checkpoint_view(c, name) for c in found[:limit]]
+        data = [checkpoint_view(c, job) for c in found[:limit]]
         return FineTuningJobCheckpointList(data=data, has_more=len(found) > limit,
                                            first_id=data[0].id if data else None,
                                            last_id=data[-1].id if data else None)

@@ -47,7 +47,7 @@ class ServeOptions:
     heartbeat_ttl_s: float = 5.0
     ready_timeout_s: float = 600.0
     worker_args: list[str] = field(default_factory=list)
-    trainers: int = 0  # fine-tune trainer processes
+    trainers: int = 1  # fine-tune trainer processes (0: none; jobs then wait, and say so)
     trainer_args: list[str] = field(default_factory=list)
 
 

@@ -386,11 +386,16 @@ class FineTuningJobCreate(BaseModel):
     model: str = Field(min_length=1, max_length=200, description="the base model id")
     training_file: str = Field(min_length=1, max_length=64)
     validation_file: str | None = Field(None, min_length=1, max_length=64)
-    method: dict = Field(default_factory=lambda: {"type": "lora"},
-                         description='{"type": "lora"|"s2ft"|"medusa", ...hyperparameters}')
+    method: dict | None = Field(None, description='{"type": "supervised"|"lora"|"s2ft"|"medusa", "<type>": '
+                                '{"hyperparameters": {...}}} or flat {"type": ..., ...hyperparameters}; '
+                                'default supervised (LoRA) with "auto" hyperparameters')
+    hyperparameters: dict | None = Field(None, description="OpenAI's older form: n_epochs, batch_size, "
+                                         'learning_rate_multiplier, each "auto" or a number')
     suffix: str | None = Field(None, min_length=1, max_length=40, pattern=r"^[A-Za-z0-9_.-]+$")
     seed: int | None = Field(None, ge=0, le=2**31 - 1)
     compression: dict | None = Field(None, description='{"method":"compeft","density":0.1,"alpha":1.0}')
+    metadata: dict[str, str] | None = Field(None, description="up to 16 string pairs, returned on the job")
+    integrations: list | None = Field(None, description="not supported: a non-empty list is refused")
 
 
 class JobError(BaseModel):
@@ -411,9 +416,12 @@ class FineTuningJob(BaseModel):
     training_file: str
     validation_file: str | None = None
     method: dict
+    hyperparameters: dict | None = None
     seed: int
     suffix: str | None = None
     compression: dict | None = None
+    metadata: dict | None = None
+    integrations: list = Field(default_factory=list)
     error: JobError | None = None
     trained_tokens: int | None = None
     estimated_finish: int | None = None

@@ -27,6 +27,7 @@ from adapterd_client.models import (
     FineTuningJobList,
     GenerateResponse,
     ModelList,
+    ReadyStatus,
     StreamResponse,
 )
 
@@ -125,14 +126,25 @@ class AsyncClient(BaseClient):
     async def get_file(self, file_id: str) -> FileObject:
         return await self._request(self._get_file_call(file_id))
 
+    async def file_content(self, file_id: str) -> bytes:
+        """A file's bytes (a training file as uploaded, or a job's result CSV)."""
+        return await self._request(self._file_content_call(file_id))
+
+    async def ready(self) -> ReadyStatus:
+        """The gateway's readiness, with the workers and fine-tune trainers alive (503 → ServiceUnavailableError)."""
+        return await self._request(self._ready_call())
+
     async def delete_file(self, file_id: str) -> FileDeleted:
         return await self._request(self._delete_file_call(file_id))
 
     async def create_job(self, model: str, training_file: str, method: dict | None = None, *,
                    validation_file: str | None = None, suffix: str | None = None, seed: int | None = None,
-                   compression: dict | None = None) -> FineTuningJob:
-        """A fine-tune job of base `model` on an uploaded file; `method`: {"type": "lora"|"s2ft"|"medusa", ...}."""
-        options = {"validation_file": validation_file, "suffix": suffix, "seed": seed, "compression": compression}
+                   compression: dict | None = None, hyperparameters: dict | None = None,
+                   metadata: dict[str, str] | None = None) -> FineTuningJob:
+        """A fine-tune job of base `model` on an uploaded file; `method`: {"type": "lora"|"s2ft"|"medusa", ...}
+        or OpenAI's nested form; hyperparameters default to "auto" (resolved from the file's size)."""
+        options = {"validation_file": validation_file, "suffix": suffix, "seed": seed, "compression": compression,
+                   "hyperparameters": hyperparameters, "metadata": metadata}
         return await self._request(self._create_job_call(model, training_file, method, options))
 
     async def list_jobs(self, after: str | None = None, limit: int | None = None) -> FineTuningJobList:

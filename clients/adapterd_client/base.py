@@ -33,6 +33,7 @@ from adapterd_client.models import (
     FineTuningJobList,
     GenerateResponse,
     ModelList,
+    ReadyStatus,
     StreamResponse,
 )
 
@@ -191,6 +192,14 @@ class BaseClient:
     @staticmethod
     def _get_file_call(file_id: str) -> Call:
         return Call("GET", f"/v1/files/{file_id}", FileObject)
+
+    @staticmethod
+    def _file_content_call(file_id: str) -> Call:
+        return Call("GET", f"/v1/files/{file_id}/content", None)
+
+    @staticmethod
+    def _ready_call() -> Call:
+        return Call("GET", "/ready", ReadyStatus)
 
     @staticmethod
     def _delete_file_call(file_id: str) -> Call:

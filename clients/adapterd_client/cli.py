@@ -1,7 +1,7 @@
 """The `adapterd` command: `serve` (the whole service; imports the server lazily), `trainer` (a fine-tune
 trainer process; imports the trainer lazily), and the client commands `generate`, `chat`, `models`,
-`adapters upload|list|show|delete|download`, `files upload|list|delete`, `jobs create|list|show|cancel|follow`
-(talk to `--url`, default $ADAPTERD_URL or http://127.0.0.1:8000)."""
+`adapters upload|list|show|delete|download`, `files upload|list|content|delete`,
+`jobs create|list|show|cancel|follow`, `status` (talk to `--url`, default $ADAPTERD_URL or http://127.0.0.1:8000)."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def serve(
     data_dir: Annotated[Path, typer.Option(help="adapters/ and the embedded Redis live here")] = Path(".adapterd"),
     allow_insecure: Annotated[bool, typer.Option(help="allow a non-loopback bind without API keys")] = False,
     heartbeat_ttl: Annotated[float, typer.Option(help="seconds a silent worker stays routable")] = 5.0,
-    trainers: Annotated[int, typer.Option(min=0, help="fine-tune trainer processes")] = 0,
+    trainers: Annotated[int, typer.Option(min=0, help="fine-tune trainer processes (0: none)")] = 1,
 ) -> None:
     """Start Redis (embedded valkey unless --redis-url), the workers, the trainers and the gateway; Ctrl-C
     stops all."""
@@ -64,6 +64,7 @@ def trainer(
     claim_timeout: Annotated[float, typer.Option(help="seconds before a silent trainer's job is taken over")] = 30.0,
     max_attempts: Annotated[int, typer.Option(min=1, help="times a job is started before it fails")] = 3,
     checkpoint_every: Annotated[int, typer.Option(min=1, help="steps between checkpoints")] = 10,
+    nproc: Annotated[int, typer.Option(min=1, help="processes that train each job data-parallel")] = 1,
 ) -> None:
     """Run a fine-tune trainer: claims jobs for its base model from the queue and trains them."""
     from workers.trainer.worker import main
@@ -74,7 +75,7 @@ def trainer(
         model = str(ensure_default_model())
     argv = ["--redis-url", redis_url, "--model", model, "--data-dir", str(data_dir),
             "--claim-timeout", str(claim_timeout), "--max-attempts", str(max_attempts),
-            "--checkpoint-every", str(checkpoint_every)]
+            "--checkpoint-every", str(checkpoint_every), "--nproc", str(nproc)]
     for flag, value in (("--model-id", model_id), ("--store-url", store_url), ("--trainer-id", trainer_id)):
         if value:
             argv += [flag, value]
@@ -412,30 +413,47 @@ def jobs_follow(job_id: str, url: Url = None, api_key: ApiKey = None) -> None:
 
 
 def _follow(client: Client, job_id: str) -> None:
-    from tqdm import tqdm
+    from adapterd_client.job_progress import follow
 
-    bar = None
-    try:
-        for event in client.follow_job(job_id):
-            data = event.data or {}
-            if event.type == "metrics" and "total_steps" in data:
-                if bar is None:
-                    bar = tqdm(total=data["total_steps"], unit="step", desc=job_id, file=sys.stderr,
-                               initial=max(0, data["step"] - 1))
-                bar.update(data["step"] - bar.n)
-                bar.set_postfix(loss=f"{data['train_loss']:.4f}")
-            else:
-                if bar is not None:
-                    bar.write(event.message, file=sys.stderr)
-                else:
-                    typer.echo(event.message, err=True)
-    finally:
-        if bar is not None:
-            bar.close()
-    job = client.get_job(job_id)
+    job = follow(client, job_id)
     typer.echo(_job_line(job))
     if job.status != "succeeded":
         raise typer.Exit(1)
+
+
+@files_app.command("content")
+def files_content(
+    file_id: str,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="write here instead of stdout")] = None,
+    url: Url = None,
+    api_key: ApiKey = None,
+) -> None:
+    """A file's bytes: a training file, or a job's result CSV (its `result_files`)."""
+    try:
+        with Client(url, api_key) as client:
+            data = client.file_content(file_id)
+    except AdapterdError as exc:
+        raise _fail(exc) from exc
+    if output is not None:
+        output.write_bytes(data)
+    else:
+        sys.stdout.buffer.write(data)
+
+
+@app.command()
+def status(url: Url = None, api_key: ApiKey = None) -> None:
+    """Is the service ready, and which workers and fine-tune trainers are alive; exits 1 unless ready."""
+    try:
+        with Client(url, api_key, max_retries=0) as client:
+            ready = client.ready()
+    except AdapterdError as exc:
+        raise _fail(exc) from exc
+    typer.echo(f"{ready.status}: model {ready.model}, {ready.workers} worker(s), {ready.trainers} trainer(s)")
+    for t in ready.trainer_list:
+        typer.echo(f"trainer {t.id}\t{t.model}\t" + (f"training {t.job}" if t.job else "idle"))
+    if not ready.trainers:
+        typer.echo("no fine-tune trainer is running: jobs wait in the queue (start one with `adapterd trainer`)",
+                   err=True)
 
 
 if __name__ == "__main__":

@@ -204,6 +204,22 @@ class FileDeleted(_Model):
     deleted: bool = True
 
 
+class TrainerStatus(_Model):
+    id: str
+    model: str
+    job: str | None = None
+
+
+class ReadyStatus(_Model):
+    """`GET /ready`: the gateway is ready (Redis reachable, a worker registered), with what is alive."""
+
+    status: str
+    workers: int
+    model: str | None = None
+    trainers: int = 0
+    trainer_list: list[TrainerStatus] = []
+
+
 class JobError(_Model):
     code: str
     message: str
@@ -222,9 +238,12 @@ class FineTuningJob(_Model):
     training_file: str
     validation_file: str | None = None
     method: dict
+    hyperparameters: dict | None = None
     seed: int
     suffix: str | None = None
     compression: dict | None = None
+    metadata: dict | None = None
+    integrations: list = []
     error: JobError | None = None
     trained_tokens: int | None = None
     estimated_finish: int | None = None

@@ -1,4 +1,5 @@
-"""Fine-tune training files: upload (multipart, `purpose=fine-tune`), list, show, delete."""
+"""Fine-tune training files: upload (multipart, `purpose=fine-tune`), list, show, content, delete (a job's
+result files, purpose `fine-tune-results`, are listed and read the same way)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import asyncio
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
+from fastapi.responses import Response
 
 from server.auth import CurrentTenant
 from server.files_service import FILES_PATH, FilesService
@@ -39,6 +41,12 @@ async def list_files(files: Files, tenant: CurrentTenant, purpose: str | None = 
 @router.get("/{file_id}", response_model=FileObject)
 async def show_file(file_id: str, files: Files, tenant: CurrentTenant) -> FileObject:
     return await asyncio.to_thread(files.get, tenant, file_id)
+
+
+@router.get("/{file_id}/content", response_class=Response)
+async def file_content(file_id: str, files: Files, tenant: CurrentTenant) -> Response:
+    media_type, data = await asyncio.to_thread(files.content, tenant, file_id)
+    return Response(data, media_type=media_type)
 
 
 @router.delete("/{file_id}", response_model=FileDeleted)

@@ -1,11 +1,12 @@
-"""Operations: /health (alive), /ready (Redis reachable and at least one worker); for admin keys only:
-/metrics and /v1/workers (each live worker's last heartbeat and this gateway's in-flight count)."""
+"""Operations: /health (alive), /ready (Redis reachable and at least one worker; reports the workers and the
+trainers alive); for admin keys only: /metrics and /v1/workers (each live worker's last heartbeat and this
+gateway's in-flight count)."""
 
 from __future__ import annotations
 
 from dataclasses import asdict
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -22,13 +23,16 @@ async def health() -> dict:
 
 
 @router.get("/ready")
-async def ready(registry: Registry) -> dict:
+async def ready(registry: Registry, request: Request) -> dict:
     workers = registry.alive()
     if not registry.redis_ok:
         raise NoWorkerError("Redis is not reachable", retry_after_s=1, code="redis_unreachable")
     if not workers:
         raise NoWorkerError("no worker is registered", retry_after_s=1)
-    return {"status": "ready", "workers": len(workers), "model": registry.base_model_id}
+    trainers = await request.app.state.jobs.live_trainers()
+    return {"status": "ready", "workers": len(workers), "model": registry.base_model_id,
+            "trainers": len(trainers),
+            "trainer_list": [{"id": t.trainer_id, "model": t.model_id, "job": t.job_id} for t in trainers]}
 
 
 @router.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})

@@ -177,10 +177,11 @@ def test_cli_upload_and_follow(cluster, tmp_path):
     good = tmp_path / "good.jsonl"
     good.write_text("\n".join(json.dumps(x) for x in RECORDS))
     r = subprocess.run([*cli, "jobs", "create", str(good), "--model", "model", "--param", "batch_size=8",
-                        "--param", "max_seq_len=64", "--suffix", "cli", "--follow"],
+                        "--param", "epochs=1", "--param", "max_seq_len=64", "--suffix", "cli", "--follow"],
                        env=env, cwd=ROOT, capture_output=True, text=True, timeout=90)
     assert r.returncode == 0, r.stderr
     assert "succeeded" in r.stdout and "2/2" in r.stderr and "loss=" in r.stderr, (r.stdout, r.stderr)
+    assert "\r" not in r.stderr  # piped: plain lines, no progress-bar frames
 
 
 

@@ -5,12 +5,15 @@ tenant isolation, and every bad input refused with a clear 4xx."""
 
 from __future__ import annotations
 
+import io
 import json
 import threading
 import time
 
 import httpx
 import pytest
+from adapterd_client import Client
+from adapterd_client.job_progress import follow
 from finetune_fakes import FakeTrain
 from serving_cluster import start_gateway, wait_until
 
@@ -111,7 +114,18 @@ def test_bad_jobs_are_refused_and_change_nothing(gateway):
         ({"training_file": file_id, "method": {"type": "medusa", "adapter": "ghost"}}, 404, "method"),
         ({"training_file": file_id, "compression": {"method": "zip"}}, 400, "compression"),
         ({"training_file": file_id, "suffix": "bad suffix!"}, 422, "suffix"),
-        ({"training_file": file_id, "hyperparameters": {}}, 422, "hyperparameters"),
+        ({"training_file": file_id, "hyperparameters": {"n_epochs": 0}}, 400, "hyperparameters"),
+        ({"training_file": file_id, "hyperparameters": {"n_epochs": 2}, "method": {"type": "lora", "rank": 4}},
+         400, "hyperparameters"),
+        ({"training_file": file_id, "method": {"type": "supervised", "supervised": {"hyperparameters": {"x": 1}}}},
+         400, "method"),
+        ({"training_file": file_id, "method": {"type": "lora", "rank": 4, "lora": {"hyperparameters": {}}}},
+         400, "method"),
+        ({"training_file": file_id, "method": {"type": "lora", "n_epochs": 2, "epochs": 2}}, 400, "method"),
+        ({"training_file": file_id, "integrations": [{"type": "wandb", "wandb": {"project": "p"}}]}, 400,
+         "integrations"),
+        ({"training_file": file_id, "metadata": {f"k{i}": "v" for i in range(17)}}, 400, "metadata"),
+        ({"training_file": file_id, "unknown_field": 1}, 422, "unknown_field"),
     ]
     for body, status, param in cases:
         r = api(gateway, "POST", "/v1/fine_tuning/jobs", json={"model": "model", **body})
@@ -132,7 +146,8 @@ def test_job_runs_to_an_adapter(fresh, tiny_model, tmp_path):
     valid = upload(gateway).json()["id"]
     created = create(gateway, validation_file=valid, suffix="demo", seed=7,
                      method={"type": "lora", "rank": 4}).json()
-    assert created["status"] == "queued" and created["method"]["rank"] == 4 and created["seed"] == 7
+    assert created["status"] == "queued" and created["seed"] == 7
+    assert created["method"]["type"] == "lora" and created["method"]["lora"]["hyperparameters"]["rank"] == 4
     train = FakeTrain(steps=5)
     t = trainer(gateway, tiny_model, tmp_path, train)
     assert t.run_once(block_s=2) == created["id"]
@@ -156,6 +171,42 @@ def test_job_runs_to_an_adapter(fresh, tiny_model, tmp_path):
     streamed = api(gateway, "GET", f"/v1/fine_tuning/jobs/{created['id']}/events?stream=true")
     lines = [ln[6:] for ln in streamed.text.splitlines() if ln.startswith("data: ")]
     assert lines[-1] == "[DONE]" and len(lines) - 1 == len(events)
+    (result,) = done["result_files"]  # the metrics CSV, the job tenant's alone
+    csv = api(gateway, "GET", f"/v1/files/{result}/content")
+    assert csv.status_code == 200 and csv.headers["content-type"].startswith("text/csv")
+    assert csv.text.splitlines()[0] == "step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy"
+    assert api(gateway, "GET", f"/v1/files/{result}/content", BOB).status_code == 404
+    assert api(gateway, "GET", f"/v1/files/{valid}/content").content == upload_bytes()
+
+
+def upload_bytes(records=RECORDS) -> bytes:
+    return "\n".join(json.dumps(r) for r in records).encode()
+
+
+def test_openai_shapes_are_resolved_and_echoed_and_a_job_without_trainer_says_so(fresh):
+    gateway = fresh  # no trainer heartbeats here
+    nested = create(gateway, method={"type": "supervised", "supervised": {"hyperparameters": {
+        "n_epochs": 2, "batch_size": "auto", "learning_rate_multiplier": 0.5}}}, metadata={"team": "search"}).json()
+    assert nested["hyperparameters"] == {"n_epochs": 2, "batch_size": 4, "learning_rate_multiplier": 0.5}
+    hp = nested["method"]["supervised"]["hyperparameters"]
+    assert nested["method"]["type"] == "supervised" and hp["rank"] == 8 and hp["lr"] == 1e-4 and hp["n_epochs"] == 2
+    assert nested["metadata"] == {"team": "search"} and job(gateway, nested["id"])["metadata"] == {"team": "search"}
+    top = create(gateway, hyperparameters={"n_epochs": "auto", "batch_size": 2}).json()
+    assert top["hyperparameters"]["batch_size"] == 2 and top["hyperparameters"]["n_epochs"] >= 3
+    assert top["hyperparameters"]["learning_rate_multiplier"] == 10.0  # 8 records: the auto rule's
+    s2ft = create(gateway, method={"type": "s2ft", "s2ft": {"hyperparameters": {"head_ratio": 0.5}}}).json()
+    assert s2ft["method"]["s2ft"]["hyperparameters"]["head_ratio"] == 0.5
+    events = api(gateway, "GET", f"/v1/fine_tuning/jobs/{top['id']}/events").json()["data"]
+    warning = [e for e in events if e["message"].startswith("No trainer is running for model")]
+    assert warning and warning[0]["level"] == "warn" and "adapterd trainer" in warning[0]["message"]
+    shown = io.StringIO()  # `jobs follow` shows it while the job waits
+    with Client(gateway[0].url, ALICE, timeout=30, max_retries=0) as sdk:
+        following = threading.Thread(target=follow, args=(sdk, top["id"], shown, False), daemon=True)
+        following.start()
+        wait_until(lambda: "No trainer is running" in shown.getvalue(), 10, "the warning followed")
+        api(gateway, "POST", f"/v1/fine_tuning/jobs/{top['id']}/cancel")
+        following.join(10)
+    assert not following.is_alive() and f"{top['id']}: cancelled" in shown.getvalue()
 
 
 def test_list_is_paginated_newest_first(gateway):

@@ -134,10 +134,26 @@ def test_serve_runs_with_secrets_on(served):
     assert r.status_code == 401 and r.json()["error"]["code"] == "cluster_auth_required"
 
 
+def test_a_default_serve_has_a_trainer_that_runs_jobs(served, tmp_path):
+    _, url, _ = served
+    deadline = time.monotonic() + 60  # the trainer announces itself once it has loaded the base
+    status = cli(url, "status")
+    while "1 trainer(s)" not in status.stdout and time.monotonic() < deadline:
+        time.sleep(0.5)
+        status = cli(url, "status")
+    assert status.returncode == 0 and "1 worker(s), 1 trainer(s)" in status.stdout, (status.stdout, status.stderr)
+    records = tmp_path / "train.jsonl"
+    records.write_text('{"prompt": "two plus two is", "completion": " four."}\n' * 8)
+    job = cli(url, "jobs", "create", str(records), "-p", "epochs=1", "-p", "batch_size=8", "-p", "max_seq_len=32",
+              "--follow")
+    assert job.returncode == 0 and "succeeded" in job.stdout, (job.stdout, job.stderr)
+    assert "No trainer is running" not in job.stderr
+
+
 def test_sigterm_stops_everything(served):
     proc, url, _ = served
     tree = descendants(proc.pid)
-    assert len(tree) >= 3  # valkey-server, worker, gateway
+    assert len(tree) >= 4  # valkey-server, worker, trainer, gateway
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(30) == 0
     deadline = time.monotonic() + 10

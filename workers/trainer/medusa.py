@@ -186,4 +186,5 @@ def setup(spec: TrainingSpec) -> MethodSetup:
     params = {"weight": heads.weight, "bias": heads.bias}
     return MethodSetup(kind="medusa", params=params, train_examples=train, valid_examples=valid,
                        collate=lambda exs: collate(exs, m["num_heads"]), loss=heads.loss,
-                       save=lambda folder: save(folder, heads, spec, model.config), modules=[heads])
+                       save=lambda folder: save(folder, heads, spec, model.config), modules=[heads],
+                       servable_checkpoints=False)

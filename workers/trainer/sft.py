@@ -31,7 +31,8 @@ def decoder_layers(model) -> torch.nn.ModuleList:
 
 def batch_loss(model, batch: sft_data.SFTBatch) -> BatchLoss:
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits  # [B, T, V]
-    return BatchLoss(sft_data.causal_lm_loss(logits, batch.labels), batch.label_tokens, batch.input_tokens)
+    return BatchLoss(sft_data.causal_lm_loss(logits, batch.labels), batch.label_tokens, batch.input_tokens,
+                     correct_tokens=sft_data.correct_tokens(logits.detach(), batch.labels))
 
 
 def sft_setup(spec: TrainingSpec, model, tokenizer, kind: str, params: dict[str, torch.nn.Parameter],

@@ -133,6 +133,13 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
                                              ignore_index=IGNORE, reduction="sum")
 
 
+def correct_tokens(logits: torch.Tensor, labels: torch.Tensor) -> int:
+    """logits: [B, T, V], labels: [B, T] → how many supervised next tokens the argmax predicts."""
+    target = labels[:, 1:]  # [B, T-1]
+    hit = (logits[:, :-1].argmax(-1) == target) & (target != IGNORE)
+    return int(hit.sum())
+
+
 def pad_id_of(tokenizer) -> int:
     for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
         if candidate is not None:

@@ -43,6 +43,7 @@ from adapters_store.registry import AdapterStore
 from adapters_store.training_files import TrainingFileStore
 from adapters_store.validation import UploadedFile, UploadLimits
 from workers.trainer.queue import Claim, JobQueue, JobRecords, announce, withdraw
+from workers.trainer.results import metrics_csv
 
 log = logging.getLogger("adapterd.trainer")
 CHECKPOINTS = "jobs/{job}/checkpoints/"  # backend prefix of a job's mirrored checkpoints
@@ -64,6 +65,7 @@ class TrainerConfig:
     checkpoint_every: int = 10
     event_interval_s: float = 1.0  # step events at most this often (plus the first and last step)
     poll_s: float = 1.0
+    nproc: int = 1  # processes training each job data-parallel (workers/trainer/distributed.py)
 
     @property
     def base_id(self) -> str:
@@ -91,7 +93,13 @@ def _retrying(op: Callable, for_s: float = REDIS_RETRY_S):
             time.sleep(0.25)
 
 
-def _default_train():
+def _default_train(nproc: int = 1):
+    if nproc > 1:  # data-parallel: this process is rank 0, the other ranks are spawned per job
+        from functools import partial
+
+        from workers.trainer import distributed
+
+        return partial(distributed.train, nproc=nproc)
     from workers.trainer import training
 
     return training.train
@@ -109,6 +117,7 @@ class _Run:
         self.first_step: int | None = None
         # input tokens trained on (steps repeated after a takeover count again: they were trained again)
         self.trained_tokens = job.trained_tokens or 0
+        self.last_eval: dict = {}  # the latest validation metrics (on_eval), added to the next checkpoint's
         self.dir = trainer.config.work_dir / "jobs" / job.id
 
     # -- record helpers ---------------------------------------------------------------------------
@@ -137,20 +146,48 @@ class _Run:
         self.last_event = now
         done = r.step - self.first_step
         eta = int(time.time() + (now - self.started) / max(1, done) * (r.total_steps - r.step))
-        data = {"step": r.step, "total_steps": r.total_steps, "train_loss": r.loss, "tokens_per_s": r.tokens_per_s}
+        data = {"step": r.step, "total_steps": r.total_steps, "train_loss": r.loss, "tokens_per_s": r.tokens_per_s,
+                "estimated_finish": eta}
+        accuracy = ""
+        if r.token_accuracy is not None:
+            data["train_mean_token_accuracy"] = r.token_accuracy
+            accuracy = f", token accuracy={r.token_accuracy:.3f}"
         try:
-            self.event(f"Step {r.step}/{r.total_steps}: training loss={r.loss:.4f}, {r.tokens_per_s:.0f} tokens/s",
-                       type_="metrics", data=data)
+            self.event(f"Step {r.step}/{r.total_steps}: training loss={r.loss:.4f}{accuracy}, "
+                       f"{r.tokens_per_s:.0f} tokens/s", type_="metrics", data=data)
             self.update({"step": r.step, "total_steps": r.total_steps, "train_loss": r.loss, "estimated_finish": eta,
                          "trained_tokens": self.trained_tokens})
         except redis.RedisError as e:  # progress is best effort: training goes on while Redis is away
             log.warning("job %s: step %d not recorded (%s)", self.job.id, r.step, e)
 
+    def on_eval(self, r) -> None:
+        """The validation set's loss (and token accuracy) at a checkpoint or at the end."""
+        data = {"step": r.step, "total_steps": r.total_steps, "valid_loss": r.loss, "full_valid_loss": r.loss,
+                "validation_loss": r.loss}
+        accuracy = ""
+        if r.token_accuracy is not None:
+            data.update(valid_mean_token_accuracy=r.token_accuracy, full_valid_mean_token_accuracy=r.token_accuracy)
+            accuracy = f", token accuracy={r.token_accuracy:.3f}"
+        self.last_eval = data
+        try:
+            self.event(f"Step {r.step}/{r.total_steps}: validation loss={r.loss:.4f}{accuracy}", type_="metrics",
+                       data=data)
+        except redis.RedisError as e:
+            log.warning("job %s: validation at step %d not recorded (%s)", self.job.id, r.step, e)
+
     def on_checkpoint(self, r) -> None:
         location = self.t.mirror_checkpoint(self.job.id, self.dir / "checkpoints", Path(r.path))
+        metrics = {"step": r.step, "train_loss": r.train_loss}
+        if self.last_eval.get("step") == r.step:
+            metrics.update({k: v for k, v in self.last_eval.items() if k.startswith(("valid", "full_valid"))})
+        if r.adapter_dir is not None:  # servable by its fine_tuned_model_checkpoint name
+            job = self.job
+            try:
+                self.t.publish(job, Path(r.adapter_dir), fine_tuned_name(job.model, job.suffix, job.id, r.step))
+            except Exception as e:  # noqa: BLE001 - the checkpoint still resumes the job; only serving it is lost
+                log.warning("job %s: checkpoint at step %d not published (%s)", job.id, r.step, e)
         checkpoint = JobCheckpoint(id=f"ftckpt-{secrets.token_hex(12)}", fine_tuning_job_id=self.job.id,
-                                   step_number=r.step, metrics={"step": r.step, "train_loss": r.train_loss},
-                                   location=location)
+                                   step_number=r.step, metrics=metrics, location=location)
         try:
             self.t.records.add_checkpoint(checkpoint)
             self.event(f"Checkpoint saved at step {r.step}", data={"step": r.step, "checkpoint": checkpoint.id})
@@ -193,8 +230,8 @@ class _Run:
             valid_records=t.files.read_records(job.validation_file) if job.validation_file else None,
             seed=job.seed, output_dir=self.dir / f"output-{self.attempt}", checkpoint_dir=self.dir / "checkpoints",
             adapter_path=t.adapter_folder(job.method.get("adapter")))
-        hooks = TrainingHooks(on_step=self.on_step, on_checkpoint=self.on_checkpoint, should_stop=self.should_stop,
-                              checkpoint_every=t.config.checkpoint_every)
+        hooks = TrainingHooks(on_step=self.on_step, on_checkpoint=self.on_checkpoint, on_eval=self.on_eval,
+                              should_stop=self.should_stop, checkpoint_every=t.config.checkpoint_every)
         try:
             result = t.train_fn(spec, hooks)
         except (TrainingCancelled, ClaimLost) as e:
@@ -212,9 +249,6 @@ class _Run:
             return self._done()
         if self.lost.is_set():
             raise ClaimLost(job.id)
-        if result.validation_loss is not None:
-            self.event(f"Validation loss: {result.validation_loss:.4f}", type_="metrics",
-                       data={"step": result.steps, "validation_loss": result.validation_loss})
         t.publish(job, result.adapter_dir, name)
         self._succeed(name, result)
 
@@ -224,9 +258,14 @@ class _Run:
                   "trained_tokens": self.trained_tokens}
         if result is not None:
             fields.update(step=result.steps, total_steps=result.steps, train_loss=result.train_loss,
-                          validation_loss=result.validation_loss)
+                          validation_loss=result.validation_loss, result_files=[self._result_file(result).id])
         self.update(fields)
         self._done()
+
+    def _result_file(self, result):
+        rows = result.history
+        return self.t.files.put_result(self.job.organization_id, f"{self.job.id}-results.csv", metrics_csv(rows),
+                                       len(rows))
 
     def fail(self, code: str, message: str) -> None:
         self.event(f"Fine-tuning failed: {message}", level="error")
@@ -248,7 +287,7 @@ class _Run:
 class Trainer:
     def __init__(self, config: TrainerConfig, train_fn: Callable | None = None, client: redis.Redis | None = None):
         self.config = config
-        self.train_fn = train_fn or _default_train()
+        self.train_fn = train_fn or _default_train(config.nproc)
         self.redis = client or redis.Redis.from_url(config.redis_url, socket_timeout=10, socket_connect_timeout=2)
         self.queue = JobQueue(self.redis, config.base_id, config.trainer_id, config.claim_timeout_s)
         self.records = JobRecords(self.redis)
@@ -453,6 +492,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-attempts", type=int, default=3)
     p.add_argument("--checkpoint-every", type=int, default=10, help="steps between checkpoints")
     p.add_argument("--event-interval", type=float, default=1.0, help="seconds between step events")
+    p.add_argument("--nproc", type=int, default=1, help="processes that train each job data-parallel "
+                   "(torch.distributed: gloo on CPU, NCCL on GPUs); checkpoints are written once, by this one")
     p.add_argument("--log-level", default="info")
     return p.parse_args(argv)
 
@@ -463,7 +504,7 @@ def config_from_args(args: argparse.Namespace) -> TrainerConfig:
         redis_url=args.redis_url, base_model_path=str(Path(args.model).resolve()),
         store_url=args.store_url or (data_dir / "store").as_uri(), work_dir=data_dir / "trainer",
         model_id=args.model_id, claim_timeout_s=args.claim_timeout, max_attempts=args.max_attempts,
-        checkpoint_every=args.checkpoint_every, event_interval_s=args.event_interval)
+        checkpoint_every=args.checkpoint_every, event_interval_s=args.event_interval, nproc=max(1, args.nproc))
     if args.trainer_id:
         config.trainer_id = args.trainer_id
     return config

@@ -105,8 +105,7 @@ class Engine:
         self.core.adapters.on_evict = callback
 
     def unload_adapter(self, name: str) -> None:
-        with self.core.lock:
-            self.core.adapters.unload(name)
+        self.core.unload_adapter(name)
 
     def resident_adapters(self) -> list[str]:
         with self.core.lock:
@@ -153,6 +152,8 @@ class Engine:
                 continue
             for seq, event in events:
                 self._deliver(seq.request.request_id, event)
+            for seq, error in self.core.take_failures():  # failed by their own fault; the rest went on
+                self._deliver(seq.request.request_id, error)
 
     def _deliver(self, rid: str, item: object) -> None:
         stream = self._streams.get(rid)

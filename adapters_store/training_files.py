@@ -22,6 +22,7 @@ import secrets
 import time
 from dataclasses import asdict, dataclass
 
+from adapters_store import bounded_json
 from adapters_store.backends import StoreBackend
 from adapters_store.errors import StoreError
 
@@ -130,7 +131,7 @@ def parse_records(data: bytes, limits: FileLimits = FileLimits()) -> list[dict]:
         if not text.strip():
             continue
         try:
-            record = json.loads(text)
+            record = bounded_json.loads(text)
         except json.JSONDecodeError as e:
             raise _bad(number, f"not valid JSON ({e.msg} at column {e.colno})") from e
         records.append(check_record(number, record))

@@ -189,8 +189,11 @@ def install_error_boundary(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        kind = {404: "not_found_error", 405: "invalid_request_error"}.get(exc.status_code, "server_error")
-        return error_response(exc.status_code, kind, str(exc.detail), headers=getattr(exc, "headers", None))
+        kind = "not_found_error" if exc.status_code == 404 else (
+            "invalid_request_error" if exc.status_code < 500 else "server_error")
+        code = "payload_too_large" if exc.status_code == 413 else None  # a body cut off on the stream
+        return error_response(exc.status_code, kind, str(exc.detail), code=code,
+                              headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

@@ -16,6 +16,8 @@ class WorkerServiceConfig:
     heartbeat_ttl_s: float = 5.0
     heartbeat_interval_s: float = 0.0  # 0 → ttl / 3
     max_adapters: int = 8  # resident adapters at once (the engine's LoRA slots)
+    max_request_bytes: int = 16 * 1024 * 1024  # one request body, counted on the stream (413 past it)
+    max_chars_per_token: int = 16  # prompts over max_seq × this many characters are refused before encoding
 
     @property
     def url(self) -> str:

@@ -8,6 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 
 from server.auth import CurrentTenant
+from server.errors import PayloadTooLargeError
 from server.files_service import FILES_PATH, FilesService
 from server.protocol import ErrorResponse, FileDeleted, FileList, FileObject
 
@@ -27,6 +28,8 @@ async def upload_file(
     file: Annotated[UploadFile, File(description="JSONL: {prompt, completion} or {messages} records")],
     purpose: Annotated[str, Form()] = "fine-tune",
 ) -> FileObject:
+    if file.size is not None and file.size > files.limits.max_bytes:  # spooled to disk; refused unread
+        raise PayloadTooLargeError(f"the file is over {files.limits.max_bytes} bytes", param="file")
     data = await file.read()
     return await asyncio.to_thread(files.upload, tenant, file.filename or "upload.jsonl", data, purpose)
 

@@ -24,7 +24,7 @@ from workers.engine.config import EngineConfig
 from workers.engine.detokenizer import IncrementalText
 from workers.engine.runner import ModelRunner
 from workers.engine.sampler import choose
-from workers.engine.scheduler import Scheduler, StepPlan
+from workers.engine.scheduler import Scheduler
 from workers.engine.sequence import Sequence
 from workers.engine.speculative import Draft, Speculator, Verified
 from workers.engine.types import GenerationRequest, TokenEvent

@@ -8,6 +8,7 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from redis import exceptions as redis_errors
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adapters_store import errors as store_errors
@@ -15,6 +16,7 @@ from adapters_store import training_files
 from adapters_store.errors import StoreError
 
 log = logging.getLogger("adapterd.gateway")
+REDIS_RETRY_AFTER_S = 1  # Redis restarts in about a second under `adapterd serve`
 
 
 class GatewayError(Exception):
@@ -186,6 +188,14 @@ def install_error_boundary(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         return _validation_response(exc)
+
+    async def _redis_down(_: Request, exc: Exception) -> JSONResponse:  # a typed 503, the connection kept
+        log.warning("Redis is not reachable: %s", exc)
+        return error_response(503, "service_unavailable", "Redis is not reachable; retry shortly",
+                              code="redis_unreachable", headers={"Retry-After": str(REDIS_RETRY_AFTER_S)})
+
+    app.add_exception_handler(redis_errors.ConnectionError, _redis_down)  # refused, reset, still loading
+    app.add_exception_handler(redis_errors.TimeoutError, _redis_down)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:

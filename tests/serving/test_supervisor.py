@@ -61,7 +61,7 @@ def test_restarts_spread_over_time_keep_going_and_the_delay_is_capped(tmp_path):
     policy = RestartPolicy(first_delay_s=4, max_delay_s=30, window_s=60, max_restarts=5)
     sup = Supervisor(policy, lambda _: None, tmp_path / "s.json", clock)
     sup.watch("valkey", Proc(), Proc)
-    for i in range(12):  # one death every 61 s: never 5 within a minute
+    for _ in range(12):  # one death every 61 s: never 5 within a minute
         sup.process("valkey").code = 1
         sup.tick()
         clock.now = sup.children["valkey"].restart_at

@@ -99,7 +99,7 @@ class CompletionService:
         )
 
     async def create(self, req: CompletionRequest, merged: MergedAdapter | None = None) -> CompletionResponse:
-        target = self._dispatcher.resolve(req.model, merged)
+        target = await asyncio.to_thread(self._dispatcher.resolve, req.model, merged)  # reads the store
         work = self._requests(req)
         done = await asyncio.gather(*(self._dispatcher.generate(target, w) for w in work))
         choices = [
@@ -117,7 +117,7 @@ class CompletionService:
         )
 
     async def stream(self, req: CompletionRequest, merged: MergedAdapter | None = None) -> AsyncIterator[bytes]:
-        target = self._dispatcher.resolve(req.model, merged)
+        target = await asyncio.to_thread(self._dispatcher.resolve, req.model, merged)  # reads the store
         (work,) = self._requests(req)
         events = await self._dispatcher.stream(target, work)
         return _stream_errors(self._chunks(req, target, events))
@@ -166,7 +166,7 @@ class ChatService:
         return TokenLogprob(token=text, logprob=logprob, bytes=raw, top_logprobs=alts)
 
     async def create(self, req: ChatCompletionRequest, merged: MergedAdapter | None = None) -> ChatCompletionResponse:
-        target = self._dispatcher.resolve(req.model, merged)
+        target = await asyncio.to_thread(self._dispatcher.resolve, req.model, merged)  # reads the store
         done = await self._dispatcher.generate(target, self._request(req))
         logprobs = None
         if req.logprobs and done.logprobs is not None:
@@ -191,7 +191,7 @@ class ChatService:
         )
 
     async def stream(self, req: ChatCompletionRequest, merged: MergedAdapter | None = None) -> AsyncIterator[bytes]:
-        target = self._dispatcher.resolve(req.model, merged)
+        target = await asyncio.to_thread(self._dispatcher.resolve, req.model, merged)  # reads the store
         events = await self._dispatcher.stream(target, self._request(req))
         return _stream_errors(self._chunks(req, events))
 

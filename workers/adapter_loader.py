@@ -6,7 +6,8 @@ byte-budgeted and least-recently-used, and never evicts an adapter that requests
 The gateway sends either a folder path or a store reference (`file:///store#name@3`, `s3://…#name@3`);
 a store reference is first materialised into a local folder under the cache dir, as stored (ComPEFT
 stays compressed). A per-request merge (`WorkerMerge`) is built from its members' folders once, written
-under the cache dir by its name (a content key), and loaded like any adapter folder."""
+under the cache dir by its name (a content key), and loaded like any adapter folder. The cache dir is
+bounded by bytes (`FolderCache`, LRU), and the per-name locks live only while a load holds them."""
 
 from __future__ import annotations
 
@@ -23,17 +24,20 @@ from adapters_store.coordination import WorkerMerge
 from adapters_store.materialise import is_store_ref, materialise
 from adapters_store.merge import MergeSpec, merge_files
 from workers.errors import AdapterNotFoundError, AdapterValidationError
+from workers.folder_cache import DEFAULT_MAX_BYTES, FolderCache
+from workers.keyed_locks import KeyedLocks
 
 DEFAULT_CACHE_DIR = Path(tempfile.gettempdir()) / f"adapterd-adapters-{os.getuid()}"
 
 
 class AdapterLoader:
     def __init__(self, engine: Any, on_change: Callable[[], None] = lambda: None,
-                 cache_dir: Path = DEFAULT_CACHE_DIR):
+                 cache_dir: Path = DEFAULT_CACHE_DIR, cache_max_bytes: int = DEFAULT_MAX_BYTES):
         self._engine = engine
         self._cache_dir = cache_dir
+        self.cache = FolderCache(cache_dir, cache_max_bytes)
         self._on_change = on_change
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._locks = KeyedLocks()
         self._heads: dict[str | None, str] = {}  # owner → path of the Medusa heads attached to it
         engine.on_adapter_evicted(lambda name: on_change())
 
@@ -45,12 +49,12 @@ class AdapterLoader:
             return
         if not path and merge is None:
             raise AdapterNotFoundError(f"adapter {name!r} is not resident on this worker", param="adapter")
-        lock = self._locks.setdefault(name, asyncio.Lock())
-        async with lock:
+        async with self._locks.hold(name):
             if name in self.resident():
                 return
             folder = await self._merged_folder(name, merge) if merge is not None else await self._folder(path)
             await self._engine.load_adapter(name, folder)
+            await asyncio.to_thread(self.cache.used, folder)
         self._on_change()
 
     async def _merged_folder(self, name: str, merge: WorkerMerge) -> str:
@@ -60,6 +64,7 @@ class AdapterLoader:
         out = self._cache_dir / "merges" / name.replace(":", "-").replace("/", "-")
         try:
             await asyncio.to_thread(write_merged_folder, members, spec, self._engine.base_config, out)
+            await asyncio.to_thread(self.cache.used, out)  # now, so that a trim leaves it while it loads
         except store_errors.StoreError as exc:
             raise AdapterValidationError(f"cannot merge the adapters: {exc.message}") from exc
         return str(out)
@@ -68,7 +73,9 @@ class AdapterLoader:
         if not is_store_ref(path):
             return path
         try:
-            return str(await asyncio.to_thread(materialise, path, self._cache_dir))
+            folder = await asyncio.to_thread(materialise, path, self._cache_dir)
+            await asyncio.to_thread(self.cache.used, folder)  # now, so that a trim leaves it while it loads
+            return str(folder)
         except store_errors.AdapterNotFoundError as exc:
             raise AdapterNotFoundError(exc.message, param="adapter") from exc
         except store_errors.StoreError as exc:
@@ -79,7 +86,7 @@ class AdapterLoader:
         the gateway names the heads the registry attaches to each adapter version."""
         if self._heads.get(owner) == path:
             return
-        async with self._locks.setdefault(f"heads {owner}", asyncio.Lock()):
+        async with self._locks.hold(f"heads {owner}"):
             if self._heads.get(owner) != path:
                 await self.load_heads(owner, path)
 

@@ -131,7 +131,8 @@ class WorkerService:
         self.config = config
         self.prompts = PromptBuilder(engine.tokenizer, engine.max_seq, engine.max_seq * config.max_chars_per_token)
         self.heartbeat: Heartbeat | None = None
-        self.adapters = AdapterLoader(engine, on_change=self._residency_changed)
+        self.adapters = AdapterLoader(engine, on_change=self._residency_changed,
+                                      cache_max_bytes=config.adapter_cache_bytes)
         self.metrics = residency_registry(lambda: self.engine.stats().get("adapters", {}))
         self.metrics.register(FusionCollector(lambda: self.engine.stats().get("fusion", {})))
         self.metrics.register(SpeculativeCollector(lambda: self.engine.stats().get("medusa", {})))
@@ -356,6 +357,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-seq", type=int, default=2048)
     p.add_argument("--medusa", default=None, help="folder of Medusa heads for base-model requests")
     p.add_argument("--medusa-max-batch", type=int, default=4, help="decode plainly above this many rows")
+    p.add_argument("--adapter-cache-bytes", type=int, default=2 * 1024**3,
+                   help="disk for materialised adapter versions and merges (least recently used go first)")
     return p.parse_args(argv)
 
 
@@ -396,6 +399,7 @@ def main(argv: list[str] | None = None) -> None:
         redis_url=args.redis_url,
         heartbeat_ttl_s=args.heartbeat_ttl,
         max_adapters=args.max_loras,
+        adapter_cache_bytes=args.adapter_cache_bytes,
         **({"worker_id": args.worker_id} if args.worker_id else {}),
     )
     engine = _build_engine(args)

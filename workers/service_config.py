@@ -17,6 +17,7 @@ class WorkerServiceConfig:
     heartbeat_interval_s: float = 0.0  # 0 → ttl / 3
     max_adapters: int = 8  # resident adapters at once (the engine's LoRA slots)
     max_request_bytes: int = 16 * 1024 * 1024  # one request body, counted on the stream (413 past it)
+    adapter_cache_bytes: int = 2 * 1024**3  # on-disk adapter folders (store versions, merges), LRU
     max_chars_per_token: int = 16  # prompts over max_seq × this many characters are refused before encoding
 
     @property

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 
@@ -14,8 +16,8 @@ router = APIRouter(responses={"default": {"model": ErrorResponse}})
 
 @router.post("/generate", response_model=GenerateResponse)
 async def generate(body: GenerateRequest, service: Native, adapters: Adapters, tenant: CurrentTenant):
-    adapters.authorize(body.parameters.adapter_id, tenant)
-    merged = adapters.resolve_merge(body.parameters.merged_adapters, tenant)
+    merged = await asyncio.to_thread(adapters.admit, body.parameters.adapter_id, body.parameters.merged_adapters,
+                                     tenant)
     if body.stream:
         return StreamingResponse(await service.stream(body, merged), media_type="text/event-stream")
     return await service.generate(body, merged)
@@ -25,6 +27,6 @@ async def generate(body: GenerateRequest, service: Native, adapters: Adapters, t
 async def generate_stream(
     body: GenerateRequest, service: Native, adapters: Adapters, tenant: CurrentTenant
 ) -> StreamingResponse:
-    adapters.authorize(body.parameters.adapter_id, tenant)
-    merged = adapters.resolve_merge(body.parameters.merged_adapters, tenant)
+    merged = await asyncio.to_thread(adapters.admit, body.parameters.adapter_id, body.parameters.merged_adapters,
+                                     tenant)
     return StreamingResponse(await service.stream(body, merged), media_type="text/event-stream")

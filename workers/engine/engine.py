@@ -62,10 +62,7 @@ class Engine:
             request = GenerationRequest(request.prompt_ids, request.params, request.adapter,
                                         f"req-{next(self._ids)}")
         adapter = request.adapter
-        with self.core.lock:
-            self.core.validate(request)  # errors surface before the first event
-            if adapter is not None:  # the host cache keeps it from now until the stream ends
-                self.core.adapters.pin(adapter)
+        await asyncio.to_thread(self._admit, request)  # the lock is taken off the event loop
         rid = request.request_id
         events: asyncio.Queue = asyncio.Queue()
         finished = False
@@ -88,6 +85,12 @@ class Engine:
             if adapter is not None:
                 with self.core.lock:
                     self.core.adapters.unpin(adapter)
+
+    def _admit(self, request: GenerationRequest) -> None:
+        with self.core.lock:
+            self.core.validate(request)  # errors surface before the first event
+            if request.adapter is not None:  # the host cache keeps it from now until the stream ends
+                self.core.adapters.pin(request.adapter)
 
     async def load_adapter(self, name: str, path: str) -> AdapterSource:
         """Reads and validates off the event loop and the decode loop; registers in the host cache."""

@@ -40,6 +40,7 @@ from chaos_tools import (  # noqa: E402
     rss_mb,
     run_load,
     serve,
+    upload_adapter,
     wait_until,
 )
 from serving_assets import build_lora, build_tiny_model  # noqa: E402
@@ -92,8 +93,9 @@ def worker_kill(served, clients: int, load_s: float) -> dict:
         time.sleep(max(0.0, load_s / 3 - (time.monotonic() - started)))  # a third of the run before the kill
         result.ok_after["kill"] = 0
         kill9(victim)
-        back_s = wait_until(lambda: victim not in served.roles()["worker"] and served.ready().get("workers") == 2,
-                            180, "the worker to come back")
+        survivors = set(served.roles()["worker"]) - {victim}
+        back_s = wait_until(lambda: len(set(served.roles()["worker"]) - survivors) == 1
+                            and served.replaced("worker", victim), 180, "the worker to come back")
         ok_while_down = result.ok_after["kill"]
         time.sleep(max(0.0, load_s - (time.monotonic() - started)))  # the rest of the run
     finally:
@@ -101,7 +103,7 @@ def worker_kill(served, clients: int, load_s: float) -> dict:
         driver.join(90)
     return {"clients": clients, "seconds": round(time.monotonic() - started, 1), **result.as_dict(),
             "ok_between_kill_and_restart": ok_while_down, "worker_back_after_s": round(back_s, 1),
-            "still_running": not driver.is_alive()}
+            "clients_finished": not driver.is_alive()}
 
 
 def valkey_kill(served) -> dict:
@@ -110,12 +112,13 @@ def valkey_kill(served) -> dict:
     file_id = http.post("/v1/files", files={"file": ("t.jsonl", line * 4)}, data={"purpose": "fine-tune"}).json()["id"]
     job = http.post("/v1/fine_tuning/jobs", json={"model": served.base_model(), "training_file": file_id}).json()
     jobs_before = {j["id"] for j in http.get("/v1/fine_tuning/jobs", params={"limit": 100}).json()["data"]}
+    upload_adapter(http, "kept", served.data_dir / "adapters" / "alpha")
     adapters_before = sorted((a["name"], a["latest"]) for a in http.get("/v1/adapters").json()["data"])
+    model = served.base_model()
     [valkey] = served.roles()["valkey"]
     kill9(valkey)
     killed = time.monotonic()
     during: dict[str, int] = {}
-    model = served.base_model()
 
     def served_again() -> bool:
         jobs = http.get("/v1/fine_tuning/jobs", params={"limit": 100})
@@ -123,7 +126,7 @@ def valkey_kill(served) -> dict:
         done = http.post("/v1/completions", json={"model": model, "prompt": "hi", "max_tokens": 4})
         return jobs.status_code == 200 and done.status_code == 200
 
-    wait_until(lambda: served.roles()["valkey"] not in ([], [valkey]), 60, "valkey to be restarted")
+    wait_until(lambda: served.replaced("valkey", valkey), 60, "valkey to be restarted")
     restarted_after = time.monotonic() - killed
     recovered = wait_until(served_again, 60, "requests to succeed again")
     jobs_after = {j["id"] for j in http.get("/v1/fine_tuning/jobs", params={"limit": 100}).json()["data"]}

@@ -105,6 +105,13 @@ class Served:
                     out[role].append(pid)
         return out
 
+    def replaced(self, role: str, dead: int) -> bool:
+        """`dead` is gone and every process of `role` runs (workers: each answers /health on its port)."""
+        pids = self.roles()[role]
+        if dead in pids or not pids:
+            return False
+        return role != "worker" or all(_health(pid) for pid in pids)
+
     def ready(self) -> dict:
         r = httpx.get(self.url + "/ready", timeout=3)
         return r.json() if r.status_code == 200 else {}
@@ -123,6 +130,14 @@ class Served:
 
     def tail(self) -> str:
         return self.log.read_text(errors="replace")[-4000:] if self.log.exists() else ""
+
+
+def upload_adapter(http: httpx.Client, name: str, folder: Path) -> dict:
+    """Uploads a PEFT folder into the store through the API (stored adapters survive anything Redis does)."""
+    files = [("files", (p.name, p.read_bytes())) for p in sorted(folder.iterdir()) if p.is_file()]
+    r = http.post("/v1/adapters", files=files, data={"name": name})
+    r.raise_for_status()
+    return r.json()
 
 
 def serve(model: Path, data_dir: Path, logs: Path, workers: int = 2, timeout: float = 180) -> Served:
@@ -154,6 +169,11 @@ def listening_ports(pid: int) -> list[int]:
     return [int(parts[1].split(":")[1], 16) for parts in
             (line.split() for line in Path("/proc/net/tcp").read_text().splitlines()[1:])
             if parts[3] == "0A" and parts[9] in inodes]  # 0A: LISTEN
+
+
+def _health(pid: int) -> bool:
+    ports = listening_ports(pid)
+    return bool(ports) and httpx.get(f"http://127.0.0.1:{ports[0]}/health", timeout=2).status_code == 200
 
 
 def kill9(pid: int) -> None:

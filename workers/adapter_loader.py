@@ -94,11 +94,12 @@ class AdapterLoader:
         await self._engine.load_medusa(await self._folder(path), owner)
         self._heads[owner] = path
 
-    def unload(self, name: str) -> None:
-        """Raises AdapterNotFoundError if not resident, AdapterBusyError (409) while requests use it."""
+    async def unload(self, name: str) -> None:
+        """Raises AdapterNotFoundError if not resident, AdapterBusyError (409) while requests use it. Off the
+        event loop: the engine unloads between steps, so this may wait for the step in flight."""
         if name not in self.resident():
             raise AdapterNotFoundError(f"adapter {name!r} is not resident on this worker", param="name")
-        self._engine.unload_adapter(name)
+        await asyncio.to_thread(self._engine.unload_adapter, name)
         self._on_change()
 
 

@@ -268,7 +268,7 @@ async def load_route(body: AdapterLoadRequest, service: Service) -> dict:
 
 
 async def unload_route(body: AdapterUnloadRequest, service: Service) -> dict:
-    service.adapters.unload(body.name)
+    await service.adapters.unload(body.name)
     return {"name": body.name, "resident_adapters": service.adapters.resident()}
 
 

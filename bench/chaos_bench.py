@@ -33,14 +33,16 @@ sys.path.insert(0, str(ROOT / "tests" / "serving"))
 
 from chaos_tools import (  # noqa: E402
     LoadResult,
+    PeakGrowth,
+    big_training_file,
     chunked_flood,
     fuzz,
     kill9,
     listening_ports,
-    rss_mb,
     run_load,
     serve,
     upload_adapter,
+    upload_peak_growth_mb,
     wait_until,
 )
 from serving_assets import build_lora, build_tiny_model  # noqa: E402
@@ -69,14 +71,17 @@ def poison(served, rounds: int) -> dict:
 def oversized(served) -> dict:
     roles = served.roles()
     gateway, worker = roles["gateway"][0], roles["worker"][0]
-    before = rss_mb(gateway), rss_mb(worker)
-    g_status, g_sent = chunked_flood(served.url, "/v1/completions", 200 * MB)
     [port] = listening_ports(worker)
-    w_status, w_sent = chunked_flood(f"http://127.0.0.1:{port}", "/generate", 200 * MB)
+    with PeakGrowth([gateway, worker]) as growth:
+        g_status, g_sent = chunked_flood(served.url, "/v1/completions", 200 * MB)
+        w_status, w_sent = chunked_flood(f"http://127.0.0.1:{port}", "/generate", 200 * MB)
+    with tempfile.TemporaryDirectory() as tmp:
+        up_status, up_growth = upload_peak_growth_mb(served, big_training_file(Path(tmp) / "big.jsonl", 60))
     return {"body_mb": 200, "gateway_status": g_status, "gateway_sent_mb": round(g_sent / MB, 1),
             "worker_status": w_status, "worker_sent_mb": round(w_sent / MB, 1),
-            "gateway_rss_growth_mb": round(rss_mb(gateway) - before[0], 1),
-            "worker_rss_growth_mb": round(rss_mb(worker) - before[1], 1)}
+            "gateway_peak_rss_growth_mb": growth.mb[gateway], "worker_peak_rss_growth_mb": growth.mb[worker],
+            "training_file_mb": 60, "training_file_status": up_status,
+            "training_file_gateway_peak_rss_growth_mb": up_growth}
 
 
 def worker_kill(served, clients: int, load_s: float) -> dict:

@@ -30,8 +30,7 @@ async def upload_file(
 ) -> FileObject:
     if file.size is not None and file.size > files.limits.max_bytes:  # spooled to disk; refused unread
         raise PayloadTooLargeError(f"the file is over {files.limits.max_bytes} bytes", param="file")
-    data = await file.read()
-    return await asyncio.to_thread(files.upload, tenant, file.filename or "upload.jsonl", data, purpose)
+    return await asyncio.to_thread(files.upload, tenant, file.filename or "upload.jsonl", file.file, purpose)
 
 
 @router.get("", response_model=FileList)

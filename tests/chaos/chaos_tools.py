@@ -23,6 +23,7 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[2]
 ADAPTERD = [sys.executable, "-m", "adapterd_client.cli"]
+MB = 1024 * 1024
 
 
 def free_port() -> int:
@@ -71,11 +72,29 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def rss_mb(pid: int) -> float:
+def rss_mb(pid: int, field: str = "VmRSS") -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
     return 0.0
+
+
+class PeakGrowth:
+    """The peak RSS of processes over a block, above their RSS when it began (Linux: the peak is reset by
+    writing 5 to /proc/PID/clear_refs). `with PeakGrowth([pid]) as g: …; g.mb[pid]`."""
+
+    def __init__(self, pids: list[int]):
+        self.pids, self.mb = pids, {}
+
+    def __enter__(self) -> PeakGrowth:
+        self.before = {}
+        for pid in self.pids:
+            Path(f"/proc/{pid}/clear_refs").write_text("5")
+            self.before[pid] = rss_mb(pid)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.mb = {pid: round(rss_mb(pid, "VmHWM") - self.before[pid], 1) for pid in self.pids}
 
 
 @dataclass
@@ -138,6 +157,24 @@ def upload_adapter(http: httpx.Client, name: str, folder: Path) -> dict:
     r = http.post("/v1/adapters", files=files, data={"name": name})
     r.raise_for_status()
     return r.json()
+
+
+def big_training_file(path: Path, mb: int) -> Path:
+    """A valid JSONL training file of about `mb` MB (1 KB records)."""
+    line = (json.dumps({"prompt": "p" * 900, "completion": "c" * 80}) + "\n").encode()
+    with path.open("wb") as f:
+        for _ in range(mb * MB // len(line)):
+            f.write(line)
+    return path
+
+
+def upload_peak_growth_mb(served: Served, path: Path) -> tuple[int, float]:
+    """Uploads a training file (streamed by the client); returns (status, the gateway's peak RSS growth, MB)."""
+    gateway = served.roles()["gateway"][0]
+    with PeakGrowth([gateway]) as growth, path.open("rb") as f:
+        r = httpx.post(served.url + "/v1/files", files={"file": (path.name, f)}, data={"purpose": "fine-tune"},
+                       timeout=300)
+    return r.status_code, growth.mb[gateway]
 
 
 def serve(model: Path, data_dir: Path, logs: Path, workers: int = 2, timeout: float = 180) -> Served:

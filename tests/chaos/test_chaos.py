@@ -11,13 +11,15 @@ import httpx
 import pytest
 from chaos_tools import (
     LoadResult,
+    PeakGrowth,
+    big_training_file,
     chunked_flood,
     fuzz,
     kill9,
     listening_ports,
-    rss_mb,
     run_load,
     upload_adapter,
+    upload_peak_growth_mb,
     wait_until,
 )
 
@@ -47,14 +49,18 @@ async def test_a_top_p_of_1e_300_beside_8_other_requests_fails_none_of_them(serv
 def test_a_chunked_200_mb_body_is_refused_and_costs_under_50_mb(served):
     roles = served.roles()
     gateway, worker = roles["gateway"][0], roles["worker"][0]
-    before = rss_mb(gateway), rss_mb(worker)
-    status, sent = chunked_flood(served.url, "/v1/completions", 200 * MB)
-    assert status == 413 and sent < 50 * MB  # refused while the body was still arriving
     [port] = listening_ports(worker)
-    status, sent = chunked_flood(f"http://127.0.0.1:{port}", "/generate", 200 * MB)
-    assert status == 413 and sent < 50 * MB
-    growth = rss_mb(gateway) - before[0], rss_mb(worker) - before[1]
-    assert growth[0] < 50 and growth[1] < 50, growth
+    with PeakGrowth([gateway, worker]) as growth:
+        status, sent = chunked_flood(served.url, "/v1/completions", 200 * MB)
+        assert status == 413 and sent < 50 * MB  # refused while the body was still arriving
+        status, sent = chunked_flood(f"http://127.0.0.1:{port}", "/generate", 200 * MB)
+        assert status == 413 and sent < 50 * MB
+    assert growth.mb[gateway] < 50 and growth.mb[worker] < 50, growth.mb
+
+
+def test_a_60_mb_training_file_is_validated_and_stored_without_being_held_in_memory(served, tmp_path):
+    status, growth = upload_peak_growth_mb(served, big_training_file(tmp_path / "big.jsonl", 60))
+    assert status == 200 and growth < 50, (status, growth)
 
 
 def test_kill_9_of_a_worker_under_50_clients_fails_cleanly_and_the_worker_comes_back(served):

@@ -135,8 +135,11 @@ class Served:
         r = httpx.get(self.url + "/ready", timeout=3)
         return r.json() if r.status_code == 200 else {}
 
-    def base_model(self) -> str:
-        return self.ready()["model"]
+    def base_model(self, timeout: float = 30) -> str:
+        """The base model id, from /ready once it answers 200."""
+        seen: dict = {}
+        wait_until(lambda: seen.update(self.ready()) or "model" in seen, timeout, "/ready to answer")
+        return seen["model"]
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -103,6 +103,7 @@ def test_kill_9_of_valkey_loses_nothing_and_requests_succeed_within_10_s_of_the_
     upload_adapter(http, "kept", served.data_dir / "adapters" / "alpha")
     adapters_before = sorted((a["name"], a["latest"]) for a in http.get("/v1/adapters").json()["data"])
     assert adapters_before
+    model = served.base_model()
     [valkey] = served.roles()["valkey"]
     kill9(valkey)
     during = []
@@ -118,7 +119,6 @@ def test_kill_9_of_valkey_loses_nothing_and_requests_succeed_within_10_s_of_the_
     wait_until(lambda: served.replaced("valkey", valkey), 30, "valkey to be restarted")
     restarted = time.monotonic()
     wait_until(jobs_answer, 10, "the job list to answer with the job after the restart")
-    model = served.base_model()
     wait_until(lambda: http.post("/v1/completions", json={"model": model, "prompt": "hi", "max_tokens": 4}
                                  ).status_code == 200, 10 - (time.monotonic() - restarted), "a completion")
     recovered = time.monotonic() - restarted

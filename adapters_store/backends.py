@@ -13,10 +13,11 @@ Both backends give the store the two guarantees it is built on:
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Protocol
 from urllib.parse import parse_qs, unquote, urlencode, urlparse
 
 
@@ -25,6 +26,7 @@ class StoreBackend(Protocol):
 
     def read(self, key: str) -> bytes | None: ...
     def write(self, key: str, data: bytes) -> None: ...
+    def write_file(self, key: str, f: BinaryIO) -> None: ...  # from f's position to its end, streamed
     def create(self, key: str, data: bytes) -> bool: ...
     def delete(self, key: str) -> None: ...
     def exists(self, key: str) -> bool: ...
@@ -56,15 +58,18 @@ class LocalBackend:
         except (FileNotFoundError, NotADirectoryError):
             return None
 
-    def _temp_file(self, data: bytes) -> Path:
+    def _temp_file(self, data: bytes | BinaryIO) -> Path:
         fd, name = tempfile.mkstemp(dir=self.root / self.TMP)
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            if isinstance(data, bytes):
+                f.write(data)
+            else:
+                shutil.copyfileobj(data, f, 1024 * 1024)
             f.flush()
             os.fsync(f.fileno())
         return Path(name)
 
-    def write(self, key: str, data: bytes) -> None:
+    def write(self, key: str, data: bytes | BinaryIO) -> None:
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self._temp_file(data)
@@ -73,6 +78,8 @@ class LocalBackend:
         finally:
             tmp.unlink(missing_ok=True)
         _fsync_dir(path.parent)
+
+    write_file = write  # a file object is copied to the temp file in 1 MiB pieces
 
     def create(self, key: str, data: bytes) -> bool:
         path = self._path(key)
@@ -151,6 +158,9 @@ class S3Backend:
 
     def write(self, key: str, data: bytes) -> None:
         self._s3.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
+
+    def write_file(self, key: str, f: BinaryIO) -> None:
+        self._s3.upload_fileobj(f, self.bucket, self._key(key))  # multipart for big files, never whole
 
     def create(self, key: str, data: bytes) -> bool:
         from botocore.exceptions import ClientError

@@ -52,6 +52,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from adapters_store import bounded_json
 from adapters_store.errors import InvalidAdapterError
 
 MAGIC = b"CPFT"
@@ -260,7 +261,7 @@ def _header(raw: bytes) -> tuple[tuple[TensorLayout, ...], np.ndarray, float, fl
     if not inflater.eof or inflater.unused_data:
         raise _bad("header zlib stream is truncated or has trailing bytes")
     try:
-        h = json.loads(text)
+        h = bounded_json.loads(text)
         names, shapes, counts = h["names"], h["shapes"], h["counts"]
         if not (isinstance(names, list) and isinstance(shapes, list) and isinstance(counts, list)):
             raise TypeError("names, shapes and counts must be lists")

@@ -18,7 +18,7 @@ from typing import Protocol
 
 import numpy as np
 
-from adapters_store import safetensors_file
+from adapters_store import bounded_json, safetensors_file
 from adapters_store.base_model import BaseModelSpec
 from adapters_store.errors import IncompatibleAdapterError, InvalidAdapterError
 from adapters_store.validation import ValidatedAdapter
@@ -52,7 +52,7 @@ def is_medusa_upload(files: dict[str, bytes]) -> bool:
 
 def parse_config(raw: bytes, base: HeadsBase) -> dict:
     try:
-        cfg = json.loads(raw)
+        cfg = bounded_json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InvalidAdapterError(f"{CONFIG_NAME} is not valid JSON: {e}", param="files") from e
     if not isinstance(cfg, dict):

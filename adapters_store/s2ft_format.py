@@ -45,7 +45,7 @@ from typing import Protocol
 
 import numpy as np
 
-from adapters_store import compeft, safetensors_file
+from adapters_store import bounded_json, compeft, safetensors_file
 from adapters_store.errors import IncompatibleAdapterError, InvalidAdapterError
 from adapters_store.validation import ValidatedAdapter
 
@@ -103,7 +103,7 @@ def tensor_key(layer: int, module: str, which: str) -> str:
 # config --------------------------------------------------------------------------------------------
 def parse_config(raw: bytes) -> dict:
     try:
-        cfg = json.loads(raw)
+        cfg = bounded_json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InvalidAdapterError(f"{CONFIG_FILE} is not valid JSON: {e}") from e
     check_config(cfg)

@@ -17,12 +17,16 @@ Blank lines are skipped. Layout on the backend:
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import secrets
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
+from typing import BinaryIO
 
+from adapters_store import bounded_json
 from adapters_store.backends import StoreBackend
 from adapters_store.errors import StoreError
 
@@ -121,8 +125,24 @@ def parse_records(data: bytes, limits: FileLimits = FileLimits()) -> list[dict]:
     """Every record of a JSONL training file, each validated; raises on the first bad line."""
     if len(data) > limits.max_bytes:
         raise TrainingFileTooLargeError(f"the file is over {limits.max_bytes} bytes", param="file")
-    records = []
-    for number, raw in enumerate(data.split(b"\n"), start=1):
+    return list(iter_records(data.split(b"\n"), limits))
+
+
+def file_lines(f: BinaryIO, limits: FileLimits) -> Iterator[bytes]:
+    """The lines of a file (without their newline) read one at a time, never more than one line's limit
+    + 2 bytes at once; raises once the file passes `limits.max_bytes`."""
+    total = 0
+    while raw := f.readline(limits.max_line_bytes + 2):
+        total += len(raw)
+        if total > limits.max_bytes:
+            raise TrainingFileTooLargeError(f"the file is over {limits.max_bytes} bytes", param="file")
+        yield raw[:-1] if raw.endswith(b"\n") else raw
+
+
+def iter_records(lines: Iterable[bytes], limits: FileLimits = FileLimits()) -> Iterator[dict]:
+    """Each line's record, validated; raises on the first bad line, or at the end if there was none."""
+    found = False
+    for number, raw in enumerate(lines, start=1):
         if number > limits.max_lines and raw.strip():
             raise TrainingFileTooLargeError(f"the file has more than {limits.max_lines} lines", param="file")
         if len(raw) > limits.max_line_bytes:
@@ -134,13 +154,13 @@ def parse_records(data: bytes, limits: FileLimits = FileLimits()) -> list[dict]:
         if not text.strip():
             continue
         try:
-            record = json.loads(text)
+            record = bounded_json.loads(text)
         except json.JSONDecodeError as e:
             raise _bad(number, f"not valid JSON ({e.msg} at column {e.colno})") from e
-        records.append(check_record(number, record))
-    if not records:
+        found = True
+        yield check_record(number, record)
+    if not found:
         raise TrainingFileError("the file has no records", param="file")
-    return records
 
 
 def safe_filename(name: str) -> str:
@@ -170,13 +190,21 @@ class TrainingFileStore:
         return file_id.startswith("file-") and file_id[5:].isalnum() and len(file_id) <= 64
 
     def put(self, owner: str, filename: str, data: bytes, limits: FileLimits, purpose: str = PURPOSE) -> TrainingFile:
+        return self.put_file(owner, filename, io.BytesIO(data), limits, purpose)
+
+    def put_file(self, owner: str, filename: str, f: BinaryIO, limits: FileLimits,
+                 purpose: str = PURPOSE) -> TrainingFile:
+        """Validates `f` line by line from its position, then streams it to the backend: the file is never
+        held whole in memory (an upload arrives spooled to disk)."""
         if purpose != PURPOSE:
             raise TrainingFileError(f"purpose must be {PURPOSE!r}, got {purpose!r}", param="purpose")
-        records = parse_records(data, limits)
+        start = f.tell()
+        records = sum(1 for _ in iter_records(file_lines(f, limits), limits))
+        size = f.tell() - start
+        f.seek(start)
         meta = TrainingFile(id=f"file-{secrets.token_hex(12)}", filename=safe_filename(filename),
-                            bytes=len(data), records=len(records), purpose=purpose, owner=owner,
-                            created_at=int(time.time()))
-        self.backend.write(self._data_key(meta.id), data)
+                            bytes=size, records=records, purpose=purpose, owner=owner, created_at=int(time.time()))
+        self.backend.write_file(self._data_key(meta.id), f)
         self.backend.create(self._meta_key(meta.id), meta.to_json())
         return meta
 

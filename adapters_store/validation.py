@@ -22,7 +22,7 @@ from pathlib import PurePosixPath
 
 import numpy as np
 
-from adapters_store import compeft, safetensors_file
+from adapters_store import bounded_json, compeft, safetensors_file
 from adapters_store.archives import ArchiveLimits, checked_member_name, is_archive, unpack
 from adapters_store.base_model import TARGETS, BaseModelSpec
 from adapters_store.errors import AdapterTooLargeError, IncompatibleAdapterError, InvalidAdapterError
@@ -176,7 +176,7 @@ def _pick_weights(files: dict[str, bytes], kind: str | None) -> tuple[str, bytes
 
 def parse_config(raw: bytes) -> dict:
     try:
-        cfg = json.loads(raw)
+        cfg = bounded_json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InvalidAdapterError(f"{CONFIG_NAME} is not valid JSON: {e}") from e
     if not isinstance(cfg, dict):

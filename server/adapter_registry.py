@@ -148,6 +148,12 @@ class AdapterRegistry:
         self._resolved[model] = (now, manifest)
         return manifest
 
+    def admit(self, model: str | None, merged_adapters: dict | None, tenant: Tenant) -> MergedAdapter | None:
+        """`authorize`, then `resolve_merge`: what an inference route checks first (blocking store reads:
+        routes call it off the event loop)."""
+        self.authorize(model, tenant)
+        return self.resolve_merge(merged_adapters, tenant)
+
     def authorize(self, model: str | None, tenant: Tenant) -> None:
         """404 if `model` is a stored adapter the tenant may not use (as if it did not exist)."""
         manifest = self._manifest(qualified(model, tenant)) if model else None

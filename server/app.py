@@ -6,8 +6,9 @@ from contextlib import asynccontextmanager
 
 import redis.asyncio as aioredis
 from fastapi import FastAPI
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp
 
+from adapters_store.body_limit import BodyLimit
 from server.adapter_catalog import AdapterCatalog
 from server.adapter_registry import ADAPTER_UPLOAD_PATH, build_adapter_registry
 from server.auth import ApiKeyAuth
@@ -27,29 +28,18 @@ from server.worker_registry import WorkerRegistry
 UPLOAD_PATHS = (ADAPTER_UPLOAD_PATH, FILES_PATH)
 
 
-class BodySizeLimit:
-    """Refuses bodies whose declared length exceeds the limit before anything reads them
-    (`upload_max_bytes` for adapter and training-file uploads, `max_bytes` for everything else)."""
+class BodySizeLimit(BodyLimit):
+    """Refuses bodies over the limit with 413, by declared length before anything reads them and by the
+    bytes counted as they arrive (chunked bodies too): `upload_max_bytes` for adapter and training-file
+    uploads, `max_bytes` for everything else."""
 
     def __init__(self, app: ASGIApp, max_bytes: int, upload_max_bytes: int | None = None):
-        self.app = app
-        self.max_bytes = max_bytes
-        self.upload_max_bytes = upload_max_bytes or max_bytes
+        upload = upload_max_bytes or max_bytes
+        super().__init__(app, lambda scope: upload if scope["path"] in UPLOAD_PATHS else max_bytes, _too_large)
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            limit = self.upload_max_bytes if scope["path"] in UPLOAD_PATHS else self.max_bytes
-            for name, value in scope["headers"]:
-                if name == b"content-length" and value.isdigit() and int(value) > limit:
-                    response = error_response(
-                        413,
-                        "invalid_request_error",
-                        f"request body over {limit} bytes",
-                        code="payload_too_large",
-                    )
-                    await response(scope, receive, send)
-                    return
-        await self.app(scope, receive, send)
+
+def _too_large(limit: int) -> ASGIApp:
+    return error_response(413, "invalid_request_error", f"request body over {limit} bytes", code="payload_too_large")
 
 
 def _wire(app: FastAPI, settings: GatewaySettings) -> None:

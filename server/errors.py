@@ -8,6 +8,7 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from redis import exceptions as redis_errors
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adapters_store import errors as store_errors
@@ -15,6 +16,7 @@ from adapters_store import training_files
 from adapters_store.errors import StoreError
 
 log = logging.getLogger("adapterd.gateway")
+REDIS_RETRY_AFTER_S = 1  # Redis restarts in about a second under `adapterd serve`
 
 
 class GatewayError(Exception):
@@ -187,10 +189,21 @@ def install_error_boundary(app: FastAPI) -> None:
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         return _validation_response(exc)
 
+    async def _redis_down(_: Request, exc: Exception) -> JSONResponse:  # a typed 503, the connection kept
+        log.warning("Redis is not reachable: %s", exc)
+        return error_response(503, "service_unavailable", "Redis is not reachable; retry shortly",
+                              code="redis_unreachable", headers={"Retry-After": str(REDIS_RETRY_AFTER_S)})
+
+    app.add_exception_handler(redis_errors.ConnectionError, _redis_down)  # refused, reset, still loading
+    app.add_exception_handler(redis_errors.TimeoutError, _redis_down)
+
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        kind = {404: "not_found_error", 405: "invalid_request_error"}.get(exc.status_code, "server_error")
-        return error_response(exc.status_code, kind, str(exc.detail), headers=getattr(exc, "headers", None))
+        kind = "not_found_error" if exc.status_code == 404 else (
+            "invalid_request_error" if exc.status_code < 500 else "server_error")
+        code = "payload_too_large" if exc.status_code == 413 else None  # a body cut off on the stream
+        return error_response(exc.status_code, kind, str(exc.detail), code=code,
+                              headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

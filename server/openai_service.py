@@ -101,7 +101,7 @@ class CompletionService:
 
     async def create(self, req: CompletionRequest, merged: MergedAdapter | None,
                      tenant: Tenant) -> CompletionResponse:
-        target = self._dispatcher.resolve(req.model, merged, tenant)
+        target = await asyncio.to_thread(self._dispatcher.resolve, req.model, merged, tenant)  # reads the store
         work = self._requests(req)
         done = await asyncio.gather(*(self._dispatcher.generate(target, w) for w in work))
         choices = [
@@ -120,7 +120,7 @@ class CompletionService:
 
     async def stream(self, req: CompletionRequest, merged: MergedAdapter | None,
                      tenant: Tenant) -> AsyncIterator[bytes]:
-        target = self._dispatcher.resolve(req.model, merged, tenant)
+        target = await asyncio.to_thread(self._dispatcher.resolve, req.model, merged, tenant)  # reads the store
         (work,) = self._requests(req)
         events = await self._dispatcher.stream(target, work)
         return _stream_errors(self._chunks(req, target, events))
@@ -170,7 +170,7 @@ class ChatService:
 
     async def create(self, req: ChatCompletionRequest, merged: MergedAdapter | None,
                      tenant: Tenant) -> ChatCompletionResponse:
-        target = self._dispatcher.resolve(req.model, merged, tenant)
+        target = await asyncio.to_thread(self._dispatcher.resolve, req.model, merged, tenant)  # reads the store
         done = await self._dispatcher.generate(target, self._request(req))
         logprobs = None
         if req.logprobs and done.logprobs is not None:
@@ -196,7 +196,7 @@ class ChatService:
 
     async def stream(self, req: ChatCompletionRequest, merged: MergedAdapter | None,
                      tenant: Tenant) -> AsyncIterator[bytes]:
-        target = self._dispatcher.resolve(req.model, merged, tenant)
+        target = await asyncio.to_thread(self._dispatcher.resolve, req.model, merged, tenant)  # reads the store
         events = await self._dispatcher.stream(target, self._request(req))
         return _stream_errors(self._chunks(req, events))
 

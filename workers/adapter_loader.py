@@ -8,7 +8,9 @@ URL: `store:name@3` is materialised from this worker's own configured store into
 cache dir, as stored (ComPEFT stays compressed); `dropin:name[/version]` is a folder in the operator's
 drop-in directory, and must stay inside it. A per-request merge (`WorkerMerge`) is built from its members'
 folders once, written under the cache dir by its name (a content key), and loaded like any adapter folder.
-Error messages name sources, never this machine's paths."""
+The cache dir is bounded by bytes
+(`FolderCache`, LRU), and the per-name locks live only while a load holds them. Error messages name sources,
+never this machine's paths."""
 
 from __future__ import annotations
 
@@ -28,6 +30,8 @@ from adapters_store.materialise import materialise
 from adapters_store.merge import MergeSpec, merge_files
 from adapters_store.registry import AdapterStore
 from workers.errors import AdapterdError, AdapterNotFoundError, AdapterValidationError, InvalidRequestError
+from workers.folder_cache import DEFAULT_MAX_BYTES, FolderCache
+from workers.keyed_locks import KeyedLocks
 
 
 @dataclass(frozen=True)
@@ -40,12 +44,14 @@ class AdapterSources:
 
 
 class AdapterLoader:
-    def __init__(self, engine: Any, sources: AdapterSources, on_change: Callable[[], None] = lambda: None):
+    def __init__(self, engine: Any, sources: AdapterSources, on_change: Callable[[], None] = lambda: None,
+                 cache_max_bytes: int = DEFAULT_MAX_BYTES):
         self._engine = engine
         self._sources = sources
         self._cache_dir = sources.cache_dir
+        self.cache = FolderCache(sources.cache_dir, cache_max_bytes)
         self._on_change = on_change
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._locks = KeyedLocks()
         self._heads: dict[str | None, str] = {}  # owner → path of the Medusa heads attached to it
         engine.on_adapter_evicted(lambda name: on_change())
 
@@ -57,12 +63,12 @@ class AdapterLoader:
             return
         if not path and merge is None:
             raise AdapterNotFoundError(f"adapter {name!r} is not resident on this worker", param="adapter")
-        lock = self._locks.setdefault(name, asyncio.Lock())
-        async with lock:
+        async with self._locks.hold(name):
             if name in self.resident():
                 return
             folder = await self._merged_folder(name, merge) if merge is not None else await self._folder(path)
             await self._without_paths(self._engine.load_adapter(name, folder), folder, path or name)
+            await asyncio.to_thread(self.cache.used, folder)
         self._on_change()
 
     async def _merged_folder(self, name: str, merge: WorkerMerge) -> str:
@@ -72,6 +78,7 @@ class AdapterLoader:
         out = self._cache_dir / "merges" / name.replace(":", "-").replace("/", "-")
         try:
             await asyncio.to_thread(write_merged_folder, members, spec, self._engine.base_config, out)
+            await asyncio.to_thread(self.cache.used, out)  # now, so that a trim leaves it while it loads
         except store_errors.StoreError as exc:
             raise AdapterValidationError(f"cannot merge the adapters: {exc.message}") from exc
         return str(out)
@@ -86,7 +93,9 @@ class AdapterLoader:
             if self._sources.store is None:
                 raise InvalidRequestError("this worker has no adapter store configured", param="adapter_path")
             try:
-                return str(await asyncio.to_thread(materialise, self._sources.store, source.name, self._cache_dir))
+                folder = await asyncio.to_thread(materialise, self._sources.store, source.name, self._cache_dir)
+                await asyncio.to_thread(self.cache.used, folder)  # now, so that a trim leaves it while it loads
+                return str(folder)
             except store_errors.AdapterNotFoundError as exc:
                 raise AdapterNotFoundError(exc.message, param="adapter") from exc
             except store_errors.StoreError as exc:
@@ -111,7 +120,7 @@ class AdapterLoader:
         the gateway names the heads the registry attaches to each adapter version."""
         if self._heads.get(owner) == path:
             return
-        async with self._locks.setdefault(f"heads {owner}", asyncio.Lock()):
+        async with self._locks.hold(f"heads {owner}"):
             if self._heads.get(owner) != path:
                 await self.load_heads(owner, path)
 
@@ -120,11 +129,12 @@ class AdapterLoader:
         await self._without_paths(self._engine.load_medusa(folder, owner), folder, path)
         self._heads[owner] = path
 
-    def unload(self, name: str) -> None:
-        """Raises AdapterNotFoundError if not resident, AdapterBusyError (409) while requests use it."""
+    async def unload(self, name: str) -> None:
+        """Raises AdapterNotFoundError if not resident, AdapterBusyError (409) while requests use it. Off the
+        event loop: the engine unloads between steps, so this may wait for the step in flight."""
         if name not in self.resident():
             raise AdapterNotFoundError(f"adapter {name!r} is not resident on this worker", param="name")
-        self._engine.unload_adapter(name)
+        await asyncio.to_thread(self._engine.unload_adapter, name)
         self._on_change()
 
 

@@ -66,3 +66,9 @@ class UnsupportedModelError(AdapterdError):
     status = 400
     type = "invalid_request_error"
     code = "unsupported_model"
+
+
+class RequestFailedError(AdapterdError):
+    """One request failed inside the engine (its own rows raised); the requests beside it went on."""
+
+    code = "request_failed"

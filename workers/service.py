@@ -10,6 +10,7 @@ secret in `ADAPTERD_CLUSTER_SECRET` or `ADAPTERD_CLUSTER_SECRET_FILE`.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import dataclasses
 import json
@@ -29,6 +30,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adapters_store.backends import open_backend
+from adapters_store.body_limit import BodyLimit
 from adapters_store.cluster_auth import ClusterSecretError, ClusterSigner, RequestVerifier, load_secret
 from adapters_store.coordination import (
     AdapterLoadRequest,
@@ -41,7 +43,7 @@ from adapters_store.coordination import (
 from adapters_store.registry import AdapterStore
 from workers.adapter_loader import AdapterLoader, AdapterSources
 from workers.engine.types import GenerationRequest, SamplingParams, TokenEvent
-from workers.errors import AdapterdError, InvalidRequestError
+from workers.errors import AdapterdError, InvalidRequestError, PromptTooLongError
 from workers.heartbeat import Heartbeat
 from workers.load_report import TokenRate, load_report
 from workers.request_auth import ClusterAuthMiddleware
@@ -56,13 +58,15 @@ KEEP_ALIVE_S = 75  # idle keep-alive; above the gateway's pool keep-alive, so th
 class PromptBuilder:
     """Text, token ids or chat messages → prompt token ids (chat through the model's template)."""
 
-    def __init__(self, tokenizer: Any):
+    def __init__(self, tokenizer: Any, max_tokens: int, max_chars: int):
         self._tok = tokenizer
+        self._max_tokens, self._max_chars = max_tokens, max_chars  # bounds checked before any encoding
 
     def build(self, req: WorkerGenerateRequest) -> tuple[int, ...]:
         given = [x is not None for x in (req.prompt, req.prompt_ids, req.messages)]
         if sum(given) != 1:
             raise InvalidRequestError("give exactly one of prompt, prompt_ids, messages", param="prompt")
+        self._check_size(req)
         if req.prompt_ids is not None:
             return self._checked_ids(req.prompt_ids)
         if req.messages is not None:
@@ -71,6 +75,17 @@ class PromptBuilder:
         if not ids:
             raise InvalidRequestError("the prompt is empty", param="prompt")
         return ids
+
+    def _check_size(self, req: WorkerGenerateRequest) -> None:
+        if req.prompt_ids is not None and len(req.prompt_ids) > self._max_tokens:
+            raise PromptTooLongError(
+                f"{len(req.prompt_ids)} prompt tokens exceed this model's context of {self._max_tokens}",
+                param="prompt")
+        chars = len(req.prompt or "") + sum(len(m.content or "") + len(m.role) for m in req.messages or ())
+        if chars > self._max_chars:
+            raise PromptTooLongError(
+                f"the prompt has {chars} characters; more than {self._max_chars} cannot fit this model's "
+                f"context of {self._max_tokens} tokens", param="messages" if req.messages else "prompt")
 
     def _checked_ids(self, ids: list[int]) -> tuple[int, ...]:
         vocab = len(self._tok)
@@ -124,11 +139,12 @@ class WorkerService:
     def __init__(self, engine: Any, config: WorkerServiceConfig):
         self.engine = engine
         self.config = config
-        self.prompts = PromptBuilder(engine.tokenizer)
+        self.prompts = PromptBuilder(engine.tokenizer, engine.max_seq, engine.max_seq * config.max_chars_per_token)
         self.heartbeat: Heartbeat | None = None
         sources = AdapterSources(AdapterStore(open_backend(config.resolved_store_url)), config.dropin_dir,
                                  config.cache_dir)
-        self.adapters = AdapterLoader(engine, sources, on_change=self._residency_changed)
+        self.adapters = AdapterLoader(engine, sources, on_change=self._residency_changed,
+                                      cache_max_bytes=config.adapter_cache_bytes)
         self.metrics = residency_registry(lambda: self.engine.stats().get("adapters", {}))
         self.metrics.register(FusionCollector(lambda: self.engine.stats().get("fusion", {})))
         self.metrics.register(SpeculativeCollector(lambda: self.engine.stats().get("medusa", {})))
@@ -154,7 +170,7 @@ class WorkerService:
 
     async def _events(self, req: WorkerGenerateRequest) -> AsyncIterator[TokenEvent]:
         """The engine's events for `req`; load errors and prompt errors raise before the first one."""
-        prompt_ids = self.prompts.build(req)
+        prompt_ids = await asyncio.to_thread(self.prompts.build, req)  # encoding stays off the event loop
         if req.adapter is not None:
             await self.adapters.ensure(req.adapter, req.adapter_path, req.merge)
         if req.medusa_path:
@@ -268,7 +284,7 @@ async def load_route(body: AdapterLoadRequest, service: Service) -> dict:
 
 
 async def unload_route(body: AdapterUnloadRequest, service: Service) -> dict:
-    service.adapters.unload(body.name)
+    await service.adapters.unload(body.name)
     return {"name": body.name, "resident_adapters": service.adapters.resident()}
 
 
@@ -296,7 +312,8 @@ def install_error_boundary(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return _error(exc.status_code, kind, str(exc.detail))
+        code = "payload_too_large" if exc.status_code == 413 else None  # a body cut off on the stream
+        return _error(exc.status_code, kind, str(exc.detail), code=code)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
@@ -332,6 +349,9 @@ def create_app(engine: Any, config: WorkerServiceConfig) -> FastAPI:
     app.add_api_route("/adapters/unload", unload_route, methods=["POST"])
     install_error_boundary(app)
     app.add_middleware(ClusterAuthMiddleware, verifier=RequestVerifier(config.cluster_secret))
+    app.add_middleware(BodyLimit, limit_for=lambda _: config.max_request_bytes,
+                       refuse=lambda limit: _error(413, "invalid_request_error", f"request body over {limit} bytes",
+                                                   code="payload_too_large"))
     return app
 
 
@@ -360,6 +380,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-seq", type=int, default=2048)
     p.add_argument("--medusa", default=None, help="folder of Medusa heads for base-model requests")
     p.add_argument("--medusa-max-batch", type=int, default=4, help="decode plainly above this many rows")
+    p.add_argument("--adapter-cache-bytes", type=int, default=2 * 1024**3,
+                   help="disk for materialised adapter versions and merges (least recently used go first)")
     return p.parse_args(argv)
 
 
@@ -408,6 +430,7 @@ def main(argv: list[str] | None = None) -> None:
         cluster_secret=secret,
         data_dir=Path(args.data_dir),
         store_url=args.store_url,
+        adapter_cache_bytes=args.adapter_cache_bytes,
         **({"worker_id": args.worker_id} if args.worker_id else {}),
     )
     engine = _build_engine(args)

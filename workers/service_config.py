@@ -20,6 +20,9 @@ class WorkerServiceConfig:
     cluster_secret: bytes = field(default=b"", repr=False)  # required: requests and heartbeats are signed
     data_dir: Path = Path(".adapterd")  # adapters/ (the drop-in folder), store/, worker-cache/ live here
     store_url: str = ""  # the adapter store adapters load from; default DATA_DIR/store (as the gateway's)
+    max_request_bytes: int = 16 * 1024 * 1024  # one request body, counted on the stream (413 past it)
+    adapter_cache_bytes: int = 2 * 1024**3  # on-disk adapter folders (store versions, merges), LRU
+    max_chars_per_token: int = 16  # prompts over max_seq × this many characters are refused before encoding
 
     @property
     def url(self) -> str:

@@ -10,6 +10,7 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, UploadFile
 from fastapi.responses import Response
 
+from adapters_store import bounded_json
 from adapters_store.ingest import CompressionRequest
 from adapters_store.validation import UploadedFile
 from server.auth import AdminTenant, CurrentTenant
@@ -31,7 +32,7 @@ def _compression(raw: str | None) -> CompressionRequest | None:
     if not raw:
         return None
     try:
-        return CompressionRequest.from_dict(json.loads(raw))
+        return CompressionRequest.from_dict(bounded_json.loads(raw))
     except json.JSONDecodeError as e:
         raise InvalidRequestError(f"compression is not valid JSON: {e}", param="compression") from e
 

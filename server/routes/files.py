@@ -10,6 +10,7 @@ from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from fastapi.responses import Response
 
 from server.auth import CurrentTenant
+from server.errors import PayloadTooLargeError
 from server.files_service import FILES_PATH, FilesService
 from server.protocol import ErrorResponse, FileDeleted, FileList, FileObject
 
@@ -29,8 +30,9 @@ async def upload_file(
     file: Annotated[UploadFile, File(description="JSONL: {prompt, completion} or {messages} records")],
     purpose: Annotated[str, Form()] = "fine-tune",
 ) -> FileObject:
-    data = await file.read()
-    return await asyncio.to_thread(files.upload, tenant, file.filename or "upload.jsonl", data, purpose)
+    if file.size is not None and file.size > files.limits.max_bytes:  # spooled to disk; refused unread
+        raise PayloadTooLargeError(f"the file is over {files.limits.max_bytes} bytes", param="file")
+    return await asyncio.to_thread(files.upload, tenant, file.filename or "upload.jsonl", file.file, purpose)
 
 
 @router.get("", response_model=FileList)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 
@@ -15,8 +17,8 @@ router = APIRouter(responses={"default": {"model": ErrorResponse}})
 
 @router.post("/generate", response_model=GenerateResponse, responses=OR_STREAM)
 async def generate(body: GenerateRequest, service: Native, adapters: Adapters, tenant: CurrentTenant):
-    adapters.authorize(body.parameters.adapter_id, tenant)
-    merged = adapters.resolve_merge(body.parameters.merged_adapters, tenant)
+    merged = await asyncio.to_thread(adapters.admit, body.parameters.adapter_id, body.parameters.merged_adapters,
+                                     tenant)
     if body.stream:
         return StreamingResponse(await service.stream(body, merged, tenant), media_type="text/event-stream")
     return await service.generate(body, merged, tenant)
@@ -26,6 +28,6 @@ async def generate(body: GenerateRequest, service: Native, adapters: Adapters, t
 async def generate_stream(
     body: GenerateRequest, service: Native, adapters: Adapters, tenant: CurrentTenant
 ) -> EventStreamResponse:
-    adapters.authorize(body.parameters.adapter_id, tenant)
-    merged = adapters.resolve_merge(body.parameters.merged_adapters, tenant)
+    merged = await asyncio.to_thread(adapters.admit, body.parameters.adapter_id, body.parameters.merged_adapters,
+                                     tenant)
     return EventStreamResponse(await service.stream(body, merged, tenant))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 
@@ -24,8 +26,7 @@ SSE = "text/event-stream"
 
 @router.post("/completions", response_model=CompletionResponse, responses=OR_STREAM)
 async def completions(body: CompletionRequest, service: Completions, adapters: Adapters, tenant: CurrentTenant):
-    adapters.authorize(body.model, tenant)
-    merged = adapters.resolve_merge(body.merged_adapters, tenant)
+    merged = await asyncio.to_thread(adapters.admit, body.model, body.merged_adapters, tenant)
     if body.stream:
         return StreamingResponse(await service.stream(body, merged, tenant), media_type=SSE)
     return await service.create(body, merged, tenant)
@@ -33,8 +34,7 @@ async def completions(body: CompletionRequest, service: Completions, adapters: A
 
 @router.post("/chat/completions", response_model=ChatCompletionResponse, responses=OR_STREAM)
 async def chat_completions(body: ChatCompletionRequest, service: Chat, adapters: Adapters, tenant: CurrentTenant):
-    adapters.authorize(body.model, tenant)
-    merged = adapters.resolve_merge(body.merged_adapters, tenant)
+    merged = await asyncio.to_thread(adapters.admit, body.model, body.merged_adapters, tenant)
     if body.stream:
         return StreamingResponse(await service.stream(body, merged, tenant), media_type=SSE)
     return await service.create(body, merged, tenant)
@@ -44,4 +44,4 @@ async def chat_completions(body: ChatCompletionRequest, service: Chat, adapters:
 async def models(adapters: Adapters, dispatcher: DispatcherDep, tenant: CurrentTenant) -> ModelList:
     base = dispatcher.base_model_id
     cards = [ModelCard(id=base, root=base)] if base else []
-    return ModelList(data=cards + adapters.model_cards(tenant, base))
+    return ModelList(data=cards + await asyncio.to_thread(adapters.model_cards, tenant, base))

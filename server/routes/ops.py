@@ -1,6 +1,6 @@
 """Operations: /health (alive), /ready (Redis reachable and at least one worker; reports the workers and the
-trainers alive); for admin keys only: /metrics and /v1/workers (each live worker's last heartbeat and this
-gateway's in-flight count)."""
+trainers alive; "degraded" when `adapterd serve` gave up restarting a process); for admin keys only: /metrics
+and /v1/workers (each live worker's last heartbeat and this gateway's in-flight count)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from server.auth import AdminTenant
-from server.dependencies import Metrics, Registry
+from server.dependencies import Metrics, Registry, Settings
 from server.errors import NoWorkerError
+from server.supervisor import read_status
 
 router = APIRouter()
 
@@ -23,16 +24,18 @@ async def health() -> dict:
 
 
 @router.get("/ready")
-async def ready(registry: Registry, request: Request) -> dict:
+async def ready(registry: Registry, settings: Settings, request: Request) -> dict:
     workers = registry.alive()
     if not registry.redis_ok:
         raise NoWorkerError("Redis is not reachable", retry_after_s=1, code="redis_unreachable")
     if not workers:
         raise NoWorkerError("no worker is registered", retry_after_s=1)
     trainers = await request.app.state.jobs.live_trainers()
-    return {"status": "ready", "workers": len(workers), "model": registry.base_model_id,
+    given_up = read_status(settings.data_dir).get("given_up") or {}
+    return {"status": "degraded" if given_up else "ready", "workers": len(workers), "model": registry.base_model_id,
             "trainers": len(trainers),
-            "trainer_list": [{"id": t.trainer_id, "model": t.model_id, "job": t.job_id} for t in trainers]}
+            "trainer_list": [{"id": t.trainer_id, "model": t.model_id, "job": t.job_id} for t in trainers],
+            **({"given_up": given_up} if given_up else {})}
 
 
 @router.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})

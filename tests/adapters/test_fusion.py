@@ -160,3 +160,22 @@ def test_fusion_metrics_are_exported():
     assert 'adapterd_worker_fusion_events_total{event="unfuse"} 2.0' in text
     assert "adapterd_worker_fused_seconds_total 1.5" in text
     assert 'adapterd_worker_fused_adapter{adapter="hot"} 1.0' in text
+
+
+def test_the_fused_adapter_is_pinned_and_unloading_it_waits_for_the_step_in_flight(tmp_path, make_core):
+    import threading
+
+    folder, _ = make_tiny_model(tmp_path / "base", "llama")
+    lora = make_lora(folder, tmp_path / "lora", r=4, targets=("q_proj", "v_proj"))
+    core = make_core(folder, max_loras=2, max_rank=4)
+    core.load_adapter("a", lora)
+    assert core.fusion.fuse("a") and core.adapters.pins["a"] == 1  # pinned while fused
+    unloaded = threading.Event()
+    with core.step_lock:  # a step is in flight: its forward reads the fused weights
+        t = threading.Thread(target=lambda: (core.unload_adapter("a"), unloaded.set()))
+        t.start()
+        assert not unloaded.wait(0.3)
+        assert core.adapters.fused == "a"  # not unfused under the step
+    t.join(30)
+    assert unloaded.is_set() and core.adapters.fused is None and "a" not in core.adapters.host
+    assert core.adapters.pins["a"] == 0

@@ -143,15 +143,17 @@ def test_kill_9_of_the_trainer_mid_job_is_taken_over_from_the_checkpoint(cluster
         owner = started[0].rsplit(" ", 1)[1]
         assert owner == "trainer-a"
         cluster["procs"][owner].kill9()
-        killed_at = c.get_job(job.id).step
+        # what the killed trainer left: its last recorded checkpoint (the job's step field is progress,
+        # published on its own schedule, so it may lag or lead the checkpoints; it is not the reference)
+        saved = max(cp.step_number for cp in c.list_job_checkpoints(job.id, limit=100).data)
         cluster["local"]["trainer"] = cluster["start_local"]("trainer-c")  # another trainer
         done = wait_job(c, job.id, 90)
         events = list(c.follow_job(job.id))  # every event, oldest first
         messages = [e.message for e in events]
-        assert killed_at < 80 and done.status == "succeeded" and done.id == job.id, (done, messages)
+        assert 5 <= saved < 80 and done.status == "succeeded" and done.id == job.id, (done, messages)
         assert any(f"from {owner}" in m for m in messages), messages
         resumed = [m for m in messages if m.startswith("Resuming from the checkpoint at step")]
-        assert resumed and 5 <= int(resumed[0].rsplit(" ", 1)[1]) <= killed_at + 5, (resumed, killed_at)
+        assert resumed and int(resumed[0].rsplit(" ", 1)[1]) == saved, (resumed, saved)  # exactly where it was
         assert done.total_steps == 80 and answers(cluster, done.fine_tuned_model)
 
 

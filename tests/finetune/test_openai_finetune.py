@@ -40,7 +40,7 @@ def cluster(valkey, tiny_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("ft-openai")
     logs, data = root / "logs", root / "data"
     logs.mkdir()
-    procs = [start_worker("w0", tiny_model, url, logs)]
+    procs = [start_worker("w0", tiny_model, url, logs, data_dir=data)]
     gateway = start_gateway(url, data, logs, ADAPTERD_API_KEYS=f"{KEY}:acme,other-key:other",
                             ADAPTERD_BASE_MODEL_PATH=str(tiny_model))
     procs.append(gateway)

@@ -11,7 +11,8 @@ correction: LoRA with −B, S²FT with −C), placed on the device like any adap
 Policy (`FusionPolicy`): over the last `window` busy steps, an adapter holding at least `fuse_share` of
 the running rows is fused; it is unfused when its share falls under `unfuse_share` (hysteresis), and after
 any change a full window passes before the next decision. `FusionController` applies the decisions between
-steps, re-places the running rows, and counts fusion events and time fused.
+steps, re-places the running rows, and counts fusion events and time fused. The engine calls it only between
+steps, under its step lock; the fused adapter stays pinned in the host cache while fused.
 """
 
 from __future__ import annotations
@@ -173,6 +174,7 @@ class FusionController:
             return False
         self.weights.fuse(name, weights)
         self.adapters.set_fused(name, correction)
+        self.adapters.pin(name)  # pinned while fused: the host cache cannot drop it mid-step
         self._replace_rows()
         self.fused_since = time.perf_counter()
         self.counters["fusions"] += 1
@@ -181,9 +183,11 @@ class FusionController:
 
     def unfuse(self) -> None:
         started = time.perf_counter()
-        self.weights.unfuse()
+        name = self.weights.unfuse()
         self.adapters.free_placement(self.adapters.correction)
         self.adapters.set_fused(None)
+        if name is not None:
+            self.adapters.unpin(name)
         self._replace_rows()
         self.counters["unfusions"] += 1
         self.counters["fused_us"] += int((started - self.fused_since) * 1e6)

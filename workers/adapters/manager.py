@@ -77,6 +77,7 @@ class AdapterManager:
         rank = getattr(source, "rank", 0)
         if rank > self.bank.num_rows:
             raise AdapterValidationError(f"rank {rank} exceeds this worker's {self.bank.num_rows} LoRA rows")
+        self._unfuse_if_fused(name)
         if self.pins[name]:
             raise AdapterBusyError(f"adapter {name!r} is in use and cannot be replaced now")
         self._make_host_room(source.nbytes, keep=name)
@@ -87,9 +88,16 @@ class AdapterManager:
     def unload(self, name: str) -> None:
         if name not in self.host:
             raise AdapterNotFoundError(f"adapter {name!r} is not loaded")
+        self._unfuse_if_fused(name)
         if self.pins[name]:
             raise AdapterBusyError(f"adapter {name!r} is in use and cannot be unloaded now")
         self._drop(name)
+
+    def _unfuse_if_fused(self, name: str) -> None:
+        """The fused adapter is pinned while fused; replacing or unloading it unfuses it first (the engine
+        calls this between steps only)."""
+        if name == self.fused:
+            self.before_drop(name)
 
     def require(self, name: str) -> None:
         if name not in self.host:

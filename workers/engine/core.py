@@ -6,6 +6,7 @@ The async `Engine` drives it from a thread; tests and benchmarks may drive it di
 
 from __future__ import annotations
 
+import logging
 import random
 import threading
 from pathlib import Path
@@ -22,12 +23,21 @@ from workers.adapters.s2ft import is_s2ft_folder, read_s2ft
 from workers.engine.config import EngineConfig
 from workers.engine.detokenizer import IncrementalText
 from workers.engine.runner import ModelRunner
-from workers.engine.sampler import sample
-from workers.engine.scheduler import Scheduler, StepPlan
+from workers.engine.sampler import choose
+from workers.engine.scheduler import Scheduler
 from workers.engine.sequence import Sequence
-from workers.engine.speculative import Draft, Speculator
+from workers.engine.speculative import Draft, Speculator, Verified
 from workers.engine.types import GenerationRequest, TokenEvent
-from workers.errors import AdapterNotFoundError, AdapterValidationError, InvalidRequestError, PromptTooLongError
+from workers.errors import (
+    AdapterdError,
+    AdapterNotFoundError,
+    AdapterValidationError,
+    InvalidRequestError,
+    PromptTooLongError,
+    RequestFailedError,
+)
+
+log = logging.getLogger(__name__)
 
 
 def load_tokenizer(path: str):
@@ -53,7 +63,9 @@ class EngineCore:
         self.eos_ids = frozenset(self.runner.config.eos_token_ids) | frozenset(
             [self.tokenizer.eos_token_id] if getattr(self.tokenizer, "eos_token_id", None) is not None else [])
         self.lock = threading.RLock()  # guards adapters + scheduler against the service's threads
+        self.step_lock = threading.Lock()  # held for a whole step: adapter (un)loads and fusion wait for it
         self.by_id: dict[str, Sequence] = {}
+        self.failures: list[tuple[Sequence, Exception]] = []  # see take_failures()
 
     def read_adapter(self, folder: str | Path) -> tuple[AdapterSource, AdapterWeights]:
         """Reads and validates an adapter folder (PEFT LoRA, ComPEFT-compressed LoRA, S²FT, or a combined
@@ -82,7 +94,7 @@ class EngineCore:
         source, weights = self.read_adapter(folder)
         heads_folder = Path(folder) / "medusa"
         heads = self.read_medusa(heads_folder) if is_medusa_folder(heads_folder) else None
-        with self.lock:
+        with self.step_lock, self.lock:  # between steps: replacing a fused adapter unfuses it
             self.adapters.register(name, source)
             self.adapters.stage(name, weights)
             if heads is not None:
@@ -99,17 +111,21 @@ class EngineCore:
         """Attaches heads to the base (attach_to None: the default heads of base-model requests) or to a
         loaded adapter (its requests use them); replaces heads already there."""
         heads = self.read_medusa(folder)
-        with self.lock:
+        with self.step_lock, self.lock:
             if attach_to is not None:
                 self.adapters.require(attach_to)
             self.speculator.attach(attach_to, heads)
         return heads
 
     def unload_medusa(self, attach_to: str | None = None) -> None:
-        with self.lock:
+        with self.step_lock, self.lock:
             if not self.speculator.detach(attach_to):
                 raise AdapterNotFoundError(
                     f"no Medusa heads are attached to {'the base' if attach_to is None else repr(attach_to)}")
+
+    def unload_adapter(self, name: str) -> None:
+        with self.step_lock, self.lock:  # between steps: dropping the fused adapter unfuses it
+            self.adapters.unload(name)
 
     def stage_adapter(self, name: str) -> None:
         """Decodes an adapter that is not on device yet, so admission only copies it (off the loop)."""
@@ -169,68 +185,141 @@ class EngineCore:
         return self.scheduler.has_work()
 
     def step(self) -> list[tuple[Sequence, TokenEvent]]:
-        with self.lock:
-            self.fusion.update()  # between steps: fuse a dominant adapter, or unfuse
-            plan = self.scheduler.schedule()
-            spec, plain = self.speculator.split(plan.decode, self.max_seq)  # rows with heads verify a tree
-        if plan.empty:
-            return []
-        drafts = self.speculator.propose(spec)
-        logits, hidden = self._forward(plan, plain, drafts)
-        sampled = plain + [seq for seq, n in plan.prefill if seq.num_cached + n == len(seq.prompt)]
-        for seq, n in plan.prefill:
-            seq.num_cached += n
-        for seq in plain:
-            seq.num_cached += 1
-        rows = len(sampled)
-        events = self._sample(sampled, logits[:rows], hidden[:rows])
-        events += self._accept(drafts, logits[rows:], hidden[rows:])
-        with self.lock:
-            for seq, event in events:
-                if event.finish_reason is not None:
-                    self.scheduler.finish(seq)
-                    self.by_id.pop(seq.request.request_id, None)
-        return events
+        """One step under `step_lock` (adapter loads, unloads and fusion changes wait for its end). A failure
+        tied to one request (its sampling, stop strings, Medusa tree, or its rows in the forward) fails that
+        request alone: it is finished and listed by `take_failures()`, and the other rows go on."""
+        with self.step_lock:
+            with self.lock:
+                self._update_fusion()  # between steps: fuse a dominant adapter, or unfuse
+                plan = self.scheduler.schedule()
+                spec, plain = self.speculator.split(plan.decode, self.max_seq)  # rows with heads verify a tree
+            if plan.empty:
+                return []
+            drafts, plain = self._propose(spec, plain)
+            try:
+                logits, hidden = self._forward(plain, plan.prefill, drafts)
+            except Exception as exc:
+                self._isolate(plain, plan.prefill, drafts, exc)
+                return []
+            sampled = plain + [seq for seq, n in plan.prefill if seq.num_cached + n == len(seq.prompt)]
+            for seq, n in plan.prefill:
+                seq.num_cached += n
+            for seq in plain:
+                seq.num_cached += 1
+            rows = len(sampled)
+            events = self._sample(sampled, logits[:rows], hidden[:rows])
+            events += self._accept(drafts, logits[rows:], hidden[rows:])
+            with self.lock:
+                for seq, event in events:
+                    if event.finish_reason is not None:
+                        self.scheduler.finish(seq)
+                        self.by_id.pop(seq.request.request_id, None)
+            return events
 
-    def _forward(self, plan: StepPlan, plain: list[Sequence],
+    def take_failures(self) -> list[tuple[Sequence, Exception]]:
+        """Requests failed by their own fault since the last call (already finished), with the error."""
+        with self.lock:
+            failed, self.failures = self.failures, []
+        return failed
+
+    def _fail(self, seq: Sequence, exc: Exception) -> None:
+        log.warning("request %s failed alone: %s: %s", seq.request.request_id, type(exc).__name__, exc)
+        error = exc if isinstance(exc, AdapterdError) else RequestFailedError(
+            f"the request failed on this worker ({type(exc).__name__}); other requests were not affected")
+        with self.lock:
+            seq.finish_reason = "cancelled"
+            self.scheduler.finish(seq)
+            self.by_id.pop(seq.request.request_id, None)
+            self.failures.append((seq, error))
+
+    def _update_fusion(self) -> None:
+        try:
+            self.fusion.update()
+        except Exception:  # not tied to a request: the step goes on unfused (or as fused as before)
+            log.exception("fusion update failed")
+
+    def _propose(self, spec: list, plain: list[Sequence]) -> tuple[list[Draft], list[Sequence]]:
+        """Medusa candidates; if proposing fails, those rows decode plainly this step."""
+        try:
+            return self.speculator.propose(spec), plain
+        except Exception:
+            log.exception("Medusa proposal failed; decoding those rows plainly")
+            return [], plain + [seq for seq, _ in spec]
+
+    def _isolate(self, plain: list[Sequence], prefill: list[tuple[Sequence, int]], drafts: list[Draft],
+                 exc: Exception) -> None:
+        """The batched forward raised: runs each row group alone (rewriting the same KV positions, so the
+        probe changes nothing) and fails the requests whose own forward raises; the others did not advance
+        and run again next step. If no request fails alone, the error is the batch's: all of them fail."""
+        log.warning("batched forward failed (%s: %s); probing its requests one by one", type(exc).__name__, exc)
+        units = ([(s, ([s], [], [])) for s in plain] + [(s, ([], [(s, n)], [])) for s, n in prefill]
+                 + [(d.seq, ([], [], [d])) for d in drafts])
+        culprits = []
+        for seq, (p, f, d) in units:
+            try:
+                self._forward(p, f, d)
+            except Exception as own:
+                culprits.append((seq, own))
+        for seq, own in culprits or [(seq, exc) for seq, _ in units]:
+            self._fail(seq, own)
+
+    def _forward(self, plain: list[Sequence], prefill: list[tuple[Sequence, int]],
                  drafts: list[Draft]) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits [rows, vocab] and hidden states [rows, hidden]: plain decode rows, prompts that end, then
         every node of each tree."""
         decode = [(s.kv_slot, s.num_cached, s.last_token, s.placement) for s in plain]
-        prefill = [(s.kv_slot, s.num_cached, list(s.prompt[s.num_cached:s.num_cached + n]),
-                    s.num_cached + n == len(s.prompt), s.placement) for s, n in plan.prefill]
+        chunks = [(s.kv_slot, s.num_cached, list(s.prompt[s.num_cached:s.num_cached + n]),
+                   s.num_cached + n == len(s.prompt), s.placement) for s, n in prefill]
         layout = self.speculator.tree.layout
-        prefill += [(d.seq.kv_slot, d.seq.num_cached, d.tokens, True, d.seq.placement, layout) for d in drafts]
-        return self.runner.forward(decode, prefill, with_hidden=True)
+        chunks += [(d.seq.kv_slot, d.seq.num_cached, d.tokens, True, d.seq.placement, layout) for d in drafts]
+        return self.runner.forward(decode, chunks, with_hidden=True)
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor,
                 hidden: torch.Tensor) -> list[tuple[Sequence, TokenEvent]]:
-        """One token per row (logits [R, vocab], hidden [R, hidden]); rows with heads keep the hidden state."""
-        tokens, logprobs = sample(logits, seqs)
+        """One token per row (logits [R, vocab], hidden [R, hidden]); rows with heads keep the hidden state.
+        A row that raises fails its request alone."""
+        greedy = logits.argmax(dim=-1).tolist()  # [R]: the token of every greedy row
+        events = []
         for row, seq in enumerate(seqs):
-            if self.speculator.heads_for(seq) is not None:
-                seq.medusa_hidden = hidden[row].clone()
-                if seq.output:  # a plain decode step (a prompt's first token is not one)
-                    seq.tokens_per_step.append(1)
-        return [(seq, self._append(seq, tok, lp)) for seq, tok, lp in zip(seqs, tokens, logprobs, strict=True)]
+            try:
+                token, logprob = choose(logits[row], seq, greedy[row])
+                if self.speculator.heads_for(seq) is not None:
+                    seq.medusa_hidden = hidden[row].clone()
+                    if seq.output:  # a plain decode step (a prompt's first token is not one)
+                        seq.tokens_per_step.append(1)
+                events.append((seq, self._append(seq, token, logprob)))
+            except Exception as exc:
+                self._fail(seq, exc)
+        return events
 
     def _accept(self, drafts: list[Draft], logits: torch.Tensor,
                 hidden: torch.Tensor) -> list[tuple[Sequence, TokenEvent]]:
         """Verifies the trees (logits [B·T, vocab], hidden [B·T, hidden]), moves each accepted path's KV
-        entries into place and emits its tokens (up to a stop)."""
+        entries into place and emits its tokens (up to a stop). A tree that raises fails its request alone."""
         events = []
-        for v in self.speculator.verify(drafts, logits, hidden):
-            seq, start = v.seq, v.seq.num_cached
-            if v.nodes[1:] != list(range(1, len(v.nodes))):
-                self.runner.kv.compact(seq.kv_slot, [start + n for n in v.nodes[1:]], start + 1)
-            seq.num_cached += len(v.nodes)
-            seq.medusa_hidden = v.hidden
-            seq.tokens_per_step.append(0)
-            for tok, lp in zip(v.tokens, v.logprobs, strict=True):
-                seq.tokens_per_step[-1] += 1
-                events.append((seq, self._append(seq, tok, lp)))
-                if seq.finish_reason is not None:
-                    break
+        t = self.speculator.tree.size
+        for b, draft in enumerate(drafts):
+            rows = slice(b * t, (b + 1) * t)
+            try:
+                [v] = self.speculator.verify([draft], logits[rows], hidden[rows])
+                events += self._emit(v)
+            except Exception as exc:
+                self._fail(draft.seq, exc)
+        return events
+
+    def _emit(self, v: Verified) -> list[tuple[Sequence, TokenEvent]]:
+        events = []
+        seq, start = v.seq, v.seq.num_cached
+        if v.nodes[1:] != list(range(1, len(v.nodes))):
+            self.runner.kv.compact(seq.kv_slot, [start + n for n in v.nodes[1:]], start + 1)
+        seq.num_cached += len(v.nodes)
+        seq.medusa_hidden = v.hidden
+        seq.tokens_per_step.append(0)
+        for tok, lp in zip(v.tokens, v.logprobs, strict=True):
+            seq.tokens_per_step[-1] += 1
+            events.append((seq, self._append(seq, tok, lp)))
+            if seq.finish_reason is not None:
+                break
         return events
 
     def _append(self, seq: Sequence, token: int, logprob: float | None) -> TokenEvent:

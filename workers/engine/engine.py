@@ -62,10 +62,7 @@ class Engine:
             request = GenerationRequest(request.prompt_ids, request.params, request.adapter,
                                         f"req-{next(self._ids)}")
         adapter = request.adapter
-        with self.core.lock:
-            self.core.validate(request)  # errors surface before the first event
-            if adapter is not None:  # the host cache keeps it from now until the stream ends
-                self.core.adapters.pin(adapter)
+        await asyncio.to_thread(self._admit, request)  # the lock is taken off the event loop
         rid = request.request_id
         events: asyncio.Queue = asyncio.Queue()
         finished = False
@@ -89,6 +86,12 @@ class Engine:
                 with self.core.lock:
                     self.core.adapters.unpin(adapter)
 
+    def _admit(self, request: GenerationRequest) -> None:
+        with self.core.lock:
+            self.core.validate(request)  # errors surface before the first event
+            if request.adapter is not None:  # the host cache keeps it from now until the stream ends
+                self.core.adapters.pin(request.adapter)
+
     async def load_adapter(self, name: str, path: str) -> AdapterSource:
         """Reads and validates off the event loop and the decode loop; registers in the host cache."""
         return await asyncio.to_thread(self.core.load_adapter, name, path)
@@ -105,8 +108,7 @@ class Engine:
         self.core.adapters.on_evict = callback
 
     def unload_adapter(self, name: str) -> None:
-        with self.core.lock:
-            self.core.adapters.unload(name)
+        self.core.unload_adapter(name)
 
     def resident_adapters(self) -> list[str]:
         with self.core.lock:
@@ -153,6 +155,8 @@ class Engine:
                 continue
             for seq, event in events:
                 self._deliver(seq.request.request_id, event)
+            for seq, error in self.core.take_failures():  # failed by their own fault; the rest went on
+                self._deliver(seq.request.request_id, error)
 
     def _deliver(self, rid: str, item: object) -> None:
         stream = self._streams.get(rid)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from workers.adapters.medusa import MedusaHeads, MedusaWeights
-from workers.engine.sampler import _sample_row
+from workers.engine.sampler import _sample_row, tempered_probs
 from workers.engine.sequence import Sequence
 from workers.errors import AdapterValidationError
 from workers.model.batch import TreeLayout
@@ -122,7 +122,7 @@ def accept_flags(tree: Tree, tokens: torch.Tensor, logits: torch.Tensor, tempera
     if temperature <= 0:
         ok = logits.argmax(-1)[parents] == tokens  # [T]
     else:
-        probs = torch.softmax(logits / temperature, dim=-1)  # [T, V]
+        probs = tempered_probs(logits, temperature)  # [T, V]
         ok = probs[parents, tokens] > typical_threshold(probs, epsilon, delta)[parents]
     ok[0] = True
     return ok

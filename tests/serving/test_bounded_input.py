@@ -1,0 +1,115 @@
+"""Every input is bounded before it is expensive: bodies are counted on the stream (chunked or not) at the
+gateway and at the worker, prompts are measured in characters before encoding, and JSON in user files has
+depth and number-size limits that end in a clean 400."""
+
+import json
+
+import httpx
+import pytest
+from serving_fakes import FakeEngine
+from test_gateway import cluster
+
+from adapters_store import bounded_json
+from adapters_store.errors import InvalidAdapterError
+from adapters_store.validation import parse_config
+from workers.service import create_app
+from workers.service_config import WorkerServiceConfig
+
+MIB = 1024 * 1024
+
+
+class Body:
+    """A chunked body (no Content-Length) of `total` bytes that counts how much of it was pulled."""
+
+    def __init__(self, total: int, chunk: int = 64 * 1024):
+        self.total, self.chunk, self.pulled = total, chunk, 0
+
+    async def __aiter__(self):
+        head = b'{"prompt": "'
+        self.pulled += len(head)
+        yield head
+        while self.pulled < self.total:
+            self.pulled += self.chunk
+            yield b"x" * self.chunk
+
+
+@pytest.fixture
+def engine():
+    return FakeEngine(max_seq=64)
+
+
+@pytest.fixture
+async def worker(engine):
+    app = create_app(engine, WorkerServiceConfig(worker_id="w1", max_request_bytes=MIB))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://w1") as c:
+        yield c
+
+
+async def test_a_chunked_body_over_the_worker_limit_is_refused_on_the_stream(worker):
+    body = Body(200 * MIB)
+    r = await worker.post("/generate", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
+    assert body.pulled <= MIB + 2 * body.chunk  # stopped at the limit, not at 200 MB
+
+
+async def test_a_declared_length_over_the_worker_limit_is_refused_unread(worker):
+    r = await worker.post("/generate", content=b"x" * (MIB + 1), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
+
+
+async def test_prompts_over_the_character_bound_are_refused_before_encoding(worker, engine):
+    calls = []
+    real = engine.tokenizer.encode
+    engine.tokenizer.encode = lambda text, **kw: calls.append(len(text)) or real(text, **kw)
+    r = await worker.post("/generate", json={"prompt": "a" * (64 * 16 + 1), "params": {"max_tokens": 1}})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    r = await worker.post("/generate", json={"messages": [{"role": "user", "content": "a" * 2000}]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+    r = await worker.post("/generate", json={"prompt_ids": [5] * 65})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    assert calls == []  # nothing was encoded
+    r = await worker.post("/generate", json={"prompt": "hello", "params": {"max_tokens": 2}})
+    assert r.status_code == 200
+
+
+async def test_a_chunked_body_over_the_gateway_limit_is_refused_on_the_stream(redis_url, tmp_path):
+    async with cluster(redis_url, tmp_path, n_workers=1, max_request_bytes=MIB) as gw:
+        body = Body(200 * MIB)
+        r = await gw.post("/v1/completions", content=body, headers={"content-type": "application/json"})
+        assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
+        assert body.pulled <= MIB + 2 * body.chunk
+        r = await gw.post("/v1/completions", json={"model": "fake-model", "prompt": "hi", "max_tokens": 2})
+        assert r.status_code == 200  # and the gateway goes on
+
+
+@pytest.mark.parametrize("line", [
+    b'{"prompt": ' + b"[" * 5000 + b"]" * 5000 + b', "completion": "x"}',
+    b'{"prompt": "a", "completion": "b", "n": ' + b"9" * 100_000 + b"}",
+])
+async def test_deep_or_huge_json_in_a_training_file_is_a_400(redis_url, tmp_path, line):
+    async with cluster(redis_url, tmp_path, n_workers=0) as gw:
+        r = await gw.post("/v1/files", files={"file": ("t.jsonl", line + b"\n")}, data={"purpose": "fine-tune"})
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["code"] == "invalid_training_file"
+
+
+async def test_deep_or_huge_request_bodies_are_a_400_not_a_500(redis_url, tmp_path):
+    async with cluster(redis_url, tmp_path, n_workers=1) as gw:
+        for raw in (b'{"model": "fake-model", "prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+                    b'{"model": "fake-model", "prompt": "hi", "seed": ' + b"1" * 100_000 + b"}"):
+            r = await gw.post("/v1/completions", content=raw, headers={"content-type": "application/json"})
+            assert 400 <= r.status_code < 500, r.text
+            assert r.json()["error"]["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("raw", [b"[" * 100_000 + b"]" * 100_000, b'{"r": ' + b"1" * 100_000 + b"}",
+                                 b'{"r": 8, "x": ' + b"[" * 65 + b"]" * 65 + b"}"])
+def test_deep_or_huge_adapter_configs_are_invalid_adapters(raw):
+    with pytest.raises(InvalidAdapterError):
+        parse_config(raw)
+
+
+def test_bounded_json_keeps_ordinary_documents():
+    doc = {"a": [1, 2.5, {"b": None}], "c": "d" * 1000, "n": -12345678901234567890}
+    assert bounded_json.loads(json.dumps(doc)) == doc
+    assert bounded_json.loads(json.dumps(doc).encode()) == doc

@@ -65,7 +65,7 @@ def _wire(app: FastAPI, settings: GatewaySettings) -> None:
         settings.max_connections,
     )
     state.catalog = AdapterCatalog(settings.data_dir / "adapters")
-    state.adapters = build_adapter_registry(settings, state.catalog)
+    state.adapters = build_adapter_registry(settings, state.catalog, lambda: state.registry.base_model)
     state.dispatcher = Dispatcher(
         state.adapters,
         state.registry,

@@ -66,3 +66,11 @@ class UnsupportedModelError(AdapterdError):
     status = 400
     type = "invalid_request_error"
     code = "unsupported_model"
+
+
+class ShuttingDownError(AdapterdError):
+    """The worker's drain grace period ran out while this request was still running."""
+
+    status = 503
+    type = "server_error"
+    code = "worker_shutting_down"

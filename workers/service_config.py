@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import uuid
 from dataclasses import dataclass, field
 
@@ -10,16 +11,28 @@ from dataclasses import dataclass, field
 class WorkerServiceConfig:
     host: str = "127.0.0.1"
     port: int = 9001
-    advertise_url: str = ""  # what the gateway calls; default http://{host}:{port}
+    advertise_url: str = ""  # what the gateway calls; default http://{host}:{port} (see `url`)
     redis_url: str | None = None  # None → no registration (standalone worker)
     worker_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     heartbeat_ttl_s: float = 5.0
     heartbeat_interval_s: float = 0.0  # 0 → ttl / 3
     max_adapters: int = 8  # resident adapters at once (the engine's LoRA slots)
+    drain_grace_s: float = 30.0  # SIGTERM: in-flight requests get this long to finish (workers.drain)
+    model_path: str = ""  # the base model folder: its config.json shapes are published for upload checks
 
     @property
     def url(self) -> str:
-        return self.advertise_url or f"http://{self.host}:{self.port}"
+        """The advertised URL; a wildcard bind (0.0.0.0, ::) advertises this host's own address (its
+        hostname resolved: a container's or pod's IP), so scaled replicas need no per-replica flag."""
+        if self.advertise_url:
+            return self.advertise_url
+        host = self.host
+        if host in ("0.0.0.0", "::", ""):
+            try:
+                host = socket.gethostbyname(socket.gethostname())
+            except OSError:
+                host = socket.gethostname()
+        return f"http://{host}:{self.port}"
 
     @property
     def interval_s(self) -> float:

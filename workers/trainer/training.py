@@ -64,6 +64,7 @@ class TrainingHooks:
     on_step: Callable[[StepReport], None] = lambda report: None
     on_checkpoint: Callable[[CheckpointReport], None] = lambda report: None
     should_stop: Callable[[], bool] = lambda: False  # checked every step → TrainingCancelled
+    checkpoint_on_stop: Callable[[], bool] = lambda: False  # at a stop: save the progress first (trainer drain)
     checkpoint_every: int = 10  # steps; 0 → no periodic checkpoints
 
 
@@ -158,6 +159,7 @@ class TrainingLoop:
         self._set_mode(train=True)
         while self.step < self.total_steps:
             if self.hooks.should_stop():
+                self._checkpoint_before_stop()
                 raise TrainingCancelled(f"cancelled at step {self.step}")
             report = self._train_step()
             self.hooks.on_step(report)
@@ -240,6 +242,12 @@ class TrainingLoop:
         train_loss = sum(recent) / len(recent)  # mean over the steps since the previous checkpoint
         self.hooks.on_checkpoint(CheckpointReport(step=self.step, path=final, train_loss=train_loss))
         return final
+
+    def _checkpoint_before_stop(self) -> None:
+        """A draining trainer keeps its progress: the job resumes from this step elsewhere."""
+        done = (Path(self.spec.checkpoint_dir) / f"step-{self.step:06d}").is_dir()
+        if self.step > 0 and not done and self.hooks.checkpoint_on_stop():
+            self._save_checkpoint()
 
     def _resume(self) -> None:
         found = latest_checkpoint(Path(self.spec.checkpoint_dir))

@@ -348,7 +348,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=9001)
     p.add_argument("--advertise-url", default="", help="URL the gateway uses (default http://HOST:PORT)")
-    p.add_argument("--redis-url", default=None)
+    p.add_argument("--redis-url", default=os.environ.get("ADAPTERD_REDIS_URL"))
     p.add_argument("--model", default=None, help="HF model folder (default: the packaged SmolLM2)")
     p.add_argument("--worker-id", default=None)
     p.add_argument("--heartbeat-ttl", type=float, default=5.0)

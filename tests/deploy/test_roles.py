@@ -103,12 +103,14 @@ def test_roles_serve_upload_generate_and_train(cluster, tiny_model, tmp_path):
     assert [m["id"] for m in models] == ["model"]
     # upload: the gateway has no model files; it checks the adapter against the worker's published shapes
     lora = build_lora(tiny_model, tmp_path / "lora", seed=5)
-    files = [("files", (p.name, p.read_bytes())) for p in sorted(lora.iterdir()) if p.is_file()]
+    files = [("files", (p.name, p.read_bytes())) for p in sorted(lora.iterdir())
+             if p.suffix in (".json", ".safetensors")]
     up = api(cluster, "POST", "/v1/adapters", data={"name": "ada"}, files=files)
     assert up.status_code == 201, up.text
-    bad = api(cluster, "POST", "/v1/adapters", data={"name": "bad"}, files=[files[0], (
+    config = ("files", ("adapter_config.json", (lora / "adapter_config.json").read_bytes()))
+    bad = api(cluster, "POST", "/v1/adapters", data={"name": "bad"}, files=[config, (
         "files", ("adapter_model.safetensors", _widened(lora / "adapter_model.safetensors")))])
-    assert bad.status_code == 400 and "shape" in bad.text, bad.text  # the published hidden size is 64, not 65
+    assert bad.status_code == 422 and "incompatible_adapter" in bad.text, bad.text  # published hidden: 64
     gen = api(cluster, "POST", "/generate", json={"inputs": "two plus", "parameters": {
         "adapter_id": "ada", "max_new_tokens": 4, "details": True}})
     assert gen.status_code == 200 and gen.json()["generated_text"], gen.text

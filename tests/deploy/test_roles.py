@@ -114,7 +114,7 @@ def test_roles_serve_upload_generate_and_train(cluster, tiny_model, tmp_path):
     gen = api(cluster, "POST", "/generate", json={"inputs": "two plus", "parameters": {
         "adapter_id": "ada", "max_new_tokens": 4, "details": True}})
     assert gen.status_code == 200 and gen.json()["generated_text"], gen.text
-    assert "ada" in httpx.get(cluster["worker"].url + "/stats", timeout=5).json()["resident_adapters"]
+    assert "ada@1" in httpx.get(cluster["worker"].url + "/stats", timeout=5).json()["resident_adapters"]
     # the trainer role takes a fine-tune job and trains it to an adapter
     data = "\n".join(json.dumps(r) for r in RECORDS).encode()
     file_id = api(cluster, "POST", "/v1/files", files={"file": ("train.jsonl", data)},
@@ -129,7 +129,9 @@ def test_roles_serve_upload_generate_and_train(cluster, tiny_model, tmp_path):
         return done["status"] in ("succeeded", "failed", "cancelled")
 
     wait_until(finished, 180, "the fine-tune job", cluster["procs"])
-    assert done["status"] == "succeeded" and done["trainer"] == "role-trainer", done
+    assert done["status"] == "succeeded", done
+    events = api(cluster, "GET", f"/v1/fine_tuning/jobs/{job['id']}/events").json()["data"]
+    assert any("on trainer role-trainer" in e["message"] for e in events), events
     tuned = api(cluster, "POST", "/generate", json={"inputs": "two plus", "parameters": {
         "adapter_id": done["fine_tuned_model"], "max_new_tokens": 2}})
     assert tuned.status_code == 200, tuned.text

@@ -173,6 +173,7 @@ def test_multihost_rolling_restart(network, tiny_model, tmp_path):
             served = clients.ok
             wait_until(lambda: clients.ok >= served + CLIENTS, 120, "streams after the restart",
                        list(procs.values()))
+        print(f"rolling restart under {CLIENTS} concurrent streams: {clients.ok} ok, {clients.failed} failed")
         assert clients.failed == 0, clients.errors[:5]
         assert clients.ok >= 3 * CLIENTS
         assert set(registered(db)) == {"w1-b", "w2-b"}

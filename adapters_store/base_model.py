@@ -55,6 +55,13 @@ class BaseModelSpec:
         except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
             raise BaseModelConfigError(f"the base model config lacks a usable field: {e}") from e
 
+    def to_config(self) -> dict:
+        """The config.json fields `from_config` reads (what workers publish in Redis, so that a gateway checks
+        uploads without the model's files)."""
+        return {"model_type": self.model_type, "num_hidden_layers": self.num_layers, "hidden_size": self.hidden_size,
+                "intermediate_size": self.intermediate_size, "num_attention_heads": self.num_heads,
+                "num_key_value_heads": self.num_kv_heads, "head_dim": self.head_dim, "vocab_size": self.vocab_size}
+
     @classmethod
     def from_folder(cls, folder: str | Path) -> BaseModelSpec:
         path = Path(folder) / "config.json"

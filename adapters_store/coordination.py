@@ -67,6 +67,7 @@ class WorkerInfo:
     in_flight: int = 0
     resident_adapters: list[str] = field(default_factory=list)
     max_adapters: int = 0
+    base_model: dict | None = None  # the base's config.json fields uploads are checked against (BaseModelSpec)
     heartbeat_at: float = field(default_factory=time.time)
     version: int = SCHEMA_VERSION
     # load as the console shows it (workers.load_report): tokens_per_s, running, queue, fusion, medusa,

@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
         timeout_keep_alive=KEEP_ALIVE_S,
         loop="uvloop",
         http="httptools",
-        timeout_graceful_shutdown=5,
+        timeout_graceful_shutdown=int(settings.drain_grace_s),  # SIGTERM: stop listening, finish open requests
     )
 
 

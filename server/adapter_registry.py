@@ -19,6 +19,7 @@ import json
 import threading
 import time
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from adapters_store import medusa_validation
@@ -102,10 +103,12 @@ RESOLVE_CACHE_SIZE = 4096
 
 class AdapterRegistry:
     def __init__(self, store: AdapterStore, catalog: AdapterCatalog, base: BaseModelSpec | None,
-                 limits: UploadLimits, gc_grace_s: float):
+                 limits: UploadLimits, gc_grace_s: float,
+                 published_base: Callable[[], BaseModelSpec | None] = lambda: None):
         self._store = store
         self._catalog = catalog
-        self._base = base
+        self._base = base  # the operator's override (--base-model-path); else what the workers publish
+        self._published_base = published_base
         self._limits = limits
         self._gc_grace_s = gc_grace_s
         self._writes = threading.Lock()  # one publish / delete / collection at a time in this process
@@ -263,11 +266,12 @@ class AdapterRegistry:
         return {p.name: p.read_bytes() for p in adapter.path.iterdir() if p.is_file()}
 
     def _require_base(self) -> BaseModelSpec:
-        if self._base is None:
+        base = self._base or self._published_base()
+        if base is None:
             raise BaseModelUnknownError(
-                "the gateway does not know the base model's config, so it cannot check adapters: "
-                "set ADAPTERD_BASE_MODEL_PATH to the base model folder")
-        return self._base
+                "the gateway does not know the base model's config, so it cannot check adapters: no worker has "
+                "published it yet (start a worker), or set ADAPTERD_BASE_MODEL_PATH to the base model folder")
+        return base
 
     def _own_name(self, name: str, tenant: Tenant) -> str:
         """An upload's name, in full: a bare name, or a full one in the caller's own namespace."""
@@ -339,7 +343,8 @@ class AdapterRegistry:
 ADAPTER_UPLOAD_PATH = "/v1/adapters"
 
 
-def build_adapter_registry(settings: GatewaySettings, catalog: AdapterCatalog) -> AdapterRegistry:
+def build_adapter_registry(settings: GatewaySettings, catalog: AdapterCatalog,
+                           published_base: Callable[[], BaseModelSpec | None] = lambda: None) -> AdapterRegistry:
     limits = UploadLimits(
         max_rank=settings.max_adapter_rank,
         max_file_bytes=settings.max_adapter_file_bytes,
@@ -349,4 +354,4 @@ def build_adapter_registry(settings: GatewaySettings, catalog: AdapterCatalog) -
     )
     base = BaseModelSpec.from_folder(settings.base_model_path) if settings.base_model_path else None
     store = AdapterStore(open_backend(settings.resolved_store_url))
-    return AdapterRegistry(store, catalog, base, limits, settings.store_gc_grace_s)
+    return AdapterRegistry(store, catalog, base, limits, settings.store_gc_grace_s, published_base)

@@ -57,7 +57,7 @@ def _wire(app: FastAPI, settings: GatewaySettings) -> None:
         signer,
     )
     state.catalog = AdapterCatalog(settings.data_dir / "adapters")
-    state.adapters = build_adapter_registry(settings, state.catalog)
+    state.adapters = build_adapter_registry(settings, state.catalog, lambda: state.registry.base_model)
     state.dispatcher = Dispatcher(
         state.adapters,
         state.registry,

@@ -63,6 +63,7 @@ class GatewaySettings(BaseSettings):
     max_archive_bytes: int = Field(1024 * 1024 * 1024, ge=1024)  # an archive's contents, decompressed
     max_archive_ratio: float = Field(200.0, gt=1)
     store_gc_grace_s: float = Field(600.0, ge=0)  # unreferenced blobs younger than this are kept
+    drain_grace_s: float = Field(30.0, ge=0)  # SIGTERM: open requests and streams get this long to finish
 
     # fine-tune files and jobs
     max_training_file_bytes: int = Field(256 * 1024 * 1024, ge=1024)  # one JSONL training file

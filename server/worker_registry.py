@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
 
+from adapters_store.base_model import BaseModelConfigError, BaseModelSpec
 from adapters_store.cluster_auth import ClusterSigner
 from adapters_store.coordination import WORKERS_SET, WorkerInfo, worker_key
 
@@ -66,6 +67,7 @@ class WorkerRegistry:
         self._stopping = False
         self.redis_ok = False
         self.base_model_id: str | None = None
+        self.base_model: BaseModelSpec | None = None  # as the workers publish it (uploads are checked on it)
         self.changed = asyncio.Event()  # set after each refresh (router waiters re-check)
 
     async def start(self) -> None:
@@ -116,6 +118,7 @@ class WorkerRegistry:
         self._workers = fresh
         if fresh:
             self.base_model_id = next(iter(fresh.values())).info.model_id
+            self.base_model = self._published_base(fresh.values()) or self.base_model
         self.changed.set()
         self.changed = asyncio.Event()
 
@@ -131,6 +134,15 @@ class WorkerRegistry:
         if worker_id not in self._refused:
             self._refused.add(worker_id)
             log.warning("ignoring worker record %r: not signed with this cluster's secret", worker_id[:64])
+        return None
+
+    def _published_base(self, views) -> BaseModelSpec | None:
+        for view in views:
+            if view.info.model_id == self.base_model_id and view.info.base_model:
+                try:
+                    return BaseModelSpec.from_config(view.info.base_model)
+                except BaseModelConfigError as exc:
+                    log.warning("worker %s published an unusable base model: %s", view.worker_id, exc)
         return None
 
     def _merge(self, info: WorkerInfo) -> WorkerView:

@@ -72,3 +72,11 @@ class RequestFailedError(AdapterdError):
     """One request failed inside the engine (its own rows raised); the requests beside it went on."""
 
     code = "request_failed"
+
+
+class ShuttingDownError(AdapterdError):
+    """The worker's drain grace period ran out while this request was still running."""
+
+    status = 503
+    type = "server_error"
+    code = "worker_shutting_down"

@@ -36,6 +36,7 @@ class Heartbeat:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task | None = None
         self._stopping = False
+        self.registered = False  # the first beat went through
 
     def nudge(self) -> None:
         """Beat now (e.g. residency changed) instead of at the next interval. Callable from any thread
@@ -51,6 +52,9 @@ class Heartbeat:
         self._task = asyncio.create_task(self._run(), name="heartbeat")
 
     async def stop(self) -> None:
+        """Deregisters and stops beating (a draining worker leaves the placement set at once). Idempotent."""
+        if self._stopping:
+            return
         self._stopping = True  # also ends the loop if the Redis client swallows the cancellation
         if self._task is not None:
             self._task.cancel()
@@ -73,6 +77,7 @@ class Heartbeat:
             pipe.srem(placement_key(name), info.worker_id)
         await pipe.execute()
         self._placed = resident
+        self.registered = True
 
     async def _run(self) -> None:
         while not self._stopping:

@@ -1,7 +1,8 @@
 """The worker's door: an ASGI middleware that lets through only requests signed with the cluster secret
-(`adapters_store.cluster_auth`), answering 401 in the JSON error shape to everything else. `GET /health`
-stays open (liveness probes; it tells only that the process is up). The body is read (bounded) before
-the signature is checked, since the signature covers its hash, and then handed on to the app unchanged."""
+(`adapters_store.cluster_auth`), answering 401 in the JSON error shape to everything else. `GET /health` and
+`GET /ready` stay open (liveness and readiness probes: they tell only that the process is up and ready). The
+body is read (bounded) before the signature is checked, since the signature covers its hash, and then handed
+on to the app unchanged."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from adapters_store.cluster_auth import RequestVerifier, SignatureError
 
-OPEN_ROUTES = frozenset({("GET", "/health")})
+OPEN_ROUTES = frozenset({("GET", "/health"), ("GET", "/ready")})  # probes: they tell only up / ready
 MAX_BODY_BYTES = 16 * 1024 * 1024  # a worker request is a prompt and parameters, never an upload
 
 

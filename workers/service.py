@@ -30,6 +30,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adapters_store.backends import open_backend
+from adapters_store.base_model import BaseModelSpec
 from adapters_store.body_limit import BodyLimit
 from adapters_store.cluster_auth import ClusterSecretError, ClusterSigner, RequestVerifier, load_secret
 from adapters_store.coordination import (
@@ -42,8 +43,9 @@ from adapters_store.coordination import (
 )
 from adapters_store.registry import AdapterStore
 from workers.adapter_loader import AdapterLoader, AdapterSources
+from workers.drain import Drain, DrainingServer
 from workers.engine.types import GenerationRequest, SamplingParams, TokenEvent
-from workers.errors import AdapterdError, InvalidRequestError, PromptTooLongError
+from workers.errors import AdapterdError, InvalidRequestError, PromptTooLongError, ShuttingDownError
 from workers.heartbeat import Heartbeat
 from workers.load_report import TokenRate, load_report
 from workers.request_auth import ClusterAuthMiddleware
@@ -150,6 +152,8 @@ class WorkerService:
         self.metrics.register(SpeculativeCollector(lambda: self.engine.stats().get("medusa", {})))
         self.in_flight = 0
         self.tokens = TokenRate()
+        self.drain = Drain(config.drain_grace_s)
+        self.base_model = BaseModelSpec.from_folder(config.model_path).to_config() if config.model_path else None
 
     def _residency_changed(self) -> None:
         if self.heartbeat is not None:
@@ -166,6 +170,7 @@ class WorkerService:
             resident_adapters=self.adapters.resident(),
             max_adapters=self.config.max_adapters,
             stats=load_report(stats, self.tokens.per_second()),
+            base_model=self.base_model,
         )
 
     async def _events(self, req: WorkerGenerateRequest) -> AsyncIterator[TokenEvent]:
@@ -182,9 +187,16 @@ class WorkerService:
         try:
             async for ev in self.engine.generate(gen_req):
                 self.tokens.add()
+                if self.drain.expired:
+                    raise ShuttingDownError("the worker is shutting down and its drain grace period is over")
                 yield ev
         finally:
             self.in_flight -= 1
+
+    async def leave(self) -> None:
+        """Out of the placement set at once (draining): deregister and stop heartbeating."""
+        if self.heartbeat is not None:
+            await self.heartbeat.stop()
 
     async def load_medusa(self, path: str, attach_to: str | None) -> None:
         await self.adapters.load_heads(attach_to, path)
@@ -258,6 +270,15 @@ async def generate_route(body: WorkerGenerateRequest, service: Service) -> Respo
 
 async def health_route(service: Service) -> dict:
     return {"status": "ok", "worker_id": service.config.worker_id, "model_id": service.engine.model_id}
+
+
+async def ready_route(service: Service) -> JSONResponse:
+    """200 once the model is loaded (the app starts after it) and the worker is registered, until it drains."""
+    registered = service.config.redis_url is None or (
+        service.heartbeat is not None and service.heartbeat.registered)
+    ready = registered and not service.drain.draining
+    body = {"ready": ready, "draining": service.drain.draining, "worker_id": service.config.worker_id}
+    return JSONResponse(body, status_code=200 if ready else 503)
 
 
 async def stats_route(service: Service) -> dict:
@@ -343,6 +364,7 @@ def create_app(engine: Any, config: WorkerServiceConfig) -> FastAPI:
     app.state.service = service
     app.add_api_route("/generate", generate_route, methods=["POST"])
     app.add_api_route("/health", health_route, methods=["GET"])
+    app.add_api_route("/ready", ready_route, methods=["GET"])
     app.add_api_route("/stats", stats_route, methods=["GET"])
     app.add_api_route("/metrics", metrics_route, methods=["GET"])
     app.add_api_route("/adapters/load", load_route, methods=["POST"])
@@ -382,19 +404,16 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--medusa-max-batch", type=int, default=4, help="decode plainly above this many rows")
     p.add_argument("--adapter-cache-bytes", type=int, default=2 * 1024**3,
                    help="disk for materialised adapter versions and merges (least recently used go first)")
+    p.add_argument("--drain-grace", type=float, default=float(os.environ.get("ADAPTERD_DRAIN_GRACE_S", 30.0)),
+                   help="SIGTERM: seconds in-flight requests get to finish before they end with an error")
     return p.parse_args(argv)
 
 
 def _build_engine(args: argparse.Namespace) -> Any:
     from workers.engine.engine import Engine, EngineConfig
 
-    model_path = args.model
-    if not model_path:
-        from workers.model.default_model import ensure_default_model
-
-        model_path = str(ensure_default_model())
     wanted = {
-        "model_path": str(model_path),
+        "model_path": str(args.model),
         "device": args.device,
         "dtype": args.dtype,
         "max_batch": args.max_batch,
@@ -420,6 +439,10 @@ def main(argv: list[str] | None = None) -> None:
     except ClusterSecretError as exc:
         print(f"adapterd worker: {exc}", file=sys.stderr)
         raise SystemExit(2) from exc
+    if not args.model:
+        from workers.model.default_model import ensure_default_model
+
+        args.model = str(ensure_default_model())
     config = WorkerServiceConfig(
         host=args.host,
         port=args.port,
@@ -431,22 +454,18 @@ def main(argv: list[str] | None = None) -> None:
         data_dir=Path(args.data_dir),
         store_url=args.store_url,
         adapter_cache_bytes=args.adapter_cache_bytes,
+        model_path=str(args.model),
+        drain_grace_s=args.drain_grace,
         **({"worker_id": args.worker_id} if args.worker_id else {}),
     )
     engine = _build_engine(args)
     engine.start()
     try:
-        uvicorn.run(
-            create_app(engine, config),
-            host=args.host,
-            port=args.port,
-            log_level="warning",
-            access_log=False,
-            loop="uvloop",
-            http="httptools",
-            timeout_keep_alive=KEEP_ALIVE_S,
-            timeout_graceful_shutdown=5,
-        )
+        app = create_app(engine, config)
+        service: WorkerService = app.state.service
+        uv_config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", access_log=False,
+                                   loop="uvloop", http="httptools", timeout_keep_alive=KEEP_ALIVE_S)
+        DrainingServer(uv_config, service.drain, service.leave).run()
     finally:
         with contextlib.suppress(Exception):
             engine.stop()

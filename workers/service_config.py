@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 class WorkerServiceConfig:
     host: str = "127.0.0.1"
     port: int = 9001
-    advertise_url: str = ""  # what the gateway calls; default http://{host}:{port}
+    advertise_url: str = ""  # what the gateway calls; default http://{host}:{port} (see `url`)
     redis_url: str | None = None  # None → no registration (standalone worker)
     worker_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     heartbeat_ttl_s: float = 5.0
@@ -23,10 +24,22 @@ class WorkerServiceConfig:
     max_request_bytes: int = 16 * 1024 * 1024  # one request body, counted on the stream (413 past it)
     adapter_cache_bytes: int = 2 * 1024**3  # on-disk adapter folders (store versions, merges), LRU
     max_chars_per_token: int = 16  # prompts over max_seq × this many characters are refused before encoding
+    drain_grace_s: float = 30.0  # SIGTERM: in-flight requests get this long to finish (workers.drain)
+    model_path: str = ""  # the base model folder: its config.json shapes are published for upload checks
 
     @property
     def url(self) -> str:
-        return self.advertise_url or f"http://{self.host}:{self.port}"
+        """The advertised URL; a wildcard bind (0.0.0.0, ::) advertises this host's own address (its
+        hostname resolved: a container's or pod's IP), so scaled replicas need no per-replica flag."""
+        if self.advertise_url:
+            return self.advertise_url
+        host = self.host
+        if host in ("0.0.0.0", "::", ""):
+            try:
+                host = socket.gethostbyname(socket.gethostname())
+            except OSError:
+                host = socket.gethostname()
+        return f"http://{host}:{self.port}"
 
     @property
     def resolved_store_url(self) -> str:

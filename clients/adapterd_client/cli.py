@@ -1,7 +1,8 @@
-"""The `adapterd` command: `serve` (the whole service; imports the server lazily), `trainer` (a fine-tune
-trainer process; imports the trainer lazily), and the client commands `generate`, `chat`, `models`,
+"""The `adapterd` command: the client commands `generate`, `chat`, `models`,
 `adapters upload|list|show|delete|download`, `files upload|list|content|delete`,
-`jobs create|list|show|cancel|follow`, `status` (talk to `--url`, default $ADAPTERD_URL or http://127.0.0.1:8000)."""
+`jobs create|list|show|cancel|follow`, `status` (talk to `--url`, default $ADAPTERD_URL or
+http://127.0.0.1:8000). Where the server distribution is installed, its operator commands (`serve`, `worker`,
+`trainer`) join them through the entry-point group `adapterd.cli`; the SDK itself imports nothing of the server."""
 
 from __future__ import annotations
 
@@ -26,60 +27,6 @@ Stream = Annotated[bool, typer.Option("--stream/--no-stream", help="print tokens
 def _fail(exc: Exception) -> typer.Exit:
     typer.echo(f"error: {exc}", err=True)
     return typer.Exit(1)
-
-
-@app.command()
-def serve(
-    host: Annotated[str, typer.Option(help="address the gateway binds")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="gateway port")] = 8000,
-    workers: Annotated[int, typer.Option(min=1, help="worker processes")] = 1,
-    model: Annotated[str | None, typer.Option(help="HF model folder (default: SmolLM2-135M-Instruct)")] = None,
-    redis_url: Annotated[str | None, typer.Option(envvar="ADAPTERD_REDIS_URL",
-                                                  help="use this Redis instead of the embedded one")] = None,
-    data_dir: Annotated[Path, typer.Option(help="adapters/ and the embedded Redis live here")] = Path(".adapterd"),
-    allow_insecure: Annotated[bool, typer.Option(help="allow a non-loopback bind without API keys")] = False,
-    heartbeat_ttl: Annotated[float, typer.Option(help="seconds a silent worker stays routable")] = 5.0,
-    trainers: Annotated[int, typer.Option(min=0, help="fine-tune trainer processes (0: none)")] = 1,
-) -> None:
-    """Start Redis (embedded valkey unless --redis-url), the workers, the trainers and the gateway; Ctrl-C
-    stops all."""
-    from server.launcher import ServeOptions
-    from server.launcher import serve as run
-
-    options = ServeOptions(host=host, port=port, workers=workers, model=model, redis_url=redis_url,
-                           data_dir=data_dir, allow_insecure=allow_insecure, heartbeat_ttl_s=heartbeat_ttl,
-                           trainers=trainers)
-    raise typer.Exit(run(options))
-
-
-@app.command()
-def trainer(
-    redis_url: Annotated[str, typer.Option(envvar="ADAPTERD_REDIS_URL", help="the Redis the gateway uses")
-                         ] = "redis://127.0.0.1:6379/0",
-    model: Annotated[str | None, typer.Option(help="HF base model folder (default: SmolLM2-135M-Instruct)")] = None,
-    model_id: Annotated[str | None, typer.Option(help="the base model's id in jobs (default: folder name)")] = None,
-    data_dir: Annotated[Path, typer.Option(help="work files; the store is DATA_DIR/store")] = Path(".adapterd"),
-    store_url: Annotated[str | None, typer.Option(help="the adapter store (file:// or s3://)")] = None,
-    trainer_id: Annotated[str | None, typer.Option(help="this trainer's name (default: host-pid)")] = None,
-    claim_timeout: Annotated[float, typer.Option(help="seconds before a silent trainer's job is taken over")] = 30.0,
-    max_attempts: Annotated[int, typer.Option(min=1, help="times a job is started before it fails")] = 3,
-    checkpoint_every: Annotated[int, typer.Option(min=1, help="steps between checkpoints")] = 10,
-    nproc: Annotated[int, typer.Option(min=1, help="processes that train each job data-parallel")] = 1,
-) -> None:
-    """Run a fine-tune trainer: claims jobs for its base model from the queue and trains them."""
-    from workers.trainer.worker import main
-
-    if model is None:
-        from workers.model.default_model import ensure_default_model
-
-        model = str(ensure_default_model())
-    argv = ["--redis-url", redis_url, "--model", model, "--data-dir", str(data_dir),
-            "--claim-timeout", str(claim_timeout), "--max-attempts", str(max_attempts),
-            "--checkpoint-every", str(checkpoint_every), "--nproc", str(nproc)]
-    for flag, value in (("--model-id", model_id), ("--store-url", store_url), ("--trainer-id", trainer_id)):
-        if value:
-            argv += [flag, value]
-    main(argv)
 
 
 @app.command()
@@ -456,5 +403,23 @@ def status(url: Url = None, api_key: ApiKey = None) -> None:
                    err=True)
 
 
-if __name__ == "__main__":
+def add_operator_commands(target: typer.Typer) -> None:
+    """Adds the commands other installed distributions register under `adapterd.cli` (the server's
+    `serve`, `worker`, `trainer`). Each entry point is a callable taking the Typer app."""
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group="adapterd.cli"):
+        try:
+            register = ep.load()
+        except ImportError:  # a stale or half-installed distribution: the client commands still work
+            continue
+        register(target)
+
+
+def main() -> None:
+    add_operator_commands(app)
     app()
+
+
+if __name__ == "__main__":
+    main()

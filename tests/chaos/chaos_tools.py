@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parents[2]
-ADAPTERD = [sys.executable, "-m", "adapterd_client.cli"]
+ADAPTERD = [sys.executable, "-m", "server.operator_cli"]  # the server distribution's operator commands (serve)
 MB = 1024 * 1024
 
 

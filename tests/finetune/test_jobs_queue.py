@@ -313,3 +313,24 @@ def test_a_stopping_trainer_hands_its_job_over_at_once(fresh, tiny_model, tmp_pa
     assert b.run_once(block_s=0.5) == created["id"]  # no 30 s wait: the claim was released
     done = job(gateway, created["id"])
     assert done["status"] == "succeeded" and fresh_train.started_from and fresh_train.started_from[0] >= 4
+
+
+def test_a_stopping_trainer_checkpoints_before_it_hands_over(fresh, tiny_model, tmp_path):
+    """SIGTERM on a trainer (the real `train`): it saves its progress at the step it stopped on, releases
+    the claim, and the next trainer resumes from exactly that step (no periodic checkpoint in between)."""
+    gateway = fresh
+    created = create(gateway, method={"type": "lora", "rank": 2, "epochs": 400, "batch_size": 8,
+                                      "max_seq_len": 32}).json()
+    a = trainer(gateway, tiny_model, tmp_path / "a", None, "draining", claim_timeout_s=30.0, checkpoint_every=100000)
+    thread = threading.Thread(target=a.run, daemon=True)
+    thread.start()
+    wait_until(lambda: job(gateway, created["id"])["step"] >= 3, 30, "training")
+    a.stop()  # what SIGTERM does
+    thread.join(30)
+    assert not thread.is_alive()
+    saved = api(gateway, "GET", f"/v1/fine_tuning/jobs/{created['id']}/checkpoints").json()["data"]
+    assert len(saved) == 1 and saved[0]["step_number"] >= 3
+    resumed = FakeTrain(steps=saved[0]["step_number"] + 2)
+    b = trainer(gateway, tiny_model, tmp_path / "b", resumed, "next", claim_timeout_s=30.0)  # from the store
+    assert b.run_once(block_s=0.5) == created["id"]  # at once: the claim was released
+    assert resumed.started_from == [saved[0]["step_number"]]

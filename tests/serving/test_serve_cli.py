@@ -15,7 +15,8 @@ import redis
 from serving_cluster import ROOT, _env, free_port
 
 pytestmark = pytest.mark.timeout(150)
-ADAPTERD = [sys.executable, "-m", "adapterd_client.cli"]
+ADAPTERD = [sys.executable, "-m", "server.operator_cli"]  # the server distribution's operator commands
+CLIENT = [sys.executable, "-m", "adapterd_client.cli"]  # the SDK's client commands
 
 
 def descendants(pid: int) -> set[int]:
@@ -81,7 +82,7 @@ def served(tiny_assets, tmp_path_factory):
 
 def cli(url: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [*ADAPTERD, *args, "--url", url], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=60
+        [*CLIENT, *args, "--url", url], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=60
     )
 
 

@@ -82,6 +82,7 @@ class TrainingHooks:
     on_checkpoint: Callable[[CheckpointReport], None] = lambda report: None
     on_eval: Callable[[EvalReport], None] = lambda report: None  # at every checkpoint and at the end
     should_stop: Callable[[], bool] = lambda: False  # checked every step → TrainingCancelled
+    checkpoint_on_stop: Callable[[], bool] = lambda: False  # at a stop: save the progress first (trainer drain)
     checkpoint_every: int = 10  # steps; 0 → no periodic checkpoints
 
 
@@ -191,6 +192,8 @@ class TrainingLoop:
             if self.parallel is not None:
                 stop = self.parallel.any(stop)  # rank 0 decides; every rank stops at the same step
             if stop:
+                if main:  # a draining trainer saves its progress first (written once, by rank 0)
+                    self._checkpoint_before_stop()
                 raise TrainingCancelled(f"cancelled at step {self.step}")
             report = self._train_step()
             self.hooks.on_step(report)
@@ -305,6 +308,12 @@ class TrainingLoop:
         self.hooks.on_checkpoint(CheckpointReport(step=self.step, path=final, train_loss=train_loss,
                                                   adapter_dir=final / adapter.name if adapter else None))
         return final
+
+    def _checkpoint_before_stop(self) -> None:
+        """A draining trainer keeps its progress: the job resumes from this step elsewhere."""
+        done = (Path(self.spec.checkpoint_dir) / f"step-{self.step:06d}").is_dir()
+        if self.step > 0 and not done and self.hooks.checkpoint_on_stop():
+            self._save_checkpoint()
 
     def _resume(self) -> None:
         found = latest_checkpoint(Path(self.spec.checkpoint_dir))

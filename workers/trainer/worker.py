@@ -194,6 +194,10 @@ class _Run:
         except redis.RedisError as e:  # the checkpoint is on disk and in the store; only its listing is missed
             log.warning("job %s: checkpoint at step %d not recorded (%s)", self.job.id, r.step, e)
 
+    def draining(self) -> bool:
+        """The trainer is stopping (SIGTERM) while it still holds the claim: checkpoint, then hand over."""
+        return self.t.stopping.is_set() and not self.lost.is_set()
+
     def should_stop(self) -> bool:
         if self.lost.is_set() or self.t.stopping.is_set():
             return True
@@ -231,7 +235,8 @@ class _Run:
             seed=job.seed, output_dir=self.dir / f"output-{self.attempt}", checkpoint_dir=self.dir / "checkpoints",
             adapter_path=t.adapter_folder(job.method.get("adapter")))
         hooks = TrainingHooks(on_step=self.on_step, on_checkpoint=self.on_checkpoint, on_eval=self.on_eval,
-                              should_stop=self.should_stop, checkpoint_every=t.config.checkpoint_every)
+                              should_stop=self.should_stop, checkpoint_every=t.config.checkpoint_every,
+                              checkpoint_on_stop=self.draining)
         try:
             result = t.train_fn(spec, hooks)
         except (TrainingCancelled, ClaimLost) as e:
@@ -483,7 +488,8 @@ def warm_up(base_model_path: str) -> None:
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="adapterd trainer", description="adapterd fine-tune trainer")
     p.add_argument("--redis-url", default=os.environ.get("ADAPTERD_REDIS_URL", "redis://127.0.0.1:6379/0"))
-    p.add_argument("--model", required=True, help="the base model folder (HF config.json + safetensors)")
+    p.add_argument("--model", help="the base model folder (HF config.json + safetensors; default: the packaged "
+                   "SmolLM2, converted once)")
     p.add_argument("--model-id", help="the base model's id in jobs (default: the folder's name)")
     p.add_argument("--data-dir", default=".adapterd", help="work files under DATA_DIR/trainer")
     p.add_argument("--store-url", help="the adapter store (default: DATA_DIR/store, as the gateway's)")
@@ -500,6 +506,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def config_from_args(args: argparse.Namespace) -> TrainerConfig:
     data_dir = Path(args.data_dir).resolve()
+    if not args.model:
+        from workers.model.default_model import ensure_default_model
+
+        args.model = str(ensure_default_model())
     config = TrainerConfig(
         redis_url=args.redis_url, base_model_path=str(Path(args.model).resolve()),
         store_url=args.store_url or (data_dir / "store").as_uri(), work_dir=data_dir / "trainer",

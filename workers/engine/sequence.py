@@ -24,6 +24,8 @@ class Sequence:
     finish_reason: FinishReason | None = None
     medusa_hidden: torch.Tensor | None = None  # [hidden] that predicted last_token: Medusa heads read it
     tokens_per_step: list[int] = field(default_factory=list)  # decode steps of a row with heads
+    choice: int = 0  # which of the request's n completions this is
+    forks: list[Sequence] = field(default_factory=list)  # the other completions, until the prompt is cached
 
     @property
     def prompt(self) -> tuple[int, ...]:

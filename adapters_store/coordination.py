@@ -95,6 +95,16 @@ class WorkerSampling(BaseModel):
     stop: list[str] = Field(default_factory=list)
     ignore_eos: bool = False
     logprobs: bool = False
+    # added in issue 17 (defaults keep older payloads valid):
+    top_logprobs: int = Field(0, ge=0, le=20)  # with logprobs: the model's top-k at each position
+    n: int = Field(1, ge=1)  # completions from one prefill (the worker caps it at its max batch)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = Field(1.0, gt=0.0)
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    typical_p: float = Field(1.0, gt=0.0, le=1.0)
+    logit_bias: dict[int, float] = Field(default_factory=dict)  # token id → added to its logit
+    stop_token_ids: list[int] = Field(default_factory=list)
 
 
 class MergeMember(BaseModel):
@@ -140,6 +150,20 @@ class WorkerTokenEvent(BaseModel):
     index: int
     prompt_tokens: int
     finish_reason: str | None = None
+    top_logprobs: list[tuple[int, str, float]] | None = None  # (token id, text, raw logprob), best first
+    choice: int = 0  # which of the n completions
+
+
+class WorkerChoice(BaseModel):
+    """One of n completions (n > 1)."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    tokens: list[str]
+    logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, str, float]]] | None = None
+    finish_reason: str
 
 
 class WorkerGenerateResult(BaseModel):
@@ -148,10 +172,12 @@ class WorkerGenerateResult(BaseModel):
     tokens: list[str]  # each token's text delta, aligned with token_ids
     logprobs: list[float] | None = None
     prompt_tokens: int
-    completion_tokens: int
+    completion_tokens: int  # over all choices
     finish_reason: str
     worker_id: str
     speculative: dict | None = None  # Medusa: {"decode_steps", "tokens_per_step", "mean_tokens_per_step"}
+    top_logprobs: list[list[tuple[int, str, float]]] | None = None  # per token: (id, text, raw logprob)
+    choices: list[WorkerChoice] | None = None  # n > 1: every completion (the fields above are choice 0's)
 
 
 class AdapterLoadRequest(BaseModel):

@@ -57,6 +57,15 @@ class Completion:
     finish_reason: str
     worker_id: str
     speculative: dict | None = None  # Medusa: tokens per decode step (see WorkerGenerateResult)
+    top_logprobs: list[list[list]] | None = None  # per token: [id, text, raw logprob], best first
+    choices: list[dict] | None = None  # n > 1: every completion (`WorkerChoice`); the fields above: choice 0
+
+    def all_choices(self) -> list[dict]:
+        """Each completion as a `WorkerChoice` dict (one when n = 1)."""
+        if self.choices:
+            return self.choices
+        return [{"index": 0, "text": self.text, "token_ids": self.token_ids, "tokens": self.tokens,
+                 "logprobs": self.logprobs, "top_logprobs": self.top_logprobs, "finish_reason": self.finish_reason}]
 
 
 class Dispatcher:
@@ -175,7 +184,7 @@ class Dispatcher:
         for attempt in range(ATTEMPTS):
             lease = await self._acquire(target, exclude)
             try:
-                stream = await self._client.open_stream(lease.worker.url, body)
+                stream = await self._client.open_stream(lease.worker.url, body, req.params.n)
             except WorkerUnreachableError:
                 lease.release()
                 self._failed(lease, exclude)

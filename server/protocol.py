@@ -49,15 +49,22 @@ class _SamplingFields(BaseModel):
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0)
-    n: int = Field(1, ge=1, le=1, description="only n=1 is supported")
+    n: int = Field(1, ge=1, description="completions per prompt, sharing one prefill (at most MAX_N)")
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
-    presence_penalty: float = Field(0.0, ge=0.0, le=0.0, description="not supported; 0 only")
-    frequency_penalty: float = Field(0.0, ge=0.0, le=0.0, description="not supported; 0 only")
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     user: str | None = None
     ignore_eos: bool = False
+    # vLLM's extensions
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    typical_p: float = Field(1.0, gt=0.0, le=1.0)
+    stop_token_ids: list[int] | None = Field(None, max_length=64)
+    logit_bias: dict[str, float] | None = Field(
+        None, max_length=300, description="token id (as a string) → bias in [-100, 100] added to its logit")
 
     @field_validator("stop")
     @classmethod
@@ -79,9 +86,9 @@ class CompletionRequest(_SamplingFields):
     merged_adapters: dict | None = Field(
         None, description='a per-request merge instead of one adapter: {"ids": [...], "weights": [...], '
                           '"strategy": "linear"|"ties", "density": 0.5, "majority_sign_method": "total"}')
-    logprobs: int | None = Field(None, ge=0, le=20)
+    logprobs: int | None = Field(None, ge=0, description="top-k logprobs per token, 0-20")
     echo: bool = Field(False, description="not supported; false only")
-    best_of: int | None = Field(None, ge=1, le=1)
+    best_of: int | None = Field(None, ge=1, description="equal to n (or unset): ranking beyond n is not supported")
     suffix: str | None = Field(None, max_length=0, description="not supported")
 
     @field_validator("echo")
@@ -143,7 +150,7 @@ class ChatCompletionRequest(_SamplingFields):
         None, description='a per-request merge instead of one adapter: {"ids": [...], "weights": [...], '
                           '"strategy": "linear"|"ties", "density": 0.5, "majority_sign_method": "total"}')
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_logprobs: int | None = Field(None, ge=0, description="0-20; needs logprobs")
 
 
 class TopLogprob(BaseModel):

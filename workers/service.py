@@ -32,6 +32,7 @@ from adapters_store.coordination import (
     WorkerInfo,
 )
 from workers.adapter_loader import AdapterLoader
+from workers.choices import ResultBuilder, TokenTexts, event_payload
 from workers.engine.types import GenerationRequest, SamplingParams, TokenEvent
 from workers.errors import AdapterdError, InvalidRequestError
 from workers.heartbeat import Heartbeat
@@ -91,21 +92,16 @@ def _sampling(req: WorkerGenerateRequest) -> SamplingParams:
         stop=tuple(p.stop),
         ignore_eos=p.ignore_eos,
         logprobs=p.logprobs,
+        top_logprobs=p.top_logprobs if p.logprobs else 0,
+        n=p.n,
+        presence_penalty=p.presence_penalty,
+        frequency_penalty=p.frequency_penalty,
+        repetition_penalty=p.repetition_penalty,
+        min_p=p.min_p,
+        typical_p=p.typical_p,
+        logit_bias=tuple(sorted(p.logit_bias.items())),
+        stop_token_ids=tuple(p.stop_token_ids),
     )
-
-
-def _sse(ev: TokenEvent) -> bytes:
-    payload = {
-        "token_id": ev.token_id,
-        "text": ev.text,
-        "logprob": ev.logprob,
-        "index": ev.index,
-        "prompt_tokens": ev.prompt_tokens,
-        "finish_reason": ev.finish_reason,
-    }
-    if ev.details is not None:
-        payload["details"] = ev.details
-    return b"data: " + orjson.dumps(payload) + b"\n\n"
 
 
 class WorkerService:
@@ -115,6 +111,7 @@ class WorkerService:
         self.engine = engine
         self.config = config
         self.prompts = PromptBuilder(engine.tokenizer)
+        self.token_texts = TokenTexts(engine.tokenizer)
         self.heartbeat: Heartbeat | None = None
         self.adapters = AdapterLoader(engine, on_change=self._residency_changed)
         self.metrics = residency_registry(lambda: self.engine.stats().get("adapters", {}))
@@ -158,29 +155,13 @@ class WorkerService:
         await self.adapters.load_heads(attach_to, path)
 
     async def generate(self, req: WorkerGenerateRequest) -> WorkerGenerateResult:
-        ids: list[int] = []
-        texts: list[str] = []
-        logprobs: list[float] = []
-        prompt_tokens, finish, speculative = 0, "length", None
+        result = ResultBuilder(req.params.n, req.params.logprobs, self.token_texts)
         async for ev in self._events(req):
-            speculative = ev.details or speculative
-            ids.append(ev.token_id)
-            texts.append(ev.text)
-            if ev.logprob is not None:
-                logprobs.append(ev.logprob)
-            prompt_tokens = ev.prompt_tokens
-            finish = ev.finish_reason or finish
-        return WorkerGenerateResult(
-            text="".join(texts),
-            token_ids=ids,
-            tokens=texts,
-            logprobs=logprobs if req.params.logprobs else None,
-            prompt_tokens=prompt_tokens,
-            completion_tokens=len(ids),
-            finish_reason=finish,
-            worker_id=self.config.worker_id,
-            speculative=speculative,
-        )
+            result.add(ev)
+        return result.result(self.config.worker_id)
+
+    def _sse(self, ev: TokenEvent) -> bytes:
+        return b"data: " + orjson.dumps(event_payload(ev, self.token_texts)) + b"\n\n"
 
     async def stream(self, req: WorkerGenerateRequest) -> AsyncIterator[bytes]:
         """SSE bytes; the first event is awaited here so that errors still become an HTTP status."""
@@ -199,9 +180,9 @@ class WorkerService:
     ) -> AsyncIterator[bytes]:
         try:
             if first is not None:
-                yield _sse(first)
+                yield self._sse(first)
             async for ev in events:
-                yield _sse(ev)
+                yield self._sse(ev)
         except AdapterdError as exc:
             yield b"data: " + json.dumps(exc.to_dict()).encode() + b"\n\n"
         finally:

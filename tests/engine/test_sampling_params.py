@@ -129,7 +129,8 @@ def test_repetition_penalty_and_logit_bias_against_transformers():
         torch.testing.assert_close(ours, ref, rtol=0, atol=0)
     bias = ((3, 4.5), (100, -100.0), (255, 0.25))
     ours = process_row(logits.clone(), SamplingParams(logit_bias=bias), prompt, output)
-    ref = SequenceBiasLogitsProcessor({(t,): b for t, b in bias})(torch.tensor([prompt + output]), logits[None].clone())[0]
+    biaser = SequenceBiasLogitsProcessor({(t,): b for t, b in bias})
+    ref = biaser(torch.tensor([prompt + output]), logits[None].clone())[0]
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-6)
 
 

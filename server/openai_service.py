@@ -90,8 +90,9 @@ class CompletionService:
             pos += len(t)
         alts = None
         if top:
+            tops = choice["top_logprobs"] or [None] * len(choice["tokens"])
             alts = [_legacy_top(*token) for token in zip(choice["token_ids"], choice["tokens"], choice["logprobs"],
-                                                         choice["top_logprobs"], strict=True)]
+                                                         tops, strict=True)]
         return CompletionLogprobs(
             tokens=choice["tokens"], token_logprobs=list(choice["logprobs"]), top_logprobs=alts, text_offset=offsets)
 

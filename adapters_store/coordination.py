@@ -64,6 +64,7 @@ class WorkerInfo:
     resident_adapters: list[str] = field(default_factory=list)
     max_adapters: int = 0
     heartbeat_at: float = field(default_factory=time.time)
+    max_model_len: int = 0  # tokens per sequence, prompt included (0: an older worker that did not say)
     version: int = SCHEMA_VERSION
 
     def to_json(self) -> str:
@@ -178,6 +179,20 @@ class WorkerGenerateResult(BaseModel):
     speculative: dict | None = None  # Medusa: {"decode_steps", "tokens_per_step", "mean_tokens_per_step"}
     top_logprobs: list[list[tuple[int, str, float]]] | None = None  # per token: (id, text, raw logprob)
     choices: list[WorkerChoice] | None = None  # n > 1: every completion (the fields above are choice 0's)
+
+
+class WorkerTokenizeRequest(BaseModel):
+    """Exactly one of `prompt` or `messages` (rendered with the chat template, generation prompt added)."""
+
+    model_config = ConfigDict(extra="forbid")
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+
+
+class WorkerDetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    tokens: list[int]
 
 
 class AdapterLoadRequest(BaseModel):

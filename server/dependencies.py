@@ -12,6 +12,7 @@ from server.dispatch import Dispatcher
 from server.metrics import GatewayMetrics
 from server.native_service import NativeService
 from server.openai_service import ChatService, CompletionService
+from server.vllm_service import VllmService
 from server.worker_registry import WorkerRegistry
 
 
@@ -31,3 +32,4 @@ Registry = Annotated[WorkerRegistry, _state("registry")]
 Catalog = Annotated[AdapterCatalog, _state("catalog")]
 Metrics = Annotated[GatewayMetrics, _state("metrics")]
 Adapters = Annotated[AdapterRegistry, _state("adapters")]
+Vllm = Annotated[VllmService, _state("vllm")]

@@ -27,9 +27,11 @@ from adapters_store.coordination import (
     AdapterLoadRequest,
     AdapterUnloadRequest,
     ChatMessage,
+    WorkerDetokenizeRequest,
     WorkerGenerateRequest,
     WorkerGenerateResult,
     WorkerInfo,
+    WorkerTokenizeRequest,
 )
 from workers.adapter_loader import AdapterLoader
 from workers.choices import ResultBuilder, TokenTexts, event_payload
@@ -62,6 +64,16 @@ class PromptBuilder:
         if not ids:
             raise InvalidRequestError("the prompt is empty", param="prompt")
         return ids
+
+    def tokenize(self, req: WorkerTokenizeRequest) -> tuple[int, ...]:
+        if (req.prompt is None) == (req.messages is None):
+            raise InvalidRequestError("give exactly one of prompt, messages", param="prompt")
+        if req.messages is not None:
+            return self._chat(req.messages)
+        return tuple(self._tok.encode(req.prompt, add_special_tokens=req.add_special_tokens))
+
+    def detokenize(self, ids: list[int]) -> str:
+        return self._tok.decode(list(self._checked_ids(ids)))
 
     def _checked_ids(self, ids: list[int]) -> tuple[int, ...]:
         vocab = len(self._tok)
@@ -132,6 +144,7 @@ class WorkerService:
             in_flight=self.in_flight,
             resident_adapters=self.adapters.resident(),
             max_adapters=self.config.max_adapters,
+            max_model_len=int(getattr(self.engine, "max_seq", 0) or 0),
         )
 
     async def _events(self, req: WorkerGenerateRequest) -> AsyncIterator[TokenEvent]:
@@ -203,6 +216,15 @@ async def generate_route(body: WorkerGenerateRequest, service: Service) -> Respo
     if body.stream:
         return StreamingResponse(await service.stream(body), media_type="text/event-stream")
     return JSONResponse((await service.generate(body)).model_dump())
+
+
+async def tokenize_route(body: WorkerTokenizeRequest, service: Service) -> dict:
+    ids = service.prompts.tokenize(body)
+    return {"tokens": list(ids), "count": len(ids), "max_model_len": service.info().max_model_len}
+
+
+async def detokenize_route(body: WorkerDetokenizeRequest, service: Service) -> dict:
+    return {"prompt": service.prompts.detokenize(body.tokens)}
 
 
 async def health_route(service: Service) -> dict:
@@ -290,6 +312,8 @@ def create_app(engine: Any, config: WorkerServiceConfig) -> FastAPI:
     app.state.service = service
     app.add_api_route("/generate", generate_route, methods=["POST"])
     app.add_api_route("/health", health_route, methods=["GET"])
+    app.add_api_route("/tokenize", tokenize_route, methods=["POST"])
+    app.add_api_route("/detokenize", detokenize_route, methods=["POST"])
     app.add_api_route("/stats", stats_route, methods=["GET"])
     app.add_api_route("/metrics", metrics_route, methods=["GET"])
     app.add_api_route("/adapters/load", load_route, methods=["POST"])

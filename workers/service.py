@@ -339,7 +339,11 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-batch", type=int, default=16)
     p.add_argument("--max-loras", type=int, default=8)
     p.add_argument("--max-rank", type=int, default=16)
-    p.add_argument("--max-seq", type=int, default=2048)
+    p.add_argument("--max-seq", "--max-model-len", dest="max_seq", type=int, default=None,
+                   help="tokens per sequence, prompt included (default: the model's max_position_embeddings, "
+                        "capped so the KV cache of --max-batch sequences fits --kv-cache-gib)")
+    p.add_argument("--kv-cache-gib", type=float, default=None, help="KV-cache budget for the default --max-seq "
+                   "(default 2)")
     p.add_argument("--medusa", default=None, help="folder of Medusa heads for base-model requests")
     p.add_argument("--medusa-max-batch", type=int, default=4, help="decode plainly above this many rows")
     return p.parse_args(argv)
@@ -353,12 +357,17 @@ def _build_engine(args: argparse.Namespace) -> Any:
         from workers.model.default_model import ensure_default_model
 
         model_path = str(ensure_default_model())
+    max_seq = args.max_seq
+    if max_seq is None:
+        from workers.context_length import DEFAULT_KV_CACHE_GIB, default_max_seq
+
+        max_seq = default_max_seq(model_path, args.max_batch, args.dtype, args.kv_cache_gib or DEFAULT_KV_CACHE_GIB)
     wanted = {
         "model_path": str(model_path),
         "device": args.device,
         "dtype": args.dtype,
         "max_batch": args.max_batch,
-        "max_seq": args.max_seq,
+        "max_seq": max_seq,
         "max_loras": args.max_loras,
         "max_rank": args.max_rank,
         "medusa_max_batch": args.medusa_max_batch,

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 from serving_cluster import ROOT, _env, free_port
 
@@ -59,6 +60,8 @@ def served(tiny_assets, tmp_path_factory):
         str(data),
         "--heartbeat-ttl",
         "2",
+        "--max-model-len",
+        "300",
     ]
     proc = subprocess.Popen(args, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=log.open("wb"), text=True)
     url = f"http://127.0.0.1:{port}"
@@ -91,6 +94,12 @@ def test_cli_commands(served):
     assert chat.returncode == 0, chat.stderr
     missing = cli(url, "generate", "hello", "--adapter", "ghost")
     assert missing.returncode == 1 and "404" in missing.stderr
+
+
+def test_max_model_len_flag_reaches_the_workers_and_the_model_cards(served):
+    _, url, _ = served
+    cards = httpx.get(url + "/v1/models", timeout=30).json()["data"]
+    assert cards and all(c["max_model_len"] == 300 for c in cards)
 
 
 def test_upload_through_the_cli_is_servable_at_once(served):

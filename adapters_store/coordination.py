@@ -140,6 +140,7 @@ class WorkerGenerateRequest(BaseModel):
     medusa_path: str | None = None  # Medusa heads for `adapter` (or the base): attached if not already
     params: WorkerSampling = Field(default_factory=WorkerSampling)
     stream: bool = False
+    truncate: int | None = Field(None, ge=1)  # keep only the prompt's last `truncate` tokens (TGI/LoRAX)
 
 
 class WorkerTokenEvent(BaseModel):

@@ -50,6 +50,10 @@ class MergeSpec:
             return InvalidAdapterError(f"merged_adapters: {message}", param="merged_adapters")
 
         known = {"ids", "weights", "strategy", "density", "majority_sign_method"}
+        if isinstance(raw, dict):  # LoRAX's client names the strategy `merge_strategy` and sends nulls
+            if "merge_strategy" in raw and raw.get("strategy") is not None:
+                raise bad("give strategy or merge_strategy, not both")
+            raw = {("strategy" if k == "merge_strategy" else k): v for k, v in raw.items() if v is not None}
         if not isinstance(raw, dict) or set(raw) - known:
             raise bad(f"must be an object with keys among {sorted(known)}")
         ids = raw.get("ids")

@@ -274,8 +274,14 @@ class UnloadLoraAdapterRequest(BaseModel):
 
 
 class GenerateParameters(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    """LoRAX's / TGI's parameters. Every field their clients send is listed: the ones not honoured are
+    accepted only at their defaults (a 400 naming the field otherwise, see native_service); anything else
+    is refused."""
+
+    model_config = ConfigDict(extra="forbid")
     adapter_id: str | None = None
+    adapter_source: str | None = Field(None, description='"local" or "s3" (the store); "hub" is refused')
+    api_token: str | None = Field(None, description="null only (hub tokens are not used)")
     merged_adapters: dict | None = Field(
         None, description='a per-request merge instead of one adapter: {"ids": [...], "weights": [...], '
                           '"strategy": "linear"|"ties", "density": 0.5, "majority_sign_method": "total"}')
@@ -289,13 +295,31 @@ class GenerateParameters(BaseModel):
     do_sample: bool = False
     return_full_text: bool = False
     ignore_eos: bool = False
+    ignore_eos_token: bool = False  # LoRAX's name for ignore_eos
+    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)  # TGI
+    typical_p: float | None = Field(None, gt=0.0, le=1.0)
+    truncate: int | None = Field(None, ge=1, description="keep only the prompt's last `truncate` tokens")
+    best_of: int | None = Field(None, ge=1, description="1 or null only")
+    watermark: bool = Field(False, description="false only")
+    decoder_input_details: bool = Field(False, description="false only (no prompt logprobs)")
+    return_k_alternatives: int | None = Field(None, ge=0, description="top-k alternatives per token, 0-20")
+    top_n_tokens: int | None = Field(None, ge=0, description="TGI's name for return_k_alternatives")
+    response_format: dict | None = Field(None, description="null only (structured output is not built yet)")
+    grammar: dict | None = Field(None, description="TGI; null only")
 
 
 class GenerateRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
     inputs: str = Field(min_length=1)
     parameters: GenerateParameters = Field(default_factory=GenerateParameters)
     stream: bool = False
+
+
+class AlternativeToken(BaseModel):
+    id: int
+    text: str
+    logprob: float
 
 
 class NativeToken(BaseModel):
@@ -303,6 +327,7 @@ class NativeToken(BaseModel):
     text: str
     logprob: float | None = None
     special: bool = False
+    alternative_tokens: list[AlternativeToken] | None = None
 
 
 class SpeculativeDetails(BaseModel):
@@ -318,6 +343,7 @@ class GenerateDetails(BaseModel):
     generated_tokens: int
     prompt_tokens: int
     seed: int | None = None
+    prefill: list[NativeToken] = Field(default_factory=list)  # TGI: empty without decoder_input_details
     tokens: list[NativeToken] = Field(default_factory=list)
     speculative: SpeculativeDetails | None = None
 

@@ -150,6 +150,8 @@ class WorkerService:
     async def _events(self, req: WorkerGenerateRequest) -> AsyncIterator[TokenEvent]:
         """The engine's events for `req`; load errors and prompt errors raise before the first one."""
         prompt_ids = self.prompts.build(req)
+        if req.truncate is not None:
+            prompt_ids = prompt_ids[-req.truncate:]
         if req.adapter is not None:
             await self.adapters.ensure(req.adapter, req.adapter_path, req.merge)
         if req.medusa_path:

@@ -37,7 +37,9 @@ def main(argv: list[str] | None = None) -> None:
     args = _parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if v is not None and k != "log_level"}
     settings = GatewaySettings(**overrides)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s gateway %(levelname)s %(name)s: %(message)s")
+    from adapters_store.json_logging import configure
+
+    configure("gateway", logging.INFO)
     try:
         app = create_app(settings)
     except InsecureBindError as exc:

@@ -18,6 +18,7 @@ from server.jobs_service import JobsService
 from server.metrics import GatewayMetrics
 from server.native_service import NativeService
 from server.openai_service import ChatService, CompletionService
+from server.request_context import RequestContext
 from server.router import WorkerRouter
 from server.routes import adapters, files, jobs, native, openai, ops, vllm
 from server.settings import GatewaySettings
@@ -115,4 +116,5 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.add_middleware(
         BodySizeLimit, max_bytes=settings.max_request_bytes, upload_max_bytes=settings.max_upload_bytes
     )
+    app.add_middleware(RequestContext, metrics=app.state.metrics)  # outermost: sees every response
     return app

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from adapters_store.coordination import WorkerGenerateRequest, WorkerMerge
+from adapters_store.json_logging import REQUEST_ID
 from server.adapter_catalog import AdapterCatalog, AdapterVersion
 from server.errors import (
     GatewayError,
@@ -19,6 +20,7 @@ from server.errors import (
     WorkerUnreachableError,
 )
 from server.metrics import GatewayMetrics
+from server.request_context import note
 from server.router import Lease, WorkerRouter
 from server.worker_client import WorkerClient, WorkerStream
 from server.worker_registry import WorkerRegistry
@@ -118,7 +120,7 @@ class Dispatcher:
         )
 
     def _payload(self, target: Target, req: WorkerGenerateRequest, stream: bool) -> bytes:
-        update: dict = {"stream": stream}
+        update: dict = {"stream": stream, "request_id": REQUEST_ID.get() or req.request_id}
         if isinstance(target.adapter, MergedAdapter):
             update |= {"adapter": target.adapter.ref, "merge": target.adapter.merge}
         elif target.adapter is not None:
@@ -129,6 +131,7 @@ class Dispatcher:
         return req.model_copy(update=update).model_dump_json(exclude_none=True).encode()
 
     async def _acquire(self, target: Target, exclude: list[str]) -> Lease:
+        note(adapter=target.label)
         self._metrics.queue_waiting.set(self._router.waiting + 1)
         try:
             return await self._router.acquire(target.adapter.ref if target.adapter else None, exclude)
@@ -195,9 +198,9 @@ class Dispatcher:
                 lease.release()
                 self._metrics.requests.labels(target.label, lease.worker.worker_id, "error").inc()
                 raise
-            self._metrics.ttft.labels(target.label, lease.worker.worker_id).observe(
-                time.perf_counter() - start
-            )
+            ttft = time.perf_counter() - start
+            self._metrics.ttft.labels(target.label, lease.worker.worker_id).observe(ttft)
+            note(ttft_s=round(ttft, 6))
             return self._relay(target, lease, stream, start)
         raise AssertionError("unreachable")
 
@@ -228,6 +231,7 @@ class Dispatcher:
 
     def _record(self, target: Target, worker: str, start: float, prompt_tokens: int, completion_tokens: int):
         label = target.label
+        note(adapter=label, worker=worker, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
         self._metrics.requests.labels(label, worker, "ok").inc()
         self._metrics.latency.labels(label, worker).observe(time.perf_counter() - start)
         self._metrics.prompt_tokens.labels(label, worker).inc(prompt_tokens)

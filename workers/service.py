@@ -10,8 +10,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import itertools
 import json
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
@@ -33,6 +35,7 @@ from adapters_store.coordination import (
     WorkerInfo,
     WorkerTokenizeRequest,
 )
+from adapters_store.json_logging import REQUEST_ID
 from workers.adapter_loader import AdapterLoader
 from workers.choices import ResultBuilder, TokenTexts, event_payload
 from workers.engine.types import GenerationRequest, SamplingParams, TokenEvent
@@ -130,6 +133,7 @@ class WorkerService:
         self.metrics.register(FusionCollector(lambda: self.engine.stats().get("fusion", {})))
         self.metrics.register(SpeculativeCollector(lambda: self.engine.stats().get("medusa", {})))
         self.in_flight = 0
+        self._engine_ids = itertools.count()  # engine request ids stay unique whatever ids callers send
 
     def _residency_changed(self) -> None:
         if self.heartbeat is not None:
@@ -156,15 +160,26 @@ class WorkerService:
             await self.adapters.ensure(req.adapter, req.adapter_path, req.merge)
         if req.medusa_path:
             await self.adapters.ensure_heads(req.adapter, req.medusa_path)
-        gen_req = GenerationRequest(
-            prompt_ids=prompt_ids, params=_sampling(req), adapter=req.adapter, request_id=req.request_id
-        )
+        gen_req = GenerationRequest(prompt_ids=prompt_ids, params=_sampling(req), adapter=req.adapter,
+                                    request_id=f"{req.request_id or 'req'}#{next(self._engine_ids)}")
         self.in_flight += 1
+        REQUEST_ID.set(req.request_id or None)  # this request's task: its log lines carry the id
+        start, ttft, tokens, status = time.perf_counter(), None, 0, "cancelled"
         try:
             async for ev in self.engine.generate(gen_req):
+                ttft = ttft if ttft is not None else time.perf_counter() - start
+                tokens += 1
                 yield ev
+            status = "ok"
+        except Exception:
+            status = "error"
+            raise
         finally:
             self.in_flight -= 1
+            log.info("request", extra={"adapter": req.adapter or "base", "worker": self.config.worker_id,
+                                       "prompt_tokens": len(prompt_ids), "completion_tokens": tokens,
+                                       "ttft_s": None if ttft is None else round(ttft, 6), "status": status,
+                                       "latency_s": round(time.perf_counter() - start, 6)})
 
     async def load_medusa(self, path: str, attach_to: str | None) -> None:
         await self.adapters.load_heads(attach_to, path)
@@ -385,7 +400,9 @@ def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
     args = _parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(levelname)s %(name)s: %(message)s")
+    from adapters_store.json_logging import configure
+
+    configure("worker", logging.INFO)
     config = WorkerServiceConfig(
         host=args.host,
         port=args.port,

@@ -1,6 +1,9 @@
 """OpenAI/vLLM sampling parameters end to end (gateway + one worker process, the `openai` package
 unmodified): n completions, real top-k logprobs against transformers, penalties and logit_bias reaching the
-engine, and the 400s that name the field."""
+engine, and the 400s that name the field; request ids in both processes' JSON log lines, and every
+response status counted."""
+
+import json
 
 import httpx
 import openai
@@ -162,3 +165,48 @@ def test_every_sampling_field_reaches_the_engine_params():
     assert (params.presence_penalty, params.frequency_penalty, params.repetition_penalty) == (0.3, -0.2, 1.1)
     assert (params.min_p, params.typical_p, params.stop_token_ids, params.logit_bias) == (0.05, 0.8, (3,), ((5, -2.0),))
     assert (params.logprobs, params.top_logprobs, params.stop, params.ignore_eos) == (True, 3, ("x",), True)
+
+
+def json_lines(path) -> list[dict]:
+    out = []
+    for line in path.read_text(errors="replace").splitlines():
+        if line.startswith("{"):
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return out
+
+
+def test_request_id_reaches_the_worker_logs_and_the_response(cluster):
+    body = {"model": base_id(cluster), "prompt": "hello", "max_tokens": 3, "temperature": 0, "ignore_eos": True}
+    r = httpx.post(cluster.url + "/v1/completions", json=body, headers={"X-Request-ID": "trace-me-42"}, timeout=60)
+    assert r.status_code == 200 and r.headers["x-request-id"] == "trace-me-42"
+    made = httpx.post(cluster.url + "/v1/completions", json=body | {"stream": True}, timeout=60)
+    assert made.headers["x-request-id"].startswith("req-")
+    bad = httpx.post(cluster.url + "/v1/completions", json=body, headers={"X-Request-ID": "x" * 500}, timeout=60)
+    assert bad.headers["x-request-id"] != "x" * 500  # not a sane token: replaced
+    def logged(name, rid):
+        return [e for e in json_lines(cluster.logs / f"{name}.log")
+                if e.get("request_id") == rid and e.get("message") == "request"]
+    wait_until(lambda: logged("gateway", "trace-me-42") and logged("ws", "trace-me-42"), 30, "the log lines")
+    (gw,), (wk,) = logged("gateway", "trace-me-42"), logged("ws", "trace-me-42")
+    assert gw["status"] == 200 and gw["tenant"] == "anonymous" and gw["adapter"] == "base" and gw["worker"] == "ws"
+    assert gw["completion_tokens"] == 3 and gw["prompt_tokens"] > 0 and gw["latency_s"] > 0
+    assert wk["role"] == "worker" and wk["status"] == "ok" and wk["completion_tokens"] == 3 and wk["ttft_s"] > 0
+    streamed = logged("gateway", made.headers["x-request-id"])
+    assert streamed and streamed[0]["ttft_s"] > 0
+
+
+def test_every_response_status_is_counted(cluster):
+    def count(status: str) -> float:
+        text = httpx.get(cluster.url + "/metrics", timeout=30).text
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith("adapterd_http_responses_total{") and f'status="{status}"' in line
+                   and 'route="/v1/completions"' in line)
+    before = {s: count(s) for s in ("200", "400", "404", "422")}
+    base = {"prompt": "x", "max_tokens": 1}
+    for body in ({"model": base_id(cluster)}, {"model": "ghost"}, {"model": base_id(cluster), "n": 9}, {}):
+        httpx.post(cluster.url + "/v1/completions", json=base | body, timeout=60)
+    after = {s: count(s) for s in before}
+    assert {s: after[s] - before[s] for s in before} == {"200": 1, "400": 1, "404": 1, "422": 1}

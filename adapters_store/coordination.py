@@ -106,6 +106,7 @@ class WorkerSampling(BaseModel):
     typical_p: float = Field(1.0, gt=0.0, le=1.0)
     logit_bias: dict[int, float] = Field(default_factory=dict)  # token id → added to its logit
     stop_token_ids: list[int] = Field(default_factory=list)
+    json_schema: str | None = None  # structured output: a JSON schema (as text) the completion must satisfy
 
 
 class MergeMember(BaseModel):

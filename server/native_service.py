@@ -21,7 +21,7 @@ from server.protocol import (
     NativeToken,
     StreamDetails,
 )
-from server.sampling import check_top_logprobs
+from server.sampling import check_top_logprobs, json_schema
 
 DEFAULT_MAX_NEW_TOKENS = 20  # TGI's default
 
@@ -36,7 +36,6 @@ _DEFAULTS_ONLY = {  # sent by LoRAX's / TGI's clients on every call; honoured on
     "api_token": (None, "hub tokens are not used: authenticate with the Authorization header"),
     "watermark": (False, "watermarking is not supported"),
     "decoder_input_details": (False, "prompt token logprobs are not supported"),
-    "response_format": (None, "structured output is not supported yet"),
     "grammar": (None, "grammars are not supported yet"),
 }
 
@@ -71,6 +70,7 @@ def _sampling(p: GenerateParameters) -> WorkerSampling:
         repetition_penalty=p.repetition_penalty if p.repetition_penalty is not None else 1.0,
         frequency_penalty=p.frequency_penalty or 0.0,
         typical_p=p.typical_p if p.typical_p is not None else 1.0,
+        json_schema=json_schema(p.response_format),
     )
 
 

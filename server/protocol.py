@@ -65,6 +65,9 @@ class _SamplingFields(BaseModel):
     stop_token_ids: list[int] | None = Field(None, max_length=64)
     logit_bias: dict[str, float] | None = Field(
         None, max_length=300, description="token id (as a string) → bias in [-100, 100] added to its logit")
+    response_format: dict | None = Field(
+        None, description='{"type": "text" | "json_object"} or {"type": "json_schema", "json_schema": {"name", '
+                          '"schema", "strict"}}: the output is JSON (valid against the schema)')
 
     @field_validator("stop")
     @classmethod
@@ -305,7 +308,8 @@ class GenerateParameters(BaseModel):
     decoder_input_details: bool = Field(False, description="false only (no prompt logprobs)")
     return_k_alternatives: int | None = Field(None, ge=0, description="top-k alternatives per token, 0-20")
     top_n_tokens: int | None = Field(None, ge=0, description="TGI's name for return_k_alternatives")
-    response_format: dict | None = Field(None, description="null only (structured output is not built yet)")
+    response_format: dict | None = Field(
+        None, description='LoRAX: {"type": "json_object", "schema": {...}}: the output is JSON valid against it')
     grammar: dict | None = Field(None, description="TGI; null only")
 
 

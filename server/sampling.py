@@ -4,6 +4,8 @@ worker, before anything runs."""
 
 from __future__ import annotations
 
+import json
+
 from adapters_store.coordination import WorkerSampling
 from server.errors import InvalidRequestError
 from server.protocol import ChatCompletionRequest, CompletionRequest
@@ -11,6 +13,34 @@ from server.protocol import ChatCompletionRequest, CompletionRequest
 MAX_N = 8  # completions per prompt (n, best_of)
 MAX_TOP_LOGPROBS = 20
 MAX_LOGIT_BIAS = 100.0
+ANY_JSON_OBJECT = '{"type": "object"}'
+
+
+def json_schema(fmt: dict | None) -> str | None:
+    """OpenAI's `response_format` (or LoRAX's: json_object with an optional `schema`) → the schema text the
+    worker constrains to (None: free text). The schema itself is checked by the worker (400 if invalid)."""
+    if fmt is None:
+        return None
+    kind = fmt.get("type")
+    if kind == "text" and set(fmt) == {"type"}:
+        return None
+    if kind == "json_object" and set(fmt) <= {"type", "schema"}:
+        schema = fmt.get("schema")
+        return ANY_JSON_OBJECT if schema is None else _schema_text(schema)
+    if kind == "json_schema" and set(fmt) == {"type", "json_schema"} and isinstance(fmt["json_schema"], dict):
+        spec = fmt["json_schema"]
+        if "schema" not in spec or set(spec) - {"name", "schema", "strict", "description"}:
+            raise InvalidRequestError("response_format.json_schema needs `schema` (and optionally name, strict, "
+                                      "description)", param="response_format")
+        return _schema_text(spec["schema"])
+    raise InvalidRequestError('response_format must be {"type": "text"}, {"type": "json_object"} or '
+                              '{"type": "json_schema", "json_schema": {"schema": {...}}}', param="response_format")
+
+
+def _schema_text(schema: object) -> str:
+    if not isinstance(schema, dict):
+        raise InvalidRequestError("response_format: the schema must be a JSON object", param="response_format")
+    return json.dumps(schema)
 
 
 def check_n(n: int, best_of: int | None = None) -> None:
@@ -67,6 +97,7 @@ def worker_sampling(req: CompletionRequest | ChatCompletionRequest, max_tokens: 
         typical_p=req.typical_p,
         logit_bias=logit_bias(req.logit_bias),
         stop_token_ids=list(req.stop_token_ids or ()),
+        json_schema=json_schema(req.response_format),
     )
 
 

@@ -116,6 +116,7 @@ def _sampling(req: WorkerGenerateRequest) -> SamplingParams:
         typical_p=p.typical_p,
         logit_bias=tuple(sorted(p.logit_bias.items())),
         stop_token_ids=tuple(p.stop_token_ids),
+        json_schema=p.json_schema,
     )
 
 

@@ -109,8 +109,19 @@ def test_lorax_client_unmodified(cluster, lorax_python, tiny_assets):
         assert message != "accepted" and name in message, (name, message)
 
 
+def test_native_response_format_gives_valid_json(cluster):
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0,
+              "maximum": 99}}, "required": ["ok", "n"], "additionalProperties": False}
+    out = native(cluster, {"max_new_tokens": 200, "do_sample": True, "seed": 3,
+                           "response_format": {"type": "json_object", "schema": schema}})
+    import jsonschema
+
+    jsonschema.validate(json.loads(out["generated_text"]), schema)
+
+
 def test_native_fields_not_honoured_are_400_naming_them(cluster):
-    for params, field in [({"response_format": {"type": "json_object"}}, "response_format"),
+    bad_schema = {"response_format": {"type": "json_object", "schema": {"type": "bogus"}}}
+    for params, field in [(bad_schema, "response_format"),
                           ({"adapter_id": "alpha", "adapter_source": "hub"}, "adapter_source"),
                           ({"return_k_alternatives": 21}, "return_k_alternatives"),
                           ({"best_of": 2}, "best_of"), ({"watermark": True}, "watermark")]:

@@ -27,6 +27,7 @@ from workers.engine.sampler import sample
 from workers.engine.scheduler import Scheduler, StepPlan
 from workers.engine.sequence import Sequence
 from workers.engine.speculative import Draft, Speculator
+from workers.engine.structured import Grammars, advance
 from workers.engine.types import GenerationRequest, TokenEvent
 from workers.errors import AdapterNotFoundError, AdapterValidationError, InvalidRequestError, PromptTooLongError
 
@@ -53,6 +54,7 @@ class EngineCore:
                                      self.runner.model.lm_head, self.runner.dtype, self.runner.device)
         self.eos_ids = frozenset(self.runner.config.eos_token_ids) | frozenset(
             [self.tokenizer.eos_token_id] if getattr(self.tokenizer, "eos_token_id", None) is not None else [])
+        self.grammars = Grammars(self.tokenizer, self.runner.config.vocab_size)
         self.lock = threading.RLock()  # guards adapters + scheduler against the service's threads
         self.by_id: dict[str, list[Sequence]] = {}  # request id → its sequences (n completions)
 
@@ -162,6 +164,8 @@ class EngineCore:
             raise InvalidRequestError("min_p must be in [0, 1]", param="min_p")
         if not 0 < p.typical_p <= 1:
             raise InvalidRequestError("typical_p must be in (0, 1]", param="typical_p")
+        if p.json_schema is not None:
+            self.grammars.check(p.json_schema)
 
     def _generator(self, p, choice: int) -> torch.Generator | None:
         if p.temperature <= 0:
@@ -176,6 +180,9 @@ class EngineCore:
             seq, *forks = [Sequence(request, IncrementalText(self.tokenizer, p.stop), self._generator(p, i),
                                     stop_ids, choice=i) for i in range(p.n)]
             seq.forks = forks
+            if p.json_schema is not None:
+                for s in (seq, *forks):
+                    s.matcher = self.grammars.matcher(p.json_schema)
             self.scheduler.add(seq)
             if request.request_id:
                 self.by_id[request.request_id] = [seq, *forks]
@@ -249,6 +256,7 @@ class EngineCore:
                 hidden: torch.Tensor) -> list[tuple[Sequence, TokenEvent]]:
         """One token per row (logits [R, vocab], hidden [R, hidden]); rows with heads keep the hidden state."""
         tokens, logprobs, top = sample(logits, seqs)
+        advance([s.matcher for s in seqs], tokens, self.grammars.eos)
         for row, seq in enumerate(seqs):
             if self.speculator.heads_for(seq) is not None:
                 seq.medusa_hidden = hidden[row].clone()
@@ -283,6 +291,8 @@ class EngineCore:
         if token in seq.stop_ids:
             seq.finish_reason = "stop"
         elif seq.text.add(token):
+            seq.finish_reason = "stop"
+        elif seq.matcher is not None and seq.matcher.is_stopped():  # the JSON is complete
             seq.finish_reason = "stop"
         elif len(seq.output) >= p.max_tokens or len(seq.prompt) + len(seq.output) >= self.max_seq:
             seq.finish_reason = "length"

@@ -33,7 +33,7 @@ def uses_warpers(p: SamplingParams) -> bool:
 def decodes_plainly(p: SamplingParams) -> bool:
     """A row that must not verify a speculative tree: its tokens depend on transforms (or report top-k
     logprobs) that the tree verification does not compute."""
-    return uses_processors(p) or uses_warpers(p) or p.top_logprobs > 0
+    return uses_processors(p) or uses_warpers(p) or p.top_logprobs > 0 or p.json_schema is not None
 
 
 def process(logits: torch.Tensor, rows: list[tuple[SamplingParams, Seq[int], Seq[int]]]) -> torch.Tensor:

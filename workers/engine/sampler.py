@@ -9,6 +9,7 @@ import torch
 
 from workers.engine.logits_processors import process, warp_probs
 from workers.engine.sequence import Sequence
+from workers.engine.structured import constrain
 from workers.engine.types import SamplingParams
 
 TopLogprobs = tuple[tuple[int, float], ...]
@@ -20,6 +21,7 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]
     row's top-`top_logprobs` (token, raw logprob) pairs, most likely first."""
     raw = logits
     logits = process(logits, [(s.request.params, s.prompt, s.output) for s in seqs])
+    logits = constrain(logits, [s.matcher for s in seqs])  # structured output: grammar masks per row
     tokens = logits.argmax(dim=-1).tolist()  # greedy for every row, overwritten for sampled rows
     for row, seq in enumerate(seqs):
         p = seq.request.params

@@ -28,6 +28,7 @@ class SamplingParams:
     # warpers after temperature → top-k → top-p (as transformers orders them):
     min_p: float = 0.0  # drop tokens below min_p × the most likely token's probability
     typical_p: float = 1.0  # locally typical sampling: keep the smallest typical set of mass typical_p
+    json_schema: str | None = None  # structured output: the completion is JSON valid against this schema
     n: int = 1  # completions from one prompt: one prefill, its KV copied into n-1 more slots
 
 

@@ -121,7 +121,7 @@ class WorkerMerge(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     members: list[MergeMember] = Field(min_length=1)
-    strategy: Literal["linear", "ties"] = "linear"
+    strategy: Literal["linear", "ties", "dare_linear", "dare_ties"] = "linear"
     density: float = Field(1.0, gt=0.0, le=1.0)
     majority_sign_method: Literal["total", "frequency"] = "total"
 

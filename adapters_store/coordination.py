@@ -190,6 +190,7 @@ class WorkerTokenizeRequest(BaseModel):
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = True
+    offsets: bool = False  # also each token's [start, stop) character span in `prompt`
 
 
 class WorkerDetokenizeRequest(BaseModel):

@@ -237,9 +237,12 @@ class ModelList(BaseModel):
 
 
 class TokenizeRequest(BaseModel):
+    """vLLM's (`prompt` or `messages`) or TGI/LoRAX's (`inputs`, answered as a list of tokens with offsets)."""
+
     model_config = ConfigDict(extra="forbid")
     model: str | None = None
     prompt: str | None = None
+    inputs: str | None = Field(None, description="TGI/LoRAX: the text; the answer is [{id, text, start, stop}]")
     messages: list[ChatMessageIn] | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = Field(True, description="messages only; true (the only value supported)")

@@ -50,10 +50,13 @@ class VllmService:
     async def _post(self, worker: WorkerView, path: str, body) -> dict:
         return await self._client.post(worker.url, path, body.model_dump_json(exclude_none=True).encode())
 
-    async def tokenize(self, req: TokenizeRequest) -> TokenizeResponse:
+    async def tokenize(self, req: TokenizeRequest) -> TokenizeResponse | list[dict]:
         self._dispatcher.resolve(req.model)  # an unknown model is a 404, as for generation
-        if (req.prompt is None) == (req.messages is None):
-            raise InvalidRequestError("give exactly one of prompt, messages", param="prompt")
+        if sum(x is not None for x in (req.prompt, req.messages, req.inputs)) != 1:
+            raise InvalidRequestError("give exactly one of prompt, messages, inputs", param="prompt")
+        if req.inputs is not None:  # TGI/LoRAX: tokens with their text and character spans
+            body = WorkerTokenizeRequest(prompt=req.inputs, add_special_tokens=req.add_special_tokens, offsets=True)
+            return (await self._post(self._least_loaded(), "/tokenize", body))["spans"]
         if req.messages is not None and not req.add_generation_prompt:
             raise InvalidRequestError("only add_generation_prompt: true is supported", param="add_generation_prompt")
         messages = [ChatMessage(role=m.role, content=m.text()) for m in req.messages] if req.messages else None

@@ -75,6 +75,12 @@ class PromptBuilder:
             return self._chat(req.messages)
         return tuple(self._tok.encode(req.prompt, add_special_tokens=req.add_special_tokens))
 
+    def spans(self, prompt: str, add_special_tokens: bool) -> list[dict]:
+        """Each token of `prompt` with its text and character span (TGI's /tokenize)."""
+        enc = self._tok(prompt, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+        return [{"id": i, "text": prompt[a:b], "start": a, "stop": b}
+                for i, (a, b) in zip(enc["input_ids"], enc["offset_mapping"], strict=True)]
+
     def detokenize(self, ids: list[int]) -> str:
         return self._tok.decode(list(self._checked_ids(ids)))
 
@@ -237,6 +243,8 @@ async def generate_route(body: WorkerGenerateRequest, service: Service) -> Respo
 
 
 async def tokenize_route(body: WorkerTokenizeRequest, service: Service) -> dict:
+    if body.offsets and body.prompt is not None:
+        return {"spans": service.prompts.spans(body.prompt, body.add_special_tokens)}
     ids = service.prompts.tokenize(body)
     return {"tokens": list(ids), "count": len(ids), "max_model_len": service.info().max_model_len}
 

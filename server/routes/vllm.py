@@ -22,7 +22,7 @@ from server.version import VERSION
 router = APIRouter(responses={"default": {"model": ErrorResponse}})
 
 
-@router.post("/tokenize", response_model=TokenizeResponse)
+@router.post("/tokenize", response_model=TokenizeResponse | list[dict])
 async def tokenize(body: TokenizeRequest, service: Vllm, adapters: Adapters, tenant: CurrentTenant):
     adapters.authorize(body.model, tenant)
     return await service.tokenize(body)

@@ -91,6 +91,9 @@ def test_tokenize_detokenize_version_and_model_cards(cluster, tiny_assets):
     chat = call(cluster, "POST", "/tokenize", json={"messages": [{"role": "user", "content": "hi"}]}).json()
     rendered = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
     assert chat["tokens"] == tok.encode(rendered, add_special_tokens=False)
+    spans = call(cluster, "POST", "/tokenize", json={"inputs": "hello world"}).json()  # TGI/LoRAX's shape
+    assert [s["id"] for s in spans] == tok.encode("hello world")
+    assert "".join(s["text"] for s in spans) == "hello world" and spans[0]["start"] == 0 and spans[-1]["stop"] == 11
     r = call(cluster, "POST", "/detokenize", json={"tokens": tok.encode("hello world")})
     assert r.json() == {"prompt": tok.decode(tok.encode("hello world"))}
     assert call(cluster, "POST", "/tokenize", json={"model": "nope", "prompt": "x"}).status_code == 404

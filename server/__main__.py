@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> None:
         host=settings.host,
         port=settings.port,
         log_level=args.log_level,
+        log_config=None,  # uvicorn's own loggers propagate to the JSON handler
         access_log=False,
         timeout_keep_alive=KEEP_ALIVE_S,
         loop="uvloop",

@@ -429,6 +429,7 @@ def main(argv: list[str] | None = None) -> None:
             host=args.host,
             port=args.port,
             log_level="warning",
+            log_config=None,  # uvicorn's own loggers propagate to the JSON handler
             access_log=False,
             loop="uvloop",
             http="httptools",

@@ -69,6 +69,7 @@ class WorkerInfo:
     max_adapters: int = 0
     base_model: dict | None = None  # the base's config.json fields uploads are checked against (BaseModelSpec)
     heartbeat_at: float = field(default_factory=time.time)
+    max_model_len: int = 0  # tokens per sequence, prompt included (0: an older worker that did not say)
     version: int = SCHEMA_VERSION
     # load as the console shows it (workers.load_report): tokens_per_s, running, queue, fusion, medusa,
     # device_adapters; additive, so older readers ignore it
@@ -116,6 +117,17 @@ class WorkerSampling(BaseModel):
     stop: list[str] = Field(default_factory=list)
     ignore_eos: bool = False
     logprobs: bool = False
+    # added in issue 17 (defaults keep older payloads valid):
+    top_logprobs: int = Field(0, ge=0, le=20)  # with logprobs: the model's top-k at each position
+    n: int = Field(1, ge=1)  # completions from one prefill (the worker caps it at its max batch)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = Field(1.0, gt=0.0)
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    typical_p: float = Field(1.0, gt=0.0, le=1.0)
+    logit_bias: dict[int, float] = Field(default_factory=dict)  # token id → added to its logit
+    stop_token_ids: list[int] = Field(default_factory=list)
+    json_schema: str | None = None  # structured output: a JSON schema (as text) the completion must satisfy
 
 
 class MergeMember(BaseModel):
@@ -130,7 +142,7 @@ class WorkerMerge(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     members: list[MergeMember] = Field(min_length=1)
-    strategy: Literal["linear", "ties"] = "linear"
+    strategy: Literal["linear", "ties", "dare_linear", "dare_ties"] = "linear"
     density: float = Field(1.0, gt=0.0, le=1.0)
     majority_sign_method: Literal["total", "frequency"] = "total"
 
@@ -150,6 +162,7 @@ class WorkerGenerateRequest(BaseModel):
     medusa_path: str | None = None  # the source of Medusa heads for `adapter` (or the base), if any
     params: WorkerSampling = Field(default_factory=WorkerSampling)
     stream: bool = False
+    truncate: int | None = Field(None, ge=1)  # keep only the prompt's last `truncate` tokens (TGI/LoRAX)
 
 
 class WorkerTokenEvent(BaseModel):
@@ -161,6 +174,20 @@ class WorkerTokenEvent(BaseModel):
     index: int
     prompt_tokens: int
     finish_reason: str | None = None
+    top_logprobs: list[tuple[int, str, float]] | None = None  # (token id, text, raw logprob), best first
+    choice: int = 0  # which of the n completions
+
+
+class WorkerChoice(BaseModel):
+    """One of n completions (n > 1)."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    tokens: list[str]
+    logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, str, float]]] | None = None
+    finish_reason: str
 
 
 class WorkerGenerateResult(BaseModel):
@@ -169,10 +196,27 @@ class WorkerGenerateResult(BaseModel):
     tokens: list[str]  # each token's text delta, aligned with token_ids
     logprobs: list[float] | None = None
     prompt_tokens: int
-    completion_tokens: int
+    completion_tokens: int  # over all choices
     finish_reason: str
     worker_id: str
     speculative: dict | None = None  # Medusa: {"decode_steps", "tokens_per_step", "mean_tokens_per_step"}
+    top_logprobs: list[list[tuple[int, str, float]]] | None = None  # per token: (id, text, raw logprob)
+    choices: list[WorkerChoice] | None = None  # n > 1: every completion (the fields above are choice 0's)
+
+
+class WorkerTokenizeRequest(BaseModel):
+    """Exactly one of `prompt` or `messages` (rendered with the chat template, generation prompt added)."""
+
+    model_config = ConfigDict(extra="forbid")
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+    offsets: bool = False  # also each token's [start, stop) character span in `prompt`
+
+
+class WorkerDetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    tokens: list[int]
 
 
 class AdapterLoadRequest(BaseModel):

@@ -2,7 +2,10 @@
 merges with it, the worker builds per-request merges with it.
 
 A merge request is `{"ids": [...], "weights": [...], "strategy": "linear" | "ties", "density": d,
-"majority_sign_method": "total" | "frequency"}` (weights default to 1 each, density to 1.0).
+"majority_sign_method": "total" | "frequency"}` (weights default to 1 each, density to 1.0); LoRAX's
+client names the strategy `merge_strategy`. `dare_linear` / `dare_ties` (DARE, as PEFT's): each tensor keeps
+a random `density` fraction of its entries, rescaled by 1/density, then linear / TIES sign election; the
+random masks are seeded from the tensors' bytes, so every worker builds the same merge.
 
 LoRA members (ComPEFT ones decoded first) merge as PEFT's `add_weighted_adapter` does: per module, the
 members that target it contribute A·√|wᵢ·sᵢ|·sign(wᵢ·sᵢ) and B·√|wᵢ·sᵢ| (sᵢ their LoRA scale), and the A
@@ -20,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -29,7 +33,7 @@ from adapters_store import compeft, s2ft_format, safetensors_file
 from adapters_store.errors import InvalidAdapterError
 from adapters_store.validation import CONFIG_NAME, LORA_KEY, SAFETENSORS_NAME, parse_config
 
-STRATEGIES = ("linear", "ties")
+STRATEGIES = ("linear", "ties", "dare_linear", "dare_ties")
 SIGN_METHODS = ("total", "frequency")
 MAX_MEMBERS = 16
 LORA_PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
@@ -50,6 +54,10 @@ class MergeSpec:
             return InvalidAdapterError(f"merged_adapters: {message}", param="merged_adapters")
 
         known = {"ids", "weights", "strategy", "density", "majority_sign_method"}
+        if isinstance(raw, dict):  # LoRAX's client names the strategy `merge_strategy` and sends nulls
+            if "merge_strategy" in raw and raw.get("strategy") is not None:
+                raise bad("give strategy or merge_strategy, not both")
+            raw = {("strategy" if k == "merge_strategy" else k): v for k, v in raw.items() if v is not None}
         if not isinstance(raw, dict) or set(raw) - known:
             raise bad(f"must be an object with keys among {sorted(known)}")
         ids = raw.get("ids")
@@ -139,13 +147,24 @@ def magnitude_prune(x: np.ndarray, density: float) -> np.ndarray:
     return np.where(keep.reshape(x.shape), x, 0).astype(x.dtype)
 
 
+def dare_masks(tensors: Sequence[np.ndarray], density: float) -> list[np.ndarray]:
+    """DARE's random keep-masks (1 with probability `density`), one per tensor, seeded from their bytes."""
+    rng = np.random.default_rng(zlib.crc32(b"".join(np.ascontiguousarray(t).tobytes() for t in tensors)))
+    return [(rng.random(t.shape) < density).astype(np.float64) for t in tensors]
+
+
 def combine(tensors: Sequence[np.ndarray], weights: Sequence[float], spec: MergeSpec) -> np.ndarray:
     """tensors: same-shaped task tensors; weights: one per tensor."""
     w = np.asarray(weights, dtype=np.float64).reshape(-1, *([1] * tensors[0].ndim))
     stacked = np.stack([t.astype(np.float64) for t in tensors])  # [n, ...]
     if spec.strategy == "linear":
         return (stacked * w).sum(0).astype(np.float32)
-    pruned = np.stack([magnitude_prune(t, spec.density) for t in stacked])
+    if spec.strategy.startswith("dare_"):  # random pruning, rescaled to keep the expected value
+        pruned = np.stack(dare_masks(tensors, spec.density)) * stacked / spec.density
+        if spec.strategy == "dare_linear":
+            return (pruned * w).sum(0).astype(np.float32)
+    else:
+        pruned = np.stack([magnitude_prune(t, spec.density) for t in stacked])
     votes = pruned.sum(0) if spec.majority_sign_method == "total" else np.sign(pruned).sum(0)
     agree = np.sign(pruned) == np.where(votes >= 0, 1.0, -1.0)  # [n, ...]
     kept = np.where(agree, pruned * w, 0.0)

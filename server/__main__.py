@@ -38,7 +38,9 @@ def main(argv: list[str] | None = None) -> None:
     args = _parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if v is not None and k != "log_level"}
     settings = GatewaySettings(**overrides)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s gateway %(levelname)s %(name)s: %(message)s")
+    from adapters_store.json_logging import configure
+
+    configure("gateway", logging.INFO)
     try:
         settings.cluster_signer()
         app = create_app(settings)
@@ -50,6 +52,7 @@ def main(argv: list[str] | None = None) -> None:
         host=settings.host,
         port=settings.port,
         log_level=args.log_level,
+        log_config=None,  # uvicorn's own loggers propagate to the JSON handler
         access_log=False,
         timeout_keep_alive=KEEP_ALIVE_S,
         loop="uvloop",

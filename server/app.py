@@ -19,9 +19,11 @@ from server.jobs_service import JobsService
 from server.metrics import GatewayMetrics
 from server.native_service import NativeService
 from server.openai_service import ChatService, CompletionService
+from server.request_context import RequestContext
 from server.router import WorkerRouter
-from server.routes import adapters, console, files, jobs, native, openai, ops
+from server.routes import adapters, console, files, jobs, native, openai, ops, vllm
 from server.settings import GatewaySettings
+from server.vllm_service import VllmService
 from server.worker_client import WorkerClient
 from server.worker_registry import WorkerRegistry
 
@@ -70,6 +72,8 @@ def _wire(app: FastAPI, settings: GatewaySettings) -> None:
     state.completions = CompletionService(state.dispatcher)
     state.chat = ChatService(state.dispatcher, settings.default_max_tokens)
     state.native = NativeService(state.dispatcher)
+    state.vllm = VllmService(state.dispatcher, state.registry, state.worker_client, state.adapters,
+                             settings.adapter_allow_list(), settings.retry_after_s)
     state.files = build_files_service(settings)
     state.jobs = JobsService(state.redis, state.files, lambda: {state.dispatcher.base_model_id, settings.model_id},
                              settings.max_job_list_limit, state.adapters)
@@ -99,9 +103,11 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.include_router(adapters.router)
     app.include_router(files.router)
     app.include_router(jobs.router)
+    app.include_router(vllm.router)
     console.install(app)
     install_error_boundary(app)
     app.add_middleware(
         BodySizeLimit, max_bytes=settings.max_request_bytes, upload_max_bytes=settings.max_upload_bytes
     )
+    app.add_middleware(RequestContext, metrics=app.state.metrics)  # outermost: sees every response
     return app

@@ -12,6 +12,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from server.errors import AuthenticationError, PermissionDeniedError
+from server.request_context import note
 
 
 @dataclass(frozen=True)
@@ -50,11 +51,14 @@ class ApiKeyAuth:
 
 
 async def current_tenant(request: Request) -> Tenant:  # async: no threadpool hop per request
-    return request.app.state.auth.authenticate(request.headers.get("authorization"))
+    tenant = request.app.state.auth.authenticate(request.headers.get("authorization"))
+    note(tenant=tenant.name)
+    return tenant
 
 
 async def current_admin(request: Request) -> Tenant:
     tenant = request.app.state.auth.authenticate(request.headers.get("authorization"))
+    note(tenant=tenant.name)
     if not tenant.admin:
         raise PermissionDeniedError("this needs an admin (operator) API key", code="admin_required")
     return tenant

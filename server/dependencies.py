@@ -13,6 +13,7 @@ from server.metrics import GatewayMetrics
 from server.native_service import NativeService
 from server.openai_service import ChatService, CompletionService
 from server.settings import GatewaySettings
+from server.vllm_service import VllmService
 from server.worker_registry import WorkerRegistry
 
 
@@ -33,3 +34,4 @@ Catalog = Annotated[AdapterCatalog, _state("catalog")]
 Metrics = Annotated[GatewayMetrics, _state("metrics")]
 Adapters = Annotated[AdapterRegistry, _state("adapters")]
 Settings = Annotated[GatewaySettings, _state("settings")]
+Vllm = Annotated[VllmService, _state("vllm")]

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from adapters_store.coordination import WorkerGenerateRequest, WorkerMerge
+from adapters_store.json_logging import REQUEST_ID
 from server.adapter_catalog import AdapterVersion
 from server.auth import Tenant
 from server.errors import (
@@ -21,6 +22,7 @@ from server.errors import (
     WorkerUnreachableError,
 )
 from server.metrics import GatewayMetrics
+from server.request_context import note
 from server.router import Lease, WorkerRouter
 from server.worker_client import WorkerClient, WorkerStream
 from server.worker_registry import WorkerRegistry
@@ -67,6 +69,15 @@ class Completion:
     finish_reason: str
     worker_id: str
     speculative: dict | None = None  # Medusa: tokens per decode step (see WorkerGenerateResult)
+    top_logprobs: list[list[list]] | None = None  # per token: [id, text, raw logprob], best first
+    choices: list[dict] | None = None  # n > 1: every completion (`WorkerChoice`); the fields above: choice 0
+
+    def all_choices(self) -> list[dict]:
+        """Each completion as a `WorkerChoice` dict (one when n = 1)."""
+        if self.choices:
+            return self.choices
+        return [{"index": 0, "text": self.text, "token_ids": self.token_ids, "tokens": self.tokens,
+                 "logprobs": self.logprobs, "top_logprobs": self.top_logprobs, "finish_reason": self.finish_reason}]
 
 
 class Dispatcher:
@@ -119,7 +130,7 @@ class Dispatcher:
         )
 
     def _payload(self, target: Target, req: WorkerGenerateRequest, stream: bool) -> bytes:
-        update: dict = {"stream": stream}
+        update: dict = {"stream": stream, "request_id": REQUEST_ID.get() or req.request_id}
         if isinstance(target.adapter, MergedAdapter):
             update |= {"adapter": target.adapter.ref, "merge": target.adapter.merge}
         elif target.adapter is not None:
@@ -130,6 +141,7 @@ class Dispatcher:
         return req.model_copy(update=update).model_dump_json(exclude_none=True).encode()
 
     async def _acquire(self, target: Target, exclude: list[str]) -> Lease:
+        note(adapter=target.label)
         self._metrics.queue_waiting.set(self._router.waiting + 1)
         try:
             return await self._router.acquire(target.adapter.ref if target.adapter else None, exclude)
@@ -185,7 +197,7 @@ class Dispatcher:
         for attempt in range(ATTEMPTS):
             lease = await self._acquire(target, exclude)
             try:
-                stream = await self._client.open_stream(lease.worker.url, body)
+                stream = await self._client.open_stream(lease.worker.url, body, req.params.n)
             except WorkerUnreachableError:
                 lease.release()
                 self._failed(lease, exclude)
@@ -196,9 +208,9 @@ class Dispatcher:
                 lease.release()
                 self._metrics.requests.labels(target.label, lease.worker.worker_id, "error").inc()
                 raise
-            self._metrics.ttft.labels(target.label, lease.worker.worker_id).observe(
-                time.perf_counter() - start
-            )
+            ttft = time.perf_counter() - start
+            self._metrics.ttft.labels(target.label, lease.worker.worker_id).observe(ttft)
+            note(ttft_s=round(ttft, 6))
             return self._relay(target, lease, stream, start)
         raise AssertionError("unreachable")
 
@@ -229,6 +241,7 @@ class Dispatcher:
 
     def _record(self, target: Target, worker: str, start: float, prompt_tokens: int, completion_tokens: int):
         label = target.label
+        note(adapter=label, worker=worker, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
         self._metrics.requests.labels(label, worker, "ok").inc()
         self._metrics.latency.labels(label, worker).observe(time.perf_counter() - start)
         self._metrics.prompt_tokens.labels(label, worker).inc(prompt_tokens)

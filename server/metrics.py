@@ -51,6 +51,12 @@ class GatewayMetrics:
             ("code",),
             registry=self.registry,
         )
+        self.responses = Counter(
+            "adapterd_http_responses",
+            "Every response the gateway sent, by route template and status",
+            ("route", "status"),
+            registry=self.registry,
+        )
         self.workers_alive = Gauge(
             "adapterd_workers_alive", "Workers currently routable", registry=self.registry
         )

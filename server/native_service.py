@@ -1,6 +1,8 @@
-"""The native TGI/LoRAX-style API: `POST /generate` and `POST /generate_stream` (`inputs`,
-`parameters{adapter_id, max_new_tokens, temperature, top_p, top_k, seed, stop, details, …}`).
-Sampling follows TGI: greedy unless `do_sample` or a temperature / top_p / top_k is given."""
+"""The native TGI/LoRAX-style API: `POST /generate`, `POST /generate_stream` and `POST /` (`stream` says
+which; a non-streamed answer is a one-element list there, as TGI's), `inputs`,
+`parameters{adapter_id, max_new_tokens, temperature, top_p, top_k, seed, stop, details, …}`.
+Sampling follows TGI: greedy unless `do_sample` or a temperature / top_p / top_k is given. Fields the
+LoRAX/TGI clients always send but that are not honoured are accepted at their defaults only."""
 
 from __future__ import annotations
 
@@ -11,8 +13,9 @@ from adapters_store.coordination import WorkerGenerateRequest, WorkerSampling
 from server import sse
 from server.auth import Tenant
 from server.dispatch import Dispatcher, MergedAdapter
-from server.errors import GatewayError
+from server.errors import GatewayError, InvalidRequestError
 from server.protocol import (
+    AlternativeToken,
     GenerateDetails,
     GenerateParameters,
     GenerateRequest,
@@ -20,6 +23,7 @@ from server.protocol import (
     NativeToken,
     StreamDetails,
 )
+from server.sampling import check_top_logprobs, json_schema
 
 DEFAULT_MAX_NEW_TOKENS = 20  # TGI's default
 
@@ -28,6 +32,29 @@ def _finish(reason: str, params: GenerateParameters) -> str:
     if reason == "length":
         return "length"
     return "stop_sequence" if params.stop else "eos_token"
+
+
+_DEFAULTS_ONLY = {  # sent by LoRAX's / TGI's clients on every call; honoured only at these values
+    "api_token": (None, "hub tokens are not used: authenticate with the Authorization header"),
+    "watermark": (False, "watermarking is not supported"),
+    "decoder_input_details": (False, "prompt token logprobs are not supported"),
+    "grammar": (None, "grammars are not supported yet"),
+}
+
+
+def _check(p: GenerateParameters) -> None:
+    for name, (default, why) in _DEFAULTS_ONLY.items():
+        if getattr(p, name) != default:
+            raise InvalidRequestError(f"{name}: {why}; send {default!r} or leave it out", param=name)
+    if p.best_of not in (None, 1):
+        raise InvalidRequestError("best_of > 1 is not supported; send 1 or leave it out", param="best_of")
+    if p.adapter_source not in (None, "local", "s3"):
+        why = "adapters are not fetched from the hub: upload it" if p.adapter_source == "hub" else \
+            'adapter_source must be "local" or "s3" (both resolve through the store)'
+        raise InvalidRequestError(why, param="adapter_source")
+    for name in ("return_k_alternatives", "top_n_tokens"):
+        if getattr(p, name):
+            check_top_logprobs(getattr(p, name), name)
 
 
 def _sampling(p: GenerateParameters) -> WorkerSampling:
@@ -39,9 +66,19 @@ def _sampling(p: GenerateParameters) -> WorkerSampling:
         top_k=p.top_k or 0,
         seed=p.seed,
         stop=p.stop,
-        ignore_eos=p.ignore_eos,
-        logprobs=p.details,
+        ignore_eos=p.ignore_eos or p.ignore_eos_token,
+        logprobs=True,  # TGI's tokens always carry a logprob (one gather per row: nothing to save)
+        top_logprobs=p.return_k_alternatives or p.top_n_tokens or 0,
+        repetition_penalty=p.repetition_penalty if p.repetition_penalty is not None else 1.0,
+        frequency_penalty=p.frequency_penalty or 0.0,
+        typical_p=p.typical_p if p.typical_p is not None else 1.0,
+        json_schema=json_schema(p.response_format),
     )
+
+
+def _token(token_id: int, text: str, logprob: float | None, tops: list | None) -> NativeToken:
+    alts = [AlternativeToken(id=i, text=t, logprob=lp) for i, t, lp in tops] if tops else None
+    return NativeToken(id=token_id, text=text, logprob=logprob, alternative_tokens=alts)
 
 
 class NativeService:
@@ -49,8 +86,11 @@ class NativeService:
         self._dispatcher = dispatcher
 
     async def _prepare(self, req: GenerateRequest, merged: MergedAdapter | None, tenant: Tenant):
+        _check(req.parameters)
         target = await asyncio.to_thread(self._dispatcher.resolve, req.parameters.adapter_id or None, merged, tenant)
-        return target, WorkerGenerateRequest(prompt=req.inputs, params=_sampling(req.parameters))
+        p = req.parameters
+        work = WorkerGenerateRequest(prompt=req.inputs, params=_sampling(p), truncate=p.truncate)
+        return target, work
 
     async def generate(self, req: GenerateRequest, merged: MergedAdapter | None, tenant: Tenant) -> GenerateResponse:
         target, work = await self._prepare(req, merged, tenant)
@@ -60,10 +100,8 @@ class NativeService:
         details = None
         if p.details:
             logprobs = done.logprobs or [None] * len(done.token_ids)
-            tokens = [
-                NativeToken(id=i, text=t, logprob=lp)
-                for i, t, lp in zip(done.token_ids, done.tokens, logprobs, strict=True)
-            ]
+            tops = done.top_logprobs or [None] * len(done.token_ids)
+            tokens = [_token(*t) for t in zip(done.token_ids, done.tokens, logprobs, tops, strict=True)]
             details = GenerateDetails(
                 finish_reason=_finish(done.finish_reason, p),
                 generated_tokens=done.completion_tokens,
@@ -87,7 +125,8 @@ class NativeService:
                 out = []
                 for ev in batch:
                     texts.append(ev["text"])
-                    token = {"id": ev["token_id"], "text": ev["text"], "logprob": ev.get("logprob"), "special": False}
+                    token = _token(ev["token_id"], ev["text"], ev.get("logprob"), ev.get("top_logprobs"))
+                    token = token.model_dump(exclude_none=True) | {"logprob": token.logprob}
                     generated, details = None, None
                     if ev["finish_reason"]:
                         full = "".join(texts)

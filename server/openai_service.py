@@ -8,10 +8,10 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
-from adapters_store.coordination import ChatMessage, WorkerGenerateRequest, WorkerSampling
+from adapters_store.coordination import ChatMessage, WorkerGenerateRequest
 from server import sse
 from server.auth import Tenant
-from server.dispatch import Completion, Dispatcher, MergedAdapter, Target
+from server.dispatch import Dispatcher, MergedAdapter, Target
 from server.errors import GatewayError, InvalidRequestError
 from server.protocol import (
     ChatChoice,
@@ -27,23 +27,20 @@ from server.protocol import (
     TopLogprob,
     Usage,
 )
+from server.sampling import chat_sampling, completion_sampling
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
 
-def _sampling(
-    req: CompletionRequest | ChatCompletionRequest, max_tokens: int, logprobs: bool
-) -> WorkerSampling:
-    return WorkerSampling(
-        max_tokens=max_tokens,
-        temperature=req.temperature,
-        top_p=req.top_p,
-        top_k=req.top_k,
-        seed=req.seed,
-        stop=req.stop_list(),
-        ignore_eos=req.ignore_eos,
-        logprobs=logprobs,
-    )
+def _legacy_top(token: int, text: str, logprob: float, tops: list | None) -> dict[str, float]:
+    """Legacy completions' top_logprobs entry: the top-k texts, plus the sampled token when it is not among
+    them (so up to k+1); where two tokens decode to the same text, the more likely one's logprob."""
+    alts: dict[str, float] = {}
+    for _, t, lp in tops or ():
+        alts.setdefault(t, lp)
+    if all(i != token for i, _, _ in tops or ()):
+        alts.setdefault(text, logprob)
+    return alts
 
 
 def _usage(prompt: int, completion: int) -> Usage:
@@ -76,7 +73,7 @@ class CompletionService:
             raise InvalidRequestError("prompt must not be empty", param="prompt")
         if req.stream and len(prompts) > 1:
             raise InvalidRequestError("streaming takes a single prompt", param="prompt")
-        params = _sampling(req, req.max_tokens or COMPLETIONS_DEFAULT_MAX_TOKENS, req.logprobs is not None)
+        params = completion_sampling(req, req.max_tokens or COMPLETIONS_DEFAULT_MAX_TOKENS)
         return [
             WorkerGenerateRequest(prompt=p, params=params)
             if isinstance(p, str)
@@ -85,30 +82,30 @@ class CompletionService:
         ]
 
     @staticmethod
-    def _logprobs(done: Completion, top: int | None) -> CompletionLogprobs | None:
-        if top is None or done.logprobs is None:
+    def _logprobs(choice: dict, top: int | None) -> CompletionLogprobs | None:
+        if top is None or choice["logprobs"] is None:
             return None
         offsets, pos = [], 0
-        for t in done.tokens:
+        for t in choice["tokens"]:
             offsets.append(pos)
             pos += len(t)
+        alts = None
+        if top:
+            tops = choice["top_logprobs"] or [None] * len(choice["tokens"])
+            alts = [_legacy_top(*token) for token in zip(choice["token_ids"], choice["tokens"], choice["logprobs"],
+                                                         tops, strict=True)]
         return CompletionLogprobs(
-            tokens=done.tokens,
-            token_logprobs=list(done.logprobs),
-            top_logprobs=[{t: lp} for t, lp in zip(done.tokens, done.logprobs, strict=True)] if top else None,
-            text_offset=offsets,
-        )
+            tokens=choice["tokens"], token_logprobs=list(choice["logprobs"]), top_logprobs=alts, text_offset=offsets)
 
     async def create(self, req: CompletionRequest, merged: MergedAdapter | None,
                      tenant: Tenant) -> CompletionResponse:
         target = await asyncio.to_thread(self._dispatcher.resolve, req.model, merged, tenant)  # reads the store
         work = self._requests(req)
         done = await asyncio.gather(*(self._dispatcher.generate(target, w) for w in work))
-        choices = [
-            CompletionChoice(
-                index=i, text=d.text, logprobs=self._logprobs(d, req.logprobs), finish_reason=d.finish_reason
-            )
-            for i, d in enumerate(done)
+        choices = [  # prompt i's completion j is choice i·n + j (as vLLM and OpenAI number them)
+            CompletionChoice(index=i * req.n + c["index"], text=c["text"], logprobs=self._logprobs(c, req.logprobs),
+                             finish_reason=c["finish_reason"])
+            for i, d in enumerate(done) for c in d.all_choices()
         ]
         return CompletionResponse(
             id=f"cmpl-{uuid.uuid4().hex}",
@@ -129,20 +126,24 @@ class CompletionService:
         envelope = sse.Envelope(
             id=f"cmpl-{uuid.uuid4().hex}", object="text_completion", created=int(time.time()), model=req.model
         )
-        prompt_tokens = count = offset = 0
+        prompt_tokens = count = 0
+        offset = [0] * req.n  # text offset per choice
         async for batch in batches:
             chunks = []
             for ev in batch:
-                logprobs = None
+                logprobs, index = None, ev.get("choice", 0)
                 if req.logprobs is not None and ev.get("logprob") is not None:
+                    tops = ev.get("top_logprobs")
                     logprobs = {
                         "tokens": [ev["text"]],
                         "token_logprobs": [ev["logprob"]],
-                        "top_logprobs": [{ev["text"]: ev["logprob"]}] if req.logprobs else None,
-                        "text_offset": [offset],
+                        "top_logprobs": [_legacy_top(ev["token_id"], ev["text"], ev["logprob"], tops)]
+                        if req.logprobs else None,
+                        "text_offset": [offset[index]],
                     }
-                offset += len(ev["text"])
-                choice = {"index": 0, "text": ev["text"], "logprobs": logprobs, "finish_reason": ev["finish_reason"]}
+                offset[index] += len(ev["text"])
+                choice = {"index": index, "text": ev["text"], "logprobs": logprobs,
+                          "finish_reason": ev["finish_reason"]}
                 chunks.append(envelope.chunk([choice]))
             count += len(batch)
             prompt_tokens = batch[-1]["prompt_tokens"]
@@ -160,37 +161,31 @@ class ChatService:
     def _request(self, req: ChatCompletionRequest) -> WorkerGenerateRequest:
         max_tokens = req.max_completion_tokens or req.max_tokens or self._default_max_tokens
         messages = [ChatMessage(role=m.role, content=m.text()) for m in req.messages]
-        return WorkerGenerateRequest(messages=messages, params=_sampling(req, max_tokens, req.logprobs))
+        return WorkerGenerateRequest(messages=messages, params=chat_sampling(req, max_tokens))
 
     @staticmethod
-    def _token_logprob(text: str, logprob: float, top: int | None) -> TokenLogprob:
-        raw = list(text.encode())
-        alts = [TopLogprob(token=text, logprob=logprob, bytes=raw)] if top else []
-        return TokenLogprob(token=text, logprob=logprob, bytes=raw, top_logprobs=alts)
+    def _token_logprob(text: str, logprob: float, tops: list | None) -> TokenLogprob:
+        alts = [TopLogprob(token=t, logprob=lp, bytes=list(t.encode())) for _, t, lp in tops or ()]
+        return TokenLogprob(token=text, logprob=logprob, bytes=list(text.encode()), top_logprobs=alts)
+
+    def _choice(self, c: dict, req: ChatCompletionRequest) -> ChatChoice:
+        logprobs = None
+        if req.logprobs and c["logprobs"] is not None:
+            tops = c["top_logprobs"] or [None] * len(c["tokens"])
+            logprobs = ChoiceLogprobs(content=[self._token_logprob(t, lp, top) for t, lp, top in
+                                               zip(c["tokens"], c["logprobs"], tops, strict=True)])
+        return ChatChoice(index=c["index"], message=ChatMessageOut(content=c["text"]), logprobs=logprobs,
+                          finish_reason=c["finish_reason"])
 
     async def create(self, req: ChatCompletionRequest, merged: MergedAdapter | None,
                      tenant: Tenant) -> ChatCompletionResponse:
         target = await asyncio.to_thread(self._dispatcher.resolve, req.model, merged, tenant)  # reads the store
         done = await self._dispatcher.generate(target, self._request(req))
-        logprobs = None
-        if req.logprobs and done.logprobs is not None:
-            logprobs = ChoiceLogprobs(
-                content=[
-                    self._token_logprob(t, lp, req.top_logprobs)
-                    for t, lp in zip(done.tokens, done.logprobs, strict=True)
-                ]
-            )
-        choice = ChatChoice(
-            index=0,
-            message=ChatMessageOut(content=done.text),
-            logprobs=logprobs,
-            finish_reason=done.finish_reason,
-        )
         return ChatCompletionResponse(
             id=f"chatcmpl-{uuid.uuid4().hex}",
             created=int(time.time()),
             model=req.model,
-            choices=[choice],
+            choices=[self._choice(c, req) for c in done.all_choices()],
             usage=_usage(done.prompt_tokens, done.completion_tokens),
         )
 
@@ -205,28 +200,30 @@ class ChatService:
             id=f"chatcmpl-{uuid.uuid4().hex}", object="chat.completion.chunk", created=int(time.time()), model=req.model
         )
 
-        def chunk(content: str | None, role: str | None = None, finish: str | None = None, logprobs=None) -> bytes:
+        def chunk(index: int, content: str | None, role: str | None = None, finish: str | None = None,
+                  logprobs=None) -> bytes:
             delta = {"role": role, "content": content}
-            return envelope.chunk([{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}])
+            return envelope.chunk([{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}])
 
-        yield chunk("", role="assistant")
+        yield b"".join(chunk(i, "", role="assistant") for i in range(req.n))
         prompt_tokens = count = 0
-        finish = None
+        finish: list[str | None] = [None] * req.n
         async for batch in batches:
             chunks = []
             for ev in batch:
-                finish = ev["finish_reason"] or finish
+                index = ev.get("choice", 0)
+                finish[index] = ev["finish_reason"] or finish[index]
                 logprobs = None
                 if req.logprobs and ev.get("logprob") is not None:
-                    token = self._token_logprob(ev["text"], ev["logprob"], req.top_logprobs)
+                    token = self._token_logprob(ev["text"], ev["logprob"], ev.get("top_logprobs"))
                     logprobs = ChoiceLogprobs(content=[token]).model_dump()
                 if ev["text"] or logprobs is not None:
-                    chunks.append(chunk(ev["text"], logprobs=logprobs))
+                    chunks.append(chunk(index, ev["text"], logprobs=logprobs))
             count += len(batch)
             prompt_tokens = batch[-1]["prompt_tokens"]
             if chunks:
                 yield b"".join(chunks)
-        yield chunk(None, finish=finish or "stop")
+        yield b"".join(chunk(i, None, finish=f or "stop") for i, f in enumerate(finish))
         if req.stream_options and req.stream_options.include_usage:
             yield envelope.chunk([], _usage(prompt_tokens, count).model_dump())
         yield sse.DONE

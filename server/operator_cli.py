@@ -25,6 +25,9 @@ def serve(
     allow_insecure: Annotated[bool, typer.Option(help="allow a non-loopback bind without API keys")] = False,
     heartbeat_ttl: Annotated[float, typer.Option(help="seconds a silent worker stays routable")] = 5.0,
     trainers: Annotated[int, typer.Option(min=0, help="fine-tune trainer processes (0: none)")] = 1,
+    max_seq: Annotated[int | None, typer.Option(
+        "--max-seq", "--max-model-len", min=1,
+        help="context length (default: the model's, capped so the KV cache of a full batch fits 2 GiB)")] = None,
 ) -> None:
     """Start Redis (embedded valkey unless --redis-url), the workers, the trainers and the gateway; Ctrl-C
     stops all."""
@@ -33,7 +36,7 @@ def serve(
 
     options = ServeOptions(host=host, port=port, workers=workers, model=model, redis_url=redis_url,
                            data_dir=data_dir, allow_insecure=allow_insecure, heartbeat_ttl_s=heartbeat_ttl,
-                           trainers=trainers)
+                           trainers=trainers, worker_args=["--max-seq", str(max_seq)] if max_seq else [])
     raise typer.Exit(run(options))
 
 

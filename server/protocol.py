@@ -49,15 +49,25 @@ class _SamplingFields(BaseModel):
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0)
-    n: int = Field(1, ge=1, le=1, description="only n=1 is supported")
+    n: int = Field(1, ge=1, description="completions per prompt, sharing one prefill (at most MAX_N)")
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
-    presence_penalty: float = Field(0.0, ge=0.0, le=0.0, description="not supported; 0 only")
-    frequency_penalty: float = Field(0.0, ge=0.0, le=0.0, description="not supported; 0 only")
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     user: str | None = None
     ignore_eos: bool = False
+    # vLLM's extensions
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    typical_p: float = Field(1.0, gt=0.0, le=1.0)
+    stop_token_ids: list[int] | None = Field(None, max_length=64)
+    logit_bias: dict[str, float] | None = Field(
+        None, max_length=300, description="token id (as a string) → bias in [-100, 100] added to its logit")
+    response_format: dict | None = Field(
+        None, description='{"type": "text" | "json_object"} or {"type": "json_schema", "json_schema": {"name", '
+                          '"schema", "strict"}}: the output is JSON (valid against the schema)')
 
     @field_validator("stop")
     @classmethod
@@ -79,9 +89,9 @@ class CompletionRequest(_SamplingFields):
     merged_adapters: dict | None = Field(
         None, description='a per-request merge instead of one adapter: {"ids": [...], "weights": [...], '
                           '"strategy": "linear"|"ties", "density": 0.5, "majority_sign_method": "total"}')
-    logprobs: int | None = Field(None, ge=0, le=20)
+    logprobs: int | None = Field(None, ge=0, description="top-k logprobs per token, 0-20")
     echo: bool = Field(False, description="not supported; false only")
-    best_of: int | None = Field(None, ge=1, le=1)
+    best_of: int | None = Field(None, ge=1, description="equal to n (or unset): ranking beyond n is not supported")
     suffix: str | None = Field(None, max_length=0, description="not supported")
 
     @field_validator("echo")
@@ -143,7 +153,7 @@ class ChatCompletionRequest(_SamplingFields):
         None, description='a per-request merge instead of one adapter: {"ids": [...], "weights": [...], '
                           '"strategy": "linear"|"ties", "density": 0.5, "majority_sign_method": "total"}')
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_logprobs: int | None = Field(None, ge=0, description="0-20; needs logprobs")
 
 
 class TopLogprob(BaseModel):
@@ -215,6 +225,7 @@ class ModelCard(BaseModel):
     owned_by: str = "adapterd"
     root: str | None = None
     parent: str | None = None
+    max_model_len: int | None = None  # tokens per sequence, prompt included (as vLLM reports it)
 
 
 class ModelList(BaseModel):
@@ -222,12 +233,61 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+# ---- vLLM's extra endpoints ---------------------------------------------------------------------
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's (`prompt` or `messages`) or TGI/LoRAX's (`inputs`, answered as a list of tokens with offsets)."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    prompt: str | None = None
+    inputs: str | None = Field(None, description="TGI/LoRAX: the text; the answer is [{id, text, start, stop}]")
+    messages: list[ChatMessageIn] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = Field(True, description="messages only; true (the only value supported)")
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    tokens: list[int] = Field(max_length=1_000_000)
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+class LoadLoraAdapterRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    lora_name: str = Field(min_length=1, max_length=100)
+    lora_path: str = Field(min_length=1, max_length=4096)
+
+
+class UnloadLoraAdapterRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    lora_name: str = Field(min_length=1, max_length=100)
+    lora_int_id: int | None = None
+
+
 # ---- native (TGI / LoRAX) -------------------------------------------------------------------------
 
 
 class GenerateParameters(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    """LoRAX's / TGI's parameters. Every field their clients send is listed: the ones not honoured are
+    accepted only at their defaults (a 400 naming the field otherwise, see native_service); anything else
+    is refused."""
+
+    model_config = ConfigDict(extra="forbid")
     adapter_id: str | None = None
+    adapter_source: str | None = Field(None, description='"local" or "s3" (the store); "hub" is refused')
+    api_token: str | None = Field(None, description="null only (hub tokens are not used)")
     merged_adapters: dict | None = Field(
         None, description='a per-request merge instead of one adapter: {"ids": [...], "weights": [...], '
                           '"strategy": "linear"|"ties", "density": 0.5, "majority_sign_method": "total"}')
@@ -241,13 +301,32 @@ class GenerateParameters(BaseModel):
     do_sample: bool = False
     return_full_text: bool = False
     ignore_eos: bool = False
+    ignore_eos_token: bool = False  # LoRAX's name for ignore_eos
+    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)  # TGI
+    typical_p: float | None = Field(None, gt=0.0, le=1.0)
+    truncate: int | None = Field(None, ge=1, description="keep only the prompt's last `truncate` tokens")
+    best_of: int | None = Field(None, ge=1, description="1 or null only")
+    watermark: bool = Field(False, description="false only")
+    decoder_input_details: bool = Field(False, description="false only (no prompt logprobs)")
+    return_k_alternatives: int | None = Field(None, ge=0, description="top-k alternatives per token, 0-20")
+    top_n_tokens: int | None = Field(None, ge=0, description="TGI's name for return_k_alternatives")
+    response_format: dict | None = Field(
+        None, description='LoRAX: {"type": "json_object", "schema": {...}}: the output is JSON valid against it')
+    grammar: dict | None = Field(None, description="TGI; null only")
 
 
 class GenerateRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
     inputs: str = Field(min_length=1)
     parameters: GenerateParameters = Field(default_factory=GenerateParameters)
     stream: bool = False
+
+
+class AlternativeToken(BaseModel):
+    id: int
+    text: str
+    logprob: float
 
 
 class NativeToken(BaseModel):
@@ -255,6 +334,7 @@ class NativeToken(BaseModel):
     text: str
     logprob: float | None = None
     special: bool = False
+    alternative_tokens: list[AlternativeToken] | None = None
 
 
 class SpeculativeDetails(BaseModel):
@@ -270,6 +350,7 @@ class GenerateDetails(BaseModel):
     generated_tokens: int
     prompt_tokens: int
     seed: int | None = None
+    prefill: list[NativeToken] = Field(default_factory=list)  # TGI: empty without decoder_input_details
     tokens: list[NativeToken] = Field(default_factory=list)
     speculative: SpeculativeDetails | None = None
 

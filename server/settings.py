@@ -64,12 +64,19 @@ class GatewaySettings(BaseSettings):
     max_archive_ratio: float = Field(200.0, gt=1)
     store_gc_grace_s: float = Field(600.0, ge=0)  # unreferenced blobs younger than this are kept
     drain_grace_s: float = Field(30.0, ge=0)  # SIGTERM: open requests and streams get this long to finish
+    # folders an admin may load adapters from (vLLM's /v1/load_lora_adapter), comma-separated;
+    # default: DATA_DIR/adapters
+    adapter_allow_dirs: str = ""
 
     # fine-tune files and jobs
     max_training_file_bytes: int = Field(256 * 1024 * 1024, ge=1024)  # one JSONL training file
     max_training_file_lines: int = Field(1_000_000, ge=1)
     max_training_line_bytes: int = Field(1024 * 1024, ge=64)
     max_job_list_limit: int = Field(100, ge=1)
+
+    def adapter_allow_list(self) -> list[Path]:
+        dirs = [d.strip() for d in self.adapter_allow_dirs.split(",") if d.strip()]
+        return [Path(d).resolve() for d in dirs] or [(self.data_dir / "adapters").resolve()]
 
     @property
     def resolved_store_url(self) -> str:

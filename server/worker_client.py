@@ -51,9 +51,10 @@ def _upstream(status: int, raw: bytes) -> UpstreamError:
 class SseEvents:
     """Incremental SSE parser for the worker's `data: {json}\\n\\n` events."""
 
-    def __init__(self) -> None:
+    def __init__(self, choices: int = 1) -> None:
         self._buffer = b""
-        self.finished = False  # an event with a finish_reason was seen
+        self._unfinished = choices  # a request for n completions ends after n finish events
+        self.finished = False  # every choice's event with a finish_reason was seen
 
     def feed(self, chunk: bytes) -> list[dict]:
         *complete, self._buffer = (self._buffer + chunk).split(b"\n\n")
@@ -66,8 +67,10 @@ class SseEvents:
                 raise UpstreamError(500, event)
             events.append(event)
             if event.get("finish_reason"):
-                self.finished = True
-                break
+                self._unfinished -= 1
+                if self._unfinished <= 0:
+                    self.finished = True
+                    break
         return events
 
 
@@ -132,7 +135,7 @@ class WorkerClient:
             raise _upstream(response.status, raw)
         return orjson.loads(raw)
 
-    async def open_stream(self, url: str, body: bytes) -> WorkerStream:
+    async def open_stream(self, url: str, body: bytes, choices: int = 1) -> WorkerStream:
         with _translated(url, "before the first token"):
             target = url + "/generate"
             response = await self._http.post(target, data=body, headers=self._headers(target, body))
@@ -140,7 +143,7 @@ class WorkerClient:
             with _translated(url, "before the first token"):
                 if response.status >= 400:
                     raise _upstream(response.status, await response.read())
-                parser, first = SseEvents(), []
+                parser, first = SseEvents(choices), []
                 while not first:
                     chunk = await response.content.readany()
                     if not chunk:

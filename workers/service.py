@@ -13,10 +13,12 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import itertools
 import json
 import logging
 import os
 import sys
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -37,12 +39,16 @@ from adapters_store.coordination import (
     AdapterLoadRequest,
     AdapterUnloadRequest,
     ChatMessage,
+    WorkerDetokenizeRequest,
     WorkerGenerateRequest,
     WorkerGenerateResult,
     WorkerInfo,
+    WorkerTokenizeRequest,
 )
+from adapters_store.json_logging import REQUEST_ID
 from adapters_store.registry import AdapterStore
 from workers.adapter_loader import AdapterLoader, AdapterSources
+from workers.choices import ResultBuilder, TokenTexts, event_payload
 from workers.drain import Drain, DrainingServer
 from workers.engine.types import GenerationRequest, SamplingParams, TokenEvent
 from workers.errors import AdapterdError, InvalidRequestError, PromptTooLongError, ShuttingDownError
@@ -89,6 +95,22 @@ class PromptBuilder:
                 f"the prompt has {chars} characters; more than {self._max_chars} cannot fit this model's "
                 f"context of {self._max_tokens} tokens", param="messages" if req.messages else "prompt")
 
+    def tokenize(self, req: WorkerTokenizeRequest) -> tuple[int, ...]:
+        if (req.prompt is None) == (req.messages is None):
+            raise InvalidRequestError("give exactly one of prompt, messages", param="prompt")
+        if req.messages is not None:
+            return self._chat(req.messages)
+        return tuple(self._tok.encode(req.prompt, add_special_tokens=req.add_special_tokens))
+
+    def spans(self, prompt: str, add_special_tokens: bool) -> list[dict]:
+        """Each token of `prompt` with its text and character span (TGI's /tokenize)."""
+        enc = self._tok(prompt, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+        return [{"id": i, "text": prompt[a:b], "start": a, "stop": b}
+                for i, (a, b) in zip(enc["input_ids"], enc["offset_mapping"], strict=True)]
+
+    def detokenize(self, ids: list[int]) -> str:
+        return self._tok.decode(list(self._checked_ids(ids)))
+
     def _checked_ids(self, ids: list[int]) -> tuple[int, ...]:
         vocab = len(self._tok)
         if not ids or any(i < 0 or i >= vocab for i in ids):
@@ -118,21 +140,17 @@ def _sampling(req: WorkerGenerateRequest) -> SamplingParams:
         stop=tuple(p.stop),
         ignore_eos=p.ignore_eos,
         logprobs=p.logprobs,
+        top_logprobs=p.top_logprobs if p.logprobs else 0,
+        n=p.n,
+        presence_penalty=p.presence_penalty,
+        frequency_penalty=p.frequency_penalty,
+        repetition_penalty=p.repetition_penalty,
+        min_p=p.min_p,
+        typical_p=p.typical_p,
+        logit_bias=tuple(sorted(p.logit_bias.items())),
+        stop_token_ids=tuple(p.stop_token_ids),
+        json_schema=p.json_schema,
     )
-
-
-def _sse(ev: TokenEvent) -> bytes:
-    payload = {
-        "token_id": ev.token_id,
-        "text": ev.text,
-        "logprob": ev.logprob,
-        "index": ev.index,
-        "prompt_tokens": ev.prompt_tokens,
-        "finish_reason": ev.finish_reason,
-    }
-    if ev.details is not None:
-        payload["details"] = ev.details
-    return b"data: " + orjson.dumps(payload) + b"\n\n"
 
 
 class WorkerService:
@@ -142,6 +160,7 @@ class WorkerService:
         self.engine = engine
         self.config = config
         self.prompts = PromptBuilder(engine.tokenizer, engine.max_seq, engine.max_seq * config.max_chars_per_token)
+        self.token_texts = TokenTexts(engine.tokenizer)
         self.heartbeat: Heartbeat | None = None
         sources = AdapterSources(AdapterStore(open_backend(config.resolved_store_url)), config.dropin_dir,
                                  config.cache_dir)
@@ -154,6 +173,7 @@ class WorkerService:
         self.tokens = TokenRate()
         self.drain = Drain(config.drain_grace_s)
         self.base_model = BaseModelSpec.from_folder(config.model_path).to_config() if config.model_path else None
+        self._engine_ids = itertools.count()  # engine request ids stay unique whatever ids callers send
 
     def _residency_changed(self) -> None:
         if self.heartbeat is not None:
@@ -171,27 +191,41 @@ class WorkerService:
             max_adapters=self.config.max_adapters,
             stats=load_report(stats, self.tokens.per_second()),
             base_model=self.base_model,
+            max_model_len=int(getattr(self.engine, "max_seq", 0) or 0),
         )
 
     async def _events(self, req: WorkerGenerateRequest) -> AsyncIterator[TokenEvent]:
         """The engine's events for `req`; load errors and prompt errors raise before the first one."""
         prompt_ids = await asyncio.to_thread(self.prompts.build, req)  # encoding stays off the event loop
+        if req.truncate is not None:
+            prompt_ids = prompt_ids[-req.truncate:]
         if req.adapter is not None:
             await self.adapters.ensure(req.adapter, req.adapter_path, req.merge)
         if req.medusa_path:
             await self.adapters.ensure_heads(req.adapter, req.medusa_path)
-        gen_req = GenerationRequest(
-            prompt_ids=prompt_ids, params=_sampling(req), adapter=req.adapter, request_id=req.request_id
-        )
+        gen_req = GenerationRequest(prompt_ids=prompt_ids, params=_sampling(req), adapter=req.adapter,
+                                    request_id=f"{req.request_id or 'req'}#{next(self._engine_ids)}")
         self.in_flight += 1
+        REQUEST_ID.set(req.request_id or None)  # this request's task: its log lines carry the id
+        start, ttft, tokens, status = time.perf_counter(), None, 0, "cancelled"
         try:
             async for ev in self.engine.generate(gen_req):
                 self.tokens.add()
                 if self.drain.expired:
                     raise ShuttingDownError("the worker is shutting down and its drain grace period is over")
+                ttft = ttft if ttft is not None else time.perf_counter() - start
+                tokens += 1
                 yield ev
+            status = "ok"
+        except Exception:
+            status = "error"
+            raise
         finally:
             self.in_flight -= 1
+            log.info("request", extra={"adapter": req.adapter or "base", "worker": self.config.worker_id,
+                                       "prompt_tokens": len(prompt_ids), "completion_tokens": tokens,
+                                       "ttft_s": None if ttft is None else round(ttft, 6), "status": status,
+                                       "latency_s": round(time.perf_counter() - start, 6)})
 
     async def leave(self) -> None:
         """Out of the placement set at once (draining): deregister and stop heartbeating."""
@@ -202,29 +236,13 @@ class WorkerService:
         await self.adapters.load_heads(attach_to, path)
 
     async def generate(self, req: WorkerGenerateRequest) -> WorkerGenerateResult:
-        ids: list[int] = []
-        texts: list[str] = []
-        logprobs: list[float] = []
-        prompt_tokens, finish, speculative = 0, "length", None
+        result = ResultBuilder(req.params.n, req.params.logprobs, self.token_texts)
         async for ev in self._events(req):
-            speculative = ev.details or speculative
-            ids.append(ev.token_id)
-            texts.append(ev.text)
-            if ev.logprob is not None:
-                logprobs.append(ev.logprob)
-            prompt_tokens = ev.prompt_tokens
-            finish = ev.finish_reason or finish
-        return WorkerGenerateResult(
-            text="".join(texts),
-            token_ids=ids,
-            tokens=texts,
-            logprobs=logprobs if req.params.logprobs else None,
-            prompt_tokens=prompt_tokens,
-            completion_tokens=len(ids),
-            finish_reason=finish,
-            worker_id=self.config.worker_id,
-            speculative=speculative,
-        )
+            result.add(ev)
+        return result.result(self.config.worker_id)
+
+    def _sse(self, ev: TokenEvent) -> bytes:
+        return b"data: " + orjson.dumps(event_payload(ev, self.token_texts)) + b"\n\n"
 
     async def stream(self, req: WorkerGenerateRequest) -> AsyncIterator[bytes]:
         """SSE bytes; the first event is awaited here so that errors still become an HTTP status."""
@@ -243,9 +261,9 @@ class WorkerService:
     ) -> AsyncIterator[bytes]:
         try:
             if first is not None:
-                yield _sse(first)
+                yield self._sse(first)
             async for ev in events:
-                yield _sse(ev)
+                yield self._sse(ev)
         except AdapterdError as exc:
             yield b"data: " + json.dumps(exc.to_dict()).encode() + b"\n\n"
         finally:
@@ -266,6 +284,17 @@ async def generate_route(body: WorkerGenerateRequest, service: Service) -> Respo
     if body.stream:
         return StreamingResponse(await service.stream(body), media_type="text/event-stream")
     return JSONResponse((await service.generate(body)).model_dump())
+
+
+async def tokenize_route(body: WorkerTokenizeRequest, service: Service) -> dict:
+    if body.offsets and body.prompt is not None:
+        return {"spans": service.prompts.spans(body.prompt, body.add_special_tokens)}
+    ids = service.prompts.tokenize(body)
+    return {"tokens": list(ids), "count": len(ids), "max_model_len": service.info().max_model_len}
+
+
+async def detokenize_route(body: WorkerDetokenizeRequest, service: Service) -> dict:
+    return {"prompt": service.prompts.detokenize(body.tokens)}
 
 
 async def health_route(service: Service) -> dict:
@@ -365,6 +394,8 @@ def create_app(engine: Any, config: WorkerServiceConfig) -> FastAPI:
     app.add_api_route("/generate", generate_route, methods=["POST"])
     app.add_api_route("/health", health_route, methods=["GET"])
     app.add_api_route("/ready", ready_route, methods=["GET"])
+    app.add_api_route("/tokenize", tokenize_route, methods=["POST"])
+    app.add_api_route("/detokenize", detokenize_route, methods=["POST"])
     app.add_api_route("/stats", stats_route, methods=["GET"])
     app.add_api_route("/metrics", metrics_route, methods=["GET"])
     app.add_api_route("/adapters/load", load_route, methods=["POST"])
@@ -399,7 +430,11 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-batch", type=int, default=16)
     p.add_argument("--max-loras", type=int, default=8)
     p.add_argument("--max-rank", type=int, default=16)
-    p.add_argument("--max-seq", type=int, default=2048)
+    p.add_argument("--max-seq", "--max-model-len", dest="max_seq", type=int, default=None,
+                   help="tokens per sequence, prompt included (default: the model's max_position_embeddings, "
+                        "capped so the KV cache of --max-batch sequences fits --kv-cache-gib)")
+    p.add_argument("--kv-cache-gib", type=float, default=None, help="KV-cache budget for the default --max-seq "
+                   "(default 2)")
     p.add_argument("--medusa", default=None, help="folder of Medusa heads for base-model requests")
     p.add_argument("--medusa-max-batch", type=int, default=4, help="decode plainly above this many rows")
     p.add_argument("--adapter-cache-bytes", type=int, default=2 * 1024**3,
@@ -412,12 +447,17 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 def _build_engine(args: argparse.Namespace) -> Any:
     from workers.engine.engine import Engine, EngineConfig
 
+    max_seq = args.max_seq
+    if max_seq is None:
+        from workers.context_length import DEFAULT_KV_CACHE_GIB, default_max_seq
+
+        max_seq = default_max_seq(args.model, args.max_batch, args.dtype, args.kv_cache_gib or DEFAULT_KV_CACHE_GIB)
     wanted = {
         "model_path": str(args.model),
         "device": args.device,
         "dtype": args.dtype,
         "max_batch": args.max_batch,
-        "max_seq": args.max_seq,
+        "max_seq": max_seq,
         "max_loras": args.max_loras,
         "max_rank": args.max_rank,
         "medusa_max_batch": args.medusa_max_batch,
@@ -433,7 +473,9 @@ def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
     args = _parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(levelname)s %(name)s: %(message)s")
+    from adapters_store.json_logging import configure
+
+    configure("worker", logging.INFO)
     try:
         secret = load_secret()
     except ClusterSecretError as exc:
@@ -464,6 +506,7 @@ def main(argv: list[str] | None = None) -> None:
         app = create_app(engine, config)
         service: WorkerService = app.state.service
         uv_config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", access_log=False,
+                                   log_config=None,  # uvicorn's own loggers propagate to the JSON handler
                                    loop="uvloop", http="httptools", timeout_keep_alive=KEEP_ALIVE_S)
         DrainingServer(uv_config, service.drain, service.leave).run()
     finally:

@@ -101,6 +101,7 @@ class ModelCard(_Model):
     owned_by: str = "adapterd"
     root: str | None = None
     parent: str | None = None
+    max_model_len: int | None = None
 
 
 class ModelList(_Model):

@@ -1,4 +1,4 @@
-"""Native TGI/LoRAX-style routes: /generate and /generate_stream."""
+"""Native TGI/LoRAX-style routes: /generate, /generate_stream, `POST /` (TGI's client endpoint) and /info."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 
 from server.auth import CurrentTenant
-from server.dependencies import Adapters, Native
+from server.dependencies import Adapters, DispatcherDep, Native, Vllm
 from server.protocol import ErrorResponse, GenerateRequest, GenerateResponse
 from server.sse import OR_STREAM, EventStreamResponse
+from server.version import VERSION
 
 router = APIRouter(responses={"default": {"model": ErrorResponse}})
 
@@ -31,3 +32,22 @@ async def generate_stream(
     merged = await asyncio.to_thread(adapters.admit, body.parameters.adapter_id, body.parameters.merged_adapters,
                                      tenant)
     return EventStreamResponse(await service.stream(body, merged, tenant))
+
+
+@router.post("/", response_model=list[GenerateResponse], responses=OR_STREAM)
+async def compat(body: GenerateRequest, service: Native, adapters: Adapters, tenant: CurrentTenant):
+    """TGI's and LoRAX's client endpoint: `stream` picks SSE, else a one-element list."""
+    merged = await asyncio.to_thread(adapters.admit, body.parameters.adapter_id, body.parameters.merged_adapters,
+                                     tenant)
+    if body.stream:
+        return StreamingResponse(await service.stream(body, merged, tenant), media_type="text/event-stream")
+    return [await service.generate(body, merged, tenant)]
+
+
+@router.get("/info")
+async def info(dispatcher: DispatcherDep, vllm: Vllm) -> dict:
+    """TGI/LoRAX's /info: what a client reads of the served model and the request limits."""
+    max_len = vllm.max_model_len()
+    return {"model_id": dispatcher.base_model_id, "model_dtype": None, "model_device_type": None,
+            "max_best_of": 1, "max_stop_sequences": 16, "max_input_length": max_len,
+            "max_total_tokens": max_len, "version": VERSION, "sha": None, "docker_label": None}

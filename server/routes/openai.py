@@ -8,7 +8,8 @@ from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 
 from server.auth import CurrentTenant
-from server.dependencies import Adapters, Chat, Completions, DispatcherDep
+from server.dependencies import Adapters, Chat, Completions, DispatcherDep, Vllm
+from server.errors import ModelNotFoundError
 from server.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -41,7 +42,18 @@ async def chat_completions(body: ChatCompletionRequest, service: Chat, adapters:
 
 
 @router.get("/models", response_model=ModelList)
-async def models(adapters: Adapters, dispatcher: DispatcherDep, tenant: CurrentTenant) -> ModelList:
+async def models(adapters: Adapters, dispatcher: DispatcherDep, vllm: Vllm, tenant: CurrentTenant) -> ModelList:
     base = dispatcher.base_model_id
     cards = [ModelCard(id=base, root=base)] if base else []
-    return ModelList(data=cards + await asyncio.to_thread(adapters.model_cards, tenant, base))
+    cards += await asyncio.to_thread(adapters.model_cards, tenant, base)
+    max_len = vllm.max_model_len()
+    return ModelList(data=[c.model_copy(update={"max_model_len": max_len}) for c in cards])
+
+
+@router.get("/models/{model_id:path}", response_model=ModelCard)
+async def model(model_id: str, adapters: Adapters, dispatcher: DispatcherDep, vllm: Vllm,
+                tenant: CurrentTenant) -> ModelCard:
+    for card in (await models(adapters, dispatcher, vllm, tenant)).data:
+        if card.id == model_id:
+            return card
+    raise ModelNotFoundError(f"the model {model_id!r} does not exist", param="model")

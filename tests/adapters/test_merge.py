@@ -173,3 +173,40 @@ def test_merge_keys_name_the_members_and_parameters():
     assert spec.key(["x", "y"]) == MergeSpec.from_dict({"ids": ["a", "b"], "weights": [1.0, 2.0]}).key(["x", "y"])
     assert spec.key(["x", "y"]) != spec.key(["x", "z"])
     assert spec.key(["x", "y"]) != MergeSpec.from_dict({"ids": ["a", "b"], "strategy": "ties"}).key(["x", "y"])
+
+
+@pytest.mark.parametrize("strategy,sign",
+                         [("dare_linear", "total"), ("dare_ties", "total"), ("dare_ties", "frequency")])
+def test_dare_equals_peft_given_the_same_random_masks(monkeypatch, strategy, sign):
+    """DARE's only freedom is its random masks: with ours fed to peft's random pruning, peft's dare_linear /
+    dare_ties give the same tensor."""
+    import peft.utils.merge_utils as mu
+
+    from adapters_store.merge import combine, dare_masks
+
+    rng = np.random.default_rng(0)
+    tensors = [rng.standard_normal((8, 16)).astype(np.float32) for _ in range(3)]
+    weights = [0.7, -0.4, 1.2]
+    spec = MergeSpec(("a", "b", "c"), tuple(weights), strategy, 0.4, sign)
+    ours = combine(tensors, weights, spec)
+    masks = iter(dare_masks(tensors, 0.4))
+    monkeypatch.setattr(mu, "random_pruning", lambda t, density, rescale: t * torch.from_numpy(next(masks)) / density)
+    task = [torch.from_numpy(t).double() for t in tensors]
+    if strategy == "dare_linear":
+        ref = mu.dare_linear(task, torch.tensor(weights, dtype=torch.float64), 0.4)
+    else:
+        ref = mu.dare_ties(task, torch.tensor(weights, dtype=torch.float64), 0.4, sign)
+    np.testing.assert_allclose(ours, ref.numpy(), rtol=1e-5, atol=1e-6)
+    assert 0.2 < float((np.stack(dare_masks(tensors, 0.4)) > 0).mean()) < 0.6  # density ≈ 0.4
+
+
+@pytest.mark.parametrize("strategy", ["dare_linear", "dare_ties"])
+def test_dare_lora_merges_are_deterministic(tiny, strategy):
+    _, _, a, b, base = tiny
+    spec = MergeSpec.from_dict({"ids": ["a", "b"], "weights": [0.6, 0.4], "merge_strategy": strategy, "density": 0.5,
+                                "majority_sign_method": None})
+    members = [(folder_files(a), 0.6), (folder_files(b), 0.4)]
+    first, again = merge_files(members, spec, base), merge_files(members, spec, base)
+    assert first["lora"]["adapter_model.safetensors"] == again["lora"]["adapter_model.safetensors"]
+    linear = merge_files(members, MergeSpec(("a", "b"), (0.6, 0.4)), base)
+    assert first["lora"]["adapter_model.safetensors"] != linear["lora"]["adapter_model.safetensors"]

@@ -271,7 +271,7 @@ async def test_unknown_model_is_404_never_base(gw):
         ("/v1/completions", {"prompt": "x"}, 422),  # no model
         ("/v1/completions", {"model": "fake-model"}, 422),  # no prompt
         ("/v1/completions", {"model": "fake-model", "prompt": "x", "max_tokens": -5}, 422),
-        ("/v1/completions", {"model": "fake-model", "prompt": "x", "n": 2}, 422),
+        ("/v1/completions", {"model": "fake-model", "prompt": "x", "n": 9}, 400),  # above MAX_N
         ("/v1/completions", {"model": "fake-model", "prompt": "x", "temperature": 3}, 422),
         ("/v1/completions", {"model": "fake-model", "prompt": "x", "whatever": 1}, 422),
         ("/v1/completions", {"model": "fake-model", "prompt": ""}, 400),

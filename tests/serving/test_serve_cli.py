@@ -63,6 +63,8 @@ def served(tiny_assets, tmp_path_factory):
         str(data),
         "--heartbeat-ttl",
         "2",
+        "--max-model-len",
+        "300",
     ]
     env = _env()
     env.pop("ADAPTERD_CLUSTER_SECRET")  # as a user runs it: serve makes the cluster secret itself
@@ -97,6 +99,12 @@ def test_cli_commands(served):
     assert chat.returncode == 0, chat.stderr
     missing = cli(url, "generate", "hello", "--adapter", "ghost")
     assert missing.returncode == 1 and "404" in missing.stderr
+
+
+def test_max_model_len_flag_reaches_the_workers_and_the_model_cards(served):
+    _, url, _ = served
+    cards = httpx.get(url + "/v1/models", timeout=30).json()["data"]
+    assert cards and all(c["max_model_len"] == 300 for c in cards)
 
 
 def test_upload_through_the_cli_is_servable_at_once(served):

@@ -22,11 +22,13 @@ from workers.adapters.medusa import MedusaWeights, is_medusa_folder, read_medusa
 from workers.adapters.s2ft import is_s2ft_folder, read_s2ft
 from workers.engine.config import EngineConfig
 from workers.engine.detokenizer import IncrementalText
+from workers.engine.logits_processors import decodes_plainly
 from workers.engine.runner import ModelRunner
 from workers.engine.sampler import choose
 from workers.engine.scheduler import Scheduler
 from workers.engine.sequence import Sequence
 from workers.engine.speculative import Draft, Speculator, Verified
+from workers.engine.structured import Grammars, advance
 from workers.engine.types import GenerationRequest, TokenEvent
 from workers.errors import (
     AdapterdError,
@@ -62,9 +64,10 @@ class EngineCore:
                                      self.runner.model.lm_head, self.runner.dtype, self.runner.device)
         self.eos_ids = frozenset(self.runner.config.eos_token_ids) | frozenset(
             [self.tokenizer.eos_token_id] if getattr(self.tokenizer, "eos_token_id", None) is not None else [])
+        self.grammars = Grammars(self.tokenizer, self.runner.config.vocab_size)
         self.lock = threading.RLock()  # guards adapters + scheduler against the service's threads
         self.step_lock = threading.Lock()  # held for a whole step: adapter (un)loads and fusion wait for it
-        self.by_id: dict[str, Sequence] = {}
+        self.by_id: dict[str, list[Sequence]] = {}  # request id → its sequences (n completions)
         self.failures: list[tuple[Sequence, Exception]] = []  # see take_failures()
 
     def read_adapter(self, folder: str | Path) -> tuple[AdapterSource, AdapterWeights]:
@@ -157,28 +160,55 @@ class EngineCore:
             raise PromptTooLongError(
                 f"this model's maximum context length is {self.max_seq} tokens; the request needs "
                 f"{len(request.prompt_ids)} prompt + {p.max_tokens} completion tokens", param="max_tokens")
+        self._validate_sampling(p)
         if request.adapter is not None:
             self.adapters.require(request.adapter)
+
+    def _validate_sampling(self, p) -> None:
+        vocab = self.runner.config.vocab_size
+        if not 0 <= p.top_logprobs <= 20:
+            raise InvalidRequestError("top_logprobs must be in [0, 20]", param="top_logprobs")
+        if not 1 <= p.n <= self.cfg.max_batch:
+            raise InvalidRequestError(f"n must be in [1, {self.cfg.max_batch}] on this worker", param="n")
+        if any(not 0 <= t < vocab for t, _ in p.logit_bias):
+            raise InvalidRequestError(f"logit_bias token ids must be in [0, {vocab})", param="logit_bias")
+        if any(not 0 <= t < vocab for t in p.stop_token_ids):
+            raise InvalidRequestError(f"stop_token_ids must be in [0, {vocab})", param="stop_token_ids")
+        if p.repetition_penalty <= 0:
+            raise InvalidRequestError("repetition_penalty must be > 0", param="repetition_penalty")
+        if not 0 <= p.min_p <= 1:
+            raise InvalidRequestError("min_p must be in [0, 1]", param="min_p")
+        if not 0 < p.typical_p <= 1:
+            raise InvalidRequestError("typical_p must be in (0, 1]", param="typical_p")
+        if p.json_schema is not None:
+            self.grammars.check(p.json_schema)
+
+    def _generator(self, p, choice: int) -> torch.Generator | None:
+        if p.temperature <= 0:
+            return None
+        return torch.Generator().manual_seed(p.seed + choice if p.seed is not None else random.getrandbits(63))
 
     def add_request(self, request: GenerationRequest) -> Sequence:
         with self.lock:
             self.validate(request)
             p = request.params
-            generator = None
-            if p.temperature > 0:
-                generator = torch.Generator().manual_seed(p.seed if p.seed is not None else random.getrandbits(63))
             stop_ids = frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos else self.eos_ids)
-            seq = Sequence(request, IncrementalText(self.tokenizer, p.stop), generator, stop_ids)
+            seq, *forks = [Sequence(request, IncrementalText(self.tokenizer, p.stop), self._generator(p, i),
+                                    stop_ids, choice=i) for i in range(p.n)]
+            seq.forks = forks
+            if p.json_schema is not None:
+                for s in (seq, *forks):
+                    s.matcher = self.grammars.matcher(p.json_schema)
             self.scheduler.add(seq)
             if request.request_id:
-                self.by_id[request.request_id] = seq
+                self.by_id[request.request_id] = [seq, *forks]
             return seq
 
     def abort(self, request_id: str) -> None:
         with self.lock:
-            seq = self.by_id.pop(request_id, None)
-            if seq is not None:
-                seq.finish_reason = "cancelled"
+            for seq in self.by_id.pop(request_id, []):
+                if seq.finish_reason is None:
+                    seq.finish_reason = "cancelled"
                 self.scheduler.finish(seq)
 
     def has_work(self) -> bool:
@@ -192,7 +222,9 @@ class EngineCore:
             with self.lock:
                 self._update_fusion()  # between steps: fuse a dominant adapter, or unfuse
                 plan = self.scheduler.schedule()
-                spec, plain = self.speculator.split(plan.decode, self.max_seq)  # rows with heads verify a tree
+                plainly = [s for s in plan.decode if decodes_plainly(s.request.params)]
+                spec, plain = self.speculator.split([s for s in plan.decode if s not in plainly], self.max_seq)
+                plain += plainly  # rows with heads verify a tree, unless they need what verification lacks
             if plan.empty:
                 return []
             drafts, plain = self._propose(spec, plain)
@@ -207,14 +239,31 @@ class EngineCore:
             for seq in plain:
                 seq.num_cached += 1
             rows = len(sampled)
-            events = self._sample(sampled, logits[:rows], hidden[:rows])
+            sample_logits, sample_hidden = logits[:rows], hidden[:rows]
+            forked = self._fork(sampled)
+            if forked:  # the other completions of a prompt sample their first token from its last row
+                rows_of = torch.tensor([sampled.index(parent) for parent, _ in forked])
+                sample_logits = torch.cat([sample_logits, logits[rows_of]])
+                sample_hidden = torch.cat([sample_hidden, hidden[rows_of]])
+                sampled = sampled + [child for _, child in forked]
+            events = self._sample(sampled, sample_logits, sample_hidden)
             events += self._accept(drafts, logits[rows:], hidden[rows:])
             with self.lock:
                 for seq, event in events:
                     if event.finish_reason is not None:
                         self.scheduler.finish(seq)
-                        self.by_id.pop(seq.request.request_id, None)
+                        self._forget(seq)
             return events
+
+    def _fork(self, sampled: list[Sequence]) -> list[tuple[Sequence, Sequence]]:
+        """(parent, child) for every completion forked from a prompt that was cached this step."""
+        with self.lock:
+            return [(seq, child) for seq in sampled if seq.forks for child in self.scheduler.fork(seq)]
+
+    def _forget(self, seq: Sequence) -> None:
+        group = self.by_id.get(seq.request.request_id)
+        if group is not None and all(s.finish_reason is not None for s in group):
+            del self.by_id[seq.request.request_id]
 
     def take_failures(self) -> list[tuple[Sequence, Exception]]:
         """Requests failed by their own fault since the last call (already finished), with the error."""
@@ -227,9 +276,10 @@ class EngineCore:
         error = exc if isinstance(exc, AdapterdError) else RequestFailedError(
             f"the request failed on this worker ({type(exc).__name__}); other requests were not affected")
         with self.lock:
-            seq.finish_reason = "cancelled"
-            self.scheduler.finish(seq)
-            self.by_id.pop(seq.request.request_id, None)
+            for s in self.by_id.pop(seq.request.request_id, [seq]):  # every completion of the request
+                if s.finish_reason is None or s is seq:
+                    s.finish_reason = "cancelled"
+                    self.scheduler.finish(s)
             self.failures.append((seq, error))
 
     def _update_fusion(self) -> None:
@@ -282,12 +332,13 @@ class EngineCore:
         events = []
         for row, seq in enumerate(seqs):
             try:
-                token, logprob = choose(logits[row], seq, greedy[row])
+                token, logprob, alts = choose(logits[row], seq, greedy[row])
+                advance([seq.matcher], [token], self.grammars.eos)
                 if self.speculator.heads_for(seq) is not None:
                     seq.medusa_hidden = hidden[row].clone()
                     if seq.output:  # a plain decode step (a prompt's first token is not one)
                         seq.tokens_per_step.append(1)
-                events.append((seq, self._append(seq, token, logprob)))
+                events.append((seq, self._append(seq, token, logprob, alts)))
             except Exception as exc:
                 self._fail(seq, exc)
         return events
@@ -322,12 +373,15 @@ class EngineCore:
                 break
         return events
 
-    def _append(self, seq: Sequence, token: int, logprob: float | None) -> TokenEvent:
+    def _append(self, seq: Sequence, token: int, logprob: float | None,
+                top_logprobs: tuple[tuple[int, float], ...] | None = None) -> TokenEvent:
         seq.output.append(token)
         p = seq.request.params
         if token in seq.stop_ids:
             seq.finish_reason = "stop"
         elif seq.text.add(token):
+            seq.finish_reason = "stop"
+        elif seq.matcher is not None and seq.matcher.is_stopped():  # the JSON is complete
             seq.finish_reason = "stop"
         elif len(seq.output) >= p.max_tokens or len(seq.prompt) + len(seq.output) >= self.max_seq:
             seq.finish_reason = "length"
@@ -338,13 +392,15 @@ class EngineCore:
             details = {"decode_steps": len(steps), "tokens_per_step": list(steps),
                        "mean_tokens_per_step": sum(steps) / len(steps)}
         return TokenEvent(token_id=token, text=text, logprob=logprob, index=len(seq.output) - 1,
-                          prompt_tokens=len(seq.prompt), finish_reason=seq.finish_reason, details=details)
+                          prompt_tokens=len(seq.prompt), finish_reason=seq.finish_reason, details=details,
+                          top_logprobs=top_logprobs, choice=seq.choice)
 
     def generate(self, requests: list[GenerationRequest]) -> list[list[TokenEvent]]:
         """Runs requests to completion together (for tests and benchmarks)."""
         seqs = [self.add_request(r) for r in requests]
-        out: dict[int, list[TokenEvent]] = {id(s): [] for s in seqs}
+        out: dict[int, list[TokenEvent]] = {id(s): [] for s in seqs}  # n > 1: every choice's events, in order
+        parent = {id(c): s for s in seqs for c in s.forks}
         while self.has_work():
             for seq, event in self.step():
-                out[id(seq)].append(event)
+                out[id(parent.get(id(seq), seq))].append(event)
         return [out[id(s)] for s in seqs]

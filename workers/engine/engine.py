@@ -66,6 +66,7 @@ class Engine:
         rid = request.request_id
         events: asyncio.Queue = asyncio.Queue()
         finished = False
+        unfinished = request.params.n  # completions still running (TokenEvent.choice tells them apart)
         try:
             if adapter is not None:
                 await asyncio.to_thread(self.core.stage_adapter, adapter)
@@ -77,8 +78,10 @@ class Engine:
                     raise item
                 yield item
                 if item.finish_reason is not None:
-                    finished = True
-                    return
+                    unfinished -= 1
+                    if unfinished == 0:
+                        finished = True
+                        return
         finally:
             if self._streams.pop(rid, None) is not None and not finished:
                 self._post("abort", rid)

@@ -34,8 +34,10 @@ class Scheduler:
         self.running: list[Sequence] = []  # admitted: prefilling or decoding, in admission order
 
     def add(self, seq: Sequence) -> None:
+        """Queues a request; a request for n completions comes as one sequence with n-1 `forks`."""
         if seq.request.adapter is not None:
-            self.adapters.pin(seq.request.adapter)
+            for _ in range(1 + len(seq.forks)):
+                self.adapters.pin(seq.request.adapter)
         self.waiting.append(seq)
 
     def has_work(self) -> bool:
@@ -67,11 +69,32 @@ class Scheduler:
             return
         if adapter is not None:
             self.adapters.unpin(adapter)
+        pending, seq.forks = seq.forks, []
+        for child in pending:  # completions that were never forked: their reserved slots go back
+            if child.kv_slot >= 0:
+                self.kv.release(child.kv_slot)
+            if adapter is not None:
+                self.adapters.unpin(adapter)
+
+    def fork(self, parent: Sequence) -> list[Sequence]:
+        """Once `parent`'s prompt is cached, its other completions join the batch: each reserved slot gets
+        a copy of the prompt's KV entries (one prefill for all n)."""
+        children, parent.forks = parent.forks, []
+        adapter = parent.request.adapter
+        for child in children:
+            self.kv.copy_prefix(parent.kv_slot, child.kv_slot, len(parent.prompt))
+            child.num_cached = len(parent.prompt)
+            child.placement = self.adapters.acquire(adapter) if adapter is not None else parent.placement
+            self.running.append(child)
+        return children
 
     def _admit(self) -> None:
         blocked: deque[Sequence] = deque()
         while self.waiting and self.kv.free_slots:
             seq = self.waiting.popleft()
+            if len(seq.forks) >= self.kv.free_slots:  # n completions take n slots at once
+                blocked.append(seq)
+                continue
             if seq.request.adapter is not None:
                 placement = self.adapters.acquire(seq.request.adapter)
                 if placement is None:
@@ -81,5 +104,7 @@ class Scheduler:
             else:
                 seq.placement = self.adapters.placement(None)  # the base: a correction while one is fused
             seq.kv_slot = self.kv.allocate()
+            for child in seq.forks:
+                child.kv_slot = self.kv.allocate()
             self.running.append(seq)
         self.waiting.extendleft(reversed(blocked))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -24,6 +25,9 @@ class Sequence:
     finish_reason: FinishReason | None = None
     medusa_hidden: torch.Tensor | None = None  # [hidden] that predicted last_token: Medusa heads read it
     tokens_per_step: list[int] = field(default_factory=list)  # decode steps of a row with heads
+    choice: int = 0  # which of the request's n completions this is
+    forks: list[Sequence] = field(default_factory=list)  # the other completions, until the prompt is cached
+    matcher: Any = None  # structured output: this completion's llguidance matcher (workers.engine.structured)
 
     @property
     def prompt(self) -> tuple[int, ...]:

@@ -19,6 +19,17 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()  # added to the model's eos ids
     ignore_eos: bool = False
     logprobs: bool = False  # report the log-probability of each chosen token
+    top_logprobs: int = 0  # with logprobs: also the model's k most likely tokens at each position (0-20)
+    # logits processors (workers.engine.logits_processors), applied in this order before temperature:
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
+    repetition_penalty: float = 1.0  # CTRL: seen (prompt + output) tokens' logits ÷ (if > 0) or × this
+    presence_penalty: float = 0.0  # OpenAI: − this for every token already generated
+    frequency_penalty: float = 0.0  # OpenAI: − this × the token's count in the output
+    # warpers after temperature → top-k → top-p (as transformers orders them):
+    min_p: float = 0.0  # drop tokens below min_p × the most likely token's probability
+    typical_p: float = 1.0  # locally typical sampling: keep the smallest typical set of mass typical_p
+    json_schema: str | None = None  # structured output: the completion is JSON valid against this schema
+    n: int = 1  # completions from one prompt: one prefill, its KV copied into n-1 more slots
 
 
 @dataclass(frozen=True)
@@ -42,3 +53,5 @@ class TokenEvent:
     prompt_tokens: int
     finish_reason: FinishReason | None = None
     details: dict | None = None  # last event of a request with Medusa heads: tokens per decode step
+    top_logprobs: tuple[tuple[int, float], ...] | None = None  # (token id, raw logprob), most likely first
+    choice: int = 0  # which of the request's n completions this token belongs to

@@ -51,6 +51,12 @@ class KVCache:
         for cache in (self.k, self.v):
             cache[:, slot, :, dst] = cache[:, slot, :, src]  # [L, kv_heads, n, head_dim]
 
+    def copy_prefix(self, src_slot: int, dst_slot: int, length: int) -> None:
+        """Copies one sequence's first `length` positions into another slot in every layer (forking a
+        prefilled prompt into the slots of its other completions)."""
+        for cache in (self.k, self.v):
+            cache[:, dst_slot, :, :length] = cache[:, src_slot, :, :length]  # [L, kv_heads, length, head_dim]
+
     def prefix_view(self, layer: int, slot: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One sequence's first `length` cached positions: [1, kv_heads, length, head_dim]."""
         return self.k[layer, slot:slot + 1, :, :length], self.v[layer, slot:slot + 1, :, :length]

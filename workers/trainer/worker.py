@@ -522,8 +522,9 @@ def config_from_args(args: argparse.Namespace) -> TrainerConfig:
 
 def main(argv: list[str] | None = None) -> None:
     args = _parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s trainer %(levelname)s %(name)s: %(message)s")
+    from adapters_store.json_logging import configure
+
+    configure("trainer", logging.getLevelName(args.log_level.upper()))
     trainer = Trainer(config_from_args(args))
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: trainer.stop())

@@ -1,0 +1,106 @@
+"""vLLM's endpoints beyond OpenAI's: /tokenize and /detokenize (answered by a worker, which holds the
+tokenizer), the context length of the model cards, and the operator's /v1/load_lora_adapter and
+/v1/unload_lora_adapter. Loading takes a folder from the operator's allow-list (`ADAPTERD_ADAPTER_ALLOW_DIRS`,
+default DATA_DIR/adapters), validates and publishes it in the store like an upload (public: the operator
+serves it to every tenant), and warms it on the least loaded worker; unloading deletes it from the store
+(requests for it are 404 from then on) and drops it from the workers that hold it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from pathlib import Path
+
+from adapters_store.coordination import (
+    AdapterLoadRequest,
+    AdapterUnloadRequest,
+    ChatMessage,
+    WorkerDetokenizeRequest,
+    WorkerTokenizeRequest,
+)
+from adapters_store.validation import UploadedFile
+from server.adapter_registry import AdapterRegistry, StoredAdapter
+from server.auth import Tenant
+from server.dispatch import Dispatcher
+from server.errors import GatewayError, InvalidRequestError, NoWorkerError, PermissionDeniedError
+from server.protocol import DetokenizeRequest, LoadLoraAdapterRequest, TokenizeRequest, TokenizeResponse
+from server.worker_client import WorkerClient
+from server.worker_registry import WorkerRegistry, WorkerView
+
+MAX_ADAPTER_FILES = 32  # files read from one allow-listed folder
+
+
+class VllmService:
+    def __init__(self, dispatcher: Dispatcher, registry: WorkerRegistry, client: WorkerClient,
+                 adapters: AdapterRegistry, allow_list: list[Path], retry_after_s: int):
+        self._dispatcher, self._registry, self._client = dispatcher, registry, client
+        self._adapters, self._allow_list, self._retry_after_s = adapters, allow_list, retry_after_s
+
+    def max_model_len(self) -> int | None:
+        """The smallest context any live worker serves (they normally agree)."""
+        lens = [w.info.max_model_len for w in self._registry.alive() if w.info.max_model_len]
+        return min(lens) if lens else None
+
+    def _least_loaded(self) -> WorkerView:
+        workers = self._registry.alive()
+        if not workers:
+            raise NoWorkerError("no worker is registered", retry_after_s=self._retry_after_s)
+        return min(workers, key=lambda w: w.load)
+
+    async def _post(self, worker: WorkerView, path: str, body) -> dict:
+        return await self._client.post(worker.url, path, body.model_dump_json(exclude_none=True).encode())
+
+    async def tokenize(self, req: TokenizeRequest) -> TokenizeResponse | list[dict]:
+        self._dispatcher.resolve(req.model)  # an unknown model is a 404, as for generation
+        if sum(x is not None for x in (req.prompt, req.messages, req.inputs)) != 1:
+            raise InvalidRequestError("give exactly one of prompt, messages, inputs", param="prompt")
+        if req.inputs is not None:  # TGI/LoRAX: tokens with their text and character spans
+            body = WorkerTokenizeRequest(prompt=req.inputs, add_special_tokens=req.add_special_tokens, offsets=True)
+            return (await self._post(self._least_loaded(), "/tokenize", body))["spans"]
+        if req.messages is not None and not req.add_generation_prompt:
+            raise InvalidRequestError("only add_generation_prompt: true is supported", param="add_generation_prompt")
+        messages = [ChatMessage(role=m.role, content=m.text()) for m in req.messages] if req.messages else None
+        body = WorkerTokenizeRequest(prompt=req.prompt, messages=messages, add_special_tokens=req.add_special_tokens)
+        return TokenizeResponse(**await self._post(self._least_loaded(), "/tokenize", body))
+
+    async def detokenize(self, req: DetokenizeRequest) -> str:
+        self._dispatcher.resolve(req.model)
+        result = await self._post(self._least_loaded(), "/detokenize", WorkerDetokenizeRequest(tokens=req.tokens))
+        return result["prompt"]
+
+    def _allowed_folder(self, raw: str) -> Path:
+        folder = Path(raw).resolve()
+        if not any(folder.is_relative_to(root) for root in self._allow_list):
+            raise PermissionDeniedError("lora_path is not under a folder the operator allows adapters from",
+                                        param="lora_path", code="path_not_allowed")
+        if not folder.is_dir():
+            raise InvalidRequestError("lora_path is not a folder", param="lora_path")
+        return folder
+
+    def _read_folder(self, folder: Path) -> list[UploadedFile]:
+        files = sorted(p for p in folder.iterdir() if p.is_file())
+        if len(files) > MAX_ADAPTER_FILES:
+            raise InvalidRequestError(f"lora_path holds more than {MAX_ADAPTER_FILES} files", param="lora_path")
+        return [UploadedFile(p.name, p.read_bytes()) for p in files]
+
+    async def load_lora(self, tenant: Tenant, req: LoadLoraAdapterRequest) -> StoredAdapter:
+        folder = self._allowed_folder(req.lora_path)
+        uploads = await asyncio.to_thread(self._read_folder, folder)
+        await asyncio.to_thread(self._adapters.upload, tenant, req.lora_name, uploads, None, None, True)
+        stored = self._adapters.resolve(req.lora_name)
+        assert isinstance(stored, StoredAdapter)
+        worker = self._least_loaded()
+        await self._post(worker, "/adapters/load", AdapterLoadRequest(name=stored.ref, path=stored.path))
+        worker.assume(stored.ref)
+        return stored
+
+    async def unload_lora(self, tenant: Tenant, name: str) -> list[str]:
+        info = await asyncio.to_thread(self._adapters.describe, tenant, name)
+        refs = [v.id for v in info.versions]
+        await asyncio.to_thread(self._adapters.delete, tenant, name)
+        for worker in self._registry.alive():
+            for ref in refs:
+                if worker.holds(ref):
+                    with contextlib.suppress(GatewayError):  # gone already, or the worker died: nothing to drop
+                        await self._post(worker, "/adapters/unload", AdapterUnloadRequest(name=ref))
+        return refs

@@ -6,6 +6,7 @@ trainer process; imports the trainer lazily), and the client commands `generate`
 from __future__ import annotations
 
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -15,6 +16,19 @@ from adapterd_client.client import Client
 from adapterd_client.errors import AdapterdError
 
 app = typer.Typer(help="adapterd: many fine-tuned adapters over one shared base LLM.", no_args_is_help=True)
+
+
+
+class Dtype(str, Enum):
+    auto = "auto"
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+
+
+class Quantize(str, Enum):
+    none = "none"
+    int8 = "int8"
+
 
 Url = Annotated[str | None, typer.Option("--url", envvar="ADAPTERD_URL", help="gateway URL")]
 ApiKey = Annotated[str | None, typer.Option("--api-key", envvar="ADAPTERD_API_KEY", help="API key")]
@@ -39,6 +53,8 @@ def serve(
     allow_insecure: Annotated[bool, typer.Option(help="allow a non-loopback bind without API keys")] = False,
     heartbeat_ttl: Annotated[float, typer.Option(help="seconds a silent worker stays routable")] = 5.0,
     trainers: Annotated[int, typer.Option(min=0, help="fine-tune trainer processes")] = 0,
+    dtype: Annotated[Dtype, typer.Option(help="base weights' dtype (auto: measured on this machine)")] = Dtype.auto,
+    quantize: Annotated[Quantize, typer.Option(help="int8: weight-only int8 base weights")] = Quantize.none,
 ) -> None:
     """Start Redis (embedded valkey unless --redis-url), the workers, the trainers and the gateway; Ctrl-C
     stops all."""
@@ -47,7 +63,7 @@ def serve(
 
     options = ServeOptions(host=host, port=port, workers=workers, model=model, redis_url=redis_url,
                            data_dir=data_dir, allow_insecure=allow_insecure, heartbeat_ttl_s=heartbeat_ttl,
-                           trainers=trainers)
+                           trainers=trainers, worker_args=["--dtype", dtype.value, "--quantize", quantize.value])
     raise typer.Exit(run(options))
 
 

@@ -6,7 +6,7 @@ trainer process; imports the trainer lazily), and the client commands `generate`
 from __future__ import annotations
 
 import sys
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -19,13 +19,13 @@ app = typer.Typer(help="adapterd: many fine-tuned adapters over one shared base 
 
 
 
-class Dtype(str, Enum):
+class Dtype(StrEnum):
     auto = "auto"
     float32 = "float32"
     bfloat16 = "bfloat16"
 
 
-class Quantize(str, Enum):
+class Quantize(StrEnum):
     none = "none"
     int8 = "int8"
 

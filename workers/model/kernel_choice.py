@@ -84,21 +84,26 @@ class Timing:
 
 
 def measure(calls: Mapping[str, Callable[[], object]], timer: Timer, budget_s: float = 0.005,
-            min_repeats: int = 5, max_repeats: int = 15) -> dict[str, Timing]:
-    """Times each candidate. One untimed warm-up each, then rounds in which every candidate runs once, the
-    order rotated each round (so drift and the neighbours' load hit all alike); as many rounds as fit the
-    budget, within [min_repeats, max_repeats]. Noise on a shared machine only ever adds time (a thread
-    descheduled mid-GEMM costs a whole time slice: medians of 20-40 ms were seen for 0.05 ms GEMMs on a
-    loaded 2-core box), so the choice is made on each candidate's fastest call; the median is kept beside."""
+            min_repeats: int = 3, max_repeats: int = 15, drop_ratio: float = 3.0) -> dict[str, Timing]:
+    """Times each candidate. One untimed warm-up each, then rounds in which every candidate still in the
+    race runs once, the order rotated each round (so drift and the neighbours' load hit all alike); as many
+    rounds as fit the budget, within [min_repeats, max_repeats]. A candidate whose fastest call is already
+    `drop_ratio` times the leader's leaves the race (no more time spent on a clear loser). Noise on a
+    shared machine only ever adds time (a thread descheduled mid-GEMM costs a whole time slice: medians of
+    20-40 ms were seen for 0.05 ms GEMMs on a loaded 2-core box), so the choice is made on each candidate's
+    fastest call; the median is kept beside."""
     names = list(calls)
     for name in names:
         calls[name]()
     samples = {name: [timer(name, calls[name])] for name in names}
     per_round = max(sum(s[0] for s in samples.values()), 1e-9)
     repeats = max(min_repeats, min(max_repeats, int(budget_s / per_round)))
+    racing = list(names)
     for r in range(repeats):
-        k = r % len(names)
-        for name in names[k:] + names[:k]:
+        leader = min(min(samples[n]) for n in racing)
+        racing = [n for n in racing if min(samples[n]) <= drop_ratio * leader]
+        k = r % len(racing)
+        for name in racing[k:] + racing[:k]:
             samples[name].append(timer(name, calls[name]))
     return {name: Timing(min(s), statistics.median(s)) for name, s in samples.items()}
 

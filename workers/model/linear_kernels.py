@@ -22,6 +22,7 @@ LinearFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Ten
 # (first, last) rows of each bucket, and the rows a bucket is measured at
 ROW_BUCKETS: tuple[tuple[int, int], ...] = ((1, 1), (2, 4), (5, 16), (17, 64), (65, 1 << 30))
 MEASURED_ROWS: tuple[int, ...] = (1, 4, 16, 64, 128)
+EAGER_BUCKETS = 3  # up to 16 rows: decode batches, measured at load
 
 
 def linear_f(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
@@ -98,10 +99,12 @@ class RowKernels:
         return (f"{self.op} {out_features}x{in_features} rows {bucket_label(bucket)} "
                 f"{str(dtype).removeprefix('torch.')} {device.type}")
 
-    def prepare(self, shapes: set[tuple[int, int]], dtype: torch.dtype, device: torch.device) -> None:
-        """Measures (or reads) every bucket of every shape now, so that no request pays for it."""
+    def prepare(self, shapes: set[tuple[int, int]], dtype: torch.dtype, device: torch.device,
+                buckets: int = EAGER_BUCKETS) -> None:
+        """Measures (or reads) the decode buckets of every shape now, so that no decode step pays for it;
+        larger buckets (prefill chunks) are measured at their first use."""
         for out_features, in_features in sorted(shapes):
-            for bucket in range(len(ROW_BUCKETS)):
+            for bucket in range(buckets):
                 self.choose(out_features, in_features, bucket, dtype, device)
 
     def best_seconds(self, out_features: int, in_features: int, bucket: int, dtype: torch.dtype,

@@ -7,8 +7,8 @@ import pytest
 import torch
 from tiny_models import make_lora, make_tiny_model
 
-from workers.adapters.manager import BASE_PLACEMENT
 from workers.adapters.layers import KERNELS
+from workers.adapters.manager import BASE_PLACEMENT
 from workers.adapters.ops import build_adapter_batch, lora_add_reference
 from workers.engine.types import GenerationRequest, SamplingParams
 from workers.errors import AdapterNotFoundError, AdapterValidationError

@@ -91,10 +91,18 @@ def measure(calls: Mapping[str, Callable[[], object]], timer: Timer, budget_s: f
     `drop_ratio` times the leader's leaves the race (no more time spent on a clear loser). Noise on a
     shared machine only ever adds time (a thread descheduled mid-GEMM costs a whole time slice: medians of
     20-40 ms were seen for 0.05 ms GEMMs on a loaded 2-core box), so the choice is made on each candidate's
-    fastest call; the median is kept beside."""
-    names = list(calls)
-    for name in names:
-        calls[name]()
+    fastest call; the median is kept beside. A candidate that fails on this machine (an op this build or
+    device lacks) is left out; if every one fails, the last error is raised."""
+    names, error = [], None
+    for name in calls:
+        try:
+            calls[name]()
+            names.append(name)
+        except (RuntimeError, NotImplementedError) as e:
+            log.warning("kernel candidate %s fails here, left out: %s", name, e)
+            error = e
+    if not names:
+        raise error or ValueError("no kernel candidates")
     samples = {name: [timer(name, calls[name])] for name in names}
     per_round = max(sum(s[0] for s in samples.values()), 1e-9)
     repeats = max(min_repeats, min(max_repeats, int(budget_s / per_round)))

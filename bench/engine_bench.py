@@ -110,6 +110,7 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--runs-slow", type=int, default=1, help="runs of (e), the slowest peer")
+    ap.add_argument("--no-adapters", action="store_true", help="skip (b), (d), (e): base and precision figures only")
     ap.add_argument("--modes", default="bf16,int8,auto", help="other precisions of the own engine ('' for none)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "engine_bench.json"))
     args = ap.parse_args()
@@ -127,7 +128,7 @@ def main() -> None:
     vocab = min(tokenizer.vocab_size, 49152)
     prompts = [torch.randint(100, vocab - 100, (T,), generator=gen).tolist() for _ in range(B)]
     tmp = Path(tempfile.mkdtemp(prefix="engine-bench-"))
-    adapters = make_adapters(model_path, tmp, B, args.rank)
+    adapters = [] if args.no_adapters else make_adapters(model_path, tmp, B, args.rank)
 
     t0 = time.perf_counter()
     core = EngineCore(EngineConfig(model_path=str(model_path), max_batch=B, max_seq=T + N + 8, max_loras=B,
@@ -157,7 +158,8 @@ def main() -> None:
     results: dict[str, float] = {}
     results["a1_own_base_b1"] = N / median_time(lambda: own(1, False), args.runs)
     results["a16_own_base_b16"] = B * N / median_time(lambda: own(B, False), args.runs)
-    results["b_own_16_loras_b16"] = B * N / median_time(lambda: own(B, True), args.runs)
+    if adapters:
+        results["b_own_16_loras_b16"] = B * N / median_time(lambda: own(B, True), args.runs)
     results["c1_hf_b1"] = N / median_time(lambda: hf_generate(hf, prompts[:1]), args.runs)
     results["c16_hf_b16"] = B * N / median_time(lambda: hf_generate(hf, prompts), args.runs)
     modes = [m for m in args.modes.split(",") if m]
@@ -194,29 +196,32 @@ def main() -> None:
         results["c16_hf_bf16_b16"] = B * N / median_time(lambda: hf_generate(hf_bf16, prompts), args.runs)
         del hf_bf16
 
-    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_path), adapters[0],
-                                     adapter_name="lora0").eval()
-    for i, path in enumerate(adapters[1:], start=1):
-        peft.load_adapter(path, adapter_name=f"lora{i}")
-    peft.generation_config.eos_token_id = None
-    names = [f"lora{i}" for i in range(B)]
-    results["d_peft_mixed_b16"] = B * N / median_time(lambda: hf_generate(peft, prompts, adapter_names=names),
-                                                      args.runs)
+    if adapters:
+        peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_path), adapters[0],
+                                         adapter_name="lora0").eval()
+        for i, path in enumerate(adapters[1:], start=1):
+            peft.load_adapter(path, adapter_name=f"lora{i}")
+        peft.generation_config.eos_token_id = None
+        names = [f"lora{i}" for i in range(B)]
+        results["d_peft_mixed_b16"] = B * N / median_time(lambda: hf_generate(peft, prompts, adapter_names=names),
+                                                          args.runs)
 
-    def one_at_a_time():
-        for i in range(B):
-            peft.set_adapter(f"lora{i}")
-            hf_generate(peft, prompts[i:i + 1])
+        def one_at_a_time():
+            for i in range(B):
+                peft.set_adapter(f"lora{i}")
+                hf_generate(peft, prompts[i:i + 1])
 
-    results["e_peft_sequential"] = B * N / median_time(one_at_a_time, args.runs_slow)
+        results["e_peft_sequential"] = B * N / median_time(one_at_a_time, args.runs_slow)
 
     bandwidth = memory_bandwidth_gbs()
     weight_bytes = sum(p.nbytes for p in core.runner.model.parameters())  # tied weights count once
     limit = bandwidth * 1e9 / weight_bytes  # tokens/s if each decode step only streamed the weights once
-    ratios = {
+    ratios = {} if not adapters else {
         "b/a16 (target >= 0.85)": results["b_own_16_loras_b16"] / results["a16_own_base_b16"],
         "b/d (target >= 4)": results["b_own_16_loras_b16"] / results["d_peft_mixed_b16"],
         "b/e (target >= 15)": results["b_own_16_loras_b16"] / results["e_peft_sequential"],
+    }
+    ratios |= {
         "a1/c1 (target >= 1.5)": results["a1_own_base_b1"] / results["c1_hf_b1"],
         "a16/c16": results["a16_own_base_b16"] / results["c16_hf_b16"],
         "a1/bandwidth_limit": results["a1_own_base_b1"] / limit,

@@ -5,6 +5,9 @@
 (a) own engine, base model, batch 1 and batch 16        (c) transformers generate, batch 1 and 16
 (b) own engine, 16 requests on 16 distinct LoRAs         (d) peft, the same 16 adapters in one mixed batch
 (e) peft, the 16 requests served one adapter at a time (set_adapter + generate)
+(f) with --modes: the own engine's base at batch 1 and 16 in other precisions (bf16, int8 weight-only, auto),
+    transformers in bf16 beside bf16; each mode reports greedy-token agreement with own fp32 over the
+    prompts and the largest logit error (relative to the largest |logit|) on their prefill.
 Greedy, every request decodes exactly `--new-tokens`. Reports medians of `--runs` runs, aggregate tokens/s,
 the ratios the issue tracks, and batch-1 decode against this machine's memory-bandwidth limit.
 """
@@ -12,6 +15,7 @@ the ratios the issue tracks, and batch-1 decode against this machine's memory-ba
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import statistics
@@ -66,6 +70,36 @@ def make_adapters(model_path: Path, out: Path, n: int, rank: int) -> list[Path]:
     return paths
 
 
+MODES = {"bf16": {"dtype": "bfloat16"}, "int8": {"quantize": "int8"}, "auto": {"dtype": "auto"}}
+
+
+def cpu_description() -> dict:
+    from workers.model.kernel_choice import machine_description
+
+    flags = ""
+    try:
+        flags = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith("flags"))
+    except (OSError, StopIteration):
+        pass
+    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "fma", "f16c")
+    return {**machine_description(torch.device("cpu")), "flags_of_note": [f for f in wanted if f in flags.split()]}
+
+
+def prefill_logits(core, prompts: list[list[int]]) -> list[torch.Tensor]:
+    """Every position's logits [T, vocab] of each prompt through the engine's model (KV slot 0)."""
+    from workers.model.batch import build_step_batch
+
+    runner, out = core.runner, []
+    with torch.inference_mode():
+        for p in prompts:
+            batch = build_step_batch([], [(0, 0, p, True)], runner.cos, runner.sin, runner.config.sliding_window,
+                                     runner.device)
+            batch = dataclasses.replace(batch, logits_rows=torch.arange(len(p)))
+            out.append(runner.model(batch, runner.kv).float())
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="HF folder (default: SmolLM2-135M-Instruct, converted once)")
@@ -76,6 +110,8 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--runs-slow", type=int, default=1, help="runs of (e), the slowest peer")
+    ap.add_argument("--no-adapters", action="store_true", help="skip (b), (d), (e): base and precision figures only")
+    ap.add_argument("--modes", default="bf16,int8,auto", help="other precisions of the own engine ('' for none)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "engine_bench.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -92,10 +128,12 @@ def main() -> None:
     vocab = min(tokenizer.vocab_size, 49152)
     prompts = [torch.randint(100, vocab - 100, (T,), generator=gen).tolist() for _ in range(B)]
     tmp = Path(tempfile.mkdtemp(prefix="engine-bench-"))
-    adapters = make_adapters(model_path, tmp, B, args.rank)
+    adapters = [] if args.no_adapters else make_adapters(model_path, tmp, B, args.rank)
 
+    t0 = time.perf_counter()
     core = EngineCore(EngineConfig(model_path=str(model_path), max_batch=B, max_seq=T + N + 8, max_loras=B,
                                    max_rank=args.rank), tokenizer=tokenizer)
+    fp32_load_s = time.perf_counter() - t0
     for i, path in enumerate(adapters):
         core.load_adapter(f"lora{i}", path)
     params = SamplingParams(max_tokens=N, temperature=0, ignore_eos=True)
@@ -106,6 +144,7 @@ def main() -> None:
         outs = core.generate(reqs)
         assert all(len(o) == N for o in outs)
 
+    start = time.perf_counter()
     hf = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
     hf.generation_config.eos_token_id = None
 
@@ -119,40 +158,87 @@ def main() -> None:
     results: dict[str, float] = {}
     results["a1_own_base_b1"] = N / median_time(lambda: own(1, False), args.runs)
     results["a16_own_base_b16"] = B * N / median_time(lambda: own(B, False), args.runs)
-    results["b_own_16_loras_b16"] = B * N / median_time(lambda: own(B, True), args.runs)
+    if adapters:
+        results["b_own_16_loras_b16"] = B * N / median_time(lambda: own(B, True), args.runs)
     results["c1_hf_b1"] = N / median_time(lambda: hf_generate(hf, prompts[:1]), args.runs)
     results["c16_hf_b16"] = B * N / median_time(lambda: hf_generate(hf, prompts), args.runs)
+    modes = [m for m in args.modes.split(",") if m]
+    precision: dict[str, dict] = {}
+    if modes:
+        reference_tokens = core.generate([GenerationRequest(tuple(p), params, None) for p in prompts])
+        reference_logits = prefill_logits(core, prompts)
+    for mode in modes:
+        t0 = time.perf_counter()
+        other = EngineCore(EngineConfig(model_path=str(model_path), max_batch=B, max_seq=T + N + 8, max_loras=1,
+                                        max_rank=args.rank, **MODES[mode]), tokenizer=tokenizer)
+        load_s = time.perf_counter() - t0
 
-    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_path), adapters[0],
-                                     adapter_name="lora0").eval()
-    for i, path in enumerate(adapters[1:], start=1):
-        peft.load_adapter(path, adapter_name=f"lora{i}")
-    peft.generation_config.eos_token_id = None
-    names = [f"lora{i}" for i in range(B)]
-    results["d_peft_mixed_b16"] = B * N / median_time(lambda: hf_generate(peft, prompts, adapter_names=names),
-                                                      args.runs)
+        def own_mode(n: int, engine=other):
+            outs = engine.generate([GenerationRequest(tuple(prompts[i]), params, None) for i in range(n)])
+            assert all(len(o) == N for o in outs)
 
-    def one_at_a_time():
-        for i in range(B):
-            peft.set_adapter(f"lora{i}")
-            hf_generate(peft, prompts[i:i + 1])
+        results[f"f1_own_{mode}_b1"] = N / median_time(lambda: own_mode(1), args.runs)
+        results[f"f16_own_{mode}_b16"] = B * N / median_time(lambda: own_mode(B), args.runs)
+        tokens = other.generate([GenerationRequest(tuple(p), params, None) for p in prompts])
+        agree = sum(a.token_id == b.token_id for ours, ref in zip(tokens, reference_tokens, strict=True)
+                    for a, b in zip(ours, ref, strict=True))
+        errors = [((o - r).abs().max() / r.abs().max()).item()
+                  for o, r in zip(prefill_logits(other, prompts), reference_logits, strict=True)]
+        precision[mode] = {"dtype": str(other.runner.dtype).removeprefix("torch."),
+                           "quantize": MODES[mode].get("quantize"),
+                           "load_s_with_kernel_measurement": load_s,
+                           "greedy_agreement_with_fp32": agree / (B * N), "max_rel_logit_error": max(errors)}
+        del other
+    if "bf16" in modes:
+        hf_bf16 = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16).eval()
+        hf_bf16.generation_config.eos_token_id = None
+        results["c1_hf_bf16_b1"] = N / median_time(lambda: hf_generate(hf_bf16, prompts[:1]), args.runs)
+        results["c16_hf_bf16_b16"] = B * N / median_time(lambda: hf_generate(hf_bf16, prompts), args.runs)
+        del hf_bf16
 
-    results["e_peft_sequential"] = B * N / median_time(one_at_a_time, args.runs_slow)
+    if adapters:
+        peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_path), adapters[0],
+                                         adapter_name="lora0").eval()
+        for i, path in enumerate(adapters[1:], start=1):
+            peft.load_adapter(path, adapter_name=f"lora{i}")
+        peft.generation_config.eos_token_id = None
+        names = [f"lora{i}" for i in range(B)]
+        results["d_peft_mixed_b16"] = B * N / median_time(lambda: hf_generate(peft, prompts, adapter_names=names),
+                                                          args.runs)
+
+        def one_at_a_time():
+            for i in range(B):
+                peft.set_adapter(f"lora{i}")
+                hf_generate(peft, prompts[i:i + 1])
+
+        results["e_peft_sequential"] = B * N / median_time(one_at_a_time, args.runs_slow)
 
     bandwidth = memory_bandwidth_gbs()
     weight_bytes = sum(p.nbytes for p in core.runner.model.parameters())  # tied weights count once
     limit = bandwidth * 1e9 / weight_bytes  # tokens/s if each decode step only streamed the weights once
-    ratios = {
+    ratios = {} if not adapters else {
         "b/a16 (target >= 0.85)": results["b_own_16_loras_b16"] / results["a16_own_base_b16"],
         "b/d (target >= 4)": results["b_own_16_loras_b16"] / results["d_peft_mixed_b16"],
         "b/e (target >= 15)": results["b_own_16_loras_b16"] / results["e_peft_sequential"],
+    }
+    ratios |= {
         "a1/c1 (target >= 1.5)": results["a1_own_base_b1"] / results["c1_hf_b1"],
         "a16/c16": results["a16_own_base_b16"] / results["c16_hf_b16"],
         "a1/bandwidth_limit": results["a1_own_base_b1"] / limit,
     }
+    for mode in modes:
+        ratios[f"{mode} b1 / hf fp32 b1"] = results[f"f1_own_{mode}_b1"] / results["c1_hf_b1"]
+        ratios[f"{mode} b1 / own fp32 b1"] = results[f"f1_own_{mode}_b1"] / results["a1_own_base_b1"]
+        ratios[f"{mode} b16 / own fp32 b16"] = results[f"f16_own_{mode}_b16"] / results["a16_own_base_b16"]
+    if "bf16" in modes:
+        ratios["bf16 b1 / hf bf16 b1"] = results["f1_own_bf16_b1"] / results["c1_hf_bf16_b1"]
+        ratios["bf16 b16 / hf bf16 b16"] = results["f16_own_bf16_b16"] / results["c16_hf_bf16_b16"]
     report = {
         "config": {**vars(args), "model": str(model_path), "torch": torch.__version__,
-                   "cpu": platform.processor() or platform.machine()},
+                   "cpu": platform.processor() or platform.machine(), "machine": cpu_description(),
+                   "total_s": time.perf_counter() - start},
+        "fp32_load_s_with_kernel_measurement": fp32_load_s,
+        "precision": precision,
         "tokens_per_s": results,
         "memory_bandwidth_GBps": bandwidth,
         "weight_bytes": weight_bytes,
@@ -165,6 +251,10 @@ def main() -> None:
           f"→ batch-1 limit {limit:.1f} tok/s")
     for k, v in ratios.items():
         print(f"{k:28s} {v:6.2f}")
+    for mode, p in precision.items():
+        print(f"{mode}: dtype {p['dtype']}, greedy agreement with fp32 {p['greedy_agreement_with_fp32']:.3f}, "
+              f"largest relative logit error {p['max_rel_logit_error']:.4f}, "
+              f"load {p['load_s_with_kernel_measurement']:.1f} s")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(f"wrote {args.out}")

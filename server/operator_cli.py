@@ -5,12 +5,24 @@ trainers are imported lazily, so this module stays torch-free."""
 
 from __future__ import annotations
 
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 app = typer.Typer(help="adapterd operator commands: serve, worker, trainer, gateway.", no_args_is_help=True)
+
+
+class Dtype(StrEnum):
+    auto = "auto"
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+
+
+class Quantize(StrEnum):
+    none = "none"
+    int8 = "int8"
 PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
 
 
@@ -28,6 +40,8 @@ def serve(
     max_seq: Annotated[int | None, typer.Option(
         "--max-seq", "--max-model-len", min=1,
         help="context length (default: the model's, capped so the KV cache of a full batch fits 2 GiB)")] = None,
+    dtype: Annotated[Dtype, typer.Option(help="base weights' dtype (auto: measured on this machine)")] = Dtype.auto,
+    quantize: Annotated[Quantize, typer.Option(help="int8: weight-only int8 base weights")] = Quantize.none,
 ) -> None:
     """Start Redis (embedded valkey unless --redis-url), the workers, the trainers and the gateway; Ctrl-C
     stops all."""
@@ -36,7 +50,9 @@ def serve(
 
     options = ServeOptions(host=host, port=port, workers=workers, model=model, redis_url=redis_url,
                            data_dir=data_dir, allow_insecure=allow_insecure, heartbeat_ttl_s=heartbeat_ttl,
-                           trainers=trainers, worker_args=["--max-seq", str(max_seq)] if max_seq else [])
+                           trainers=trainers,
+                           worker_args=["--dtype", dtype.value, "--quantize", quantize.value,
+                                        *(["--max-seq", str(max_seq)] if max_seq else [])])
     raise typer.Exit(run(options))
 
 

@@ -17,6 +17,8 @@ from adapterd_client.errors import AdapterdError
 
 app = typer.Typer(help="adapterd: many fine-tuned adapters over one shared base LLM.", no_args_is_help=True)
 
+
+
 Url = Annotated[str | None, typer.Option("--url", envvar="ADAPTERD_URL", help="gateway URL")]
 ApiKey = Annotated[str | None, typer.Option("--api-key", envvar="ADAPTERD_API_KEY", help="API key")]
 MaxTokens = Annotated[int, typer.Option("--max-tokens", min=1)]

@@ -76,6 +76,8 @@ def start_worker(name: str, model: Path, redis_url: str, logs: Path, ttl: float 
         str(ttl),
         "--max-batch",
         "8",
+        "--dtype",
+        "float32",  # the oracle path: the tests compare against transformers in fp32
         *extra,
     ]
     popen = subprocess.Popen(

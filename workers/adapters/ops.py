@@ -31,6 +31,7 @@ class AdapterBatch:
     decode_hi: int
     decode_mask: torch.Tensor | None  # [Bd, hi - lo]: 1 on the token's own rows
     segments: tuple[tuple[int, int, int, int], ...]  # (token start, token end, row start, row end)
+    decode_groups: tuple[tuple[int, int, torch.Tensor], ...] = ()  # (row start, row end, decode tokens [g])
 
     @property
     def active(self) -> bool:
@@ -52,6 +53,11 @@ def build_adapter_batch(decode_rows: list[RowRanges], chunk_rows: list[tuple[int
             for start, end in ranges:
                 mask[i, start - lo:end - lo] = 1
         mask = mask.to(device)
+    groups: dict[RowRange, list[int]] = {}
+    for i, ranges in enumerate(decode_rows):
+        for r in ranges:
+            if r[1] > r[0]:
+                groups.setdefault(r, []).append(i)
     return AdapterBatch(
         token_rows=tuple(token_rows),
         num_decode=len(decode_rows),
@@ -59,6 +65,7 @@ def build_adapter_batch(decode_rows: list[RowRanges], chunk_rows: list[tuple[int
         decode_hi=hi,
         decode_mask=mask,
         segments=tuple((s, e, r[0], r[1]) for s, e, ranges in chunk_rows for r in ranges if r[1] > r[0]),
+        decode_groups=tuple((r[0], r[1], torch.tensor(t, dtype=torch.long, device=device)) for r, t in groups.items()),
     )
 
 

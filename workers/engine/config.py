@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from workers.adapters.fusion import FusionConfig
 from workers.adapters.lora import TARGETS
@@ -18,7 +18,9 @@ class EngineConfig:
     model_path: str
     model_id: str | None = None  # name reported to clients; default: the folder's name
     device: str = "cpu"
-    dtype: str | None = None  # None → bfloat16 on CUDA, float32 on CPU
+    dtype: str | None = None  # "auto" (measured) | "float32" | "bfloat16"; None → bf16 on CUDA, fp32 on CPU
+    quantize: str | None = None  # None | "int8": weight-only int8 base (adapters on top in `dtype`)
+    linear_kernel: str | None = None  # force one base-linear kernel candidate (tests); None → measured
     max_batch: int = 16  # sequences decoding at once (KV-cache slots)
     max_seq: int = 2048  # tokens per sequence, prompt included
     max_tokens_per_step: int = 512  # decode rows + prefill tokens in one forward
@@ -27,10 +29,14 @@ class EngineConfig:
     max_rank: int = 16  # the largest rank an adapter may have
     host_cache_bytes: int = 1 << 30  # host tier: adapters as stored (compressed stays compressed)
     lora_targets: tuple[str, ...] = TARGETS
-    lora_kernel: str = "fast"  # "fast" | "reference"
+    lora_kernel: str = "auto"  # "auto" (measured) | "fast" | "grouped" | "reference"
     num_threads: int | None = None  # torch intra-op threads; None → leave as is
     fusion: FusionConfig = FusionConfig()  # when a dominant adapter is merged into the base weights
     medusa_max_batch: int = 4  # decoding rows up to which rows with Medusa heads verify trees; 0 → never
     medusa_tree: tuple[tuple[int, ...], ...] = DEFAULT_MEDUSA_TREE
     medusa_epsilon: float = 0.09  # typical acceptance (sampling): p(x) > min(ε, δ·exp(−H(p)))
     medusa_delta: float = 0.3
+
+    def __post_init__(self) -> None:
+        if self.quantize and self.fusion.enabled:  # an int8 base cannot hold a merged adapter
+            object.__setattr__(self, "fusion", replace(self.fusion, enabled=False))

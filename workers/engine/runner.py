@@ -20,10 +20,10 @@ from workers.model.rope import rope_tables
 class ModelRunner:
     def __init__(self, cfg: EngineConfig):
         self.device = torch.device(cfg.device)
-        self.model = load_decoder(ModelSpec(cfg.model_path, cfg.device, cfg.dtype))
+        self.model = load_decoder(ModelSpec(cfg.model_path, cfg.device, cfg.dtype, cfg.quantize, cfg.linear_kernel))
         mc = self.model.config
         self.config = mc
-        self.dtype = self.model.lm_head.weight.dtype
+        self.dtype = self.model.dtype
         self.max_seq = min(cfg.max_seq, mc.max_position_embeddings)
         self.kv = KVCache(mc.num_layers, cfg.max_batch, self.max_seq, mc.num_kv_heads, mc.head_dim,
                           self.dtype, self.device)

@@ -14,22 +14,21 @@ from torch import nn
 from workers.model.batch import StepBatch
 from workers.model.config import DecoderConfig
 from workers.model.kv_cache import KVCache
+from workers.model.linear_kernels import RowKernels
 from workers.model.rope import apply_rope
 
 
 class Linear(nn.Linear):
-    """nn.Linear with a faster CPU path for few rows. MKL streams W [out, in] far better as a GEMM
-    (W · xᵀ)ᵀ than as x · Wᵀ, and its one-row GEMV is slower still: a single row is computed as two
-    (measured on this machine's 30-layer decode: 38 → 26 ms for one row, 94 → 55 ms for 16).
-    Reference: F.linear; tests compare the two."""
+    """nn.Linear whose 2-D forward runs the kernel measured fastest on this machine for its shape, row
+    count and dtype (workers.model.linear_kernels); F.linear until the loader sets `kernels`."""
+
+    kernels: RowKernels | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 2 or x.device.type != "cpu":
+        if self.kernels is None or x.dim() != 2:
             return F.linear(x, self.weight, self.bias)
-        n = x.shape[0]
-        rows = x.expand(2, -1).contiguous() if n == 1 else x  # [max(N, 2), in]
-        y = torch.mm(self.weight, rows.t()).t()[:n].contiguous()  # [N, out]
-        return y if self.bias is None else y.add_(self.bias)
+        w = self.weight
+        return self.kernels.get(w.shape, x.shape[0], w.dtype, w.device)(x, w, self.bias)
 
 
 class RMSNorm(nn.Module):
@@ -138,3 +137,8 @@ class Decoder(nn.Module):
         h = self.hidden_states(batch, kv)[batch.logits_rows]  # [R, hidden]
         logits = self.lm_head(h).float()  # [R, vocab]
         return (logits, h) if with_hidden else logits
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The activations' dtype (the embeddings'; a quantized base keeps its linears' weights in int8)."""
+        return self.model.embed_tokens.weight.dtype

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,22 +14,25 @@ from safetensors import safe_open
 
 from workers.errors import UnsupportedModelError
 from workers.model.config import DecoderConfig
-from workers.model.decoder import Decoder
+from workers.model.decoder import Decoder, Linear
+from workers.model.kernel_choice import KernelTable
+from workers.model.linear_kernels import CANDIDATES as DENSE_KERNELS
+from workers.model.linear_kernels import linear_kernels
+from workers.model.precision import resolve_dtype
+from workers.model.quantized import CANDIDATES as INT8_KERNELS
+from workers.model.quantized import QUANTIZE_MODES, int8_kernels, quantize_decoder
+
+log = logging.getLogger(__name__)
+KERNEL_OVERRIDE_ENV = "ADAPTERD_LINEAR_KERNEL"
 
 
 @dataclass(frozen=True)
 class ModelSpec:
     path: str
     device: str = "cpu"
-    dtype: str | None = None  # None → bfloat16 on CUDA, float32 on CPU
-
-
-def resolve_dtype(device: torch.device, dtype: str | None) -> torch.dtype:
-    if dtype is None:
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise UnsupportedModelError(f"unsupported dtype {dtype!r}")
-    return getattr(torch, dtype)
+    dtype: str | None = None  # "auto" | "float32" | "bfloat16" | "float16"; None → bf16 on CUDA, fp32 on CPU
+    quantize: str | None = None  # None | "int8" (weight-only, per output channel)
+    linear_kernel: str | None = None  # force one kernel candidate; None → $ADAPTERD_LINEAR_KERNEL or measured
 
 
 def checkpoint_files(folder: Path) -> list[Path]:
@@ -42,13 +48,26 @@ def checkpoint_files(folder: Path) -> list[Path]:
     return files
 
 
+def linear_shapes(model: Decoder) -> Counter:
+    """(out, in) → how many of the model's linears have that weight shape."""
+    return Counter(tuple(m.weight.shape) for m in model.modules() if isinstance(m, Linear))
+
+
 def load_decoder(spec: ModelSpec) -> Decoder:
     folder = Path(spec.path)
     cfg = DecoderConfig.from_folder(folder)
     device = torch.device(spec.device)
-    dtype = resolve_dtype(device, spec.dtype)
+    if spec.quantize not in (None, *QUANTIZE_MODES):
+        raise UnsupportedModelError(f"unsupported quantize {spec.quantize!r}; supported: {', '.join(QUANTIZE_MODES)}")
+    override = spec.linear_kernel or os.environ.get(KERNEL_OVERRIDE_ENV) or None
+    candidates = INT8_KERNELS if spec.quantize else DENSE_KERNELS
+    if override is not None and override not in candidates:
+        raise UnsupportedModelError(f"unknown kernel {override!r}; candidates: {', '.join(candidates)}")
     with torch.device("meta"):
         model = Decoder(cfg)
+    table = KernelTable.for_machine(device)
+    shapes = linear_shapes(model)
+    dtype = resolve_dtype(spec.dtype, device, shapes, table)
     expected = dict(model.named_parameters())
     state: dict[str, torch.Tensor] = {}
     for file in checkpoint_files(folder):
@@ -68,4 +87,26 @@ def load_decoder(spec: ModelSpec) -> Decoder:
     model.load_state_dict(state, strict=False, assign=True)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    return model.eval().requires_grad_(False)
+    model = model.eval().requires_grad_(False)
+    attach_kernels(model, spec.quantize, override, table, shapes, dtype, device)
+    return model
+
+
+def attach_kernels(model: Decoder, quantize: str | None, override: str | None, table: KernelTable,
+                   shapes: Counter, dtype: torch.dtype, device: torch.device) -> None:
+    """Gives every linear its measured kernels (int8: after quantizing it) and measures them all now."""
+    spent = table.measure_s
+    if quantize == "int8":
+        kernels = int8_kernels(table, override)
+        quantize_decoder(model, kernels)
+    else:
+        kernels = linear_kernels(table, override)
+        for module in model.modules():
+            if isinstance(module, Linear):
+                module.kernels = kernels
+    if override is None:
+        kernels.prepare(set(shapes), dtype, device)
+        log.info("kernels for %s (%s measured in %.2f s this start; table %s):\n%s", kernels.op,
+                 str(dtype).removeprefix("torch."), table.measure_s - spent, table.path, table.format(kernels.op))
+    else:
+        log.info("kernels for %s forced to %s", kernels.op, override)

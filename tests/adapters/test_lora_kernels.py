@@ -1,0 +1,43 @@
+"""The LoRA decode kernel is chosen by measurement per shape, decode rows and adapters in the batch."""
+
+import pytest
+import torch
+
+from workers.adapters.layers import AdapterContext
+from workers.adapters.lora_kernels import CANDIDATES, LoRAKernels
+from workers.adapters.ops import build_adapter_batch, lora_add_reference
+from workers.model.kernel_choice import KernelTable
+
+
+@pytest.mark.parametrize("fastest", list(CANDIDATES))
+def test_auto_runs_the_candidate_the_timer_measures_fastest(tmp_path, fastest):
+    timed = []
+
+    def timer(name, call):
+        call()
+        timed.append(name)
+        return 0.001 if name == fastest else 0.004
+
+    table = KernelTable(tmp_path / "k.json")
+    kernels = LoRAKernels(table, timer=timer)
+    torch.manual_seed(0)
+    a, bt, x = torch.randn(24, 32), torch.randn(24, 40), torch.randn(5, 32)
+    batch = build_adapter_batch([((0, 8),), ((8, 16),), (), ((0, 8),), ((16, 24),)], [], torch.float32,
+                                torch.device("cpu"))
+    y, ref = torch.zeros(5, 40), torch.zeros(5, 40)
+    kernels(y, x, a, bt, batch)
+    lora_add_reference(ref, x, a, bt, batch)
+    assert ((y - ref).abs().max() / ref.abs().max()).item() <= 1e-5
+    assert set(timed) == set(CANDIDATES)
+    entry = table.entries["lora 32x40 rows 5-16 adapters 2-4 float32 cpu"]
+    assert entry["choice"] == fastest
+    assert kernels._chosen[(32, 40, 2, 1, torch.float32, torch.device("cpu"))] is CANDIDATES[fastest]
+    timed.clear()
+    kernels(y, x, a, bt, batch)  # known now: not measured again
+    assert timed == []
+
+
+def test_unknown_kernel_names_are_refused():
+    with pytest.raises(ValueError, match="unknown LoRA kernel"):
+        AdapterContext("fastest")
+    assert isinstance(AdapterContext("auto").kernel, LoRAKernels)

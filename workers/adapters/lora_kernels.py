@@ -1,0 +1,84 @@
+"""The LoRA decode kernels and which one runs, measured per (in, out, decode rows, adapters in the batch,
+dtype) on this machine like the base linears (workers.model.kernel_choice).
+
+Decode rows (one token per sequence) each add `scale · B (A x)` for their own bank rows; two ways:
+- `fast` (stacked): one shrink GEMM of all decode rows against every bank row in use, a 0/1 mask keeping
+  each token's own rows, one expand GEMM (BGMV without gathering weights; cost grows with the rows in use);
+- `grouped`: per adapter row range, gather its tokens, shrink and expand with that range only, and
+  scatter-add (cost grows with the number of adapters, not with the rows the others use).
+Prefill chunks (many tokens of one adapter) are two plain GEMMs per chunk in both.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from workers.adapters.ops import AdapterBatch, build_adapter_batch, lora_add_fast
+from workers.model.kernel_choice import KernelChooser, KernelTable, Timer
+from workers.model.linear_kernels import MEASURED_ROWS, bucket_label, row_bucket
+
+ADAPTER_BUCKETS: tuple[tuple[int, int], ...] = ((1, 1), (2, 4), (5, 1 << 30))
+MEASURED_ADAPTERS: tuple[int, ...] = (1, 4, 16)
+MEASURED_RANK = 16
+
+
+def lora_add_grouped(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, bt: torch.Tensor,
+                     batch: AdapterBatch) -> None:
+    """y: [N, out] += per token; x: [N, in]; a: [rows, in]; bt: [rows, out]."""
+    for start, end, tokens in batch.decode_groups:  # tokens: [g] long
+        y.index_add_(0, tokens, (x[tokens] @ a[start:end].T) @ bt[start:end])  # [g, r] @ [r, out]
+    for start, end, row_start, row_end in batch.segments:
+        y[start:end].addmm_(x[start:end] @ a[row_start:row_end].T, bt[row_start:row_end])
+
+
+CANDIDATES = {"fast": lora_add_fast, "grouped": lora_add_grouped}
+
+
+def adapter_bucket(groups: int) -> int:
+    return next(i for i, (_, last) in enumerate(ADAPTER_BUCKETS) if groups <= last)
+
+
+class LoRAKernels:
+    """Callable like a LoRA kernel; dispatches each call to the candidate measured fastest for its key."""
+
+    def __init__(self, table: KernelTable | None = None, override: str | None = None, timer: Timer | None = None):
+        self.table, self.override, self.timer = table, override, timer
+        self._chooser: KernelChooser | None = None
+        self._chosen: dict[tuple, object] = {}
+
+    def __call__(self, y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, bt: torch.Tensor,
+                 batch: AdapterBatch) -> None:
+        key = (a.shape[1], bt.shape[1], row_bucket(batch.num_decode), adapter_bucket(len(batch.decode_groups)),
+               y.dtype, y.device)
+        fn = self._chosen.get(key)
+        if fn is None:
+            fn = self._chosen[key] = CANDIDATES[self.choose(*key)]
+        fn(y, x, a, bt, batch)
+
+    def choose(self, in_features: int, out_features: int, rows_bucket: int, groups_bucket: int,
+               dtype: torch.dtype, device: torch.device) -> str:
+        if self._chooser is None:
+            self._chooser = KernelChooser(tuple(CANDIDATES), self.table or KernelTable.for_machine(device),
+                                          self.override, self.timer)
+        rows = MEASURED_ROWS[rows_bucket]
+        groups = min(MEASURED_ADAPTERS[groups_bucket], rows)
+
+        def calls():
+            gen = torch.Generator(device=device).manual_seed(0)
+            bank_rows = groups * MEASURED_RANK
+            a = torch.randn(bank_rows, in_features, generator=gen, device=device).to(dtype)
+            bt = torch.randn(bank_rows, out_features, generator=gen, device=device).to(dtype)
+            x = torch.randn(rows, in_features, generator=gen, device=device).to(dtype)
+            ranges = [(((i % groups) * MEASURED_RANK, (i % groups + 1) * MEASURED_RANK),) for i in range(rows)]
+            batch = build_adapter_batch(ranges, [], dtype, device)
+            y = torch.zeros(rows, out_features, dtype=dtype, device=device)
+            return {name: (lambda fn=CANDIDATES[name]: fn(y, x, a, bt, batch)) for name in CANDIDATES}
+
+        key = (f"lora {in_features}x{out_features} rows {bucket_label(rows_bucket)} adapters "
+               f"{_label(groups_bucket)} {str(dtype).removeprefix('torch.')} {device.type}")
+        return self._chooser.choose(key, calls, device)
+
+
+def _label(bucket: int) -> str:
+    first, last = ADAPTER_BUCKETS[bucket]
+    return str(first) if first == last else (f"{first}-{last}" if last < 1 << 30 else f"{first}+")

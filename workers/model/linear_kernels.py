@@ -1,0 +1,122 @@
+"""The decoder's linear layers, y = x Wᵀ + b, and the interchangeable ways of computing them; which one
+runs is measured per weight shape, row bucket and dtype on this machine (workers.model.kernel_choice).
+
+Candidates (each equals F.linear up to float rounding; tests check every one):
+- `linear`: F.linear, x · Wᵀ.
+- `wxt`: (W · xᵀ)ᵀ, the same GEMM with the roles swapped (some BLAS stream W [out, in] better this way).
+- `wxt_pair`: `wxt` with a single row computed as two (where the one-row GEMV path is slower than a GEMM);
+  for more than one row it is `wxt`, so it is only a candidate for the one-row bucket.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from workers.model.kernel_choice import KernelChooser, KernelTable, Timer
+
+LinearFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]  # (x, W, b) → y
+
+# (first, last) rows of each bucket, and the rows a bucket is measured at
+ROW_BUCKETS: tuple[tuple[int, int], ...] = ((1, 1), (2, 4), (5, 16), (17, 64), (65, 1 << 30))
+MEASURED_ROWS: tuple[int, ...] = (1, 4, 16, 64, 128)
+EAGER_BUCKETS = 3  # up to 16 rows: decode batches, measured at load
+
+
+def linear_f(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    return F.linear(x, w, b)
+
+
+def linear_wxt(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    y = torch.mm(w, x.t()).t().contiguous()  # [N, out]
+    return y if b is None else y.add_(b)
+
+
+def linear_wxt_pair(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    n = x.shape[0]
+    rows = x.expand(2, -1).contiguous() if n == 1 else x  # [max(N, 2), in]
+    y = torch.mm(w, rows.t()).t()[:n].contiguous()  # [N, out]
+    return y if b is None else y.add_(b)
+
+
+CANDIDATES: dict[str, LinearFn] = {"linear": linear_f, "wxt": linear_wxt, "wxt_pair": linear_wxt_pair}
+
+
+def row_bucket(n: int) -> int:
+    for i, (_, last) in enumerate(ROW_BUCKETS):
+        if n <= last:
+            return i
+    return len(ROW_BUCKETS) - 1
+
+
+def bucket_label(bucket: int) -> str:
+    first, last = ROW_BUCKETS[bucket]
+    return str(first) if first == last else (f"{first}-{last}" if last < 1 << 30 else f"{first}+")
+
+
+WeightFactory = Callable[[int, int, torch.dtype, torch.device, torch.Generator], tuple[torch.Tensor, ...]]
+
+
+def dense_weights(out_features: int, in_features: int, dtype: torch.dtype, device: torch.device,
+                  gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+    return ((torch.randn(out_features, in_features, generator=gen, device=device) * 0.02).to(dtype),)
+
+
+class RowKernels:
+    """The kernel each layer of one kind runs, by (out, in, row bucket, dtype, device), measured on first
+    use. A candidate is called as fn(x, *weights, bias); `weights` builds representative weights to time."""
+
+    def __init__(self, op: str, candidates: dict[str, Callable], table: KernelTable, override: str | None = None,
+                 timer: Timer | None = None, weights: WeightFactory = dense_weights,
+                 one_row_only: tuple[str, ...] = ()):
+        self.op, self.candidates, self.make_weights, self.one_row_only = op, candidates, weights, one_row_only
+        self.chooser = KernelChooser(tuple(candidates), table, override, timer)
+        self._chosen: dict[tuple, Callable] = {}
+
+    def get(self, shape: torch.Size, rows: int, dtype: torch.dtype, device: torch.device) -> Callable:
+        key = (shape[0], shape[1], row_bucket(rows), dtype, device)
+        fn = self._chosen.get(key)
+        if fn is None:
+            fn = self._chosen[key] = self.candidates[self.choose(*key)]
+        return fn
+
+    def choose(self, out_features: int, in_features: int, bucket: int, dtype: torch.dtype,
+               device: torch.device) -> str:
+        names = [n for n in self.candidates if bucket == 0 or n not in self.one_row_only]
+        rows = MEASURED_ROWS[bucket]
+
+        def calls():
+            gen = torch.Generator(device=device).manual_seed(0)
+            weights = self.make_weights(out_features, in_features, dtype, device, gen)
+            x = torch.randn(rows, in_features, generator=gen, device=device).to(dtype)
+            return {name: (lambda fn=self.candidates[name]: fn(x, *weights, None)) for name in names}
+
+        return self.chooser.choose(self.key(out_features, in_features, bucket, dtype, device), calls, device)
+
+    def key(self, out_features: int, in_features: int, bucket: int, dtype: torch.dtype, device: torch.device) -> str:
+        return (f"{self.op} {out_features}x{in_features} rows {bucket_label(bucket)} "
+                f"{str(dtype).removeprefix('torch.')} {device.type}")
+
+    def prepare(self, shapes: set[tuple[int, int]], dtype: torch.dtype, device: torch.device,
+                buckets: int = EAGER_BUCKETS) -> None:
+        """Measures (or reads) the decode buckets of every shape now, so that no decode step pays for it;
+        larger buckets (prefill chunks) are measured at their first use."""
+        for out_features, in_features in sorted(shapes):
+            for bucket in range(buckets):
+                self.choose(out_features, in_features, bucket, dtype, device)
+
+    def best_seconds(self, out_features: int, in_features: int, bucket: int, dtype: torch.dtype,
+                     device: torch.device) -> float:
+        """The chosen candidate's measured time (its fastest call; measuring first if needed); with an override, the
+        override's own time is not known and the fastest measured one is reported."""
+        self.choose(out_features, in_features, bucket, dtype, device)
+        seconds = self.chooser.seconds(self.key(out_features, in_features, bucket, dtype, device))
+        if seconds is None:
+            raise LookupError("nothing measured (a kernel override is set)")
+        return min(seconds.values())
+
+
+def linear_kernels(table: KernelTable, override: str | None = None, timer: Timer | None = None) -> RowKernels:
+    return RowKernels("linear", CANDIDATES, table, override, timer, one_row_only=("wxt_pair",))

@@ -39,6 +39,7 @@ from chaos_tools import (  # noqa: E402
     fuzz,
     kill9,
     listening_ports,
+    member_headers,
     run_load,
     serve,
     upload_adapter,
@@ -74,7 +75,8 @@ def oversized(served) -> dict:
     [port] = listening_ports(worker)
     with PeakGrowth([gateway, worker]) as growth:
         g_status, g_sent = chunked_flood(served.url, "/v1/completions", 200 * MB)
-        w_status, w_sent = chunked_flood(f"http://127.0.0.1:{port}", "/generate", 200 * MB)
+        w_status, w_sent = chunked_flood(f"http://127.0.0.1:{port}", "/generate", 200 * MB,
+                                         headers=member_headers(served, "POST", "/generate"))
     with tempfile.TemporaryDirectory() as tmp:
         up_status, up_growth = upload_peak_growth_mb(served, big_training_file(Path(tmp) / "big.jsonl", 60))
     return {"body_mb": 200, "gateway_status": g_status, "gateway_sent_mb": round(g_sent / MB, 1),

@@ -50,8 +50,8 @@ class VllmService:
     async def _post(self, worker: WorkerView, path: str, body) -> dict:
         return await self._client.post(worker.url, path, body.model_dump_json(exclude_none=True).encode())
 
-    async def tokenize(self, req: TokenizeRequest) -> TokenizeResponse | list[dict]:
-        self._dispatcher.resolve(req.model)  # an unknown model is a 404, as for generation
+    async def tokenize(self, req: TokenizeRequest, tenant: Tenant) -> TokenizeResponse | list[dict]:
+        await asyncio.to_thread(self._dispatcher.resolve, req.model, None, tenant)  # unknown model: 404, as ever
         if sum(x is not None for x in (req.prompt, req.messages, req.inputs)) != 1:
             raise InvalidRequestError("give exactly one of prompt, messages, inputs", param="prompt")
         if req.inputs is not None:  # TGI/LoRAX: tokens with their text and character spans
@@ -63,8 +63,8 @@ class VllmService:
         body = WorkerTokenizeRequest(prompt=req.prompt, messages=messages, add_special_tokens=req.add_special_tokens)
         return TokenizeResponse(**await self._post(self._least_loaded(), "/tokenize", body))
 
-    async def detokenize(self, req: DetokenizeRequest) -> str:
-        self._dispatcher.resolve(req.model)
+    async def detokenize(self, req: DetokenizeRequest, tenant: Tenant) -> str:
+        await asyncio.to_thread(self._dispatcher.resolve, req.model, None, tenant)
         result = await self._post(self._least_loaded(), "/detokenize", WorkerDetokenizeRequest(tokens=req.tokens))
         return result["prompt"]
 

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter
 from fastapi.responses import PlainTextResponse
 
@@ -24,14 +26,14 @@ router = APIRouter(responses={"default": {"model": ErrorResponse}})
 
 @router.post("/tokenize", response_model=TokenizeResponse | list[dict])
 async def tokenize(body: TokenizeRequest, service: Vllm, adapters: Adapters, tenant: CurrentTenant):
-    adapters.authorize(body.model, tenant)
-    return await service.tokenize(body)
+    await asyncio.to_thread(adapters.authorize, body.model, tenant)
+    return await service.tokenize(body, tenant)
 
 
 @router.post("/detokenize", response_model=DetokenizeResponse)
 async def detokenize(body: DetokenizeRequest, service: Vllm, adapters: Adapters, tenant: CurrentTenant):
-    adapters.authorize(body.model, tenant)
-    return DetokenizeResponse(prompt=await service.detokenize(body))
+    await asyncio.to_thread(adapters.authorize, body.model, tenant)
+    return DetokenizeResponse(prompt=await service.detokenize(body, tenant))
 
 
 @router.get("/version")

@@ -291,13 +291,25 @@ async def run_load(url: str, model: str, clients: int, stop: asyncio.Event, resu
 
 # ---- oversized bodies -----------------------------------------------------------------------------
 
-def chunked_flood(url: str, path: str, total: int, chunk: int = 256 * 1024, timeout: float = 60) -> tuple[int, int]:
+def member_headers(served: Served, method: str, path: str) -> dict[str, str]:
+    """Signature headers as a cluster member sends them (signed over an empty JSON body), with the secret the
+    served cluster uses: the environment's, else the one `adapterd serve` made in its data dir."""
+    from adapters_store.cluster_auth import SECRET_ENV, SECRET_FILE_ENV, ClusterSigner, load_secret
+
+    given = any(os.environ.get(k) for k in (SECRET_ENV, SECRET_FILE_ENV))
+    secret = load_secret() if given else load_secret(file=served.data_dir / "cluster-secret")
+    return ClusterSigner(secret).request_headers(method, path, b"{}")
+
+
+def chunked_flood(url: str, path: str, total: int, chunk: int = 256 * 1024, timeout: float = 60,
+                  headers: dict[str, str] | None = None) -> tuple[int, int]:
     """POSTs a chunked JSON body of `total` bytes over a raw socket until the server answers or closes.
     Returns (HTTP status, bytes sent)."""
     host, port = url.removeprefix("http://").split(":")
+    extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
     sent = 0
     with socket.create_connection((host, int(port)), timeout=timeout) as s:
-        s.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        s.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n{extra}"
                   "Transfer-Encoding: chunked\r\n\r\n".encode())
         payload = b'{"prompt": "' + b"x" * (chunk - 12)
         frame = f"{len(payload):x}\r\n".encode() + payload + b"\r\n"

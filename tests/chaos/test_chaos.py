@@ -17,6 +17,7 @@ from chaos_tools import (
     fuzz,
     kill9,
     listening_ports,
+    member_headers,
     run_load,
     upload_adapter,
     upload_peak_growth_mb,
@@ -53,7 +54,13 @@ def test_a_chunked_200_mb_body_is_refused_and_costs_under_50_mb(served):
     with PeakGrowth([gateway, worker]) as growth:
         status, sent = chunked_flood(served.url, "/v1/completions", 200 * MB)
         assert status == 413 and sent < 50 * MB  # refused while the body was still arriving
-        status, sent = chunked_flood(f"http://127.0.0.1:{port}", "/generate", 200 * MB)
+        worker_url = f"http://127.0.0.1:{port}"
+        status, sent = chunked_flood(worker_url, "/generate", 200 * MB)
+        assert status == 401 and sent < 50 * MB  # an outsider: refused on its headers, no body read
+        # a cluster member's headers (signed over a body the flood is not): the worker reads the body to check
+        # the signature, and its stream limit refuses it first
+        status, sent = chunked_flood(worker_url, "/generate", 200 * MB,
+                                     headers=member_headers(served, "POST", "/generate"))
         assert status == 413 and sent < 50 * MB
     assert growth.mb[gateway] < 50 and growth.mb[worker] < 50, growth.mb
 

@@ -19,7 +19,7 @@ from serving_assets import build_lora, build_tiny_model  # noqa: E402
 from serving_cluster import ready_workers, start_gateway, start_trainer, start_worker, wait_until  # noqa: E402
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def console_cluster(valkey, tmp_path_factory):
     """Gateway (keys on: an admin key and two tenants), one worker and one trainer process."""
     url = f"{valkey.connection_url}/{REDIS_DB}"
@@ -43,13 +43,15 @@ def console_cluster(valkey, tmp_path_factory):
             p.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def lora_dir(console_cluster):
     return build_lora(console_cluster["model"], console_cluster["root"] / "lora", seed=5)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser():
+    """Module-scoped: Playwright's sync API runs an event loop on this thread while it is open, which
+    would break every asyncio test that runs after this module."""
     from playwright.sync_api import sync_playwright
 
     assert Path(CHROMIUM).is_file(), f"{CHROMIUM} is missing: scripts/setup.sh installs Debian's chromium"

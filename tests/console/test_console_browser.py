@@ -240,7 +240,8 @@ def test_a_tenant_key_sees_nothing_of_another_tenants(browser, console_cluster, 
         expect(page.locator('#tabs [data-view="workers"]')).to_be_hidden()  # no workers, no placement
         expect(page.locator('#adapters-table tr[data-model="mine-of-b@1"]')).to_be_visible()
         expect(page.locator('#adapters-table tr[data-model="mine-of-b@1"] td.held')).to_have_text("admin key only")
-        expect(page.locator('#adapters-table tr[data-model="shared-by-a@1"]')).to_contain_text("tenant-a")  # public
+        public = page.locator('#adapters-table tr[data-model="tenant-a/shared-by-a@1"]')  # by its full name
+        expect(public).to_contain_text("tenant-a")
         assert KEY_B not in page.url  # the key lives in this tab's sessionStorage only
         assert page.evaluate("[sessionStorage.getItem('adapterd.apiKey'), localStorage.length]") == [KEY_B, 0]
         seen = page.locator("body").inner_text()

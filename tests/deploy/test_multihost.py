@@ -44,10 +44,12 @@ def valkey_binary() -> str:
     return str(get_binary_path())
 
 
-def start_worker(net, host: str, name: str, model: Path, redis_url: str, logs: Path) -> Proc:
+def start_worker(net, host: str, name: str, model: Path, redis_url: str, logs: Path, data_dir: Path) -> Proc:
+    """A worker on `host`; `data_dir` is the store the gateway writes (a shared volume, as under compose)."""
     address = net.hosts[host]
     return spawn(net, host, name, [sys.executable, "-m", "workers.service", "--host", address, "--port", "9000",
                                    "--redis-url", redis_url, "--model", str(model), "--worker-id", name,
+                                   "--data-dir", str(data_dir),
                                    "--heartbeat-ttl", "2", "--max-batch", "24", "--drain-grace", "60"], logs)
 
 
@@ -133,7 +135,7 @@ def test_multihost_rolling_restart(network, tiny_model, tmp_path):
         db = redis.Redis.from_url(redis_url)
         wait_until(lambda: pings(db), 30, "redis", list(procs.values()))
         for host in ("w1", "w2"):
-            procs[host] = start_worker(net, host, f"{host}-a", tiny_model, redis_url, logs)
+            procs[host] = start_worker(net, host, f"{host}-a", tiny_model, redis_url, logs, tmp_path / "data")
         procs["gateway"] = spawn(
             net, "gateway", "gateway",
             [sys.executable, "-m", "server", "--host", net.hosts["gateway"], "--port", "8000", "--redis-url",
@@ -167,7 +169,7 @@ def test_multihost_rolling_restart(network, tiny_model, tmp_path):
                 old = procs[host]
                 old.popen.send_signal(signal.SIGTERM)
                 old.popen.wait(90)  # drained: its streams finished, then it exited
-                procs[host] = start_worker(net, host, f"{host}-b", tiny_model, redis_url, logs)
+                procs[host] = start_worker(net, host, f"{host}-b", tiny_model, redis_url, logs, tmp_path / "data")
                 wait_until(lambda h=host: f"{h}-b" in registered(db) and workers_ready(2), 240,
                            f"{host} back", list(procs.values()))
             served = clients.ok

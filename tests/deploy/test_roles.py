@@ -50,7 +50,8 @@ def cluster(roles, valkey, tiny_model, tmp_path_factory):
     wport, gport = free_port(), free_port()
     worker = start(roles["worker"], "worker", ["--host", "127.0.0.1", "--port", str(wport), "--redis-url", url,
                                                 "--model", str(tiny_model), "--worker-id", "role-worker",
-                                                "--heartbeat-ttl", "2", "--max-batch", "4"], logs)
+                                                "--heartbeat-ttl", "2", "--max-batch", "4", "--data-dir", str(data)],
+                   logs)  # the gateway's data dir: the store (a shared volume under compose)
     worker.url = f"http://127.0.0.1:{wport}"
     gateway = start(roles["gateway"], "gateway", ["--host", "127.0.0.1", "--port", str(gport), "--redis-url", url,
                                                   "--data-dir", str(data)], logs,

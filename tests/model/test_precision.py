@@ -122,10 +122,10 @@ def test_dtype_and_quantize_flags_reach_the_engine_through_the_worker_cli(tmp_pa
 
 
 def test_serve_passes_dtype_and_quantize_to_its_workers(monkeypatch):
-    from server.operator_cli import app
     from typer.testing import CliRunner
 
     import server.launcher
+    from server.operator_cli import app
 
     seen = []
     monkeypatch.setattr(server.launcher, "serve", lambda options: seen.append(options) or 0)

@@ -6,10 +6,12 @@ import json
 
 import httpx
 import pytest
+from cluster_signing import ClusterAuth, cluster_secret
 from serving_fakes import FakeEngine
 from test_gateway import cluster
 
 from adapters_store import bounded_json
+from adapters_store.cluster_auth import ClusterSigner
 from adapters_store.errors import InvalidAdapterError
 from adapters_store.validation import parse_config
 from workers.service import create_app
@@ -40,14 +42,19 @@ def engine():
 
 @pytest.fixture
 async def worker(engine):
-    app = create_app(engine, WorkerServiceConfig(worker_id="w1", max_request_bytes=MIB))
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://w1") as c:
+    config = WorkerServiceConfig(worker_id="w1", max_request_bytes=MIB, cluster_secret=cluster_secret())
+    app = create_app(engine, config)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://w1", auth=ClusterAuth()) as c:
         yield c
 
 
 async def test_a_chunked_body_over_the_worker_limit_is_refused_on_the_stream(worker):
     body = Body(200 * MIB)
-    r = await worker.post("/generate", content=body, headers={"content-type": "application/json"})
+    # a cluster member's headers, signed over another body: the worker reads the body to check the signature,
+    # and the stream limit stops it first (signing the 200 MB itself would read it all on the client side)
+    member = ClusterSigner(cluster_secret()).request_headers("POST", "/generate", b"{}")
+    r = await worker.post("/generate", content=body, headers={"content-type": "application/json", **member},
+                          auth=None)
     assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
     assert body.pulled <= MIB + 2 * body.chunk  # stopped at the limit, not at 200 MB
 

@@ -17,6 +17,7 @@ import httpx
 import pytest
 import redis
 from adapterd_client import Client
+from cluster_signing import ClusterAuth  # noqa: E402
 from serving_cluster import ready_workers, start_gateway, start_worker, wait_until
 
 from adapters_store.coordination import worker_key
@@ -38,8 +39,8 @@ def test_sigterm_drains_a_worker(valkey, tiny_assets, tmp_path):
     db.flushdb()
     logs = tmp_path / "logs"
     logs.mkdir()
-    a = start_worker("drain-a", model, url, logs, 2.0, "--drain-grace", "60")
-    b = start_worker("drain-b", model, url, logs, 2.0)
+    a = start_worker("drain-a", model, url, logs, 2.0, "--drain-grace", "60", data_dir=tmp_path / "data")
+    b = start_worker("drain-b", model, url, logs, 2.0, data_dir=tmp_path / "data")
     gw = start_gateway(url, tmp_path / "data", logs)
     procs = [a, b, gw]
     try:
@@ -99,12 +100,12 @@ def test_streams_still_running_after_the_grace_period_end_with_an_error(valkey, 
     logs = tmp_path / "logs"
     logs.mkdir()
     w = start_worker("short-grace", model, f"{valkey.connection_url}/13", logs, 2.0, "--drain-grace", "0.5",
-                     "--max-seq", "8192")
+                     "--max-seq", "8192", data_dir=tmp_path / "data")
     try:
         wait_until(lambda: httpx.get(w.url + "/ready", timeout=2).status_code == 200, 120, "worker", [w])
         body = {"prompt": "hello", "stream": True, "params": {"max_tokens": 8000, "ignore_eos": True}}
         lines = []
-        with httpx.stream("POST", w.url + "/generate", json=body, timeout=60) as r:
+        with httpx.stream("POST", w.url + "/generate", json=body, timeout=60, auth=ClusterAuth()) as r:
             for line in r.iter_lines():
                 if line.startswith("data:"):
                     lines.append(line)

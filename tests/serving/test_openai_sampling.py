@@ -25,7 +25,7 @@ def cluster(valkey, tiny_assets, tmp_path_factory):
     redis_url = f"{valkey.connection_url}/11"
     redis.Redis.from_url(redis_url).flushdb()
     logs = tmp_path_factory.mktemp("logs")
-    worker = start_worker("ws", model, redis_url, logs)
+    worker = start_worker("ws", model, redis_url, logs, data_dir=data)
     gateway = start_gateway(redis_url, data, logs)
     c = Cluster(gateway, [worker], data, redis_url, logs)
     try:

@@ -10,18 +10,21 @@ import json
 import httpx
 import pytest
 import redis
+from cluster_signing import cluster_secret
 from serving_assets import build_lora
 from serving_cluster import start_gateway, wait_until
 
 from adapters_store.base_model import BaseModelSpec
+from adapters_store.cluster_auth import ClusterSigner
 from adapters_store.coordination import WORKERS_SET, WorkerInfo, worker_key
 
 pytestmark = pytest.mark.timeout(120)
 
 
 def publish(db: redis.Redis, base: dict) -> None:
+    """A worker record signed with the session's cluster secret, as a real worker's heartbeat is."""
     info = WorkerInfo(worker_id="published", url="http://127.0.0.1:9", model_id="model", capacity=1,
-                      base_model=base)
+                      base_model=base).signed_by(ClusterSigner(cluster_secret()))
     db.set(worker_key(info.worker_id), info.to_json(), ex=60)
     db.sadd(WORKERS_SET, info.worker_id)
 

@@ -24,7 +24,7 @@ def cluster(valkey, tiny_assets, tmp_path_factory):
     (root / "data" / "adapters").mkdir(parents=True)
     shutil.copytree(data / "adapters" / "alpha", root / "allowed" / "alpha")
     shutil.copytree(data / "adapters" / "alpha", root / "elsewhere" / "alpha")
-    worker = start_worker("wv", model, redis_url, logs, 2.0, "--max-seq", "384")
+    worker = start_worker("wv", model, redis_url, logs, 2.0, "--max-seq", "384", data_dir=root / "data")
     gateway = start_gateway(redis_url, root / "data", logs, ADAPTERD_BASE_MODEL_PATH=str(model),
                             ADAPTERD_API_KEYS=f"{ALICE}:alice", ADAPTERD_ADMIN_KEYS=ADMIN,
                             ADAPTERD_ADAPTER_ALLOW_DIRS=str(root / "allowed"))

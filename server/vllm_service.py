@@ -45,7 +45,7 @@ class VllmService:
         workers = self._registry.alive()
         if not workers:
             raise NoWorkerError("no worker is registered", retry_after_s=self._retry_after_s)
-        return min(workers, key=lambda w: w.load)
+        return min(workers, key=lambda w: w.load())
 
     async def _post(self, worker: WorkerView, path: str, body) -> dict:
         return await self._client.post(worker.url, path, body.model_dump_json(exclude_none=True).encode())
@@ -87,10 +87,10 @@ class VllmService:
         folder = self._allowed_folder(req.lora_path)
         uploads = await asyncio.to_thread(self._read_folder, folder)
         await asyncio.to_thread(self._adapters.upload, tenant, req.lora_name, uploads, None, None, True)
-        stored = self._adapters.resolve(req.lora_name)
+        stored = await asyncio.to_thread(self._adapters.resolve, req.lora_name, tenant)
         assert isinstance(stored, StoredAdapter)
         worker = self._least_loaded()
-        await self._post(worker, "/adapters/load", AdapterLoadRequest(name=stored.ref, path=stored.path))
+        await self._post(worker, "/adapters/load", AdapterLoadRequest(name=stored.ref, path=stored.source))
         worker.assume(stored.ref)
         return stored
 

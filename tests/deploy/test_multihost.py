@@ -29,6 +29,7 @@ pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip") is None, reason="needs root and iproute2"),
 ]
 KEY, PASSWORD, CLIENTS, TOKENS = "sk-multihost", "redis-multihost-pw", 20, 24
+ADMIN_KEY = "sk-multihost-admin"  # /metrics is the operator's
 
 
 def spawn(net, host: str, name: str, args: list[str], logs: Path, **env: str) -> Proc:
@@ -140,7 +141,8 @@ def test_multihost_rolling_restart(network, tiny_model, tmp_path):
             net, "gateway", "gateway",
             [sys.executable, "-m", "server", "--host", net.hosts["gateway"], "--port", "8000", "--redis-url",
              redis_url, "--data-dir", str(tmp_path / "data")], logs,
-            ADAPTERD_API_KEYS=f"{KEY}:ops", ADAPTERD_REGISTRY_REFRESH_S="0.2", ADAPTERD_QUEUE_TIMEOUT_S="60",
+            ADAPTERD_API_KEYS=f"{KEY}:ops", ADAPTERD_ADMIN_KEYS=ADMIN_KEY, ADAPTERD_REGISTRY_REFRESH_S="0.2",
+            ADAPTERD_QUEUE_TIMEOUT_S="60",
             ADAPTERD_WORKER_CONNECT_TIMEOUT_S="2")
         auth = {"authorization": f"Bearer {KEY}"}
 
@@ -179,7 +181,8 @@ def test_multihost_rolling_restart(network, tiny_model, tmp_path):
         assert clients.failed == 0, clients.errors[:5]
         assert clients.ok >= 3 * CLIENTS
         assert set(registered(db)) == {"w1-b", "w2-b"}
-        metrics = httpx.get(gateway_url + "/metrics", timeout=10).text
+        admin = {"authorization": f"Bearer {ADMIN_KEY}"}
+        metrics = httpx.get(gateway_url + "/metrics", timeout=10, headers=admin).text
         for worker in ("w1-a", "w2-a", "w1-b", "w2-b"):  # every worker generation served traffic
             assert f'worker="{worker}"' in metrics, worker
     finally:

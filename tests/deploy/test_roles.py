@@ -14,6 +14,7 @@ import subprocess
 import httpx
 import pytest
 import redis
+from cluster_signing import ClusterAuth
 from role_build import BuiltRole, build_role, role_env
 from serving_assets import build_lora
 from serving_cluster import Proc, free_port, wait_until
@@ -115,7 +116,8 @@ def test_roles_serve_upload_generate_and_train(cluster, tiny_model, tmp_path):
     gen = api(cluster, "POST", "/generate", json={"inputs": "two plus", "parameters": {
         "adapter_id": "ada", "max_new_tokens": 4, "details": True}})
     assert gen.status_code == 200 and gen.json()["generated_text"], gen.text
-    assert "ada@1" in httpx.get(cluster["worker"].url + "/stats", timeout=5).json()["resident_adapters"]
+    stats = httpx.get(cluster["worker"].url + "/stats", timeout=5, auth=ClusterAuth()).json()
+    assert "ops/ada@1" in stats["resident_adapters"]  # the tenant's namespace
     # the trainer role takes a fine-tune job and trains it to an adapter
     data = "\n".join(json.dumps(r) for r in RECORDS).encode()
     file_id = api(cluster, "POST", "/v1/files", files={"file": ("train.jsonl", data)},

@@ -61,7 +61,7 @@ def test_sigterm_drains_a_worker(valkey, tiny_assets, tmp_path):
         for t in threads:
             t.start()
         started.wait(60)  # every stream has its first token
-        on_a = httpx.get(a.url + "/stats", timeout=5).json()["in_flight"]
+        on_a = httpx.get(a.url + "/stats", timeout=5, auth=ClusterAuth()).json()["in_flight"]
         a.popen.send_signal(signal.SIGTERM)
         signalled = time.monotonic()
         wait_until(lambda: not db.exists(worker_key("drain-a")), 10, "worker a deregistered")

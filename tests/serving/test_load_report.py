@@ -2,7 +2,7 @@
 sliding window, queue, fusion state, Medusa acceptance, device-resident adapters; and the payload round trip."""
 
 import httpx
-from cluster_signing import cluster_secret
+from cluster_signing import ClusterAuth, cluster_secret
 from serving_fakes import FakeEngine
 
 from adapters_store.coordination import WorkerInfo
@@ -53,7 +53,7 @@ async def test_the_heartbeat_payload_carries_tokens_per_second():
     app = create_app(FakeEngine(), WorkerServiceConfig(worker_id="w1", cluster_secret=cluster_secret()))
     service = app.state.service
     assert service.info().stats["tokens_per_s"] == 0
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://w1") as c:
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://w1", auth=ClusterAuth()) as c:
         r = await c.post("/generate", json={"prompt": "hi", "params": {"max_tokens": 5}})
         assert r.status_code == 200
     info = WorkerInfo.from_json(service.info().to_json())  # what the gateway reads back from Redis

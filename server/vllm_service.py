@@ -69,7 +69,10 @@ class VllmService:
         return result["prompt"]
 
     def _allowed_folder(self, raw: str) -> Path:
-        folder = Path(raw).resolve()
+        try:
+            folder = Path(raw).resolve()
+        except (OSError, ValueError) as exc:  # a NUL byte, a loop of links: not a folder anyone may name
+            raise InvalidRequestError("lora_path is not a valid path", param="lora_path") from exc
         if not any(folder.is_relative_to(root) for root in self._allow_list):
             raise PermissionDeniedError("lora_path is not under a folder the operator allows adapters from",
                                         param="lora_path", code="path_not_allowed")

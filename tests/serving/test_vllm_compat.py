@@ -57,7 +57,7 @@ def test_load_serve_unload_then_404(cluster):
     assert r.status_code == 403 and r.json()["error"]["param"] == "lora_path"
     escape = str(allowed / ".." / ".." / "elsewhere" / "alpha")
     assert call(cluster, "POST", "/v1/load_lora_adapter", ADMIN, json=body | {"lora_path": escape}).status_code == 403
-    assert complete(cluster, "sql-lora").status_code == 404
+    assert complete(cluster, "admin/sql-lora").status_code == 404
 
     r = call(cluster, "POST", "/v1/load_lora_adapter", ADMIN, json=body)
     assert r.status_code == 200, r.text
@@ -65,18 +65,19 @@ def test_load_serve_unload_then_404(cluster):
     # warmed: the worker holds it (its heartbeat says so) before any request asked for it
     def resident() -> bool:
         workers = call(cluster, "GET", "/v1/workers", ADMIN).json()["data"]
-        return any(a.startswith("sql-lora") for w in workers for a in w["resident_adapters"])
+        return any(a.startswith("admin/sql-lora@") for w in workers for a in w["resident_adapters"])
     wait_until(resident, 30, "the adapter to be resident")
-    served = complete(cluster, "sql-lora")
+    # public in the operator's namespace: tenants use its full name
+    served = complete(cluster, "admin/sql-lora")
     assert served.status_code == 200, served.text
     base = complete(cluster, base_id(cluster)).json()["choices"][0]["text"]
     assert served.json()["choices"][0]["text"] != base  # the adapter is applied
-    assert any(m["id"] == "sql-lora" for m in call(cluster, "GET", "/v1/models").json()["data"])
+    assert any(m["id"] == "admin/sql-lora" for m in call(cluster, "GET", "/v1/models").json()["data"])
 
     assert call(cluster, "POST", "/v1/unload_lora_adapter", json={"lora_name": "sql-lora"}).status_code == 403
     r = call(cluster, "POST", "/v1/unload_lora_adapter", ADMIN, json={"lora_name": "sql-lora"})
     assert r.status_code == 200, r.text
-    assert complete(cluster, "sql-lora").status_code == 404
+    assert complete(cluster, "admin/sql-lora").status_code == 404
     assert call(cluster, "POST", "/v1/unload_lora_adapter", ADMIN, json={"lora_name": "sql-lora"}).status_code == 404
 
 

@@ -6,7 +6,8 @@ Redis layout (all keys under `adapterd:v1:`; Redis 6.2 commands only):
 
 - `worker:{id}`        STRING, JSON `WorkerInfo`, written with `SET … EX ttl` on every heartbeat.
                        A worker that stops heartbeating disappears when the key expires. Signed with the
-                       cluster secret (`WorkerInfo.signature`); the gateway ignores records that fail it.
+                       cluster secret (`WorkerInfo.signature`); the gateway ignores records that fail it,
+                       and records whose signed `heartbeat_at` is older than their signed `ttl_s` (a replay).
 - `workers`            SET of worker ids that have heartbeated; readers drop ids whose key expired.
 - `placement:{name}`   SET of worker ids holding adapter `name` resident; refreshed (with an expiry of a
                        few TTLs) on each heartbeat; readers intersect it with the live workers.
@@ -46,6 +47,7 @@ KEY_PREFIX = f"adapterd:v{SCHEMA_VERSION}"
 WORKERS_SET = f"{KEY_PREFIX}:workers"
 PLACEMENT_TTL_FACTOR = 3  # placement sets live this many heartbeat TTLs after their last refresh
 WORKER_RECORD = "worker"  # the record kind a worker's registration is signed as
+RECORD_CLOCK_SKEW_S = 2.0  # a worker's clock may be this far from the gateway's
 
 
 def worker_key(worker_id: str) -> str:
@@ -74,6 +76,7 @@ class WorkerInfo:
     # load as the console shows it (workers.load_report): tokens_per_s, running, queue, fusion, medusa,
     # device_adapters; additive, so older readers ignore it
     stats: dict = field(default_factory=dict)
+    ttl_s: float = 0.0  # how long this record stays valid after `heartbeat_at` (the heartbeat's TTL)
     signature: str = ""  # the cluster secret's record signature over every other field (`signed_by`)
 
     def to_json(self) -> str:
@@ -90,6 +93,13 @@ class WorkerInfo:
     def verified_by(self, signer: ClusterSigner) -> bool:
         """The gateway routes only to workers whose record verifies (written by a cluster member)."""
         return signer.record_valid(WORKER_RECORD, self._signed_payload(), self.signature)
+
+    def fresh_at(self, now: float, max_age_s: float) -> bool:
+        """Whether the signed heartbeat time is recent: at most its TTL (capped at `max_age_s`; the cap alone
+        when it names none) before `now`, give or take RECORD_CLOCK_SKEW_S. An old record re-written to Redis
+        (a replay, say after the worker died and another process took its port) is not."""
+        limit = min(self.ttl_s or max_age_s, max_age_s)
+        return -RECORD_CLOCK_SKEW_S <= now - self.heartbeat_at <= limit + RECORD_CLOCK_SKEW_S
 
     @classmethod
     def from_json(cls, raw: str | bytes) -> WorkerInfo:

@@ -48,7 +48,8 @@ def _wire(app: FastAPI, settings: GatewaySettings) -> None:
     state = app.state
     state.redis = aioredis.from_url(settings.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
     signer = settings.cluster_signer()
-    state.registry = WorkerRegistry(state.redis, settings.registry_refresh_s, settings.worker_down_s, signer)
+    state.registry = WorkerRegistry(state.redis, settings.registry_refresh_s, settings.worker_down_s, signer,
+                                    settings.worker_record_max_age_s)
     state.router = WorkerRouter(
         state.registry, settings.queue_max, settings.queue_timeout_s, settings.retry_after_s
     )

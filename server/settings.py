@@ -41,6 +41,8 @@ class GatewaySettings(BaseSettings):
     # routing
     registry_refresh_s: float = Field(0.25, gt=0)  # how often the live-worker snapshot is re-read
     worker_down_s: float = Field(5.0, ge=0)  # a worker that failed is skipped this long
+    # a worker record counts while its signed heartbeat time is within its TTL, capped at this
+    worker_record_max_age_s: float = Field(60.0, gt=0)
     queue_max: int = Field(256, ge=0)  # requests waiting for a free worker slot
     queue_timeout_s: float = Field(30.0, ge=0)
     retry_after_s: int = Field(1, ge=1)

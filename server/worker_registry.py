@@ -1,7 +1,8 @@
 """The gateway's view of the live workers: a snapshot re-read from Redis every `refresh_s`, plus what
 only this gateway knows (its own in-flight count per worker, adapters it just sent to a worker, workers
 it saw fail). Routing reads the snapshot, so the request path never waits on Redis. Only records signed
-with the cluster secret count: anything else written there (by a process that got into Redis) is ignored."""
+with the cluster secret count: anything else written there (by a process that got into Redis) is ignored, and
+so is a signed record whose signed heartbeat time is older than its TTL (an old record written back)."""
 
 from __future__ import annotations
 
@@ -56,9 +57,11 @@ class WorkerView:
 
 
 class WorkerRegistry:
-    def __init__(self, redis: aioredis.Redis, refresh_s: float, down_s: float, signer: ClusterSigner):
+    def __init__(self, redis: aioredis.Redis, refresh_s: float, down_s: float, signer: ClusterSigner,
+                 max_record_age_s: float = 60.0):
         self._redis = redis
         self._signer = signer
+        self._max_record_age_s = max_record_age_s  # caps the TTL a record names
         self._refused: set[str] = set()  # worker ids whose unsigned records were already logged
         self._refresh_s = refresh_s
         self._down_s = down_s
@@ -128,12 +131,15 @@ class WorkerRegistry:
             valid = info.worker_id == worker_id and info.verified_by(self._signer)
         except (ValueError, TypeError):
             info, valid = None, False
-        if valid:
+        why = "not signed with this cluster's secret"
+        if valid and info.fresh_at(time.time(), self._max_record_age_s):
             self._refused.discard(worker_id)
             return info
+        if valid:
+            why = "its signed heartbeat time is stale (a replayed record?)"
         if worker_id not in self._refused:
             self._refused.add(worker_id)
-            log.warning("ignoring worker record %r: not signed with this cluster's secret", worker_id[:64])
+            log.warning("ignoring worker record %r: %s", worker_id[:64], why)
         return None
 
     def _published_base(self, views) -> BaseModelSpec | None:

@@ -1,13 +1,16 @@
 """Worker → Redis heartbeat: announces address, capacity, load and resident adapters with a TTL, and
 keeps the adapter → workers placement sets. Key names and payload live in adapters_store.coordination;
-each record is signed with the cluster secret, so the gateway routes only to cluster members."""
+each record is signed with the cluster secret, with its time and TTL, so the gateway routes only to cluster
+members whose record is fresh."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import redis.asyncio as aioredis
 
@@ -65,7 +68,7 @@ class Heartbeat:
         await self._redis.aclose()
 
     async def beat(self) -> None:
-        info = self._info().signed_by(self._signer)
+        info = replace(self._info(), heartbeat_at=time.time(), ttl_s=self._ttl_ms / 1000).signed_by(self._signer)
         resident = set(info.resident_adapters)
         pipe = self._redis.pipeline(transaction=False)
         pipe.set(worker_key(info.worker_id), info.to_json(), px=self._ttl_ms)

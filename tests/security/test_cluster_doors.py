@@ -176,6 +176,48 @@ def test_fake_worker_in_redis_gets_no_traffic(cluster, protected_redis):
             r.srem(WORKERS_SET, worker_id)
 
 
+def test_replayed_old_worker_record_gets_no_traffic(cluster, protected_redis):
+    """A record signed with the cluster secret but captured long ago (its signed heartbeat time is past its
+    TTL), written back to Redis by a process that took over the old worker's port, gets no traffic; the same
+    record signed just now is listed (so the test sees the difference)."""
+    fake = ThreadingHTTPServer(("127.0.0.1", 0), _FakeWorker)
+    threading.Thread(target=fake.serve_forever, daemon=True).start()
+    r = redis.Redis.from_url(protected_redis)
+    base = httpx.get(cluster.url + "/ready", timeout=10).json()["model"]
+    signer = ClusterSigner(cluster_secret())
+    url = f"http://127.0.0.1:{fake.server_address[1]}"
+
+    def record(worker_id: str, heartbeat_at: float) -> WorkerInfo:
+        return WorkerInfo(worker_id=worker_id, url=url, model_id=base, capacity=1000, ttl_s=5.0,
+                          heartbeat_at=heartbeat_at).signed_by(signer)
+
+    def listed() -> list[str]:
+        data = httpx.get(cluster.url + "/v1/workers", headers=ADMIN, timeout=10).json()["data"]
+        return sorted(w["worker_id"] for w in data)
+
+    try:
+        for info in (record("replayed", time.time() - 600), record("current", time.time())):
+            r.set(worker_key(info.worker_id), info.to_json(), ex=120)
+            r.sadd(WORKERS_SET, info.worker_id)
+        wait_until(lambda: "current" in listed(), 30, "the gateway to read the records")
+        assert listed() == ["current", "real"]
+        stale = "ignoring worker record 'replayed': its signed heartbeat time is stale"
+        assert stale in cluster.gateway.log.read_text()
+        r.delete(worker_key("current"))
+        wait_until(lambda: listed() == ["real"], 30, "the fresh record to go")
+        _FakeWorker.received.clear()
+        for _ in range(10):
+            out = httpx.post(cluster.url + "/v1/completions", headers=TENANT, timeout=30,
+                             json={"model": base, "prompt": "secret prompt", "max_tokens": 2})
+            assert out.status_code == 200 and out.json()["choices"][0]["text"] != "stolen", out.text
+        assert _FakeWorker.received == []
+    finally:
+        fake.shutdown()
+        for worker_id in ("replayed", "current"):
+            r.delete(worker_key(worker_id))
+            r.srem(WORKERS_SET, worker_id)
+
+
 @pytest.mark.parametrize("source", [
     "/etc",  # a folder
     "{data}/adapters/../../model",  # a path that climbs out

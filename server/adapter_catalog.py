@@ -1,14 +1,16 @@
-"""Which adapters exist and where their files are: a plain directory until the registry (a later issue)
-replaces this module.
+"""The operator's drop-in adapters: folders in the allow-listed roots (`server.allowed_folders`; default
+`DATA_DIR/adapters/`), found by name. The registry imports a folder into the store when it is used
+(`AdapterRegistry.resolve`), so workers only ever load store versions.
 
-Layout under `DATA_DIR/adapters/`:
+Layout under each root (the first root holding a name wins):
 
 - `{name}/adapter_config.json` (+ weights): an unversioned adapter, addressed as `name`.
 - `{name}/{version}/adapter_config.json`: versions, addressed as `name@version`; a bare `name` means
   the version written in `{name}/LATEST` if that file exists, else the highest version in natural
   order (v2 < v10).
 
-Names and versions: letters, digits, `.`, `_`, `-` (no leading dot), at most 100 characters.
+Names and versions: letters, digits, `.`, `_`, `-` (no leading dot), at most 100 characters. A folder that
+resolves (through a symlink) outside the roots is not there.
 """
 
 from __future__ import annotations
@@ -17,28 +19,24 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from adapters_store.adapter_source import dropin_source
+from server.allowed_folders import PART as _PART
+from server.allowed_folders import AllowList
 
-_PART = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}$")
 _CONFIG = "adapter_config.json"
 
 
 @dataclass(frozen=True)
 class AdapterVersion:
+    """A drop-in folder (never sent to a worker: the registry imports it and sends the stored version)."""
+
     name: str
     version: str | None
     path: Path
-    heads: str | None = None  # registry-attached Medusa heads (a folder's own heads sit in its `medusa/`)
 
     @property
     def ref(self) -> str:
-        """The name the engine knows this exact version by (and the model id that addresses it)."""
+        """How the catalog names it: `name` or `name@version` (the folder's version, not a store version)."""
         return f"{self.name}@{self.version}" if self.version else self.name
-
-    @property
-    def source(self) -> str:
-        """How workers find it: in their own drop-in folder, by name (never by this gateway's path)."""
-        return dropin_source(self.name, self.version)
 
 
 def _natural_key(s: str) -> list:
@@ -46,68 +44,56 @@ def _natural_key(s: str) -> list:
 
 
 class AdapterCatalog:
-    def __init__(self, root: Path):
-        self.root = Path(root)
-
-    def heads_path(self, adapter_ref: str | None) -> str | None:
-        """Directory adapters carry their heads in a `medusa/` subfolder; none come from here."""
-        return None
+    def __init__(self, allow: AllowList):
+        self.allow = allow
 
     def resolve(self, model: str) -> AdapterVersion | None:
         """`name` or `name@version` → that adapter version, or None if there is no such adapter."""
         name, at, version = model.partition("@")
         if not _PART.match(name) or (at and not _PART.match(version)):
             return None
-        folder = self.root / name
+        for root in self.allow.roots:
+            found = self._resolve_in(root / name, name, version)
+            if found is not None:
+                return found
+        return None
+
+    def _resolve_in(self, folder: Path, name: str, version: str) -> AdapterVersion | None:
         if version:
-            return (
-                AdapterVersion(name, version, folder / version)
-                if (folder / version / _CONFIG).is_file()
-                else None
-            )
-        if (folder / _CONFIG).is_file():
+            return AdapterVersion(name, version, folder / version) if self._is_adapter(folder / version) else None
+        if self._is_adapter(folder):
             return AdapterVersion(name, None, folder)
         latest = self._latest_version(folder)
         return AdapterVersion(name, latest, folder / latest) if latest else None
 
-    def read_folder(self, folder: str, max_bytes: int) -> dict[str, bytes] | None:
-        """The regular files of `NAME` or `NAME/VERSION` under the root (the operator's allow-list), or None
-        if there is no such folder inside it; symlinks are not followed out, nothing above `max_bytes` is read."""
-        parts = folder.split("/")
-        if not 1 <= len(parts) <= 2 or not all(_PART.match(p) for p in parts):
-            return None
-        root = self.root.resolve()
-        path = (root / Path(*parts)).resolve()
-        if not path.is_relative_to(root) or not path.is_dir():
-            return None
-        files = [p for p in path.iterdir() if p.is_file() and not p.is_symlink()]
-        if sum(p.stat().st_size for p in files) > max_bytes:
-            raise ValueError(f"the folder holds more than {max_bytes} bytes")
-        return {p.name: p.read_bytes() for p in files}
+    def _is_adapter(self, folder: Path) -> bool:
+        return (folder / _CONFIG).is_file() and self.allow.allows(folder.resolve())
 
     def list(self) -> list[AdapterVersion]:
         found: list[AdapterVersion] = []
-        if not self.root.is_dir():
-            return found
-        for folder in sorted(p for p in self.root.iterdir() if p.is_dir() and _PART.match(p.name)):
-            if (folder / _CONFIG).is_file():
-                found.append(AdapterVersion(folder.name, None, folder))
+        for root in self.allow.roots:
+            if not root.is_dir():
                 continue
-            for version in self._versions(folder):
-                found.append(AdapterVersion(folder.name, version, folder / version))
+            for folder in sorted(p for p in root.iterdir() if p.is_dir() and _PART.match(p.name)):
+                if any(a.name == folder.name for a in found):
+                    continue  # an earlier root has it
+                if self._is_adapter(folder):
+                    found.append(AdapterVersion(folder.name, None, folder))
+                    continue
+                found += [AdapterVersion(folder.name, v, folder / v) for v in self._versions(folder)]
         return found
 
     def _versions(self, folder: Path) -> list[str]:
         if not folder.is_dir():
             return []
-        names = [p.name for p in folder.iterdir() if _PART.match(p.name) and (p / _CONFIG).is_file()]
+        names = [p.name for p in folder.iterdir() if _PART.match(p.name) and self._is_adapter(p)]
         return sorted(names, key=_natural_key)
 
     def _latest_version(self, folder: Path) -> str | None:
         pointer = folder / "LATEST"
         if pointer.is_file():
             version = pointer.read_text().strip()
-            if _PART.match(version) and (folder / version / _CONFIG).is_file():
+            if _PART.match(version) and self._is_adapter(folder / version):
                 return version
         versions = self._versions(folder)
         return versions[-1] if versions else None

@@ -6,14 +6,17 @@ the caller's own `CALLER/NAME`, and the API shows the caller's names bare and ot
 same bare name in two tenants is two adapters, and an upload never tells whether another tenant has a name.
 A version is visible to its owner, and to every tenant when it is public (by its full name); an invisible
 adapter looks exactly like a missing one (404). Only the owner deletes. Adapters in the operator's drop-in
-directory (`DATA_DIR/adapters`, see `server.adapter_catalog`) are servable to every tenant by their bare
-name, after the caller's own adapters of that name.
+folders (the allow-list, default `DATA_DIR/adapters`, see `server.adapter_catalog`) are servable to every
+tenant by their bare name, after the caller's own adapters of that name: the first use of a folder (and the
+first after its files change) imports it into the store, validated like an upload, as a public version of
+`admin/NAME` (the operator's namespace), so workers only ever load store versions.
 
 The store does blocking I/O: call the upload / list / download / delete methods off the event loop.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import threading
@@ -21,6 +24,7 @@ import time
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 from adapters_store import medusa_validation
 from adapters_store.adapter_source import store_source
@@ -36,7 +40,7 @@ from adapters_store.merge import MergeSpec, merge_files
 from adapters_store.registry import AdapterStore, parse_ref
 from adapters_store.validation import UploadedFile, UploadLimits
 from server.adapter_catalog import AdapterCatalog, AdapterVersion
-from server.auth import Tenant
+from server.auth import ADMIN_TENANT, Tenant
 from server.dispatch import MergedAdapter
 from server.errors import BaseModelUnknownError, InvalidRequestError, ModelNotFoundError, PermissionDeniedError
 from server.protocol import AdapterDeleted, AdapterInfo, AdapterVersionInfo, ModelCard
@@ -112,20 +116,50 @@ class AdapterRegistry:
         self._limits = limits
         self._gc_grace_s = gc_grace_s
         self._writes = threading.Lock()  # one publish / delete / collection at a time in this process
+        self._imports = threading.Lock()  # one drop-in import at a time (two first uses import once)
+        self._dropins: dict[Path, tuple[tuple, Manifest]] = {}  # folder → (its files' signature, stored version)
         self._resolved: dict[str, tuple[float, Manifest | None]] = {}  # model name → (when, manifest)
 
     # ---- inference ---------------------------------------------------------------------------
 
-    def resolve(self, model: str, tenant: Tenant) -> StoredAdapter | AdapterVersion | None:
+    def resolve(self, model: str, tenant: Tenant) -> StoredAdapter | None:
         """For the dispatcher: a stored version (in the caller's namespace unless named in full), else a
-        drop-in adapter, else None. No visibility check: routes call `authorize` first."""
+        drop-in adapter (imported into the store), else None. No visibility check: routes call `authorize`
+        first."""
         manifest = self._manifest(qualified(model, tenant))
+        if manifest is None and "/" not in model:
+            folder = self._catalog.resolve(model)
+            manifest = self._dropin(folder) if folder is not None else None
         if manifest is not None and manifest.kind == "medusa":
             raise InvalidRequestError(f"{model!r} is a set of Medusa heads, not a model: request the base or the "
                                       "adapter they attach to", param="model")
-        if manifest is not None:
-            return StoredAdapter(manifest, self.heads_path(manifest.ref))
-        return self._catalog.resolve(model) if "/" not in model else None
+        return StoredAdapter(manifest, self.heads_path(manifest.ref)) if manifest is not None else None
+
+    def _dropin(self, folder: AdapterVersion) -> Manifest:
+        """The stored version of a drop-in folder: imported the first time it is used and again when its files
+        change (remembered by their names, sizes and mtimes; the store keeps one version per content)."""
+        signature = self._catalog.allow.signature(folder.path)
+        hit = self._dropins.get(folder.path)
+        if hit is not None and hit[0] == signature:
+            return hit[1]
+        with self._imports:
+            manifest = self._import_dropin(folder)
+        self._dropins[folder.path] = (signature, manifest)
+        return manifest
+
+    def _import_dropin(self, folder: AdapterVersion) -> Manifest:
+        files = self._catalog.allow.read(folder.path, self._limits.max_total_bytes, param="model")
+        uploads = [UploadedFile(filename, data) for filename, data in files.items()]
+        draft, files = prepare(uploads, self._require_base(), self._limits, name=owned_name(ADMIN_TENANT, folder.name),
+                               owner=ADMIN_TENANT, public=True)
+        digests = {filename: hashlib.sha256(data).hexdigest() for filename, data in files.items()}
+        for manifest in self._store.versions(draft.name):
+            if manifest.public and {n: f.sha256 for n, f in manifest.files.items()} == digests:
+                return manifest  # imported before (by this gateway or another, or before a restart)
+        with self._writes:
+            published = self._store.publish(draft, files)
+            self._resolved.clear()
+        return published
 
     def heads_path(self, adapter_ref: str | None) -> str | None:
         """The source of the Medusa heads attached to `adapter_ref` (None: the base's), remembered
@@ -157,6 +191,13 @@ class AdapterRegistry:
         self.authorize(model, tenant)
         return self.resolve_merge(merged_adapters, tenant)
 
+    def local_name(self, adapter_id: str | None, adapter_source: str | None) -> str | None:
+        """LoRAX's `adapter_source: "local"` names a folder by its path: one in the allow-list is served as the
+        drop-in it is (`NAME[@VERSION]`), anything else is a 403. Other ids stay as they are (blocking: stats)."""
+        if adapter_source != "local" or not adapter_id or not adapter_id.startswith("/"):
+            return adapter_id
+        return self._catalog.allow.name_of(adapter_id, param="adapter_id")
+
     def authorize(self, model: str | None, tenant: Tenant) -> None:
         """404 if `model` is a stored adapter the tenant may not use (as if it did not exist)."""
         manifest = self._manifest(qualified(model, tenant)) if model else None
@@ -173,12 +214,12 @@ class AdapterRegistry:
         for model in spec.ids:
             adapter = self._merge_member(model, tenant)
             members.append(MergeMember(path=adapter.source, weight=weight_of(spec, model)))
-            keys.append(adapter.manifest.content_id if isinstance(adapter, StoredAdapter) else adapter.source)
+            keys.append(adapter.manifest.content_id)
         merge = WorkerMerge(members=members, strategy=spec.strategy, density=spec.density,
                             majority_sign_method=spec.majority_sign_method)
         return MergedAdapter(f"merge:{spec.key(keys)[:32]}", merge)
 
-    def _merge_member(self, model: str, tenant: Tenant) -> StoredAdapter | AdapterVersion:
+    def _merge_member(self, model: str, tenant: Tenant) -> StoredAdapter:
         self.authorize(model, tenant)
         adapter = self.resolve(model, tenant)
         if adapter is None:
@@ -247,23 +288,20 @@ class AdapterRegistry:
         return self.describe(tenant, name)
 
     def import_folder(self, folder: str, owner: str, name: str | None, public: bool) -> AdapterInfo:
-        """An operator's import: the drop-in folder `NAME[/VERSION]` (the allow-list, `DATA_DIR/adapters`),
-        validated like an upload and published as a version of `owner`'s `name` (default: the folder's NAME)."""
+        """An operator's import: the folder `NAME[/VERSION]` in an allow-listed root (default
+        `DATA_DIR/adapters`), validated like an upload and published as a version of `owner`'s `name`
+        (default: the folder's NAME)."""
         if not NAMESPACE_PATTERN.match(owner):
             raise InvalidRequestError("owner must be a tenant's name", param="owner")
-        try:
-            files = self._catalog.read_folder(folder, self._limits.max_total_bytes)
-        except ValueError as exc:
-            raise InvalidAdapterError(str(exc), param="folder") from exc
-        if files is None:
-            raise AdapterNotFoundError(f"no folder {folder!r} in the drop-in directory", param="folder")
+        path = self._catalog.allow.find(folder)
+        if path is None:
+            raise AdapterNotFoundError(f"no folder {folder!r} in the allowed folders", param="folder")
+        files = self._catalog.allow.read(path, self._limits.max_total_bytes, param="folder")
         uploads = [UploadedFile(filename, data) for filename, data in files.items()]
         return self.upload(Tenant(owner), name or folder.split("/")[0], uploads, None, None, public)
 
-    def _member_files(self, adapter: StoredAdapter | AdapterVersion) -> dict[str, bytes]:
-        if isinstance(adapter, StoredAdapter):
-            return stored_files(self._store, adapter.manifest)
-        return {p.name: p.read_bytes() for p in adapter.path.iterdir() if p.is_file()}
+    def _member_files(self, adapter: StoredAdapter) -> dict[str, bytes]:
+        return stored_files(self._store, adapter.manifest)
 
     def _require_base(self) -> BaseModelSpec:
         base = self._base or self._published_base()

@@ -11,6 +11,7 @@ from starlette.types import ASGIApp
 from adapters_store.body_limit import BodyLimit
 from server.adapter_catalog import AdapterCatalog
 from server.adapter_registry import ADAPTER_UPLOAD_PATH, build_adapter_registry
+from server.allowed_folders import AllowList
 from server.auth import ApiKeyAuth
 from server.dispatch import Dispatcher
 from server.errors import error_response, install_error_boundary
@@ -59,7 +60,8 @@ def _wire(app: FastAPI, settings: GatewaySettings) -> None:
         settings.max_connections,
         signer,
     )
-    state.catalog = AdapterCatalog(settings.data_dir / "adapters")
+    allow = AllowList(settings.adapter_allow_list())
+    state.catalog = AdapterCatalog(allow)
     state.adapters = build_adapter_registry(settings, state.catalog, lambda: state.registry.base_model)
     state.dispatcher = Dispatcher(
         state.adapters,
@@ -74,7 +76,7 @@ def _wire(app: FastAPI, settings: GatewaySettings) -> None:
     state.chat = ChatService(state.dispatcher, settings.default_max_tokens)
     state.native = NativeService(state.dispatcher)
     state.vllm = VllmService(state.dispatcher, state.registry, state.worker_client, state.adapters,
-                             settings.adapter_allow_list(), settings.retry_after_s)
+                             allow, settings.max_upload_bytes, settings.retry_after_s)
     state.files = build_files_service(settings)
     state.jobs = JobsService(state.redis, state.files, lambda: {state.dispatcher.base_model_id, settings.model_id},
                              settings.max_job_list_limit, state.adapters)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from pathlib import Path
 
 from adapters_store.coordination import (
     AdapterLoadRequest,
@@ -20,21 +19,20 @@ from adapters_store.coordination import (
 )
 from adapters_store.validation import UploadedFile
 from server.adapter_registry import AdapterRegistry, StoredAdapter
+from server.allowed_folders import AllowList
 from server.auth import Tenant
 from server.dispatch import Dispatcher
-from server.errors import GatewayError, InvalidRequestError, NoWorkerError, PermissionDeniedError
+from server.errors import GatewayError, InvalidRequestError, NoWorkerError
 from server.protocol import DetokenizeRequest, LoadLoraAdapterRequest, TokenizeRequest, TokenizeResponse
 from server.worker_client import WorkerClient
 from server.worker_registry import WorkerRegistry, WorkerView
 
-MAX_ADAPTER_FILES = 32  # files read from one allow-listed folder
-
 
 class VllmService:
     def __init__(self, dispatcher: Dispatcher, registry: WorkerRegistry, client: WorkerClient,
-                 adapters: AdapterRegistry, allow_list: list[Path], retry_after_s: int):
+                 adapters: AdapterRegistry, allow: AllowList, max_bytes: int, retry_after_s: int):
         self._dispatcher, self._registry, self._client = dispatcher, registry, client
-        self._adapters, self._allow_list, self._retry_after_s = adapters, allow_list, retry_after_s
+        self._adapters, self._allow, self._max_bytes, self._retry_after_s = adapters, allow, max_bytes, retry_after_s
 
     def max_model_len(self) -> int | None:
         """The smallest context any live worker serves (they normally agree)."""
@@ -68,27 +66,10 @@ class VllmService:
         result = await self._post(self._least_loaded(), "/detokenize", WorkerDetokenizeRequest(tokens=req.tokens))
         return result["prompt"]
 
-    def _allowed_folder(self, raw: str) -> Path:
-        try:
-            folder = Path(raw).resolve()
-        except (OSError, ValueError) as exc:  # a NUL byte, a loop of links: not a folder anyone may name
-            raise InvalidRequestError("lora_path is not a valid path", param="lora_path") from exc
-        if not any(folder.is_relative_to(root) for root in self._allow_list):
-            raise PermissionDeniedError("lora_path is not under a folder the operator allows adapters from",
-                                        param="lora_path", code="path_not_allowed")
-        if not folder.is_dir():
-            raise InvalidRequestError("lora_path is not a folder", param="lora_path")
-        return folder
-
-    def _read_folder(self, folder: Path) -> list[UploadedFile]:
-        files = sorted(p for p in folder.iterdir() if p.is_file())
-        if len(files) > MAX_ADAPTER_FILES:
-            raise InvalidRequestError(f"lora_path holds more than {MAX_ADAPTER_FILES} files", param="lora_path")
-        return [UploadedFile(p.name, p.read_bytes()) for p in files]
-
     async def load_lora(self, tenant: Tenant, req: LoadLoraAdapterRequest) -> StoredAdapter:
-        folder = self._allowed_folder(req.lora_path)
-        uploads = await asyncio.to_thread(self._read_folder, folder)
+        folder = await asyncio.to_thread(self._allow.check, req.lora_path, "lora_path")
+        files = await asyncio.to_thread(self._allow.read, folder, self._max_bytes, "lora_path")
+        uploads = [UploadedFile(name, data) for name, data in files.items()]
         await asyncio.to_thread(self._adapters.upload, tenant, req.lora_name, uploads, None, None, True)
         stored = await asyncio.to_thread(self._adapters.resolve, req.lora_name, tenant)
         assert isinstance(stored, StoredAdapter)

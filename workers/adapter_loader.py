@@ -5,8 +5,8 @@ byte-budgeted and least-recently-used, and never evicts an adapter that requests
 
 The gateway names where the files are with a source (`adapters_store.adapter_source`), never a path or a
 URL: `store:name@3` is materialised from this worker's own configured store into a local folder under the
-cache dir, as stored (ComPEFT stays compressed); `dropin:name[/version]` is a folder in the operator's
-drop-in directory, and must stay inside it. A per-request merge (`WorkerMerge`) is built from its members'
+cache dir, as stored (ComPEFT stays compressed); nothing else (the gateway imports the operator's drop-in
+folders into the store). A per-request merge (`WorkerMerge`) is built from its members'
 folders once, written under the cache dir by its name (a content key), and loaded like any adapter folder.
 The cache dir is bounded by bytes
 (`FolderCache`, LRU), and the per-name locks live only while a load holds them. Error messages name sources,
@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from adapters_store import errors as store_errors
-from adapters_store.adapter_source import STORE, InvalidSourceError, parse_source
+from adapters_store.adapter_source import InvalidSourceError, parse_source
 from adapters_store.coordination import WorkerMerge
 from adapters_store.materialise import materialise
 from adapters_store.merge import MergeSpec, merge_files
@@ -39,7 +39,6 @@ class AdapterSources:
     """Where this worker may take adapter files from (its configuration, never a request's)."""
 
     store: AdapterStore | None  # None: no store configured (store sources are refused)
-    dropin_dir: Path | None  # the operator's drop-in folder; None: drop-in sources are refused
     cache_dir: Path  # materialised store versions and built merges
 
 
@@ -84,27 +83,21 @@ class AdapterLoader:
         return str(out)
 
     async def _folder(self, text: str) -> str:
-        """The local folder of a source: materialised from the store, or inside the drop-in folder."""
+        """The local folder of a source, materialised from the store."""
         try:
             source = parse_source(text)
         except InvalidSourceError as exc:
             raise InvalidRequestError(str(exc), param="adapter_path") from exc
-        if source.kind == STORE:
-            if self._sources.store is None:
-                raise InvalidRequestError("this worker has no adapter store configured", param="adapter_path")
-            try:
-                folder = await asyncio.to_thread(materialise, self._sources.store, source.name, self._cache_dir)
-                await asyncio.to_thread(self.cache.used, folder)  # now, so that a trim leaves it while it loads
-                return str(folder)
-            except store_errors.AdapterNotFoundError as exc:
-                raise AdapterNotFoundError(exc.message, param="adapter") from exc
-            except store_errors.StoreError as exc:
-                raise AdapterValidationError(f"cannot read the adapter {source.name!r} from the store") from exc
-        root = self._sources.dropin_dir
-        folder = (root / Path(*source.parts)).resolve() if root is not None else None
-        if folder is None or not folder.is_relative_to(root.resolve()) or not folder.is_dir():
-            raise AdapterNotFoundError(f"no drop-in adapter {source.name!r} on this worker", param="adapter")
-        return str(folder)
+        if self._sources.store is None:
+            raise InvalidRequestError("this worker has no adapter store configured", param="adapter_path")
+        try:
+            folder = await asyncio.to_thread(materialise, self._sources.store, source.name, self._cache_dir)
+            await asyncio.to_thread(self.cache.used, folder)  # now, so that a trim leaves it while it loads
+            return str(folder)
+        except store_errors.AdapterNotFoundError as exc:
+            raise AdapterNotFoundError(exc.message, param="adapter") from exc
+        except store_errors.StoreError as exc:
+            raise AdapterValidationError(f"cannot read the adapter {source.name!r} from the store") from exc
 
     async def _without_paths(self, loading: Awaitable, folder: str, source: str) -> Any:
         """Awaits `loading`; an error's message names `source` where it named this machine's folder."""

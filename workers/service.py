@@ -162,8 +162,7 @@ class WorkerService:
         self.prompts = PromptBuilder(engine.tokenizer, engine.max_seq, engine.max_seq * config.max_chars_per_token)
         self.token_texts = TokenTexts(engine.tokenizer)
         self.heartbeat: Heartbeat | None = None
-        sources = AdapterSources(AdapterStore(open_backend(config.resolved_store_url)), config.dropin_dir,
-                                 config.cache_dir)
+        sources = AdapterSources(AdapterStore(open_backend(config.resolved_store_url)), config.cache_dir)
         self.adapters = AdapterLoader(engine, sources, on_change=self._residency_changed,
                                       cache_max_bytes=config.adapter_cache_bytes)
         self.metrics = residency_registry(lambda: self.engine.stats().get("adapters", {}))
@@ -420,7 +419,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="default: $ADAPTERD_REDIS_URL (keeps a password off the command line)")
     p.add_argument("--model", default=None, help="HF model folder (default: the packaged SmolLM2)")
     p.add_argument("--data-dir", default=os.environ.get("ADAPTERD_DATA_DIR", ".adapterd"),
-                   help="the drop-in adapters/ folder, the store/ (unless --store-url) and the worker's cache")
+                   help="the store/ (unless --store-url) and the worker's cache")
     p.add_argument("--store-url", default=os.environ.get("ADAPTERD_STORE_URL", ""),
                    help="the adapter store (file:// or s3://; default DATA_DIR/store, as the gateway's)")
     p.add_argument("--worker-id", default=None)

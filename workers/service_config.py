@@ -19,7 +19,7 @@ class WorkerServiceConfig:
     heartbeat_interval_s: float = 0.0  # 0 → ttl / 3
     max_adapters: int = 8  # resident adapters at once (the engine's LoRA slots)
     cluster_secret: bytes = field(default=b"", repr=False)  # required: requests and heartbeats are signed
-    data_dir: Path = Path(".adapterd")  # adapters/ (the drop-in folder), store/, worker-cache/ live here
+    data_dir: Path = Path(".adapterd")  # store/ and worker-cache/ live here
     store_url: str = ""  # the adapter store adapters load from; default DATA_DIR/store (as the gateway's)
     max_request_bytes: int = 16 * 1024 * 1024  # one request body, counted on the stream (413 past it)
     adapter_cache_bytes: int = 2 * 1024**3  # on-disk adapter folders (store versions, merges), LRU
@@ -44,10 +44,6 @@ class WorkerServiceConfig:
     @property
     def resolved_store_url(self) -> str:
         return self.store_url or (self.data_dir / "store").resolve().as_uri()
-
-    @property
-    def dropin_dir(self) -> Path:
-        return self.data_dir / "adapters"
 
     @property
     def cache_dir(self) -> Path:

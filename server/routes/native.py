@@ -7,7 +7,8 @@ import asyncio
 from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 
-from server.auth import CurrentTenant
+from server.adapter_registry import AdapterRegistry
+from server.auth import CurrentTenant, Tenant
 from server.dependencies import Adapters, DispatcherDep, Native, Vllm
 from server.protocol import ErrorResponse, GenerateRequest, GenerateResponse
 from server.sse import OR_STREAM, EventStreamResponse
@@ -16,10 +17,16 @@ from server.version import VERSION
 router = APIRouter(responses={"default": {"model": ErrorResponse}})
 
 
+async def _admit(body: GenerateRequest, adapters: AdapterRegistry, tenant: Tenant):
+    """A local path (`adapter_source: "local"`) becomes the drop-in's name; then the registry's checks."""
+    p = body.parameters
+    p.adapter_id = await asyncio.to_thread(adapters.local_name, p.adapter_id, p.adapter_source)
+    return await asyncio.to_thread(adapters.admit, p.adapter_id, p.merged_adapters, tenant)
+
+
 @router.post("/generate", response_model=GenerateResponse, responses=OR_STREAM)
 async def generate(body: GenerateRequest, service: Native, adapters: Adapters, tenant: CurrentTenant):
-    merged = await asyncio.to_thread(adapters.admit, body.parameters.adapter_id, body.parameters.merged_adapters,
-                                     tenant)
+    merged = await _admit(body, adapters, tenant)
     if body.stream:
         return StreamingResponse(await service.stream(body, merged, tenant), media_type="text/event-stream")
     return await service.generate(body, merged, tenant)
@@ -29,16 +36,14 @@ async def generate(body: GenerateRequest, service: Native, adapters: Adapters, t
 async def generate_stream(
     body: GenerateRequest, service: Native, adapters: Adapters, tenant: CurrentTenant
 ) -> EventStreamResponse:
-    merged = await asyncio.to_thread(adapters.admit, body.parameters.adapter_id, body.parameters.merged_adapters,
-                                     tenant)
+    merged = await _admit(body, adapters, tenant)
     return EventStreamResponse(await service.stream(body, merged, tenant))
 
 
 @router.post("/", response_model=list[GenerateResponse], responses=OR_STREAM)
 async def compat(body: GenerateRequest, service: Native, adapters: Adapters, tenant: CurrentTenant):
     """TGI's and LoRAX's client endpoint: `stream` picks SSE, else a one-element list."""
-    merged = await asyncio.to_thread(adapters.admit, body.parameters.adapter_id, body.parameters.merged_adapters,
-                                     tenant)
+    merged = await _admit(body, adapters, tenant)
     if body.stream:
         return StreamingResponse(await service.stream(body, merged, tenant), media_type="text/event-stream")
     return [await service.generate(body, merged, tenant)]

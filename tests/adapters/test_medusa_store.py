@@ -71,10 +71,12 @@ def _registry(tmp_path):
     from adapters_store.validation import UploadLimits
     from server.adapter_catalog import AdapterCatalog
     from server.adapter_registry import AdapterRegistry
+    from server.allowed_folders import AllowList
 
     base = BaseModelSpec.from_config(BASE_CONFIG)
-    registry = AdapterRegistry(AdapterStore(LocalBackend(tmp_path / "store")), AdapterCatalog(tmp_path / "adapters"),
-                               base, UploadLimits(max_rank=16), gc_grace_s=600)
+    catalog = AdapterCatalog(AllowList([tmp_path / "adapters"]))
+    registry = AdapterRegistry(AdapterStore(LocalBackend(tmp_path / "store")), catalog, base, UploadLimits(max_rank=16),
+                               gc_grace_s=600)
     return registry, base, lora_folder
 
 

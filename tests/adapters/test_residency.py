@@ -1,7 +1,6 @@
 """Residency tiers: device rows budgeted by rank, host cache budgeted by bytes, staging off the loop."""
 
 import asyncio
-import shutil
 
 import pytest
 import torch
@@ -130,6 +129,10 @@ def test_compeft_adapter_keeps_compressed_bytes_and_serves_its_decoded_lora(tiny
 
 
 async def test_worker_loader_loads_once_and_reports_evictions(tiny, smollm2_tokenizer, tmp_path):
+    from store_sources import store_folder
+
+    from adapters_store.backends import LocalBackend
+    from adapters_store.registry import AdapterStore
     from workers.adapter_loader import AdapterLoader, AdapterSources
 
     folder, adapters = tiny
@@ -138,17 +141,19 @@ async def test_worker_loader_loads_once_and_reports_evictions(tiny, smollm2_toke
     engine = Engine(EngineConfig(model_path=str(folder), max_rank=8, host_cache_bytes=int(1.5 * size)),
                     tokenizer=smollm2_tokenizer)
     changes = []
-    sources = AdapterSources(store=None, dropin_dir=adapters["r8a"].parent, cache_dir=tmp_path)
+    r8a, r8b = (store_folder(tmp_path, n, adapters[n]) for n in ("r8a", "r8b"))
+    sources = AdapterSources(store=AdapterStore(LocalBackend(tmp_path / "store")), cache_dir=tmp_path / "cache")
     loader = AdapterLoader(engine, sources, on_change=lambda: changes.append(engine.resident_adapters()))
-    await asyncio.gather(*[loader.ensure("r8a", "dropin:r8a") for _ in range(5)])
+    await asyncio.gather(*[loader.ensure("r8a", r8a) for _ in range(5)])
     assert engine.stats()["adapters"]["host_loads"] == 1 and changes == [["r8a"]]
-    await loader.ensure("r8b", "dropin:r8b")  # over budget: r8a (unused) is evicted
+    await loader.ensure("r8b", r8b)  # over budget: r8a (unused) is evicted
     assert loader.resident() == ["r8b"] and len(changes) == 3  # the eviction, then the load
 
 
 async def test_worker_metrics_report_residency(tiny, smollm2_tokenizer, tmp_path):
     import httpx
     from cluster_signing import ClusterAuth, cluster_secret
+    from store_sources import store_folder
 
     from workers.service import create_app
     from workers.service_config import WorkerServiceConfig
@@ -157,18 +162,16 @@ async def test_worker_metrics_report_residency(tiny, smollm2_tokenizer, tmp_path
     engine = Engine(EngineConfig(model_path=str(folder), max_rank=8, max_seq=64), tokenizer=smollm2_tokenizer)
     engine.start()
     try:
-        (tmp_path / "adapters").mkdir()
-        (tmp_path / "adapters" / "r4").symlink_to(adapters["r4"])  # a symlink out of the drop-in folder: refused
-        shutil.copytree(adapters["r4"], tmp_path / "adapters" / "r4-copy")
+        r4 = store_folder(tmp_path, "r4", adapters["r4"])
         config = WorkerServiceConfig(worker_id="w1", cluster_secret=cluster_secret(), data_dir=tmp_path)
         app = create_app(engine, config)
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://w1",
                                      auth=ClusterAuth()) as client:
-            r = await client.post("/generate", json={"prompt_ids": [5], "adapter": "r4", "adapter_path": "dropin:r4"})
+            r = await client.post("/generate", json={"prompt_ids": [5], "adapter": "r4", "adapter_path": "store:r4@2"})
             assert r.status_code == 404 and str(tmp_path) not in r.text
             for _ in range(2):
                 r = await client.post("/generate", json={"prompt_ids": [5, 6, 7], "adapter": "r4",
-                                                         "adapter_path": "dropin:r4-copy",
+                                                         "adapter_path": r4,
                                                          "params": {"max_tokens": 2}})
                 assert r.status_code == 200, r.text
             text = (await client.get("/metrics")).text

@@ -7,6 +7,7 @@ import httpx
 import pytest
 import torch
 from cluster_signing import ClusterAuth, cluster_secret
+from store_sources import store_folder
 from tiny_models import make_lora, make_tiny_model
 
 from workers.adapters.medusa import init_medusa, write_medusa
@@ -32,10 +33,10 @@ async def served(tmp_path, smollm2_tokenizer):
 
 
 def write_heads(engine, data_dir, name, num_heads=3):
-    """Heads in the worker's drop-in folder; returns their source."""
+    """Heads in the worker's store; returns their source."""
     heads = init_medusa(engine.core.runner.config, num_heads, 1, 2, 0.3, torch.Generator().manual_seed(0))
-    write_medusa(data_dir / "adapters" / name, heads)
-    return f"dropin:{name}"
+    write_medusa(data_dir / "src" / name, heads)
+    return store_folder(data_dir, name, data_dir / "src" / name)
 
 
 async def test_heads_load_serve_and_report(served, tmp_path):
@@ -61,11 +62,11 @@ async def test_heads_load_serve_and_report(served, tmp_path):
 
 async def test_heads_for_an_adapter_and_bad_heads(served, tmp_path):
     client, engine, model = served
-    make_lora(model, tmp_path / "adapters" / "lora")
+    lora = store_folder(tmp_path, "lora", make_lora(model, tmp_path / "src" / "lora"))
     r = await client.post("/adapters/load", json={"name": "h", "path": write_heads(engine, tmp_path, "h"),
                                                    "kind": "medusa", "attach_to": "lora"})
     assert r.status_code == 404  # the adapter must be loaded first
-    assert (await client.post("/adapters/load", json={"name": "lora", "path": "dropin:lora"})).status_code == 200
+    assert (await client.post("/adapters/load", json={"name": "lora", "path": lora})).status_code == 200
     r = await client.post("/adapters/load", json={"name": "h", "path": write_heads(engine, tmp_path, "h"),
                                                    "kind": "medusa", "attach_to": "lora"})
     assert r.status_code == 200
@@ -76,6 +77,6 @@ async def test_heads_for_an_adapter_and_bad_heads(served, tmp_path):
     r = await client.post("/adapters/load", json={"name": "h2", "path": write_heads(engine, tmp_path, "h2", 2),
                                                    "kind": "medusa"})
     assert r.status_code == 400 and "needs 3 heads" in r.json()["error"]["message"]
-    r = await client.post("/adapters/load", json={"name": "x", "path": "dropin:lora", "attach_to": "lora"})
+    r = await client.post("/adapters/load", json={"name": "x", "path": lora, "attach_to": "lora"})
     assert r.status_code == 400
     assert set(engine.core.speculator.heads) == {"lora"}

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import sys
 from pathlib import Path
 
 from workers.engine.types import GenerationRequest, TokenEvent
 from workers.errors import AdapterNotFoundError, AdapterValidationError, PromptTooLongError
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "store"))
+from store_fixtures import BASE_CONFIG as FAKE_BASE_CONFIG  # noqa: E402
+from store_fixtures import lora_folder  # noqa: E402
 
 
 class FakeTokenizer:
@@ -103,8 +109,18 @@ class FakeEngine:
         return {"running": self.running, "waiting": 0, "max_batch": self.max_batch}
 
 
-def make_adapter_dir(root: Path, name: str, version: str | None = None) -> Path:
+def make_adapter_dir(root: Path, name: str, version: str | None = None, seed: int = 0) -> Path:
+    """A drop-in LoRA folder for `FAKE_BASE_CONFIG` (the gateway imports it into the store when it is used)."""
     folder = root / "adapters" / name / (version or "")
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4}')
+    for filename, data in lora_folder(seed=seed).items():
+        (folder / filename).write_bytes(data)
+    return folder
+
+
+def make_base_dir(root: Path) -> Path:
+    """A base model folder holding only `FAKE_BASE_CONFIG`'s config.json (what the gateway checks adapters on)."""
+    folder = root / "fake-base"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(FAKE_BASE_CONFIG))
     return folder

@@ -14,13 +14,15 @@ from adapters_store.registry import AdapterStore  # noqa: E402
 from adapters_store.validation import UploadedFile, UploadLimits  # noqa: E402
 from server.adapter_catalog import AdapterCatalog  # noqa: E402
 from server.adapter_registry import AdapterRegistry  # noqa: E402
+from server.allowed_folders import AllowList  # noqa: E402
 from server.auth import Tenant  # noqa: E402
 
 
 def test_store_lookups_are_remembered_and_own_writes_forget_them(tmp_path, monkeypatch):
     store = AdapterStore(LocalBackend(tmp_path / "store"))
-    registry = AdapterRegistry(store, AdapterCatalog(tmp_path / "adapters"), BaseModelSpec.from_config(BASE_CONFIG),
-                               UploadLimits(max_rank=16), gc_grace_s=600)
+    catalog = AdapterCatalog(AllowList([tmp_path / "adapters"]))
+    registry = AdapterRegistry(store, catalog, BaseModelSpec.from_config(BASE_CONFIG), UploadLimits(max_rank=16),
+                               gc_grace_s=600)
     calls = []
     real = store.resolve
     monkeypatch.setattr(store, "resolve", lambda ref: calls.append(ref) or real(ref))

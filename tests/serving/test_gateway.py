@@ -10,7 +10,7 @@ import httpx
 import pytest
 import uvicorn
 from cluster_signing import cluster_secret
-from serving_fakes import FakeEngine, make_adapter_dir
+from serving_fakes import FakeEngine, make_adapter_dir, make_base_dir
 
 from adapters_store.cluster_auth import ClusterSigner
 from server.app import create_app
@@ -69,7 +69,8 @@ async def cluster(redis_url, data_dir, n_workers=2, api_keys="", **settings):
         await beat.beat()
         beats.append(beat)
         engines.append(engine)
-    s = GatewaySettings(redis_url=redis_url, data_dir=data_dir, api_keys=api_keys, **settings)
+    s = GatewaySettings(redis_url=redis_url, data_dir=data_dir, api_keys=api_keys,
+                        base_model_path=make_base_dir(data_dir), **settings)
     app = create_app(s)
     try:
         async with app.router.lifespan_context(app):
@@ -84,9 +85,9 @@ async def cluster(redis_url, data_dir, n_workers=2, api_keys="", **settings):
 
 @pytest.fixture
 async def gw(redis_url, tmp_path):
-    make_adapter_dir(tmp_path, "alpha")
-    make_adapter_dir(tmp_path, "beta", "v1")
-    make_adapter_dir(tmp_path, "beta", "v2")
+    make_adapter_dir(tmp_path, "alpha", seed=1)
+    make_adapter_dir(tmp_path, "beta", "v1", seed=2)
+    make_adapter_dir(tmp_path, "beta", "v2", seed=3)
     async with cluster(redis_url, tmp_path) as client:
         yield client
 
@@ -188,7 +189,9 @@ async def test_models(gw):
 async def test_bare_name_is_latest_version(gw):
     await gw.post("/v1/completions", json={"model": "beta", "prompt": "x", "max_tokens": 1})
     loaded = [n for e in gw.engines for n in e.loads]
-    assert loaded == ["beta@v2"]
+    assert loaded == ["admin/beta@1"]  # the folder beta/v2, imported into the store as the operator's
+    await gw.post("/v1/completions", json={"model": "beta@v1", "prompt": "x", "max_tokens": 1})
+    assert [n for e in gw.engines for n in e.loads] == ["admin/beta@1", "admin/beta@2"]
 
 
 async def test_native_generate(gw):
@@ -204,7 +207,27 @@ async def test_native_generate(gw):
     assert body["details"]["finish_reason"] == "length" and body["details"]["generated_tokens"] == 3
     assert [t["text"] for t in body["details"]["tokens"]] == ["a", "b", "c"]
     req = [q for e in gw.engines for q in e.requests][-1]
-    assert req.params.temperature == 0.0 and req.adapter == "alpha"  # TGI: greedy unless asked to sample
+    assert req.params.temperature == 0.0 and req.adapter == "admin/alpha@1"  # TGI: greedy unless asked to sample
+
+
+async def test_drop_ins_stay_inside_the_allow_list(gw, tmp_path):
+    """A drop-in symlinked out of DATA_DIR/adapters is not there (404), nor is a `..` name; LoRAX's
+    `adapter_source: "local"` serves a folder inside it by its path, and any other path (a symlink or `..` out,
+    another folder) is a 403 that says nothing about it; nothing outside is ever loaded."""
+    outside = make_adapter_dir(tmp_path / "outside", "evil", seed=4)
+    (tmp_path / "adapters" / "linked").symlink_to(outside)
+    for model in ("linked", "../outside/adapters/evil"):
+        assert_error(await gw.post("/v1/completions", json={"model": model, "prompt": "x", "max_tokens": 1}), 404)
+    params = {"adapter_source": "local", "max_new_tokens": 2}
+    inside = str(tmp_path / "adapters" / "beta" / "v1")
+    r = await gw.post("/generate", json={"inputs": "hi", "parameters": {**params, "adapter_id": inside}})
+    assert r.status_code == 200, r.text
+    for path in (str(outside), str(tmp_path / "adapters" / "linked"), f"{tmp_path}/adapters/../outside/adapters/evil",
+                 "/etc"):
+        r = await gw.post("/generate", json={"inputs": "hi", "parameters": {**params, "adapter_id": path}})
+        assert_error(r, 403, "path_not_allowed")
+        assert str(tmp_path) not in r.text
+    assert [n for e in gw.engines for n in e.loads] == ["admin/beta@1"]
 
 
 async def test_native_generate_stream(gw):
@@ -218,10 +241,10 @@ async def test_affinity_same_adapter_same_worker(gw):
     for _ in range(6):
         r = await gw.post("/v1/completions", json={"model": "alpha", "prompt": "x", "max_tokens": 1})
         assert r.status_code == 200
-    holders = [e for e in gw.engines if "alpha" in e.loads]
+    holders = [e for e in gw.engines if "admin/alpha@1" in e.loads]
     assert len(holders) == 1 and len(holders[0].requests) == 6
     metrics = (await gw.get("/metrics")).text
-    assert 'adapterd_requests_total{adapter="alpha",outcome="ok",worker="' in metrics
+    assert 'adapterd_requests_total{adapter="admin/alpha@1",outcome="ok",worker="' in metrics
     assert "adapterd_workers_alive 2.0" in metrics
 
 

@@ -7,6 +7,7 @@ import pytest
 from serving_fakes import make_adapter_dir
 
 from server.adapter_catalog import AdapterCatalog
+from server.allowed_folders import AllowList
 from server.settings import GatewaySettings, InsecureBindError
 
 
@@ -38,7 +39,7 @@ def test_catalog_versions(tmp_path):
     for name, version in [("a", None), ("b", "v1"), ("b", "v2"), ("b", "v10"), ("c", "x"), ("c", "y")]:
         make_adapter_dir(tmp_path, name, version)
     (tmp_path / "adapters" / "c" / "LATEST").write_text("x\n")
-    cat = AdapterCatalog(tmp_path / "adapters")
+    cat = AdapterCatalog(AllowList([tmp_path / "adapters"]))
     assert cat.resolve("a").ref == "a"
     assert cat.resolve("b").ref == "b@v10"  # natural order
     assert cat.resolve("b@v1").path == tmp_path / "adapters" / "b" / "v1"

@@ -6,6 +6,7 @@ import httpx
 import pytest
 from cluster_signing import ClusterAuth, cluster_secret
 from serving_fakes import FakeEngine, make_adapter_dir
+from store_sources import store_files, store_folder
 
 from workers.service import create_app
 from workers.service_config import WorkerServiceConfig
@@ -80,10 +81,9 @@ async def test_bad_json(client):
 
 
 async def test_adapter_loaded_on_demand_once(client, engine, tmp_path):
-    for n in ("a", "b", "c"):
-        make_adapter_dir(tmp_path, n)  # in the worker's drop-in folder
+    sources = {n: store_folder(tmp_path, n, make_adapter_dir(tmp_path / "src", n)) for n in ("a", "b", "c")}
     for name in ("a", "b", "a", "c"):
-        r = await client.post("/generate", json={"prompt": "x", "adapter": name, "adapter_path": f"dropin:{name}"})
+        r = await client.post("/generate", json={"prompt": "x", "adapter": name, "adapter_path": sources[name]})
         assert r.status_code == 200, r.text
     assert engine.loads == ["a", "b", "c"]
     stats = (await client.get("/stats")).json()
@@ -96,15 +96,16 @@ async def test_unknown_adapter_without_path_is_404(client):
 
 
 async def test_load_and_unload_routes(client, engine, tmp_path):
-    make_adapter_dir(tmp_path, "z")
-    (tmp_path / "adapters" / "empty").mkdir()
-    r = await client.post("/adapters/load", json={"name": "z", "path": "dropin:z"})
+    z = store_folder(tmp_path, "z", make_adapter_dir(tmp_path / "src", "z"))
+    empty = store_files(tmp_path, "empty", {"weights.bin": b"no config"})
+    r = await client.post("/adapters/load", json={"name": "z", "path": z})
     assert r.status_code == 200 and r.json()["resident_adapters"] == ["z"]
-    r = await client.post("/adapters/load", json={"name": "bad", "path": "dropin:empty"})
+    r = await client.post("/adapters/load", json={"name": "bad", "path": empty})
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_adapter"
     assert str(tmp_path) not in r.text  # names the source, never the worker's folders
-    r = await client.post("/adapters/load", json={"name": "bad", "path": "dropin:missing"})
-    assert r.status_code == 404 and str(tmp_path) not in r.text
+    for source in ("store:missing@1", "dropin:z"):  # not in the store; a folder (workers take store versions only)
+        r = await client.post("/adapters/load", json={"name": "bad", "path": source})
+        assert r.status_code in (400, 404) and str(tmp_path) not in r.text
     r = await client.post("/adapters/unload", json={"name": "z"})
     assert r.status_code == 200 and engine.resident == []
     r = await client.post("/adapters/unload", json={"name": "z"})

@@ -66,8 +66,8 @@ class GatewaySettings(BaseSettings):
     max_archive_ratio: float = Field(200.0, gt=1)
     store_gc_grace_s: float = Field(600.0, ge=0)  # unreferenced blobs younger than this are kept
     drain_grace_s: float = Field(30.0, ge=0)  # SIGTERM: open requests and streams get this long to finish
-    # folders an admin may load adapters from (vLLM's /v1/load_lora_adapter), comma-separated;
-    # default: DATA_DIR/adapters
+    # the allow-list of local folders adapters are read from (drop-ins, the admin import, vLLM's
+    # /v1/load_lora_adapter, LoRAX's adapter_source "local"), comma-separated; default: DATA_DIR/adapters
     adapter_allow_dirs: str = ""
 
     # fine-tune files and jobs

@@ -224,6 +224,7 @@ def test_replayed_old_worker_record_gets_no_traffic(cluster, protected_redis):
     "file:///tmp/adapterd-attack-store#x@1",  # another store (a file:// store would create its folder)
     "s3://bucket/p?endpoint_url=http://127.0.0.1:1#x@1",  # an S3 endpoint of the caller's choice
     "dropin:../model",  # a drop-in name that climbs out
+    "dropin:dropped",  # a real drop-in folder: workers take store versions only (the gateway imports folders)
     "store:x",  # not pinned to a version
 ])
 def test_worker_takes_no_paths_or_urls(cluster, tmp_path_factory, source):
@@ -243,13 +244,20 @@ def test_worker_takes_no_paths_or_urls(cluster, tmp_path_factory, source):
 
 
 def test_drop_in_adapter_still_serves(cluster):
-    """The operator's drop-in folder keeps working: a folder put into DATA_DIR/adapters serves at once."""
+    """The operator's drop-in folder keeps working: a folder put into DATA_DIR/adapters serves at once, by its
+    bare name, imported into the store as the operator's public `admin/dropped` (what the worker loads)."""
     from serving_assets import build_lora
 
     build_lora(cluster.data_dir.parent / "model", cluster.data_dir / "adapters" / "dropped", seed=5)
     r = httpx.post(cluster.url + "/v1/completions", headers=TENANT, timeout=60,
                    json={"model": "dropped", "prompt": "hello", "max_tokens": 3})
     assert r.status_code == 200, r.text
+    info = httpx.get(cluster.url + "/v1/adapters/admin/dropped", headers=TENANT, timeout=30).json()
+    assert info["owner"] == "admin" and info["public"] and info["latest"] == 1
+
+    def resident() -> list[str]:
+        return httpx.get(cluster.url + "/v1/workers", headers=ADMIN, timeout=10).json()["data"][0]["resident_adapters"]
+    wait_until(lambda: "admin/dropped@1" in resident(), 30, "the worker's heartbeat to show the stored version")
 
 
 def test_admin_imports_a_drop_in_folder_into_a_tenants_namespace(cluster):

@@ -136,27 +136,27 @@ async def test_sdk_async(cluster):
         assert chunks and chunks[-1].choices[0].finish_reason == "length"
 
 
-def _requests_by_worker(metrics: str, adapter: str) -> dict[str, float]:
-    pat = re.compile(
-        rf'adapterd_requests_total\{{adapter="{re.escape(adapter)}",outcome="ok",worker="(\w+)"\}} ([\d.]+)'
-    )
-    return {m.group(1): float(m.group(2)) for m in pat.finditer(metrics)}
+def _requests_by_worker(metrics: str) -> dict[tuple[str, str], float]:
+    """(adapter label, worker) → requests served: a drop-in's label is its stored version, `admin/NAME@N`."""
+    pat = re.compile(r'adapterd_requests_total\{adapter="([^"]+)",outcome="ok",worker="(\w+)"\} ([\d.]+)')
+    return {(m.group(1), m.group(2)): float(m.group(3)) for m in pat.finditer(metrics)}
 
 
 def test_affinity_visible_in_metrics(cluster):
-    before = _requests_by_worker(httpx.get(cluster.url + "/metrics").text, "beta@v2")
+    before = _requests_by_worker(httpx.get(cluster.url + "/metrics").text)
     with Client(cluster.url, timeout=30) as client:
         for _ in range(6):
             client.completions("beta@v2", "x", max_tokens=1)
-    after = _requests_by_worker(httpx.get(cluster.url + "/metrics").text, "beta@v2")
-    grown = {w: after[w] - before.get(w, 0) for w in after if after[w] - before.get(w, 0) > 0}
+    after = _requests_by_worker(httpx.get(cluster.url + "/metrics").text)
+    grown = {k: after[k] - before.get(k, 0) for k in after if after[k] - before.get(k, 0) > 0}
     assert len(grown) == 1 and sum(grown.values()) == 6, (before, after)
-    holder = next(iter(grown))
+    ((ref, holder),) = grown
+    assert ref.startswith("admin/beta@")  # the drop-in beta/v2, imported into the store
     r = redis.Redis.from_url(cluster.redis_url)
-    assert r.smembers("adapterd:v1:placement:beta@v2") == {holder.encode()}
+    assert r.smembers(f"adapterd:v1:placement:{ref}") == {holder.encode()}
     metrics = httpx.get(cluster.url + "/metrics").text
     assert "adapterd_workers_alive 2.0" in metrics
-    assert 'adapterd_time_to_first_token_seconds_count{adapter="alpha"' in metrics
+    assert 'adapterd_time_to_first_token_seconds_count{adapter="admin/alpha@' in metrics
 
 
 @pytest.mark.parametrize(

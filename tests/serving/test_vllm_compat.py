@@ -57,6 +57,10 @@ def test_load_serve_unload_then_404(cluster):
     assert r.status_code == 403 and r.json()["error"]["param"] == "lora_path"
     escape = str(allowed / ".." / ".." / "elsewhere" / "alpha")
     assert call(cluster, "POST", "/v1/load_lora_adapter", ADMIN, json=body | {"lora_path": escape}).status_code == 403
+    (allowed.parent / "linked").symlink_to(elsewhere)  # a symlink out of the allow-list
+    linked = call(cluster, "POST", "/v1/load_lora_adapter", ADMIN,
+                  json=body | {"lora_path": str(allowed.parent / "linked")})
+    assert linked.status_code == 403 and str(elsewhere) not in linked.text
     assert complete(cluster, "admin/sql-lora").status_code == 404
 
     r = call(cluster, "POST", "/v1/load_lora_adapter", ADMIN, json=body)

@@ -140,7 +140,7 @@ class AdapterRegistry:
         change (remembered by their names, sizes and mtimes; the store keeps one version per content)."""
         signature = self._catalog.allow.signature(folder.path)
         hit = self._dropins.get(folder.path)
-        if hit is not None and hit[0] == signature:
+        if hit is not None and hit[0] == signature and self._manifest(hit[1].ref) is not None:  # not deleted since
             return hit[1]
         with self._imports:
             manifest = self._import_dropin(folder)

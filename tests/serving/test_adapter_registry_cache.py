@@ -12,6 +12,7 @@ from adapters_store.backends import LocalBackend  # noqa: E402
 from adapters_store.base_model import BaseModelSpec  # noqa: E402
 from adapters_store.registry import AdapterStore  # noqa: E402
 from adapters_store.validation import UploadedFile, UploadLimits  # noqa: E402
+from server import adapter_registry  # noqa: E402
 from server.adapter_catalog import AdapterCatalog  # noqa: E402
 from server.adapter_registry import AdapterRegistry  # noqa: E402
 from server.allowed_folders import AllowList  # noqa: E402
@@ -34,3 +35,30 @@ def test_store_lookups_are_remembered_and_own_writes_forget_them(tmp_path, monke
     assert registry.resolve("ada", tenant).version == "1"  # the upload forgot the remembered "absent"
     registry.delete(tenant, "ada")
     assert registry.resolve("ada", tenant) is None
+
+
+def test_a_drop_in_is_imported_once_per_content_and_again_when_it_changes_or_goes(tmp_path, monkeypatch):
+    """A drop-in folder's first use imports it as the operator's public `admin/NAME`; later uses reuse that
+    version (also after a restart: the store is asked by content); new files make a new version; a deleted
+    version is imported again."""
+    store = AdapterStore(LocalBackend(tmp_path / "store"))
+    monkeypatch.setattr(adapter_registry, "RESOLVE_TTL_S", 0.0)  # every store answer is asked afresh
+
+    def registry() -> AdapterRegistry:
+        return AdapterRegistry(store, AdapterCatalog(AllowList([tmp_path / "adapters"])),
+                               BaseModelSpec.from_config(BASE_CONFIG), UploadLimits(max_rank=16), gc_grace_s=600)
+
+    folder = tmp_path / "adapters" / "ada"
+    folder.mkdir(parents=True)
+    for name, data in lora_folder(seed=1).items():
+        (folder / name).write_bytes(data)
+    gateway, tenant = registry(), Tenant("a")
+    first = gateway.resolve("ada", tenant)
+    assert first.ref == "admin/ada@1" and first.manifest.public and first.manifest.owner == "admin"
+    assert first.source == "store:admin/ada@1"
+    assert gateway.resolve("ada", tenant).ref == registry().resolve("ada", Tenant("b")).ref == "admin/ada@1"
+    (folder / "adapter_model.safetensors").write_bytes(lora_folder(seed=2)["adapter_model.safetensors"])
+    assert gateway.resolve("ada", tenant).ref == "admin/ada@2"
+    store.delete_version("admin/ada", 2)
+    assert gateway.resolve("ada", tenant).ref == "admin/ada@3"
+    assert [m.version for m in store.versions("admin/ada")] == [1, 3]

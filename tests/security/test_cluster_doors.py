@@ -224,7 +224,6 @@ def test_replayed_old_worker_record_gets_no_traffic(cluster, protected_redis):
     "file:///tmp/adapterd-attack-store#x@1",  # another store (a file:// store would create its folder)
     "s3://bucket/p?endpoint_url=http://127.0.0.1:1#x@1",  # an S3 endpoint of the caller's choice
     "dropin:../model",  # a drop-in name that climbs out
-    "dropin:dropped",  # a real drop-in folder: workers take store versions only (the gateway imports folders)
     "store:x",  # not pinned to a version
 ])
 def test_worker_takes_no_paths_or_urls(cluster, tmp_path_factory, source):
@@ -258,6 +257,11 @@ def test_drop_in_adapter_still_serves(cluster):
     def resident() -> list[str]:
         return httpx.get(cluster.url + "/v1/workers", headers=ADMIN, timeout=10).json()["data"][0]["resident_adapters"]
     wait_until(lambda: "admin/dropped@1" in resident(), 30, "the worker's heartbeat to show the stored version")
+    raw = json.dumps({"name": "direct", "path": "dropin:dropped"}).encode()  # the folder itself: refused
+    headers = {**ClusterSigner(cluster_secret()).request_headers("POST", "/adapters/load", raw),
+               "content-type": "application/json"}
+    r = httpx.post(worker_url(cluster) + "/adapters/load", content=raw, headers=headers, timeout=30)
+    assert r.status_code == 400 and "store:NAME@VERSION" in r.text
 
 
 def test_admin_imports_a_drop_in_folder_into_a_tenants_namespace(cluster):

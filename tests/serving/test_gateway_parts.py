@@ -85,6 +85,19 @@ async def test_lease_released_after_a_registry_refresh(redis_url):
     await redis.aclose()
 
 
+def test_a_worker_record_is_fresh_within_its_signed_ttl_capped_by_the_gateway():
+    from adapters_store.coordination import RECORD_CLOCK_SKEW_S, WorkerInfo
+
+    info = WorkerInfo(worker_id="w", url="http://w", model_id="m", capacity=1, heartbeat_at=1000.0, ttl_s=5.0)
+    assert info.fresh_at(1000.0, 60) and info.fresh_at(1005.0 + RECORD_CLOCK_SKEW_S, 60)
+    assert not info.fresh_at(1005.1 + RECORD_CLOCK_SKEW_S, 60)  # past its TTL: a replay
+    assert not info.fresh_at(1000.0 - RECORD_CLOCK_SKEW_S - 0.1, 60)  # signed in the future
+    long = WorkerInfo(worker_id="w", url="http://w", model_id="m", capacity=1, heartbeat_at=1000.0, ttl_s=3600)
+    assert long.fresh_at(1030.0, 30) and not long.fresh_at(1033.0, 30)  # the gateway's cap wins
+    unnamed = WorkerInfo(worker_id="w", url="http://w", model_id="m", capacity=1, heartbeat_at=1000.0)
+    assert unnamed.fresh_at(1059.0, 60) and not unnamed.fresh_at(1063.0, 60)
+
+
 def test_sse_events_parse_across_and_within_reads():
     from server.errors import UpstreamError
     from server.worker_client import SseEvents

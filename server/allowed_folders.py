@@ -37,7 +37,11 @@ class AllowList:
         if not Path(raw).is_absolute() or not self.allows(folder):
             raise PermissionDeniedError(f"{param} is not under a folder the operator allows adapters from",
                                         param=param, code="path_not_allowed")
-        if not folder.is_dir():
+        try:
+            is_folder = folder.is_dir()
+        except OSError:  # a name too long, say
+            is_folder = False
+        if not is_folder:
             raise InvalidRequestError(f"{param} is not a folder", param=param)
         return folder
 

@@ -227,6 +227,9 @@ async def test_drop_ins_stay_inside_the_allow_list(gw, tmp_path):
         r = await gw.post("/generate", json={"inputs": "hi", "parameters": {**params, "adapter_id": path}})
         assert_error(r, 403, "path_not_allowed")
         assert str(tmp_path) not in r.text
+    too_long = f"{tmp_path}/adapters/{'x' * 5000}"  # inside, but no folder the system can name: a 400
+    r = await gw.post("/generate", json={"inputs": "hi", "parameters": {**params, "adapter_id": too_long}})
+    assert_error(r, 400)
     assert [n for e in gw.engines for n in e.loads] == ["admin/beta@1"]
 
 

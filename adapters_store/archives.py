@@ -1,7 +1,8 @@
 """Unpacking uploaded archives (.zip, .tar.gz) without trusting them: every entry name is checked (no
 absolute paths, no `..`, no drive letters), links and special files are refused, and decompression is
 bounded (total bytes, bytes per entry, entry count, and the zip compression ratio) so a bomb stops early.
-Nothing is written to disk: entries come back as bytes keyed by their relative path."""
+The archive is read from its buffer (bytes or a map of the spooled upload) in pieces; each entry is streamed
+to an unlinked temp file and comes back mapped (`adapters_store.mapped_files`), keyed by its relative path."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 from adapters_store.errors import AdapterTooLargeError, InvalidAdapterError
+from adapters_store.mapped_files import Buffer, chunks_of, reader, spool
 
 ZIP_MAGIC = b"PK\x03\x04"
 GZIP_MAGIC = b"\x1f\x8b"
@@ -28,16 +30,16 @@ class ArchiveLimits:
     max_ratio: float = 200.0  # decompressed / compressed, per zip entry (above 1 MiB)
 
 
-def is_archive(filename: str, data: bytes) -> bool:
-    lower = filename.lower()
-    return (lower.endswith((".zip", ".tar.gz", ".tgz"))
-            or data.startswith(ZIP_MAGIC) or data.startswith(GZIP_MAGIC))
+def is_archive(filename: str, data: Buffer) -> bool:
+    lower, head = filename.lower(), data[:4]
+    return lower.endswith((".zip", ".tar.gz", ".tgz")) or head.startswith(ZIP_MAGIC) or head.startswith(GZIP_MAGIC)
 
 
-def unpack(filename: str, data: bytes, limits: ArchiveLimits) -> dict[str, bytes]:
-    if data.startswith(ZIP_MAGIC) or filename.lower().endswith(".zip"):
+def unpack(filename: str, data: Buffer, limits: ArchiveLimits) -> dict[str, Buffer]:
+    head = data[:4]
+    if head.startswith(ZIP_MAGIC) or filename.lower().endswith(".zip"):
         return _unzip(data, limits)
-    if data.startswith(GZIP_MAGIC):
+    if head.startswith(GZIP_MAGIC):
         return _untar_gz(data, limits)
     raise InvalidAdapterError(f"{filename}: not a .zip or .tar.gz archive")
 
@@ -77,9 +79,9 @@ class _Budget:
                 f"archive decompresses to more than {self.limits.max_total_bytes} bytes (decompression bomb?)")
 
 
-def _unzip(data: bytes, limits: ArchiveLimits) -> dict[str, bytes]:
+def _unzip(data: Buffer, limits: ArchiveLimits) -> dict[str, Buffer]:
     try:
-        archive = zipfile.ZipFile(io.BytesIO(data))
+        archive = zipfile.ZipFile(reader(data))
     except zipfile.BadZipFile as e:
         raise InvalidAdapterError(f"not a valid zip archive: {e}") from e
     budget, out = _Budget(limits), {}
@@ -102,10 +104,12 @@ def _unzip(data: bytes, limits: ArchiveLimits) -> dict[str, bytes]:
     return out
 
 
-def _read_zip_entry(archive: zipfile.ZipFile, info: zipfile.ZipInfo, cap: int) -> bytes:
+def _read_zip_entry(archive: zipfile.ZipFile, info: zipfile.ZipInfo, cap: int) -> Buffer:
     try:
-        with archive.open(info) as f:
-            body = f.read(min(info.file_size, cap) + 1)  # never more than declared: a lying header is caught
+        with archive.open(info) as f:  # never more than declared: a lying header is caught
+            body = spool(chunks_of(f), min(info.file_size, cap), f"archive entry {info.filename!r}")
+    except AdapterTooLargeError as e:
+        raise InvalidAdapterError(f"archive entry {info.filename!r} does not match its declared size") from e
     except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as e:
         raise InvalidAdapterError(f"archive entry {info.filename!r} cannot be read: {e}") from e
     if len(body) != info.file_size:
@@ -133,8 +137,8 @@ class _BoundedReader(io.RawIOBase):
         return n
 
 
-def _untar_gz(data: bytes, limits: ArchiveLimits) -> dict[str, bytes]:
-    stream = _BoundedReader(gzip.GzipFile(fileobj=io.BytesIO(data)), limits.max_total_bytes + 64 * 1024)
+def _untar_gz(data: Buffer, limits: ArchiveLimits) -> dict[str, Buffer]:
+    stream = _BoundedReader(gzip.GzipFile(fileobj=reader(data)), limits.max_total_bytes + 64 * 1024)
     budget, out = _Budget(limits), {}
     try:
         with tarfile.open(fileobj=io.BufferedReader(stream), mode="r|") as archive:
@@ -148,7 +152,7 @@ def _untar_gz(data: bytes, limits: ArchiveLimits) -> dict[str, bytes]:
                     raise InvalidAdapterError(f"archive entry {member.name!r} is not a regular file")
                 budget.admit(name, member.size)
                 f = archive.extractfile(member)
-                out[name] = f.read() if f is not None else b""
+                out[name] = spool(chunks_of(f), member.size, f"archive entry {member.name!r}") if f else b""
     except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
         raise InvalidAdapterError(f"not a valid .tar.gz archive: {e}") from e
     return out

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from adapters_store.mapped_files import Buffer
+
 MAX_DEPTH = 64  # arrays/objects inside each other
 MAX_NUMBER_CHARS = 64  # digits (and sign, point, exponent) of one number
 
@@ -38,10 +40,10 @@ def depth(value: Any) -> int:
     return deepest
 
 
-def loads(raw: bytes | str) -> Any:
+def loads(raw: Buffer | bytearray | str) -> Any:
     """`json.loads` within MAX_DEPTH and MAX_NUMBER_CHARS; raises json.JSONDecodeError (or
     UnicodeDecodeError for bytes that are not UTF-8) on anything else."""
-    text = raw.decode("utf-8") if isinstance(raw, bytes | bytearray) else raw
+    text = raw if isinstance(raw, str) else str(raw, "utf-8")  # bytes, or a mapped upload
     try:
         value = _DECODER.decode(text)
     except RecursionError:

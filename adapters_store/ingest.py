@@ -9,6 +9,7 @@ from adapters_store.base_model import BaseModelSpec
 from adapters_store.errors import InvalidAdapterError
 from adapters_store.kinds import validate_upload
 from adapters_store.manifest import NAME_PATTERN, Manifest
+from adapters_store.mapped_files import Buffer
 from adapters_store.validation import UploadedFile, UploadLimits, ValidatedAdapter, collect_files
 
 
@@ -45,7 +46,7 @@ def check_name(name: str) -> str:
 
 def prepare(uploads: list[UploadedFile], base: BaseModelSpec, limits: UploadLimits, *, name: str, owner: str,
             public: bool = False, kind: str | None = None,
-            compression: CompressionRequest | None = None) -> tuple[Manifest, dict[str, bytes]]:
+            compression: CompressionRequest | None = None) -> tuple[Manifest, dict[str, Buffer]]:
     """The manifest draft (version and files filled in by `publish`) and the files to store."""
     check_name(name)
     adapter = validate_upload(collect_files(uploads, limits), base, limits, kind)

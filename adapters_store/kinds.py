@@ -6,13 +6,14 @@ from __future__ import annotations
 from adapters_store import medusa_validation, s2ft_format
 from adapters_store.base_model import BaseModelSpec
 from adapters_store.errors import InvalidAdapterError
+from adapters_store.mapped_files import Buffer
 from adapters_store.validation import UploadLimits, ValidatedAdapter, validate_lora
 
 LORA_KINDS = ("lora", "compeft")  # a PEFT LoRA folder; "compeft": its weights ComPEFT-compressed
 KINDS = (*LORA_KINDS, "s2ft", "medusa")
 
 
-def detect_kind(files: dict[str, bytes]) -> str:
+def detect_kind(files: dict[str, Buffer]) -> str:
     """"s2ft" for an S²FT folder, "medusa" for Medusa heads, else "lora" (the LoRA validator tells lora
     from compeft)."""
     if s2ft_format.CONFIG_FILE in files:
@@ -20,7 +21,7 @@ def detect_kind(files: dict[str, bytes]) -> str:
     return "medusa" if medusa_validation.is_medusa_upload(files) else "lora"
 
 
-def validate_upload(files: dict[str, bytes], base: BaseModelSpec, limits: UploadLimits,
+def validate_upload(files: dict[str, Buffer], base: BaseModelSpec, limits: UploadLimits,
                     kind: str | None = None) -> ValidatedAdapter:
     if kind is not None and kind not in KINDS:
         raise InvalidAdapterError(f"kind {kind!r} is not one of {', '.join(KINDS)}", param="kind")

@@ -24,6 +24,7 @@ from dataclasses import replace
 from adapters_store.backends import StoreBackend
 from adapters_store.errors import AdapterNotFoundError, NameConflictError, StoreCorruptionError
 from adapters_store.manifest import NAME_PATTERN, FileEntry, Manifest, tombstone
+from adapters_store.mapped_files import Buffer, reader
 
 BLOBS = "blobs/sha256/"
 MANIFESTS = "manifests/"
@@ -65,7 +66,7 @@ class AdapterStore:
 
     # ---- writing ------------------------------------------------------------------------------
 
-    def publish(self, draft: Manifest, files: dict[str, bytes]) -> Manifest:
+    def publish(self, draft: Manifest, files: dict[str, Buffer]) -> Manifest:
         """Stores `files` and a new version of `draft.name` (its `version` and `files` are filled here)."""
         entries = {name: self._put_blob(data) for name, data in files.items()}
         for _ in range(_PUBLISH_ATTEMPTS):
@@ -74,10 +75,15 @@ class AdapterStore:
                 return manifest
         raise NameConflictError(f"could not publish a version of {draft.name!r}: concurrent uploads kept winning")
 
-    def _put_blob(self, data: bytes) -> FileEntry:
+    def _put_blob(self, data: Buffer) -> FileEntry:
         digest = hashlib.sha256(data).hexdigest()
-        if not self.backend.exists(blob_key(digest)):
-            self.backend.write(blob_key(digest), data)
+        key = blob_key(digest)
+        if not self.backend.exists(key):
+            if isinstance(data, bytes):
+                self.backend.write(key, data)
+            else:
+                with reader(data) as f:  # a mapped upload: copied in pieces
+                    self.backend.write_file(key, f)
         return FileEntry(digest, len(data))
 
     def _publish_manifest(self, manifest: Manifest) -> bool:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from adapters_store.errors import InvalidAdapterError
+from adapters_store.mapped_files import Buffer
 
 MAX_HEADER_BYTES = 16 * 1024 * 1024
 ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
@@ -48,7 +49,7 @@ def _bad(what: str) -> InvalidAdapterError:
     return InvalidAdapterError(f"adapter_model.safetensors is not a valid safetensors file: {what}")
 
 
-def read_header(data: bytes) -> SafetensorsHeader:
+def read_header(data: Buffer) -> SafetensorsHeader:
     if len(data) < 8:
         raise _bad("shorter than the 8-byte header length (truncated?)")
     (n,) = struct.unpack("<Q", data[:8])
@@ -98,18 +99,37 @@ def _check_layout(tensors: dict[str, TensorInfo], data_bytes: int) -> None:
         raise _bad(f"the tensors need {cursor} data bytes but the file has {data_bytes} ({what})")
 
 
-def tensor_array(data: bytes, header: SafetensorsHeader, name: str) -> np.ndarray:
+def tensor_array(data: Buffer, header: SafetensorsHeader, name: str) -> np.ndarray:
     """One tensor as a float32 (floating dtypes) or native numpy array; a copy, never a view of `data`."""
     info = header.tensors[name]
     raw = data[header.data_start + info.begin : header.data_start + info.end]
     if info.dtype == "BF16":
-        bits = np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16
-        return bits.view(np.float32).reshape(info.shape)
+        return _floats(raw, "BF16").reshape(info.shape)
     arr = np.frombuffer(raw, dtype=_NUMPY[info.dtype]).reshape(info.shape)
     return arr.astype(np.float32) if info.dtype in FLOAT_DTYPES else arr.copy()
 
 
-def read_tensors(data: bytes) -> dict[str, np.ndarray]:
+def all_finite(data: Buffer, header: SafetensorsHeader, piece_bytes: int = 4 * 1024 * 1024) -> bool:
+    """No NaN or inf in any floating tensor, read `piece_bytes` at a time (a huge tensor is never copied
+    whole); the same answer as `np.isfinite(tensor_array(...)).all()` over every tensor."""
+    for info in header.tensors.values():
+        if info.dtype not in FLOAT_DTYPES:
+            continue
+        step = piece_bytes - piece_bytes % ITEMSIZE[info.dtype]
+        for begin in range(info.begin, info.end, step):
+            raw = data[header.data_start + begin : header.data_start + min(begin + step, info.end)]
+            if not np.isfinite(_floats(raw, info.dtype)).all():
+                return False
+    return True
+
+
+def _floats(raw: bytes, dtype: str) -> np.ndarray:
+    if dtype == "BF16":
+        return (np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16).view(np.float32)
+    return np.frombuffer(raw, dtype=_NUMPY[dtype])
+
+
+def read_tensors(data: Buffer) -> dict[str, np.ndarray]:
     header = read_header(data)
     return {name: tensor_array(data, header, name) for name in header.tensors}
 

@@ -26,6 +26,7 @@ from adapters_store import bounded_json, compeft, safetensors_file
 from adapters_store.archives import ArchiveLimits, checked_member_name, is_archive, unpack
 from adapters_store.base_model import TARGETS, BaseModelSpec
 from adapters_store.errors import AdapterTooLargeError, IncompatibleAdapterError, InvalidAdapterError
+from adapters_store.mapped_files import Buffer
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -47,7 +48,7 @@ class UploadLimits:
 @dataclass(frozen=True)
 class UploadedFile:
     filename: str
-    data: bytes
+    data: Buffer  # bytes, or the spooled upload mapped from disk (`adapters_store.mapped_files`)
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,7 @@ class ValidatedAdapter:
     """A checked adapter of any kind, ready to store: its files and what the manifest records."""
 
     kind: str  # "lora" | "compeft" (a ComPEFT-compressed LoRA) | "s2ft"
-    files: dict[str, bytes]  # the folder's files to store, as uploaded
+    files: dict[str, Buffer]  # the folder's files to store, as uploaded
     weights_name: str  # which of them holds the weights
     rank: int  # LoRA rank (0 for kinds without one)
     alpha: float
@@ -74,7 +75,7 @@ class ValidatedAdapter:
 # ---- 1. the uploaded parts → the folder's files ---------------------------------------------------
 
 
-def collect_files(uploads: list[UploadedFile], limits: UploadLimits) -> dict[str, bytes]:
+def collect_files(uploads: list[UploadedFile], limits: UploadLimits) -> dict[str, Buffer]:
     if not uploads:
         raise InvalidAdapterError("no files uploaded", param="files")
     _check_sizes([(u.filename, len(u.data)) for u in uploads], limits)
@@ -98,9 +99,9 @@ def _check_sizes(sizes: list[tuple[str, int]], limits: UploadLimits) -> None:
         raise AdapterTooLargeError(f"the upload is {total} bytes, over the {limits.max_total_bytes}-byte limit")
 
 
-def _flatten(entries: dict[str, bytes]) -> dict[str, bytes]:
+def _flatten(entries: dict[str, Buffer]) -> dict[str, Buffer]:
     """Relative paths → base names (a zipped folder has one directory level); pickles refused."""
-    files: dict[str, bytes] = {}
+    files: dict[str, Buffer] = {}
     for path, data in entries.items():
         name = PurePosixPath(path).name
         if name.lower().endswith(PICKLE_SUFFIXES):
@@ -114,19 +115,13 @@ def _flatten(entries: dict[str, bytes]) -> dict[str, bytes]:
 # ---- 2. the folder's files → a validated adapter ---------------------------------------------------
 
 
-def validate_lora(files: dict[str, bytes], base: BaseModelSpec, limits: UploadLimits,
+def validate_lora(files: dict[str, Buffer], base: BaseModelSpec, limits: UploadLimits,
                   kind: str | None = None) -> ValidatedAdapter:
     """A PEFT LoRA folder, its weights as safetensors or ComPEFT (kind None, "lora" or "compeft")."""
     config_bytes = _pick_config(files)
     config = parse_config(config_bytes)
     weights_name, weights = _pick_weights(files, kind)
-    if weights_name == compeft.FILENAME:
-        shapes, finite = _compeft_shapes(weights)
-    else:
-        shapes, finite = _safetensors_shapes(weights)
-    modules = _check_modules(shapes, base, limits.max_rank)
-    if not finite:
-        raise IncompatibleAdapterError("the adapter's tensors hold non-finite values (NaN or inf)")
+    shapes, modules = _check_weights(weights_name, weights, base, limits.max_rank)
     rank = max(r for r, _ in modules.values())
     packed = weights_name == compeft.FILENAME
     return ValidatedAdapter(
@@ -143,12 +138,12 @@ def validate_lora(files: dict[str, bytes], base: BaseModelSpec, limits: UploadLi
     )
 
 
-def _compress_lora(config_bytes: bytes, weights: bytes, density: float, alpha: float) -> dict[str, bytes]:
+def _compress_lora(config_bytes: Buffer, weights: Buffer, density: float, alpha: float) -> dict[str, Buffer]:
     packed = compeft.compress(safetensors_file.read_tensors(weights), density, alpha)
     return {CONFIG_NAME: config_bytes, compeft.FILENAME: packed.encode()}
 
 
-def _pick_config(files: dict[str, bytes]) -> bytes:
+def _pick_config(files: dict[str, Buffer]) -> Buffer:
     if CONFIG_NAME in files:
         return files[CONFIG_NAME]
     configs = [n for n in files if n.lower().endswith(".json")]
@@ -158,7 +153,7 @@ def _pick_config(files: dict[str, bytes]) -> bytes:
     return files[configs[0]]
 
 
-def _pick_weights(files: dict[str, bytes], kind: str | None) -> tuple[str, bytes]:
+def _pick_weights(files: dict[str, Buffer], kind: str | None) -> tuple[str, Buffer]:
     tensors = [n for n in files if n.endswith(".safetensors")]
     packed = [n for n in files if n.endswith(".compeft")]
     if len(tensors) + len(packed) != 1:
@@ -174,7 +169,7 @@ def _pick_weights(files: dict[str, bytes], kind: str | None) -> tuple[str, bytes
     return SAFETENSORS_NAME, files[tensors[0]]
 
 
-def parse_config(raw: bytes) -> dict:
+def parse_config(raw: Buffer) -> dict:
     try:
         cfg = bounded_json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -198,18 +193,26 @@ def parse_config(raw: bytes) -> dict:
     return cfg
 
 
-def _safetensors_shapes(data: bytes) -> tuple[dict[str, tuple[tuple[int, ...], str]], bool]:
-    header = safetensors_file.read_header(data)
-    for info in header.tensors.values():
-        if info.dtype not in safetensors_file.FLOAT_DTYPES:
-            raise IncompatibleAdapterError(f"{info.name}: dtype {info.dtype} is not floating point")
-    finite = all(np.isfinite(safetensors_file.tensor_array(data, header, n)).all() for n in header.tensors)
-    return {n: (i.shape, i.dtype) for n, i in header.tensors.items()}, finite
-
-
-def _compeft_shapes(data: bytes) -> tuple[dict[str, tuple[tuple[int, ...], str]], bool]:
-    packed = compeft.decode(data)
-    return {t.name: (t.shape, "F32") for t in packed.layout}, bool(np.isfinite(packed.scales).all())
+def _check_weights(weights_name: str, weights: Buffer, base: BaseModelSpec, max_rank: int
+                   ) -> tuple[dict[str, tuple[tuple[int, ...], str]], dict[tuple[int, str], tuple[int, str]]]:
+    """(name → (shape, dtype), the modules) of weights whose shapes fit the base and whose values are all
+    finite; the values are read last, in bounded pieces (`safetensors_file.all_finite`)."""
+    if weights_name == compeft.FILENAME:
+        packed = compeft.decode(weights)
+        shapes = {t.name: (t.shape, "F32") for t in packed.layout}
+        modules = _check_modules(shapes, base, max_rank)
+        finite = bool(np.isfinite(packed.scales).all())
+    else:
+        header = safetensors_file.read_header(weights)
+        for info in header.tensors.values():
+            if info.dtype not in safetensors_file.FLOAT_DTYPES:
+                raise IncompatibleAdapterError(f"{info.name}: dtype {info.dtype} is not floating point")
+        shapes = {n: (i.shape, i.dtype) for n, i in header.tensors.items()}
+        modules = _check_modules(shapes, base, max_rank)
+        finite = safetensors_file.all_finite(weights, header)
+    if not finite:
+        raise IncompatibleAdapterError("the adapter's tensors hold non-finite values (NaN or inf)")
+    return shapes, modules
 
 
 def _check_modules(shapes: dict[str, tuple[tuple[int, ...], str]], base: BaseModelSpec,

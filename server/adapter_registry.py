@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import threading
 import time
 import zipfile
@@ -26,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from adapters_store import medusa_validation
+from adapters_store import bounded_json, medusa_validation
 from adapters_store.adapter_source import store_source
 from adapters_store.archives import ArchiveLimits
 from adapters_store.backends import open_backend
@@ -35,6 +34,7 @@ from adapters_store.coordination import MergeMember, WorkerMerge, owned_name
 from adapters_store.errors import AdapterNotFoundError, InvalidAdapterError
 from adapters_store.ingest import CompressionRequest, check_name, prepare
 from adapters_store.manifest import NAMESPACE_PATTERN, Manifest
+from adapters_store.mapped_files import Buffer
 from adapters_store.materialise import download_files, stored_files
 from adapters_store.merge import MergeSpec, merge_files
 from adapters_store.registry import AdapterStore, parse_ref
@@ -255,10 +255,10 @@ class AdapterRegistry:
             self._resolved.clear()
         return self.describe(tenant, name)
 
-    def _heads_owner(self, files: dict[str, bytes], tenant: Tenant) -> str | None:
+    def _heads_owner(self, files: dict[str, Buffer], tenant: Tenant) -> str | None:
         """Medusa heads serve the base, or the adapter their config names (`adapter`, as our trainer writes
         it), pinned to its current version: heads fit the hidden states of the weights they were trained on."""
-        adapter = json.loads(files[medusa_validation.CONFIG_NAME]).get("adapter")
+        adapter = bounded_json.loads(files[medusa_validation.CONFIG_NAME]).get("adapter")
         if adapter is None:
             return None
         manifest = self._manifest(qualified(adapter, tenant))

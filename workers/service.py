@@ -286,14 +286,15 @@ async def generate_route(body: WorkerGenerateRequest, service: Service) -> Respo
 
 
 async def tokenize_route(body: WorkerTokenizeRequest, service: Service) -> dict:
+    """Encoding (and chat templates) run in a thread, never on the event loop."""
     if body.offsets and body.prompt is not None:
-        return {"spans": service.prompts.spans(body.prompt, body.add_special_tokens)}
-    ids = service.prompts.tokenize(body)
+        return {"spans": await asyncio.to_thread(service.prompts.spans, body.prompt, body.add_special_tokens)}
+    ids = await asyncio.to_thread(service.prompts.tokenize, body)
     return {"tokens": list(ids), "count": len(ids), "max_model_len": service.info().max_model_len}
 
 
 async def detokenize_route(body: WorkerDetokenizeRequest, service: Service) -> dict:
-    return {"prompt": service.prompts.detokenize(body.tokens)}
+    return {"prompt": await asyncio.to_thread(service.prompts.detokenize, body.tokens)}
 
 
 async def health_route(service: Service) -> dict:

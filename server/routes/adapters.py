@@ -12,6 +12,7 @@ from fastapi.responses import Response
 
 from adapters_store import bounded_json
 from adapters_store.ingest import CompressionRequest
+from adapters_store.mapped_files import map_file
 from adapters_store.validation import UploadedFile
 from server.auth import AdminTenant, CurrentTenant
 from server.dependencies import Adapters
@@ -37,6 +38,12 @@ def _compression(raw: str | None) -> CompressionRequest | None:
         raise InvalidRequestError(f"compression is not valid JSON: {e}", param="compression") from e
 
 
+def _mapped(files: list[UploadFile]) -> list[UploadedFile]:
+    """The uploaded parts, spooled to disk as the body streamed in (under the upload byte cap, see
+    `server.app.BodySizeLimit`), mapped from there: validated and stored without being read into memory."""
+    return [UploadedFile(f.filename or "upload", map_file(f.file)) for f in files]
+
+
 @router.post("", response_model=AdapterInfo, status_code=201)
 async def upload_adapter(
     registry: Adapters,
@@ -47,7 +54,7 @@ async def upload_adapter(
     compression: Annotated[str | None, Form(description='{"method":"compeft","density":0.1,"alpha":1.0}')] = None,
     public: Annotated[bool, Form()] = False,
 ) -> AdapterInfo:
-    uploads = [UploadedFile(f.filename or "upload", await f.read()) for f in files]
+    uploads = await asyncio.to_thread(_mapped, files)
     return await asyncio.to_thread(registry.upload, tenant, name, uploads, kind, _compression(compression), public)
 
 

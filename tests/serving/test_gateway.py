@@ -291,6 +291,33 @@ async def test_unknown_model_is_404_never_base(gw):
     assert all(not e.requests for e in gw.engines)
 
 
+async def test_store_reads_stay_off_the_gateway_event_loop(gw, monkeypatch):
+    """While the store is slow (a bucket far away), resolving a model waits in a thread: /health answers."""
+    import threading
+    import time
+
+    from adapters_store.backends import LocalBackend
+
+    reading, release = threading.Event(), threading.Event()
+    real_list = LocalBackend.list
+
+    def slow_list(self, prefix):
+        reading.set()
+        release.wait(15)  # a safety net: the test releases it
+        return real_list(self, prefix)
+
+    monkeypatch.setattr(LocalBackend, "list", slow_list)
+    try:
+        call = asyncio.create_task(gw.post("/v1/completions", json={"model": "not-cached-yet", "prompt": "x"}))
+        assert await asyncio.to_thread(reading.wait, 15)
+        start = time.perf_counter()
+        r = await gw.get("/health")
+        assert r.status_code == 200 and time.perf_counter() - start < 5 and not call.done()
+    finally:
+        release.set()
+    assert_error(await asyncio.wait_for(call, 30), 404, "model_not_found")
+
+
 @pytest.mark.parametrize(
     "path, body, status",
     [

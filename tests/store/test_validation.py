@@ -5,17 +5,19 @@ import json
 import struct
 import tarfile
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 from store_fixtures import BASE_CONFIG, lora_folder, lora_tensors, tar_gz_bytes, zip_bytes
 
 from adapters_store import compeft
-from adapters_store.archives import ArchiveLimits
+from adapters_store.archives import ArchiveLimits, unpack
 from adapters_store.base_model import BaseModelSpec
 from adapters_store.errors import AdapterTooLargeError, IncompatibleAdapterError, InvalidAdapterError
 from adapters_store.kinds import validate_upload
-from adapters_store.safetensors_file import read_header, read_tensors, write_tensors
+from adapters_store.mapped_files import map_file
+from adapters_store.safetensors_file import all_finite, read_header, read_tensors, write_tensors
 from adapters_store.validation import UploadedFile, UploadLimits, collect_files
 
 BASE = BaseModelSpec.from_config(BASE_CONFIG)
@@ -164,3 +166,58 @@ def test_safetensors_round_trip_and_bf16():
     data = struct.pack("<Q", len(header)) + header + bf16.astype("<u2").tobytes()
     assert read_header(data).tensors["x"].dtype == "BF16"
     np.testing.assert_array_equal(read_tensors(data)["x"], [1.0, -2.5, 0.0])
+
+
+@pytest.mark.parametrize("dtype", ["F64", "F32", "F16", "BF16"])
+def test_all_finite_in_pieces_agrees_with_the_whole_tensor_check(dtype):
+    rng = np.random.default_rng(1)
+    for bad in (None, 0, 37, 99):  # none, first, a piece boundary's neighbourhood, last
+        values = rng.standard_normal(100).astype(np.float32)
+        if bad is not None:
+            values[bad] = [np.nan, np.inf, -np.inf][bad % 3]
+        raw = {"F64": values.astype("<f8").tobytes(), "F32": values.astype("<f4").tobytes(),
+               "F16": values.astype("<f2").tobytes(),
+               "BF16": (values.view(np.uint32) >> 16).astype("<u2").tobytes()}[dtype]
+        header = json.dumps({"a": {"dtype": "I8", "shape": [3], "data_offsets": [0, 3]},
+                             "x": {"dtype": dtype, "shape": [10, 10], "data_offsets": [3, 3 + len(raw)]}}).encode()
+        data = struct.pack("<Q", len(header)) + header + b"\x01\x02\x03" + raw
+        parsed = read_header(data)
+        reference = all(np.isfinite(read_tensors(data)[n]).all() for n in ("x",))
+        for piece in (8, 24, 1 << 20):
+            assert all_finite(data, parsed, piece) == reference == (bad is None)
+
+
+def _spooled_entry(tmp_path, size: int) -> Path:
+    entry = tmp_path / "adapter_model.safetensors"
+    with entry.open("wb") as f:
+        for i in range(size // (1 << 20)):
+            f.write(bytes([i % 251]) * (1 << 20))
+    return entry
+
+
+@pytest.mark.parametrize("form", ["zip", "tar.gz"])
+def test_archives_unpack_from_disk_to_disk_with_bounded_memory(tmp_path, form):
+    """A 48 MiB archive entry is read from the mapped upload and written to a mapped temp file: the Python
+    and numpy heap never holds it (it used to be bytes twice: the upload and the entry)."""
+    import hashlib
+    import tracemalloc
+
+    entry = _spooled_entry(tmp_path, 48 << 20)
+    archive = tmp_path / f"a.{form}"
+    if form == "zip":
+        with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED) as z:
+            z.write(entry, "ada/adapter_model.safetensors")
+    else:
+        with tarfile.open(archive, "w:gz", compresslevel=1) as t:
+            t.add(entry, "ada/adapter_model.safetensors")
+    with archive.open("rb") as f:
+        data = map_file(f)
+    tracemalloc.start()
+    try:
+        entries = unpack(archive.name, data, ArchiveLimits())
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    (got,) = entries.values()
+    assert hashlib.sha256(got).digest() == hashlib.sha256(entry.read_bytes()).digest()
+    assert peak < 8 << 20, f"unpacking peaked at {peak >> 20} MiB"

@@ -1,6 +1,11 @@
 """The async engine the worker service uses: a thread runs `EngineCore.step()` in a loop; requests are
 async streams of TokenEvents. Leaving a stream early (break, cancel, client gone) aborts the request,
-and its slot is free at the next step."""
+and its slot is free at the next step.
+
+The event loop never takes the core's lock: what needs it runs in a thread, and `stats()` and
+`resident_adapters()` read a snapshot that the threads changing the engine publish (the engine thread after
+each step and when idle, loads and unloads when done), so /health, /stats and the heartbeat answer while a
+step or a load holds the lock."""
 
 from __future__ import annotations
 
@@ -29,6 +34,8 @@ class Engine:
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
         self._ids = itertools.count()
+        self._snapshot: tuple[dict, list[str]] = ({}, [])
+        self._publish()
 
     @property
     def tokenizer(self):
@@ -85,9 +92,12 @@ class Engine:
         finally:
             if self._streams.pop(rid, None) is not None and not finished:
                 self._post("abort", rid)
-            if adapter is not None:
-                with self.core.lock:
-                    self.core.adapters.unpin(adapter)
+            if adapter is not None:  # shielded: a cancelled stream still unpins
+                await asyncio.shield(asyncio.to_thread(self._unpin, adapter))
+
+    def _unpin(self, adapter: str) -> None:
+        with self.core.lock:
+            self.core.adapters.unpin(adapter)
 
     def _admit(self, request: GenerationRequest) -> None:
         with self.core.lock:
@@ -97,33 +107,46 @@ class Engine:
 
     async def load_adapter(self, name: str, path: str) -> AdapterSource:
         """Reads and validates off the event loop and the decode loop; registers in the host cache."""
-        return await asyncio.to_thread(self.core.load_adapter, name, path)
+        return await asyncio.to_thread(self._published, self.core.load_adapter, name, path)
 
     async def load_medusa(self, path: str, attach_to: str | None = None) -> None:
         """Medusa heads for the base (attach_to None) or a loaded adapter; validated off the loops."""
-        await asyncio.to_thread(self.core.load_medusa, path, attach_to)
+        await asyncio.to_thread(self._published, self.core.load_medusa, path, attach_to)
 
     def unload_medusa(self, attach_to: str | None = None) -> None:
-        self.core.unload_medusa(attach_to)
+        self._published(self.core.unload_medusa, attach_to)
 
     def on_adapter_evicted(self, callback) -> None:
         """`callback(name)` runs (in the engine's threads) whenever the host cache evicts an adapter."""
         self.core.adapters.on_evict = callback
 
     def unload_adapter(self, name: str) -> None:
-        self.core.unload_adapter(name)
+        self._published(self.core.unload_adapter, name)
 
     def resident_adapters(self) -> list[str]:
-        with self.core.lock:
-            return self.core.adapters.resident()
+        """As of the last published snapshot (lock-free: safe on the event loop)."""
+        return self._snapshot[1]
 
     def stats(self) -> dict:
+        """As of the last published snapshot (lock-free: safe on the event loop)."""
+        return self._snapshot[0]
+
+    def _published(self, change, *args):
+        """`change(*args)` (a load or unload, in a thread), then the snapshot that shows it."""
+        try:
+            return change(*args)
+        finally:
+            self._publish()
+
+    def _publish(self) -> None:
+        """Takes the lock (never call on the event loop) and swaps in a fresh snapshot (one reference: readers
+        see the old one or the new one)."""
         s = self.core.scheduler
         with self.core.lock:
-            adapters, fusion = self.core.adapters.stats(), self.core.fusion.stats()
-            medusa = self.core.speculator.metrics()
-        return {"running": len(s.running), "waiting": len(s.waiting), "max_batch": self.core.cfg.max_batch,
-                "adapters": adapters, "fusion": fusion, "medusa": medusa}
+            stats = {"running": len(s.running), "waiting": len(s.waiting), "max_batch": self.core.cfg.max_batch,
+                     "adapters": self.core.adapters.stats(), "fusion": self.core.fusion.stats(),
+                     "medusa": self.core.speculator.metrics()}
+            self._snapshot = (stats, self.core.adapters.resident())
 
     def _post(self, kind: str, payload: object) -> None:
         self._inbox.put((kind, payload))
@@ -147,6 +170,7 @@ class Engine:
         while not self._stopped.is_set():
             self._drain_inbox()
             if not self.core.has_work():
+                self._publish()
                 self._wake.wait(timeout=0.5)
                 self._wake.clear()
                 continue
@@ -156,6 +180,7 @@ class Engine:
                 log.exception("engine step failed; failing the requests in flight")
                 self._fail_all(e)
                 continue
+            self._publish()  # before the events: a client that saw its last event sees its step in stats()
             for seq, event in events:
                 self._deliver(seq.request.request_id, event)
             for seq, error in self.core.take_failures():  # failed by their own fault; the rest went on

@@ -13,7 +13,7 @@
 #   2. adapters_store/coordination.py → adapters_store/wire.py (Redis keys and payloads, worker HTTP
 #      schemas, job records: the cluster's wire protocol);
 #   3. each adapter holder named for what it holds (module and class):
-#        adapters_store/registry.py  AdapterStore    → adapters_store/version_store.py  AdapterVersionStore
+#        adapters_store/registry.py  AdapterStore    → adapters_store/version_store.py  VersionStore
 #        server/adapter_registry.py  AdapterRegistry → server/tenant_adapters.py        TenantAdapters
 #        server/adapter_catalog.py   AdapterCatalog  → server/dropin_adapters.py        DropInAdapters
 #        workers/adapters/manager.py AdapterManager  → workers/adapters/residency.py    AdapterResidency
@@ -62,7 +62,7 @@ MOVES = [
     ("workers.adapters.manager", "workers.adapters.residency"),
 ]
 SYMBOLS = [
-    ("AdapterStore", "AdapterVersionStore"),
+    ("AdapterStore", "VersionStore"),
     ("AdapterRegistry", "TenantAdapters"),
     ("AdapterCatalog", "DropInAdapters"),
     ("AdapterManager", "AdapterResidency"),
@@ -240,7 +240,7 @@ LAYOUT = """<!-- layout:start (written by scripts/dev/apply_renames.sh; edit fre
 
 Words used for the places adapters live, from the bytes at rest to the rows on the device:
 
-- **version store** (`AdapterVersionStore`, `adapters_store/version_store.py`): every published version's
+- **version store** (`VersionStore`, `adapters_store/version_store.py`): every published version's
   files, content-addressed, with names and aliases, on a local folder or S3. The only place adapters persist.
 - **tenant adapters** (`TenantAdapters`, `server/tenant_adapters.py`): the gateway's view of the version store
   for one caller: uploads, listing, deletion, who sees which name, and which version a model name means.
@@ -255,7 +255,7 @@ Words used for the places adapters live, from the bytes at rest to the rows on t
   HTTP schemas, job records. `server/protocol.py` is the public (OpenAI-compatible) API's schemas.
 
 ```
-adapters_store/    torch-free leaf every server-side role imports: version_store.py (AdapterVersionStore on
+adapters_store/    torch-free leaf every server-side role imports: version_store.py (VersionStore on
                    backends.py: local FS / S3), wire.py (the cluster's wire protocol), upload validation per
                    kind (kinds.py, validation.py, s2ft_format.py, medusa_validation.py), ComPEFT codec,
                    merges (merge.py), training methods and their hyperparameters, cluster signatures
@@ -307,9 +307,14 @@ def rewrite_readme() -> bool:
 
 
 def sort_imports(paths: list[Path]) -> None:
+    """Import blocks re-sorted (and wrapped) by ruff; lines a longer name pushed past the limit are listed."""
     py = [str(p) for p in paths if p.suffix == ".py" and p.exists()]
     if py:
         subprocess.run([sys.executable, "-m", "ruff", "check", "--select", "I", "--fix", "--quiet", *py], check=False)
+        long = subprocess.run([sys.executable, "-m", "ruff", "check", "--select", "E501", "--output-format",
+                               "concise", "--quiet", *py], capture_output=True, text=True).stdout.strip()
+        if long:
+            print(f"apply_renames: wrap these lines by hand (a longer name pushed them past the limit):\n{long}")
 
 
 def main() -> None:

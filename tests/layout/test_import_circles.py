@@ -119,7 +119,8 @@ def test_cycle_finder_sees_a_circle_through_a_function_level_import(tmp_path):
     (pkg / "__init__.py").write_text("")
     (pkg / "loop.py").write_text("from toy.inner import method\n")
     (pkg / "method.py").write_text("def f():\n    from . import loop\n")
-    (pkg / "hint.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from toy.inner import loop\n")
+    hint = "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from toy.inner import loop\n"
+    (pkg / "hint.py").write_text(hint)
     assert cycles(import_graph(tmp_path, "toy")) == [["toy.inner.loop", "toy.inner.method"]]
 
 

@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import dataclasses
 import itertools
-import json
 import logging
 import os
 import sys
@@ -24,13 +23,13 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
-import orjson
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from adapters_store import event_stream
 from adapters_store.backends import open_backend
 from adapters_store.base_model import BaseModelSpec
 from adapters_store.body_limit import BodyLimit
@@ -242,7 +241,7 @@ class WorkerService:
         return result.result(self.config.worker_id)
 
     def _sse(self, ev: TokenEvent) -> bytes:
-        return b"data: " + orjson.dumps(event_payload(ev, self.token_texts)) + b"\n\n"
+        return event_stream.event(event_payload(ev, self.token_texts))
 
     async def stream(self, req: WorkerGenerateRequest) -> AsyncIterator[bytes]:
         """SSE bytes; the first event is awaited here so that errors still become an HTTP status."""
@@ -265,7 +264,7 @@ class WorkerService:
             async for ev in events:
                 yield self._sse(ev)
         except AdapterdError as exc:
-            yield b"data: " + json.dumps(exc.to_dict()).encode() + b"\n\n"
+            yield event_stream.event(exc.to_dict())
         finally:
             await events.aclose()
 

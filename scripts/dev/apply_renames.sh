@@ -4,6 +4,7 @@
 #
 #     scripts/dev/apply_renames.sh            # moves files (git mv), rewrites imports, renames classes
 #     scripts/dev/apply_renames.sh --check    # exit 1 if anything is left to do (for CI / after a merge)
+#     scripts/dev/apply_renames.sh --also /work/shared/DESIGN.md   # also rewrite references in files outside git
 #
 # What it does:
 #   1. the worker process's loose files at the root of workers/ → the package workers/service/
@@ -38,6 +39,11 @@ import sys
 from pathlib import Path
 
 CHECK = "--check" in sys.argv[1:]
+ALSO = [Path(a) for a in sys.argv[sys.argv.index("--also") + 1:]] if "--also" in sys.argv else []
+for extra in ALSO:
+    if not extra.is_file():
+        print(f"apply_renames: --also {extra}: no such file", file=sys.stderr)
+        sys.exit(2)
 ROOT = Path.cwd()
 
 # old module → new module (dotted); files follow (a module is NAME.py)
@@ -213,7 +219,7 @@ def text_files() -> list[Path]:
             continue
         if path.suffix in TEXT_SUFFIXES or path.name.startswith("Dockerfile"):
             files.append(path)
-    return files
+    return files + ALSO
 
 
 def rewrite_references() -> list[Path]:
@@ -258,7 +264,9 @@ Words used for the places adapters live, from the bytes at rest to the rows on t
 adapters_store/    torch-free leaf every server-side role imports: version_store.py (VersionStore on
                    backends.py: local FS / S3), wire.py (the cluster's wire protocol), upload validation per
                    kind (kinds.py, validation.py, s2ft_format.py, medusa_validation.py), ComPEFT codec,
-                   merges (merge.py), training methods and their hyperparameters, cluster signatures
+                   merges (merge.py), training methods and their hyperparameters, cluster signatures,
+                   error_shape.py (the JSON error shape both HTTP boundaries convert to), event_stream.py
+                   (the one SSE writer)
 server/            FastAPI gateway (no torch): OpenAI + native routes (routes/), protocol.py (public API
                    schemas), tenant_adapters.py, dropin_adapters.py, dispatch to workers (worker_client.py,
                    worker_registry.py), auth, metrics, launcher and operator commands (operator_cli.py);

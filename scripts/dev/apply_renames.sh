@@ -319,8 +319,9 @@ def sort_imports(paths: list[Path]) -> None:
     py = [str(p) for p in paths if p.suffix == ".py" and p.exists()]
     if py:
         subprocess.run([sys.executable, "-m", "ruff", "check", "--select", "I", "--fix", "--quiet", *py], check=False)
-        long = subprocess.run([sys.executable, "-m", "ruff", "check", "--select", "E501", "--output-format",
-                               "concise", "--quiet", *py], capture_output=True, text=True).stdout.strip()
+        found = subprocess.run([sys.executable, "-m", "ruff", "check", "--select", "E501", "--output-format",
+                                "concise", "--quiet", *py], capture_output=True, text=True).stdout
+        long = "\n".join(line for line in found.splitlines() if " E501 " in line)
         if long:
             print(f"apply_renames: wrap these lines by hand (a longer name pushed them past the limit):\n{long}")
 

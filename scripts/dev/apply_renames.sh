@@ -272,8 +272,9 @@ server/            FastAPI gateway (no torch): OpenAI + native routes (routes/),
                    worker_registry.py), auth, metrics, launcher and operator commands (operator_cli.py);
                    console/static: the web console at /ui
 workers/model/     the decoder (llama, qwen2, mistral) as plain modules, loader, KV cache, RoPE, kernels
-workers/adapters/  adapter kinds, one module each (lora.py, compeft.py, s2ft.py, medusa.py, combined.py),
-                   residency.py (AdapterResidency), row bank and slots, kernels, fusion
+workers/adapters/  adapter kinds, one module each (lora.py, compeft.py, s2ft.py, medusa.py, combined.py)
+                   under one contract, registered once; residency.py (AdapterResidency), row bank and
+                   slots, kernels, fusion (merge a hot adapter into the base)
 workers/engine/    continuous-batching engine: scheduler, runner, sampler, detokenizer, async Engine,
                    speculative.py (Medusa tree verification)
 workers/service/   the worker process around the engine: app.py (HTTP service, `python -m workers.service`),

@@ -340,7 +340,11 @@ def main() -> None:
     sort_imports(changed)
     readme = rewrite_readme()
     print(f"rewrote references in {len(changed)} files" + ("; README layout section" if readme else ""))
-    leftovers = [p for p in rewrite_references()]
+    loose = sorted(p.name for p in Path("workers").glob("*.py") if p.name not in ("__init__.py", "errors.py"))
+    if loose:
+        print(f"apply_renames: new loose files at the root of workers/ (move them by hand if they are the "
+              f"worker process's): {loose}")
+    leftovers = rewrite_references()
     if leftovers:
         fail(f"a second pass would still change {leftovers}: the rewrite is not a fixpoint")
 

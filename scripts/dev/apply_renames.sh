@@ -93,7 +93,8 @@ main()
 }
 TEXT_SUFFIXES = {".py", ".md", ".toml", ".yml", ".yaml", ".sh", ".txt", ".cfg", ".ini", ".json", ".j2", ".html",
                  ".js", ".rst"}
-SELF = "scripts/dev/apply_renames.sh"
+# this script and its test hold the old names on purpose
+SELF = {"scripts/dev/apply_renames.sh", "tests/layout/test_apply_renames.py"}
 
 
 def fail(message: str) -> None:
@@ -215,7 +216,7 @@ def text_files() -> list[Path]:
     files = []
     for name in git("ls-files", "-z").split("\0"):
         path = Path(name)
-        if not name or name == SELF or not path.is_file():
+        if not name or name in SELF or not path.is_file():
             continue
         if path.suffix in TEXT_SUFFIXES or path.name.startswith("Dockerfile"):
             files.append(path)

@@ -44,7 +44,8 @@ def repo(tmp_path):
     (tmp_path / "adapters_store" / "registry.py").write_text("class AdapterStore:\n    pass\n")
     (tmp_path / "workers" / "service.py").write_text(
         "from workers.adapter_loader import AdapterLoader\nKEEP_ALIVE_S = 5\n\n\ndef main():\n    pass\n")
-    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "layout").mkdir(parents=True)
+    (tmp_path / "tests" / "layout" / "test_apply_renames.py").write_text("import workers.heartbeat\n")  # kept as is
     (tmp_path / "tests" / "test_x.py").write_text(
         "from workers import heartbeat, keyed_locks\n"
         "from workers.adapters import (\n    manager,\n)\n"
@@ -70,6 +71,7 @@ def test_moves_rewrites_and_is_a_fixpoint(repo):
         assert not (repo / Path(*old.split(".")).with_suffix(".py")).exists()
         assert (repo / Path(*new.split(".")).with_suffix(".py")).exists(), new
     assert (repo / "workers/service/__main__.py").exists() and (repo / "workers/service/__init__.py").exists()
+    assert (repo / "tests/layout/test_apply_renames.py").read_text() == "import workers.heartbeat\n"
     test = (repo / "tests/test_x.py").read_text()
     assert "from workers.service import heartbeat, keyed_locks" in test
     assert "from workers.adapters import residency as manager" in test

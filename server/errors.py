@@ -13,16 +13,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adapters_store import errors as store_errors
 from adapters_store import training_files
+from adapters_store.error_shape import ServiceError, error_body, http_error, unexpected_error, validation_error
 from adapters_store.errors import StoreError
 
 log = logging.getLogger("adapterd.gateway")
 REDIS_RETRY_AFTER_S = 1  # Redis restarts in about a second under `adapterd serve`
 
 
-class GatewayError(Exception):
-    status: int = 500
-    type: str = "server_error"
-    code: str | None = None
+class GatewayError(ServiceError):
+    """The gateway's errors: the shared shape (`adapters_store.error_shape`) plus response headers."""
 
     def __init__(
         self,
@@ -32,15 +31,8 @@ class GatewayError(Exception):
         code: str | None = None,
         headers: dict[str, str] | None = None,
     ):
-        super().__init__(message)
-        self.message = message
-        self.param = param
+        super().__init__(message, param=param, code=code)
         self.headers = headers or {}
-        if code is not None:
-            self.code = code
-
-    def to_dict(self) -> dict:
-        return {"error": {"type": self.type, "message": self.message, "param": self.param, "code": self.code}}
 
 
 class InvalidRequestError(GatewayError):
@@ -153,26 +145,7 @@ def error_response(
     code: str | None = None,
     headers: dict[str, str] | None = None,
 ) -> JSONResponse:
-    body = {"error": {"type": type_, "message": message, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status, headers=headers)
-
-
-def _validation_response(exc: RequestValidationError) -> JSONResponse:
-    errors = exc.errors()
-    first = errors[0] if errors else {}
-    if first.get("type") == "json_invalid":
-        return error_response(
-            400, "invalid_request_error", "the request body is not valid JSON", code="invalid_json"
-        )
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    # pydantic names union members in loc (e.g. "prompt.str"); keep the field path readable
-    param = ".".join(p for p in loc if not p.startswith(("str", "list[", "function-", "int")))
-    msg = str(first.get("msg", "invalid request"))
-    if first.get("type") == "missing":
-        msg = f"missing required field {param!r}"
-    elif param:
-        msg = f"{param}: {msg}"
-    return error_response(422, "invalid_request_error", msg, param or None, "validation_error")
+    return JSONResponse(error_body(type_, message, param, code), status_code=status, headers=headers)
 
 
 def install_error_boundary(app: FastAPI) -> None:
@@ -187,7 +160,8 @@ def install_error_boundary(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return _validation_response(exc)
+        status, body = validation_error(exc.errors())
+        return JSONResponse(body, status_code=status)
 
     async def _redis_down(_: Request, exc: Exception) -> JSONResponse:  # a typed 503, the connection kept
         log.warning("Redis is not reachable: %s", exc)
@@ -199,13 +173,10 @@ def install_error_boundary(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        kind = "not_found_error" if exc.status_code == 404 else (
-            "invalid_request_error" if exc.status_code < 500 else "server_error")
-        code = "payload_too_large" if exc.status_code == 413 else None  # a body cut off on the stream
-        return error_response(exc.status_code, kind, str(exc.detail), code=code,
-                              headers=getattr(exc, "headers", None))
+        return JSONResponse(http_error(exc.status_code, str(exc.detail)), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error")
-        return error_response(500, "server_error", f"internal error: {type(exc).__name__}")
+        return JSONResponse(unexpected_error(exc), status_code=500)

@@ -14,6 +14,7 @@ import aiohttp
 import orjson
 from yarl import URL
 
+from adapters_store import event_stream
 from adapters_store.cluster_auth import ClusterSigner
 from server.errors import GatewayError, UpstreamError, WorkerUnreachableError
 
@@ -49,7 +50,8 @@ def _upstream(status: int, raw: bytes) -> UpstreamError:
 
 
 class SseEvents:
-    """Incremental SSE parser for the worker's `data: {json}\\n\\n` events."""
+    """A worker's stream read incrementally: its `data: {json}` events (`adapters_store.event_stream`, the
+    format the worker writes) as dicts, until every choice has finished."""
 
     def __init__(self, choices: int = 1) -> None:
         self._buffer = b""
@@ -57,12 +59,10 @@ class SseEvents:
         self.finished = False  # every choice's event with a finish_reason was seen
 
     def feed(self, chunk: bytes) -> list[dict]:
-        *complete, self._buffer = (self._buffer + chunk).split(b"\n\n")
+        payloads, self._buffer = event_stream.split_events(self._buffer + chunk)
         events = []
-        for block in complete:
-            if not block.startswith(b"data:"):
-                continue
-            event = orjson.loads(block[5:])
+        for payload in payloads:
+            event = orjson.loads(payload)
             if "error" in event:
                 raise UpstreamError(500, event)
             events.append(event)

@@ -3,23 +3,11 @@
 
 from __future__ import annotations
 
+from adapters_store.error_shape import ServiceError
 
-class AdapterdError(Exception):
-    """Base: carries the HTTP status and OpenAI-style error type it maps to."""
 
-    status: int = 500
-    type: str = "server_error"
-    code: str | None = None
-
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.message = message
-        self.param = param
-        if code is not None:
-            self.code = code
-
-    def to_dict(self) -> dict:
-        return {"error": {"type": self.type, "message": self.message, "param": self.param, "code": self.code}}
+class AdapterdError(ServiceError):
+    """Base of the worker's errors: the shared shape (`adapters_store.error_shape`) with its HTTP status."""
 
 
 class InvalidRequestError(AdapterdError):

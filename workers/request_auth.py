@@ -11,6 +11,7 @@ import json
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from adapters_store.cluster_auth import RequestVerifier, SignatureError
+from adapters_store.error_shape import error_body
 
 OPEN_ROUTES = frozenset({("GET", "/health"), ("GET", "/ready")})  # probes: they tell only up / ready
 MAX_BODY_BYTES = 16 * 1024 * 1024  # a worker request is a prompt and parameters, never an upload
@@ -18,7 +19,7 @@ MAX_BODY_BYTES = 16 * 1024 * 1024  # a worker request is a prompt and parameters
 
 async def _refuse(send: Send, status: int, message: str, code: str) -> None:
     kind = "authentication_error" if status == 401 else "invalid_request_error"
-    body = json.dumps({"error": {"type": kind, "message": message, "param": None, "code": code}}).encode()
+    body = json.dumps(error_body(kind, message, code=code)).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     if status == 401:
         headers.append((b"www-authenticate", b'AdapterdCluster realm="adapterd"'))

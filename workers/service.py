@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import dataclasses
 import itertools
-import json
 import logging
 import os
 import sys
@@ -24,13 +23,13 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
-import orjson
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from adapters_store import event_stream
 from adapters_store.backends import open_backend
 from adapters_store.base_model import BaseModelSpec
 from adapters_store.body_limit import BodyLimit
@@ -45,6 +44,7 @@ from adapters_store.coordination import (
     WorkerInfo,
     WorkerTokenizeRequest,
 )
+from adapters_store.error_shape import error_body, http_error, unexpected_error, validation_error
 from adapters_store.json_logging import REQUEST_ID
 from adapters_store.registry import AdapterStore
 from workers.adapter_loader import AdapterLoader, AdapterSources
@@ -241,7 +241,7 @@ class WorkerService:
         return result.result(self.config.worker_id)
 
     def _sse(self, ev: TokenEvent) -> bytes:
-        return b"data: " + orjson.dumps(event_payload(ev, self.token_texts)) + b"\n\n"
+        return event_stream.event(event_payload(ev, self.token_texts))
 
     async def stream(self, req: WorkerGenerateRequest) -> AsyncIterator[bytes]:
         """SSE bytes; the first event is awaited here so that errors still become an HTTP status."""
@@ -264,7 +264,7 @@ class WorkerService:
             async for ev in events:
                 yield self._sse(ev)
         except AdapterdError as exc:
-            yield b"data: " + json.dumps(exc.to_dict()).encode() + b"\n\n"
+            yield event_stream.event(exc.to_dict())
         finally:
             await events.aclose()
 
@@ -341,11 +341,6 @@ async def unload_route(body: AdapterUnloadRequest, service: Service) -> dict:
 # ---- the one error boundary ---------------------------------------------------------------------
 
 
-def _error(status: int, type_: str, message: str, param: str | None = None, code: str | None = None):
-    body = {"error": {"type": type_, "message": message, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status)
-
-
 def install_error_boundary(app: FastAPI) -> None:
     @app.exception_handler(AdapterdError)
     async def _adapterd(_: Request, exc: AdapterdError) -> JSONResponse:
@@ -353,22 +348,17 @@ def install_error_boundary(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {}
-        loc = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
-        if first.get("type") == "json_invalid":
-            return _error(400, "invalid_request_error", "the body is not valid JSON", None, "invalid_json")
-        return _error(422, "invalid_request_error", str(first.get("msg", exc)), loc, "validation_error")
+        status, body = validation_error(exc.errors())
+        return JSONResponse(body, status_code=status)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        code = "payload_too_large" if exc.status_code == 413 else None  # a body cut off on the stream
-        return _error(exc.status_code, kind, str(exc.detail), code=code)
+        return JSONResponse(http_error(exc.status_code, str(exc.detail)), status_code=exc.status_code)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error")
-        return _error(500, "server_error", f"internal error: {type(exc).__name__}")
+        return JSONResponse(unexpected_error(exc), status_code=500)
 
 
 def create_app(engine: Any, config: WorkerServiceConfig) -> FastAPI:
@@ -403,8 +393,9 @@ def create_app(engine: Any, config: WorkerServiceConfig) -> FastAPI:
     install_error_boundary(app)
     app.add_middleware(ClusterAuthMiddleware, verifier=RequestVerifier(config.cluster_secret))
     app.add_middleware(BodyLimit, limit_for=lambda _: config.max_request_bytes,
-                       refuse=lambda limit: _error(413, "invalid_request_error", f"request body over {limit} bytes",
-                                                   code="payload_too_large"))
+                       refuse=lambda limit: JSONResponse(error_body(
+                           "invalid_request_error", f"request body over {limit} bytes", code="payload_too_large"),
+                           status_code=413))
     return app
 
 

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import httpx
+from httpx_sse import EventSource, SSEError
 
 from adapterd_client.base import _DONE, BaseClient, Call
 from adapterd_client.errors import APIConnectionError
@@ -201,11 +202,13 @@ class AsyncClient(BaseClient):
 
     async def _events(self, call: Call, response: httpx.Response) -> AsyncIterator:
         try:
-            async for line in response.aiter_lines():
-                item = self._sse_item(call, line)
+            async for event in EventSource(response).aiter_sse():
+                item = self._sse_item(call, event)
                 if item is _DONE:
                     return
                 if item is not None:
                     yield item
+        except SSEError as exc:  # a 200 that is not text/event-stream
+            raise self._not_a_stream(response, exc) from exc
         finally:
             await response.aclose()

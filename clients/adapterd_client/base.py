@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from httpx_sse import ServerSentEvent, SSEError
 from pydantic import BaseModel
 
 from adapterd_client.errors import APIStatusError, StreamError, error_from
@@ -264,17 +265,21 @@ class BaseClient:
         return call.model.model_validate_json(response.content)
 
     @staticmethod
-    def _sse_item(call: Call, line: str) -> Any:
-        """One SSE line → a model, `_DONE` at `[DONE]`, None for framing; error events raise."""
-        if not line.startswith("data:"):
+    def _sse_item(call: Call, event: ServerSentEvent) -> Any:
+        """One SSE event (parsed by httpx-sse) → a model, `_DONE` at `[DONE]`, None for an event without data;
+        error events raise."""
+        if not event.data:
             return None
-        data = line[5:].strip()
-        if data == "[DONE]":
+        if event.data == "[DONE]":
             return _DONE
-        payload = json.loads(data)
+        payload = json.loads(event.data)
         if "error" in payload:
             raise error_from(500, payload, cls=StreamError)
         return call.model.model_validate(payload)
+
+    @staticmethod
+    def _not_a_stream(response: httpx.Response, exc: SSEError) -> APIStatusError:
+        return error_from(response.status_code, {"error": {"message": str(exc)}}, cls=StreamError)
 
 
 def _retry_after(response: httpx.Response | None) -> float | None:

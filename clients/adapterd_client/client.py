@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
+from httpx_sse import EventSource, SSEError
 
 from adapterd_client.base import _DONE, BaseClient, Call
 from adapterd_client.errors import APIConnectionError
@@ -200,11 +201,13 @@ class Client(BaseClient):
 
     def _events(self, call: Call, response: httpx.Response) -> Iterator:
         try:
-            for line in response.iter_lines():
-                item = self._sse_item(call, line)
+            for event in EventSource(response).iter_sse():
+                item = self._sse_item(call, event)
                 if item is _DONE:
                     return
                 if item is not None:
                     yield item
+        except SSEError as exc:  # a 200 that is not text/event-stream
+            raise self._not_a_stream(response, exc) from exc
         finally:
             response.close()

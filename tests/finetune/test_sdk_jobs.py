@@ -62,13 +62,14 @@ def test_files_and_jobs_requests(tmp_path):
 
 def test_follow_stream_sync_and_async():
     body = f"data: {json.dumps(EVENT)}\n\n: keepalive\n\ndata: {json.dumps(EVENT)}\n\ndata: [DONE]\n\n".encode()
-    script = Script(httpx.Response(200, content=body))
+    sse = {"content-type": "text/event-stream"}
+    script = Script(httpx.Response(200, content=body, headers=sse))
     events = list(client(script).follow_job("ftjob-1"))
     assert [e.data["step"] for e in events] == [1, 1]
     assert script.requests[0].url.params["stream"] == "true"
 
     async def run():
-        s = Script(httpx.Response(200, content=body), httpx.Response(200, json=JOB))
+        s = Script(httpx.Response(200, content=body, headers=sse), httpx.Response(200, json=JOB))
         async with AsyncClient("http://x", transport=httpx.MockTransport(s)) as c:
             got = [e async for e in await c.follow_job("ftjob-1")]
             return got, await c.cancel_job("ftjob-1")

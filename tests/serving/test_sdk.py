@@ -44,6 +44,10 @@ class Script:
         return item
 
 
+def sse(text: str) -> httpx.Response:
+    return httpx.Response(200, content=text.encode(), headers={"content-type": "text/event-stream"})
+
+
 def client(script, **kw):
     return Client("http://x", api_key="k", transport=httpx.MockTransport(script), backoff_s=0.001, **kw)
 
@@ -81,12 +85,35 @@ def test_connection_errors_retry_then_raise():
 def test_stream_and_in_band_error():
     chunk = json.dumps({**COMPLETION, "usage": None})
     ok = f"data: {chunk}\n\ndata: {chunk}\n\ndata: [DONE]\n\n"
-    script = Script(httpx.Response(200, content=ok.encode()))
+    script = Script(sse(ok))
     assert [c.choices[0].text for c in client(script).completions_stream("m", "p")] == ["hi", "hi"]
     bad = f"data: {chunk}\n\ndata: " + json.dumps({"error": {"type": "server_error", "message": "gone"}}) + "\n\n"
-    script = Script(httpx.Response(200, content=bad.encode()))
+    script = Script(sse(bad))
     with pytest.raises(StreamError):
         list(client(script).completions_stream("m", "p"))
+
+
+# one event's JSON split over three `data:` lines (SSE joins them with newlines), CRLF line ends, a comment,
+# an `event:`/`id:` pair and an event without data: all framing the SDK's parser (httpx-sse) must read
+_ONE = json.dumps({**COMPLETION, "usage": None})
+SPLIT = _ONE.replace(", ", ",\n", 2).split("\n")  # cut after a comma: the joined lines are valid JSON
+FRAMED = (": keep-alive\r\n\r\n" + "".join(f"data: {part}\r\n" for part in SPLIT) + "\r\n"
+          + "event: ping\r\nid: 7\r\n\r\n" + "data: [DONE]\r\n\r\n")
+
+
+def test_stream_reads_multi_line_events_crlf_and_comments():
+    assert [c.choices[0].text for c in client(Script(sse(FRAMED))).completions_stream("m", "p")] == ["hi"]
+
+
+def test_a_200_that_is_not_an_event_stream_is_a_stream_error():
+    script = Script(httpx.Response(200, json=COMPLETION))  # application/json where SSE was asked for
+    with pytest.raises(StreamError, match="text/event-stream"):
+        list(client(script).completions_stream("m", "p"))
+
+
+async def test_async_stream_reads_the_same_framing():
+    async with AsyncClient("http://x", transport=httpx.MockTransport(Script(sse(FRAMED))), backoff_s=0.001) as c:
+        assert [ch.choices[0].text async for ch in await c.completions_stream("m", "p")] == ["hi"]
 
 
 async def test_async_client_same_behaviour():

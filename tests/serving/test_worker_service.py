@@ -75,6 +75,18 @@ async def test_bad_requests(client, body, status):
     assert set(r.json()["error"]) == {"type", "message", "param", "code"}
 
 
+async def test_worker_and_gateway_name_a_bad_field_alike(client):
+    """Both boundaries convert validation errors with `adapters_store.error_shape` (one helper)."""
+    from adapters_store.error_shape import validation_error
+
+    r = await client.post("/generate", json={"prompt": "a", "params": {"max_tokens": -1}})
+    error = r.json()["error"]
+    assert error["param"] == "params.max_tokens" and error["message"].startswith("params.max_tokens: ")
+    assert validation_error([{"type": "missing", "loc": ("body", "model"), "msg": "Field required"}]) == (
+        422, {"error": {"type": "invalid_request_error", "message": "missing required field 'model'",
+                        "param": "model", "code": "validation_error"}})
+
+
 async def test_bad_json(client):
     r = await client.post("/generate", content=b"{nope", headers={"content-type": "application/json"})
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"

@@ -24,7 +24,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from workers.trainer import training
-from workers.trainer.training import BatchLoss, TrainingCancelled, TrainingHooks, TrainingResult, TrainingSpec
+from workers.trainer.method_contract import BatchLoss, TrainingSpec
+from workers.trainer.training import TrainingCancelled, TrainingHooks, TrainingResult
 
 JOIN_S = 60.0
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from workers.trainer.method_contract import MethodSetup, TrainingSpec
 from workers.trainer.sft import load_base, sft_setup
-from workers.trainer.training import MethodSetup, TrainingSpec
 
 PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")  # what save_pretrained writes that we keep
 

@@ -23,8 +23,8 @@ import torch.nn.functional as F
 
 from workers.adapters.medusa import CONFIG_FILE, MedusaHeads, MedusaWeights, write_medusa
 from workers.trainer import sft_data
+from workers.trainer.method_contract import BatchLoss, MethodSetup, TrainingSpec
 from workers.trainer.sft import load_base
-from workers.trainer.training import BatchLoss, MethodSetup, TrainingSpec
 
 DECAY = 0.8  # weight of head k's loss: DECAY ** k
 IGNORE = sft_data.IGNORE

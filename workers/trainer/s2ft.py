@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 
 from workers.adapters.s2ft import MODULES, write_s2ft
+from workers.trainer.method_contract import MethodSetup, TrainingSpec
 from workers.trainer.sft import decoder_layers, load_base, sft_setup
-from workers.trainer.training import MethodSetup, TrainingSpec
 
 
 class ColumnDelta(torch.nn.Module):

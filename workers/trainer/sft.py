@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from workers.trainer import sft_data
-from workers.trainer.training import BatchLoss, MethodSetup, TrainingSpec
+from workers.trainer.method_contract import BatchLoss, MethodSetup, TrainingSpec
 
 
 def load_base(path: str):

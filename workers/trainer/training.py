@@ -1,6 +1,7 @@
 """Fine-tune training: one entry point, `train(spec, hooks)`, for every method (LoRA, S²FT, Medusa heads).
 
-Each method module (`workers/trainer/{lora,s2ft,medusa}.py`) turns a spec into a `MethodSetup`: the named
+Each method module (`workers/trainer/{lora,s2ft,medusa}.py`, registered in `method_registry.py`) turns a spec
+into a `MethodSetup` (`method_contract.py`): the named
 trainable parameters, the encoded examples, how to batch them, the loss of one batch and how to write the
 finished adapter. This module runs the loop they share: seeded data order, torch's AdamW with transformers'
 linear schedule (warmup, then decay to 0), gradient clipping, step events, cancellation, periodic
@@ -29,6 +30,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from adapters_store.auto_hyperparameters import is_resolved, resolve
+from workers.trainer import method_registry
+from workers.trainer.method_contract import MethodSetup, TrainingSpec
 
 if TYPE_CHECKING:
     from workers.trainer.distributed import DataParallel
@@ -38,16 +41,6 @@ KEEP_CHECKPOINTS = 2
 _RNG_KEY = "__torch_rng_state__"
 
 
-@dataclass
-class TrainingSpec:
-    method: dict  # output of adapters_store.training_methods.validate_method
-    base_model_path: str  # HF folder of the base (config.json + safetensors + tokenizer)
-    train_records: list[dict]  # {"prompt", "completion"} or {"messages": [{"role", "content"}, ...]}
-    valid_records: list[dict] | None
-    seed: int
-    output_dir: Path  # the finished adapter folder is written here
-    checkpoint_dir: Path  # resumed from the latest checkpoint in it, if any
-    adapter_path: str | None = None  # medusa only: distil this adapter's (a LoRA or S²FT folder) continuations
 
 
 @dataclass
@@ -102,49 +95,16 @@ class TrainingResult:
     # and valid_loss, valid_mean_token_accuracy where evaluated (a resumed run keeps the earlier steps')
 
 
-@dataclass
-class BatchLoss:
-    loss_sum: torch.Tensor  # [] summed over the supervised tokens of the batch (differentiable)
-    label_tokens: int  # supervised tokens (the loss is loss_sum / label_tokens)
-    input_tokens: int  # tokens the forward pass processed (for tokens/s)
-    correct_tokens: int | None = None  # supervised tokens the argmax predicts (None: the method does not say)
 
 
-@dataclass
-class MethodSetup:
-    """What a method module hands the shared loop."""
-
-    kind: str
-    params: dict[str, torch.nn.Parameter]  # trainable, stable names (checkpoint keys)
-    train_examples: Sequence[Any]
-    valid_examples: Sequence[Any] | None
-    collate: Callable[[Sequence[Any]], Any]  # examples → batch
-    loss: Callable[[Any], BatchLoss]  # batch → loss; runs the model (train or eval mode set by the loop)
-    save: Callable[[Path], Path]  # writes the adapter folder
-    modules: list[torch.nn.Module] = field(default_factory=list)  # put in train()/eval() by the loop
-    servable_checkpoints: bool = True  # write the adapter with each checkpoint (medusa: no, heads attach)
 
 
 def train(spec: TrainingSpec, hooks: TrainingHooks, parallel: DataParallel | None = None) -> TrainingResult:
     """Runs the job's method to completion (or TrainingCancelled) and writes the adapter to output_dir.
     With `parallel` (workers/trainer/distributed.py), this process is one rank of a data-parallel run."""
     torch.manual_seed(spec.seed)
-    setup = _setup(spec)
+    setup = method_registry.setup(spec)
     return TrainingLoop(spec, hooks, setup, parallel).run()
-
-
-def _setup(spec: TrainingSpec) -> MethodSetup:
-    kind = spec.method["type"]
-    if kind == "lora":
-        from workers.trainer import lora
-        return lora.setup(spec)
-    if kind == "s2ft":
-        from workers.trainer import s2ft
-        return s2ft.setup(spec)
-    if kind == "medusa":
-        from workers.trainer import medusa
-        return medusa.setup(spec)
-    raise ValueError(f"unknown training method {kind!r}")
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:

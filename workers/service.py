@@ -28,9 +28,11 @@ import orjson
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from opentelemetry.context import Context
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from adapters_store import tracing
 from adapters_store.backends import open_backend
 from adapters_store.base_model import BaseModelSpec
 from adapters_store.body_limit import BodyLimit
@@ -194,38 +196,56 @@ class WorkerService:
             max_model_len=int(getattr(self.engine, "max_seq", 0) or 0),
         )
 
-    async def _events(self, req: WorkerGenerateRequest) -> AsyncIterator[TokenEvent]:
-        """The engine's events for `req`; load errors and prompt errors raise before the first one."""
-        prompt_ids = await asyncio.to_thread(self.prompts.build, req)  # encoding stays off the event loop
+    async def _prepare(self, req: WorkerGenerateRequest) -> GenerationRequest:
+        """The engine's request: the prompt encoded (off the event loop) and the adapter made resident."""
+        prompt_ids = await asyncio.to_thread(self.prompts.build, req)
         if req.truncate is not None:
             prompt_ids = prompt_ids[-req.truncate:]
         if req.adapter is not None:
             await self.adapters.ensure(req.adapter, req.adapter_path, req.merge)
         if req.medusa_path:
             await self.adapters.ensure_heads(req.adapter, req.medusa_path)
-        gen_req = GenerationRequest(prompt_ids=prompt_ids, params=_sampling(req), adapter=req.adapter,
-                                    request_id=f"{req.request_id or 'req'}#{next(self._engine_ids)}")
-        self.in_flight += 1
+        return GenerationRequest(prompt_ids=prompt_ids, params=_sampling(req), adapter=req.adapter,
+                                 request_id=f"{req.request_id or 'req'}#{next(self._engine_ids)}")
+
+    async def _events(self, req: WorkerGenerateRequest, trace_parent: Context | None = None
+                      ) -> AsyncIterator[TokenEvent]:
+        """The engine's events for `req`; load errors and prompt errors raise before the first one.
+        Traced as worker.generate → admission → first_token → decode (`adapters_store.tracing`)."""
         REQUEST_ID.set(req.request_id or None)  # this request's task: its log lines carry the id
-        start, ttft, tokens, status = time.perf_counter(), None, 0, "cancelled"
+        spans = tracing.RequestSpans("worker.generate", trace_parent, {
+            "adapterd.request_id": req.request_id or "", "adapterd.worker": self.config.worker_id,
+            "adapterd.adapter": req.adapter or "base"})
+        spans.phase("worker.admission")
+        start, ttft, tokens, status, prompt_tokens = time.perf_counter(), None, 0, "cancelled", 0
         try:
-            async for ev in self.engine.generate(gen_req):
-                self.tokens.add()
-                if self.drain.expired:
-                    raise ShuttingDownError("the worker is shutting down and its drain grace period is over")
-                ttft = ttft if ttft is not None else time.perf_counter() - start
-                tokens += 1
-                yield ev
+            gen_req = await self._prepare(req)
+            prompt_tokens = len(gen_req.prompt_ids)
+            spans.phase("worker.first_token")  # queued, admitted into the batch, prefilled
+            self.in_flight += 1
+            try:
+                async for ev in self.engine.generate(gen_req):
+                    self.tokens.add()
+                    if self.drain.expired:
+                        raise ShuttingDownError("the worker is shutting down and its drain grace period is over")
+                    if ttft is None:
+                        ttft = time.perf_counter() - start
+                        spans.phase("worker.decode")
+                    tokens += 1
+                    yield ev
+            finally:
+                self.in_flight -= 1
             status = "ok"
         except Exception:
             status = "error"
             raise
         finally:
-            self.in_flight -= 1
-            log.info("request", extra={"adapter": req.adapter or "base", "worker": self.config.worker_id,
-                                       "prompt_tokens": len(prompt_ids), "completion_tokens": tokens,
-                                       "ttft_s": None if ttft is None else round(ttft, 6), "status": status,
-                                       "latency_s": round(time.perf_counter() - start, 6)})
+            summary = {"adapter": req.adapter or "base", "worker": self.config.worker_id,
+                       "prompt_tokens": prompt_tokens, "completion_tokens": tokens,
+                       "ttft_s": None if ttft is None else round(ttft, 6), "status": status,
+                       "latency_s": round(time.perf_counter() - start, 6), "trace_id": tracing.trace_id(spans.root)}
+            spans.end(status == "error", {f"adapterd.{k}": v for k, v in summary.items() if v is not None})
+            log.info("request", extra=summary)
 
     async def leave(self) -> None:
         """Out of the placement set at once (draining): deregister and stop heartbeating."""
@@ -235,18 +255,20 @@ class WorkerService:
     async def load_medusa(self, path: str, attach_to: str | None) -> None:
         await self.adapters.load_heads(attach_to, path)
 
-    async def generate(self, req: WorkerGenerateRequest) -> WorkerGenerateResult:
+    async def generate(self, req: WorkerGenerateRequest, trace_parent: Context | None = None
+                       ) -> WorkerGenerateResult:
         result = ResultBuilder(req.params.n, req.params.logprobs, self.token_texts)
-        async for ev in self._events(req):
+        async for ev in self._events(req, trace_parent):
             result.add(ev)
         return result.result(self.config.worker_id)
 
     def _sse(self, ev: TokenEvent) -> bytes:
         return b"data: " + orjson.dumps(event_payload(ev, self.token_texts)) + b"\n\n"
 
-    async def stream(self, req: WorkerGenerateRequest) -> AsyncIterator[bytes]:
+    async def stream(self, req: WorkerGenerateRequest, trace_parent: Context | None = None
+                     ) -> AsyncIterator[bytes]:
         """SSE bytes; the first event is awaited here so that errors still become an HTTP status."""
-        events = aiter(self._events(req))
+        events = aiter(self._events(req, trace_parent))
         try:
             first = await anext(events)
         except StopAsyncIteration:
@@ -280,10 +302,11 @@ async def get_service(request: Request) -> WorkerService:  # async: no threadpoo
 Service = Annotated[WorkerService, Depends(get_service)]
 
 
-async def generate_route(body: WorkerGenerateRequest, service: Service) -> Response:
+async def generate_route(body: WorkerGenerateRequest, service: Service, request: Request) -> Response:
+    parent = tracing.extract(request.headers)  # the gateway's span, from its traceparent header
     if body.stream:
-        return StreamingResponse(await service.stream(body), media_type="text/event-stream")
-    return JSONResponse((await service.generate(body)).model_dump())
+        return StreamingResponse(await service.stream(body, parent), media_type="text/event-stream")
+    return JSONResponse((await service.generate(body, parent)).model_dump())
 
 
 async def tokenize_route(body: WorkerTokenizeRequest, service: Service) -> dict:
@@ -444,6 +467,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="disk for materialised adapter versions and merges (least recently used go first)")
     p.add_argument("--drain-grace", type=float, default=float(os.environ.get("ADAPTERD_DRAIN_GRACE_S", 30.0)),
                    help="SIGTERM: seconds in-flight requests get to finish before they end with an error")
+    p.add_argument("--otlp-endpoint", default=None, help="send OpenTelemetry traces to this OTLP/HTTP base URL "
+                   "(default: $OTEL_EXPORTER_OTLP_ENDPOINT; neither: tracing off)")
     return p.parse_args(argv)
 
 
@@ -480,6 +505,7 @@ def main(argv: list[str] | None = None) -> None:
     from adapters_store.json_logging import configure
 
     configure("worker", logging.INFO)
+    tracing.configure("adapterd-worker", tracing.traces_url(args.otlp_endpoint))
     try:
         secret = load_secret()
     except ClusterSecretError as exc:

@@ -75,9 +75,84 @@ def raw_logprobs(logits: torch.Tensor, tokens: list[int], params: list[SamplingP
     return logprobs, top
 
 
+CANDIDATE_SIZES = (64, 1024)  # top-k prefilters tried in turn before the full sort (the plain reference)
+
+
 def _sample_row(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
                 generator: torch.Generator | None, min_p: float = 0.0, typical_p: float = 1.0) -> int:
-    """logits: [vocab]."""
+    """logits: [vocab]. The fast path: the kept tokens found among a bounded top-k of candidates (no
+    full-vocabulary sort) and one inverse-CDF draw (no full multinomial); the same distribution as
+    `_sample_row_reference`, which it falls back to for warpers, ties at the top-k cut, top-p mass beyond
+    the largest prefilter, or a row that is not a distribution."""
+    if min_p > 0.0 or typical_p < 1.0:
+        return _sample_row_reference(logits, temperature, top_k, top_p, generator, min_p, typical_p)
+    kept = kept_candidates(logits, temperature, top_k, top_p)
+    if kept is None:
+        return _sample_row_reference(logits, temperature, top_k, top_p, generator)
+    ids, weights = kept
+    return _draw(weights, generator) if ids is None else int(ids[_draw(weights, generator)])
+
+
+def kept_candidates(logits: torch.Tensor, temperature: float, top_k: int, top_p: float
+                    ) -> tuple[torch.Tensor | None, torch.Tensor] | None:
+    """logits: [vocab] → (token ids [C], or None for the whole vocabulary; their weights [C], the most
+    likely first): what temperature → top-k → top-p keep, as `kept_probs_reference` decides it. None when
+    a bounded top-k cannot decide it (the caller takes the reference)."""
+    vocab = logits.shape[-1]
+    probs = tempered_probs(logits, temperature)  # [vocab]
+    if not bool(torch.isfinite(probs).all()):
+        return None
+    if top_k > 0:
+        return _top_k_kept(probs, top_k, top_p) if top_k <= CANDIDATE_SIZES[-1] and top_k + 1 < vocab else None
+    if top_p >= 1.0:
+        return None, probs
+    for size in CANDIDATE_SIZES:
+        if size + 1 >= vocab:
+            return None
+        values, ids = probs.topk(size + 1)  # [size+1], most likely first
+        kept = _top_p_prefix(values, ids, top_p, complete=False)
+        if kept is not None:
+            return kept
+    return None
+
+
+def _top_k_kept(probs: torch.Tensor, top_k: int, top_p: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    values, ids = probs.topk(top_k + 1)  # [k+1]
+    if values[top_k] == values[top_k - 1]:
+        return None  # a tie at the cut: the reference keeps every tied token
+    values, ids = values[:top_k] / values[:top_k].sum(), ids[:top_k]  # re-normalised, as the reference
+    return (ids, values) if top_p >= 1.0 else _top_p_prefix(values, ids, top_p, complete=True)
+
+
+def _top_p_prefix(values: torch.Tensor, ids: torch.Tensor, top_p: float, complete: bool
+                  ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """values: [C] sorted descending (the first C of the distribution; `complete`: all of it) → the
+    smallest prefix whose mass reaches top_p (at least the first), or None when it may run past C or a
+    tie sits at its cut (where the reference's sort order decides)."""
+    before = values.cumsum(0) - values  # [C] mass strictly above each candidate
+    keep = max(int((before < top_p).sum()), 1)
+    if keep == len(values):
+        return (ids, values) if complete else None
+    if values[keep] == values[keep - 1]:
+        return None
+    return ids[:keep], values[:keep]
+
+
+def _draw(weights: torch.Tensor, generator: torch.Generator | None) -> int:
+    """An index with probability weights[i] / sum (weights: [C] ≥ 0, some > 0): one uniform number, one
+    cumulative sum, one binary search; an index with weight 0 is never drawn."""
+    cdf = weights.cumsum(0)  # [C]
+    u = torch.rand(1, generator=generator, dtype=cdf.dtype) * cdf[-1]
+    index = min(int(torch.searchsorted(cdf, u, right=True)), len(cdf) - 1)
+    while weights[index] <= 0:  # u rounded up to the total: the last token with any weight
+        index -= 1
+    return index
+
+
+def kept_probs_reference(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+                         min_p: float = 0.0, typical_p: float = 1.0) -> torch.Tensor:
+    """logits: [vocab] → the kept tokens' probabilities [vocab] (dropped ones 0; not re-normalised after
+    top-p): temperature → top-k → top-p by a full sort → min-p / typical-p. The plain reference."""
     if 0 < top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -91,6 +166,13 @@ def _sample_row(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
     if min_p > 0.0 or typical_p < 1.0:
         probs = warp_probs(probs, min_p, typical_p)
+    return probs
+
+
+def _sample_row_reference(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+                          generator: torch.Generator | None, min_p: float = 0.0, typical_p: float = 1.0) -> int:
+    """logits: [vocab]. The plain reference: the kept probabilities, one multinomial over the vocabulary."""
+    probs = kept_probs_reference(logits, temperature, top_k, top_p, min_p, typical_p)
     if not bool(torch.isfinite(probs).all()) or float(probs.sum()) <= 0:
         return int(torch.nan_to_num(logits, nan=float("-inf")).argmax())
     return int(torch.multinomial(probs, 1, generator=generator))

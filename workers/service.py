@@ -45,6 +45,7 @@ from adapters_store.coordination import (
     WorkerGenerateRequest,
     WorkerGenerateResult,
     WorkerInfo,
+    WorkerPromptEcho,
     WorkerTokenizeRequest,
 )
 from adapters_store.json_logging import REQUEST_ID
@@ -56,6 +57,7 @@ from workers.engine.types import GenerationRequest, SamplingParams, TokenEvent
 from workers.errors import AdapterdError, InvalidRequestError, PromptTooLongError, ShuttingDownError
 from workers.heartbeat import Heartbeat
 from workers.load_report import TokenRate, load_report
+from workers.prompt_logprobs import prompt_logprobs
 from workers.request_auth import ClusterAuthMiddleware
 from workers.residency_metrics import FusionCollector, residency_registry
 from workers.service_config import WorkerServiceConfig
@@ -196,11 +198,13 @@ class WorkerService:
             max_model_len=int(getattr(self.engine, "max_seq", 0) or 0),
         )
 
+    async def _prompt_ids(self, req: WorkerGenerateRequest) -> tuple[int, ...]:
+        prompt_ids = await asyncio.to_thread(self.prompts.build, req)  # encoding stays off the event loop
+        return prompt_ids[-req.truncate:] if req.truncate is not None else prompt_ids
+
     async def _prepare(self, req: WorkerGenerateRequest) -> GenerationRequest:
-        """The engine's request: the prompt encoded (off the event loop) and the adapter made resident."""
-        prompt_ids = await asyncio.to_thread(self.prompts.build, req)
-        if req.truncate is not None:
-            prompt_ids = prompt_ids[-req.truncate:]
+        """The engine's request: the prompt encoded and the adapter made resident."""
+        prompt_ids = await self._prompt_ids(req)
         if req.adapter is not None:
             await self.adapters.ensure(req.adapter, req.adapter_path, req.merge)
         if req.medusa_path:
@@ -260,7 +264,22 @@ class WorkerService:
         result = ResultBuilder(req.params.n, req.params.logprobs, self.token_texts)
         async for ev in self._events(req, trace_parent):
             result.add(ev)
-        return result.result(self.config.worker_id)
+        done = result.result(self.config.worker_id)
+        if req.echo:  # after the completion: its adapter is resident by now
+            done.prompt = await self._echo(req)
+        return done
+
+    async def _echo(self, req: WorkerGenerateRequest) -> WorkerPromptEcho:
+        """The prompt's tokens, and with logprobs their raw logprobs and top-k (`workers.prompt_logprobs`)."""
+        ids = await self._prompt_ids(req)
+        text = req.prompt if req.prompt is not None else self.prompts.detokenize(list(ids))
+        echo = WorkerPromptEcho(text=text, token_ids=list(ids), tokens=[self.token_texts.text(t) for t in ids])
+        if req.params.logprobs:
+            scored = await prompt_logprobs(self.engine, ids, req.params.top_logprobs, req.adapter,
+                                           req.request_id or "echo")
+            echo.logprobs = [None if s is None else s[0] for s in scored]
+            echo.top_logprobs = [None if s is None else self.token_texts.top(s[1]) for s in scored]
+        return echo
 
     def _sse(self, ev: TokenEvent) -> bytes:
         return b"data: " + orjson.dumps(event_payload(ev, self.token_texts)) + b"\n\n"
@@ -304,6 +323,8 @@ Service = Annotated[WorkerService, Depends(get_service)]
 
 async def generate_route(body: WorkerGenerateRequest, service: Service, request: Request) -> Response:
     parent = tracing.extract(request.headers)  # the gateway's span, from its traceparent header
+    if body.stream and body.echo:
+        raise InvalidRequestError("echo is answered only without stream", param="echo")
     if body.stream:
         return StreamingResponse(await service.stream(body, parent), media_type="text/event-stream")
     return JSONResponse((await service.generate(body, parent)).model_dump())

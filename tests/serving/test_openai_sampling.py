@@ -77,6 +77,35 @@ def test_completions_top_logprobs_equal_transformers(cluster, oai, hf):
         assert max(abs(lp.top_logprobs[t][k] - v) for k, v in expected.items()) <= 1e-4
 
 
+def test_echo_with_prompt_logprobs_equal_transformers_with_an_adapter(cluster, oai, hf, tiny_assets):
+    """echo + logprobs through an adapter: the prompt's tokens lead, the first with null, each next one with
+    the adapter model's log_softmax at its position (peft's as the oracle) and its top-3."""
+    from peft import PeftModel
+
+    model, tok = hf
+    peft_model = PeftModel.from_pretrained(model, tiny_assets[1] / "adapters" / "alpha").eval()
+    prompt = tok.encode("the quick brown fox jumps")
+    r = oai.completions.create(model="alpha", prompt=prompt, max_tokens=2, temperature=0, logprobs=3, echo=True,
+                               extra_body={"ignore_eos": True})
+    choice, n = r.choices[0], len(prompt)
+    assert choice.text.startswith(tok.decode(prompt)) and len(choice.logprobs.tokens) == n + 2
+    assert choice.logprobs.token_logprobs[0] is None and choice.logprobs.top_logprobs[0] is None
+    with torch.no_grad():
+        ref = torch.log_softmax(peft_model(torch.tensor([prompt])).logits[0], -1)  # [n, vocab]
+    for i in range(1, n):
+        assert abs(choice.logprobs.token_logprobs[i] - float(ref[i - 1, prompt[i]])) <= 1e-4
+        expected: dict[str, float] = {}
+        for t, v in zip(*ref[i - 1].topk(3)[::-1], strict=True):
+            expected.setdefault(tok.decode([int(t)]), float(v))
+        top = choice.logprobs.top_logprobs[i]
+        assert all(abs(top[k] - v) <= 1e-4 for k, v in expected.items()), (i, top, expected)
+    plain = oai.completions.create(model="alpha", prompt="say it twice", max_tokens=2, temperature=0, echo=True)
+    assert plain.choices[0].text.startswith("say it twice") and plain.choices[0].logprobs is None
+    r = httpx.post(cluster.url + "/v1/completions", json={"model": "alpha", "prompt": "x", "echo": True,
+                                                          "stream": True}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "echo"
+
+
 def test_chat_n_and_top_logprobs(cluster, oai):
     r = oai.chat.completions.create(model=base_id(cluster), messages=[{"role": "user", "content": "hello"}],
                                     max_tokens=5, temperature=1.0, seed=3, n=3, logprobs=True, top_logprobs=4,

@@ -54,8 +54,7 @@ def decoding_core(model: str, batch: int, params: SamplingParams) -> EngineCore:
 
 def measure(core: EngineCore, runs: int) -> dict:
     seqs = list(core.scheduler.running)
-    vocab = core.runner.config.vocab_size
-    logits = torch.randn(len(seqs), vocab) * 3  # [B, vocab]
+    logits = step_logits(core)  # [B, vocab]: the model's own, as the sampler meets them
     tokens = logits.argmax(-1).tolist()
     params = [s.request.params for s in seqs]
     rows = [(s.request.params, s.prompt, s.output) for s in seqs]
@@ -67,6 +66,22 @@ def measure(core: EngineCore, runs: int) -> dict:
             "reference_sampler_ms": reference * 1e3, "sampler_over_step": sampler / step,
             "added_over_step": added / step, "reference_over_step": reference / step,
             "load_average_1m": os.getloadavg()[0]}
+
+
+def step_logits(core: EngineCore) -> torch.Tensor:
+    """The logits one decode step hands the sampler (read by wrapping `_sample` for that step)."""
+    captured, real = [], core._sample
+
+    def spy(seqs, logits, hidden):
+        captured.append(logits.clone())
+        return real(seqs, logits, hidden)
+
+    core._sample = spy
+    try:
+        core.step()
+    finally:
+        core._sample = real
+    return captured[0]
 
 
 def reference_sampler(logits: torch.Tensor, seqs: list) -> None:

@@ -148,6 +148,8 @@ class ChatCompletionRequest(_SamplingFields):
                           '"strategy": "linear"|"ties", "density": 0.5, "majority_sign_method": "total"}')
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, description="0-20; needs logprobs")
+    tools: list[dict] | None = Field(None, description="not supported: any value → 400 naming `tools`")
+    tool_choice: str | dict | None = Field(None, description='"none" only (no tool calls are ever made)')
 
 
 class TopLogprob(BaseModel):

@@ -177,6 +177,19 @@ def test_chat_bad_top_logprobs_400(cluster, extra, field):
     assert r.status_code == 400 and r.json()["error"]["param"] == field
 
 
+def test_tools_are_refused_naming_the_field_through_the_openai_package(cluster, oai):
+    """Function calling is not implemented: a clear 400 naming the field, never a silent plain answer."""
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+    ask = {"model": base_id(cluster), "messages": [{"role": "user", "content": "weather?"}], "max_tokens": 2}
+    with pytest.raises(openai.BadRequestError) as refused:
+        oai.chat.completions.create(**ask, tools=[tool])
+    assert refused.value.body["param"] == "tools"
+    with pytest.raises(openai.BadRequestError) as refused:
+        oai.chat.completions.create(**ask, tool_choice="required")
+    assert refused.value.body["param"] == "tool_choice"
+    assert oai.chat.completions.create(**ask, tool_choice="none").choices[0].finish_reason in ("stop", "length")
+
+
 def test_every_sampling_field_reaches_the_engine_params():
     """Gateway request → WorkerSampling → the engine's SamplingParams: no field dropped on the way."""
     from workers.service import _sampling

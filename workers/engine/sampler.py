@@ -75,7 +75,7 @@ def raw_logprobs(logits: torch.Tensor, tokens: list[int], params: list[SamplingP
     return logprobs, top
 
 
-CANDIDATE_SIZES = (64, 1024)  # top-k prefilters tried in turn before the full sort (the plain reference)
+CANDIDATE_SIZES = (64, 1024, 4096)  # top-k prefilters tried in turn before the full sort (the plain reference)
 
 
 def _sample_row(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,

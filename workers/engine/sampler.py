@@ -11,6 +11,8 @@ probabilities are not a distribution (NaN logits) falls back to the argmax of it
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from workers.engine.logits_processors import process_row, uses_processors, warp_probs
@@ -97,31 +99,43 @@ def kept_candidates(logits: torch.Tensor, temperature: float, top_k: int, top_p:
                     ) -> tuple[torch.Tensor | None, torch.Tensor] | None:
     """logits: [vocab] → (token ids [C], or None for the whole vocabulary; their weights [C], the most
     likely first): what temperature → top-k → top-p keep, as `kept_probs_reference` decides it. None when
-    a bounded top-k cannot decide it (the caller takes the reference)."""
+    a bounded top-k cannot decide it (the caller takes the reference). Few passes over the vocabulary: one
+    top-k of the logits, and for top-p one sum for the normaliser."""
     vocab = logits.shape[-1]
-    probs = tempered_probs(logits, temperature)  # [vocab]
-    if not bool(torch.isfinite(probs).all()):
-        return None
+    if top_p >= 1.0 and not 0 < top_k < vocab:
+        probs = tempered_probs(logits, temperature)  # [vocab]: the whole distribution is kept
+        return (None, probs) if bool(torch.isfinite(probs).all()) else None
     if top_k > 0:
-        return _top_k_kept(probs, top_k, top_p) if top_k <= CANDIDATE_SIZES[-1] and top_k + 1 < vocab else None
-    if top_p >= 1.0:
-        return None, probs
+        return _top_k_kept(logits, top_k, temperature, top_p) if top_k <= CANDIDATE_SIZES[-1] \
+            and top_k + 1 < vocab else None
+    log_norm = None
     for size in CANDIDATE_SIZES:
         if size + 1 >= vocab:
             return None
-        values, ids = probs.topk(size + 1)  # [size+1], most likely first
-        kept = _top_p_prefix(values, ids, top_p, complete=False)
+        values, ids = logits.topk(size + 1)  # [size+1] logits, most likely first (a NaN comes first)
+        if log_norm is None:
+            log_norm = _log_normaliser(logits, values[0], temperature)
+            if not math.isfinite(log_norm):
+                return None
+        probs = ((values - values[0]) / temperature - log_norm).exp()  # [size+1]: as tempered_probs's
+        kept = _top_p_prefix(probs, ids, top_p, complete=False)
         if kept is not None:
             return kept
     return None
 
 
-def _top_k_kept(probs: torch.Tensor, top_k: int, top_p: float) -> tuple[torch.Tensor, torch.Tensor] | None:
-    values, ids = probs.topk(top_k + 1)  # [k+1]
-    if values[top_k] == values[top_k - 1]:
-        return None  # a tie at the cut: the reference keeps every tied token
-    values, ids = values[:top_k] / values[:top_k].sum(), ids[:top_k]  # re-normalised, as the reference
-    return (ids, values) if top_p >= 1.0 else _top_p_prefix(values, ids, top_p, complete=True)
+def _log_normaliser(logits: torch.Tensor, top: torch.Tensor, temperature: float) -> float:
+    """log Σ exp((logits − top) / temperature): softmax's denominator (NaN or inf for a broken row)."""
+    return math.log(float(torch.sub(logits, top).div_(temperature).exp_().sum()))
+
+
+def _top_k_kept(logits: torch.Tensor, top_k: int, temperature: float, top_p: float
+                ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    values, ids = logits.topk(top_k + 1)  # [k+1]
+    if not bool(torch.isfinite(values[0])) or values[top_k] == values[top_k - 1]:
+        return None  # a broken row, or a tie at the cut (the reference keeps every tied token)
+    probs = torch.softmax((values[:top_k] - values[0]) / temperature, dim=-1)  # over the top-k, as the reference
+    return (ids[:top_k], probs) if top_p >= 1.0 else _top_p_prefix(probs, ids[:top_k], top_p, complete=True)
 
 
 def _top_p_prefix(values: torch.Tensor, ids: torch.Tensor, top_p: float, complete: bool

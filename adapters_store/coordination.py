@@ -173,6 +173,8 @@ class WorkerGenerateRequest(BaseModel):
     params: WorkerSampling = Field(default_factory=WorkerSampling)
     stream: bool = False
     truncate: int | None = Field(None, ge=1)  # keep only the prompt's last `truncate` tokens (TGI/LoRAX)
+    echo: bool = False  # non-streamed: the result's `prompt` lists the prompt's tokens (with params.logprobs,
+    # their raw logprobs and top-k too)
 
 
 class WorkerTokenEvent(BaseModel):
@@ -200,6 +202,16 @@ class WorkerChoice(BaseModel):
     finish_reason: str
 
 
+class WorkerPromptEcho(BaseModel):
+    """The prompt's tokens as the model saw them (echo); logprobs: None for the first token."""
+
+    text: str  # the prompt as given (text prompts), or its tokens decoded
+    token_ids: list[int]
+    tokens: list[str]  # each token's text, decoded alone
+    logprobs: list[float | None] | None = None
+    top_logprobs: list[list[tuple[int, str, float]] | None] | None = None  # per token (None first), best first
+
+
 class WorkerGenerateResult(BaseModel):
     text: str
     token_ids: list[int]
@@ -212,6 +224,7 @@ class WorkerGenerateResult(BaseModel):
     speculative: dict | None = None  # Medusa: {"decode_steps", "tokens_per_step", "mean_tokens_per_step"}
     top_logprobs: list[list[tuple[int, str, float]]] | None = None  # per token: (id, text, raw logprob)
     choices: list[WorkerChoice] | None = None  # n > 1: every completion (the fields above are choice 0's)
+    prompt: WorkerPromptEcho | None = None  # with `echo`
 
 
 class WorkerTokenizeRequest(BaseModel):

@@ -7,6 +7,7 @@ import argparse
 import logging
 import sys
 
+from adapters_store import tracing
 from adapters_store.cluster_auth import ClusterSecretError
 from server.settings import GatewaySettings, InsecureBindError
 
@@ -26,6 +27,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="allow binding a non-loopback address with no API keys",
     )
+    p.add_argument("--otlp-endpoint", help="send OpenTelemetry traces to this OTLP/HTTP base URL (default: "
+                   "$OTEL_EXPORTER_OTLP_ENDPOINT; neither: tracing off)")
     p.add_argument("--log-level", default="warning")
     return p.parse_args(argv)
 
@@ -41,6 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     from adapters_store.json_logging import configure
 
     configure("gateway", logging.INFO)
+    tracing.configure("adapterd-gateway", tracing.traces_url(settings.otlp_endpoint))
     try:
         settings.cluster_signer()
         app = create_app(settings)

@@ -71,6 +71,7 @@ class Completion:
     speculative: dict | None = None  # Medusa: tokens per decode step (see WorkerGenerateResult)
     top_logprobs: list[list[list]] | None = None  # per token: [id, text, raw logprob], best first
     choices: list[dict] | None = None  # n > 1: every completion (`WorkerChoice`); the fields above: choice 0
+    prompt: dict | None = None  # echo: the prompt's tokens (`WorkerPromptEcho`)
 
     def all_choices(self) -> list[dict]:
         """Each completion as a `WorkerChoice` dict (one when n = 1)."""

@@ -30,6 +30,7 @@ from adapters_store.cluster_auth import (
     create_secret_file,
     load_secret,
 )
+from adapters_store.tracing import BASE_ENV
 from server.embedded_redis import EmbeddedRedis
 from server.settings import GatewaySettings
 from server.supervisor import STATUS_FILE, RestartPolicy, Supervisor
@@ -50,6 +51,7 @@ class ServeOptions:
     ready_timeout_s: float = 600.0
     worker_args: list[str] = field(default_factory=list)
     trainers: int = 1  # fine-tune trainer processes (0: none; jobs then wait, and say so)
+    otlp_endpoint: str | None = None  # traces of the gateway and the workers go here (adapters_store.tracing)
     trainer_args: list[str] = field(default_factory=list)
     restart_policy: RestartPolicy = field(default_factory=RestartPolicy)  # for processes that die once up
 
@@ -134,6 +136,8 @@ class Launcher:
         redis_url = self.opts.redis_url or self._start_valkey(data_dir)
         self.child_env = {**os.environ, "ADAPTERD_REDIS_URL": redis_url, "ADAPTERD_DATA_DIR": str(data_dir),
                           **self._cluster_secret_env(data_dir)}
+        if self.opts.otlp_endpoint:
+            self.child_env[BASE_ENV] = self.opts.otlp_endpoint
         model = self.opts.model or self._default_model()
         for i in range(self.opts.workers):
             self._start_worker(i, model)

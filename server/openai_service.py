@@ -73,29 +73,37 @@ class CompletionService:
             raise InvalidRequestError("prompt must not be empty", param="prompt")
         if req.stream and len(prompts) > 1:
             raise InvalidRequestError("streaming takes a single prompt", param="prompt")
+        if req.stream and req.echo:
+            raise InvalidRequestError("echo is answered only without stream", param="echo")
         params = completion_sampling(req, req.max_tokens or COMPLETIONS_DEFAULT_MAX_TOKENS)
         return [
-            WorkerGenerateRequest(prompt=p, params=params)
+            WorkerGenerateRequest(prompt=p, params=params, echo=req.echo)
             if isinstance(p, str)
-            else WorkerGenerateRequest(prompt_ids=p, params=params)
+            else WorkerGenerateRequest(prompt_ids=p, params=params, echo=req.echo)
             for p in prompts
         ]
 
     @staticmethod
-    def _logprobs(choice: dict, top: int | None) -> CompletionLogprobs | None:
+    def _logprobs(choice: dict, top: int | None, prompt: dict | None) -> CompletionLogprobs | None:
+        """The legacy logprobs of a choice; with an echoed `prompt` (`WorkerPromptEcho`), its tokens first."""
         if top is None or choice["logprobs"] is None:
             return None
+        lead = prompt or {"token_ids": [], "tokens": [], "logprobs": [], "top_logprobs": [], "text": ""}
+        tokens = lead["tokens"] + choice["tokens"]
         offsets, pos = [], 0
-        for t in choice["tokens"]:
+        for i, t in enumerate(tokens):
+            pos = len(lead["text"]) if i == len(lead["tokens"]) else pos  # the completion follows the prompt text
             offsets.append(pos)
             pos += len(t)
         alts = None
         if top:
-            tops = choice["top_logprobs"] or [None] * len(choice["tokens"])
-            alts = [_legacy_top(*token) for token in zip(choice["token_ids"], choice["tokens"], choice["logprobs"],
-                                                         tops, strict=True)]
-        return CompletionLogprobs(
-            tokens=choice["tokens"], token_logprobs=list(choice["logprobs"]), top_logprobs=alts, text_offset=offsets)
+            tops = (lead["top_logprobs"] or [None] * len(lead["tokens"])) + (
+                choice["top_logprobs"] or [None] * len(choice["tokens"]))
+            ids, logprobs = lead["token_ids"] + choice["token_ids"], lead["logprobs"] + choice["logprobs"]
+            alts = [None if lp is None else _legacy_top(i, t, lp, alt)
+                    for i, t, lp, alt in zip(ids, tokens, logprobs, tops, strict=True)]
+        return CompletionLogprobs(tokens=tokens, token_logprobs=lead["logprobs"] + list(choice["logprobs"]),
+                                  top_logprobs=alts, text_offset=offsets)
 
     async def create(self, req: CompletionRequest, merged: MergedAdapter | None,
                      tenant: Tenant) -> CompletionResponse:
@@ -103,8 +111,8 @@ class CompletionService:
         work = self._requests(req)
         done = await asyncio.gather(*(self._dispatcher.generate(target, w) for w in work))
         choices = [  # prompt i's completion j is choice i·n + j (as vLLM and OpenAI number them)
-            CompletionChoice(index=i * req.n + c["index"], text=c["text"], logprobs=self._logprobs(c, req.logprobs),
-                             finish_reason=c["finish_reason"])
+            CompletionChoice(index=i * req.n + c["index"], text=(d.prompt["text"] if d.prompt else "") + c["text"],
+                             logprobs=self._logprobs(c, req.logprobs, d.prompt), finish_reason=c["finish_reason"])
             for i, d in enumerate(done) for c in d.all_choices()
         ]
         return CompletionResponse(

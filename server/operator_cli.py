@@ -42,6 +42,9 @@ def serve(
         help="context length (default: the model's, capped so the KV cache of a full batch fits 2 GiB)")] = None,
     dtype: Annotated[Dtype, typer.Option(help="base weights' dtype (auto: measured on this machine)")] = Dtype.auto,
     quantize: Annotated[Quantize, typer.Option(help="int8: weight-only int8 base weights")] = Quantize.none,
+    otlp_endpoint: Annotated[str | None, typer.Option(
+        help="OpenTelemetry traces of the gateway and workers to this OTLP/HTTP base URL "
+             "(default: $OTEL_EXPORTER_OTLP_ENDPOINT; neither: off)")] = None,
 ) -> None:
     """Start Redis (embedded valkey unless --redis-url), the workers, the trainers and the gateway; Ctrl-C
     stops all."""
@@ -50,7 +53,7 @@ def serve(
 
     options = ServeOptions(host=host, port=port, workers=workers, model=model, redis_url=redis_url,
                            data_dir=data_dir, allow_insecure=allow_insecure, heartbeat_ttl_s=heartbeat_ttl,
-                           trainers=trainers,
+                           trainers=trainers, otlp_endpoint=otlp_endpoint,
                            worker_args=["--dtype", dtype.value, "--quantize", quantize.value,
                                         *(["--max-seq", str(max_seq)] if max_seq else [])])
     raise typer.Exit(run(options))

@@ -90,22 +90,16 @@ class CompletionRequest(_SamplingFields):
         None, description='a per-request merge instead of one adapter: {"ids": [...], "weights": [...], '
                           '"strategy": "linear"|"ties", "density": 0.5, "majority_sign_method": "total"}')
     logprobs: int | None = Field(None, ge=0, description="top-k logprobs per token, 0-20")
-    echo: bool = Field(False, description="not supported; false only")
+    echo: bool = Field(False, description="the prompt precedes the completion in `text`; with `logprobs`, the "
+                                           "prompt's tokens lead `logprobs` too (the first with null). Not with stream")
     best_of: int | None = Field(None, ge=1, description="equal to n (or unset): ranking beyond n is not supported")
     suffix: str | None = Field(None, max_length=0, description="not supported")
-
-    @field_validator("echo")
-    @classmethod
-    def _no_echo(cls, v: bool) -> bool:
-        if v:
-            raise ValueError("echo is not supported")
-        return v
 
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str]
     token_logprobs: list[float | None]
-    top_logprobs: list[dict[str, float]] | None
+    top_logprobs: list[dict[str, float] | None] | None  # None only for an echoed prompt's first token
     text_offset: list[int]
 
 
@@ -154,6 +148,8 @@ class ChatCompletionRequest(_SamplingFields):
                           '"strategy": "linear"|"ties", "density": 0.5, "majority_sign_method": "total"}')
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, description="0-20; needs logprobs")
+    tools: list[dict] | None = Field(None, description="not supported: any value → 400 naming `tools`")
+    tool_choice: str | dict | None = Field(None, description='"none" only (no tool calls are ever made)')
 
 
 class TopLogprob(BaseModel):

@@ -2,7 +2,10 @@
 `X-Request-ID` or makes one, returns it on every response, counts every response by route and status
 (`adapterd_http_responses_total`), and writes one JSON log line per request with what the handlers noted
 on the way (tenant, adapter, worker, tokens, time to first token). The id reaches the worker in the
-request payload, so the worker's log lines carry it too."""
+request payload, so the worker's log lines carry it too. With tracing on (`adapters_store.tracing`) each
+request is one span (under FastAPI's own server span, where FastAPI makes one), the current span while the
+handlers run (worker calls hang under it), and the
+log line carries its `trace_id`."""
 
 from __future__ import annotations
 
@@ -10,8 +13,10 @@ import logging
 import time
 from contextvars import ContextVar
 
+from opentelemetry.trace import SpanKind, StatusCode
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from adapters_store import tracing
 from adapters_store.json_logging import REQUEST_ID, accept_request_id
 from server.metrics import GatewayMetrics
 
@@ -48,13 +53,28 @@ class RequestContext:
                 message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", rid.encode())]}
             await send(message)
 
-        try:
-            await self.app(scope, receive, send_with_id)
-        finally:
-            route = getattr(scope.get("route"), "path", None) or "unmatched"
-            self.metrics.responses.labels(route, str(status)).inc()
-            log.info("request", extra={"request_id": rid, "method": scope["method"], "path": scope["path"],
-                                       "status": status, "latency_s": round(time.perf_counter() - start, 6),
-                                       **fields})
-            REQUEST_ID.reset(id_token)
-            _FIELDS.reset(fields_token)
+        span_cm = tracing.tracer().start_as_current_span(f"gateway {scope['method']}", kind=SpanKind.INTERNAL,
+                                                         attributes={"adapterd.request_id": rid})
+        with span_cm as span:
+            try:
+                await self.app(scope, receive, send_with_id)
+            finally:
+                route = getattr(scope.get("route"), "path", None) or "unmatched"
+                self.metrics.responses.labels(route, str(status)).inc()
+                _end_span(span, scope["method"], route, status, fields)
+                log.info("request", extra={"request_id": rid, "method": scope["method"], "path": scope["path"],
+                                           "status": status, "latency_s": round(time.perf_counter() - start, 6),
+                                           "trace_id": tracing.trace_id(span), **fields})
+                REQUEST_ID.reset(id_token)
+                _FIELDS.reset(fields_token)
+
+
+def _end_span(span, method: str, route: str, status: int, fields: dict) -> None:
+    """The request span's name and attributes, known only once the route ran."""
+    if not span.is_recording():
+        return
+    span.update_name(f"gateway {method} {route}")
+    span.set_attributes({"http.request.method": method, "http.route": route, "http.response.status_code": status,
+                         **{f"adapterd.{k}": v for k, v in fields.items() if isinstance(v, str | int | float)}})
+    if status >= 500:
+        span.set_status(StatusCode.ERROR)

@@ -108,6 +108,10 @@ def completion_sampling(req: CompletionRequest, max_tokens: int) -> WorkerSampli
 
 
 def chat_sampling(req: ChatCompletionRequest, max_tokens: int) -> WorkerSampling:
+    if req.tools is not None:
+        raise InvalidRequestError("tools (function calling) is not supported by this server", param="tools")
+    if req.tool_choice not in (None, "none"):
+        raise InvalidRequestError('tool_choice: only "none" is supported (no tools)', param="tool_choice")
     if req.top_logprobs is not None:
         check_top_logprobs(req.top_logprobs, "top_logprobs")
         if not req.logprobs:

@@ -51,6 +51,8 @@ class GatewaySettings(BaseSettings):
     worker_connect_timeout_s: float = Field(2.0, gt=0)
     worker_read_timeout_s: float = Field(120.0, gt=0)
     max_connections: int = Field(512, ge=1)
+    # traces: an OTLP/HTTP base URL (else the standard OTEL_EXPORTER_OTLP_*ENDPOINT; none: tracing off)
+    otlp_endpoint: str = ""
 
     # request defaults / limits
     default_max_tokens: int = Field(256, ge=1)

@@ -18,11 +18,11 @@ from adapters_store.coordination import (
     WorkerTokenizeRequest,
 )
 from adapters_store.validation import UploadedFile
-from server.adapter_registry import AdapterRegistry, StoredAdapter
+from server.adapter_registry import AdapterRegistry, StoredAdapter, visible
 from server.allowed_folders import AllowList
 from server.auth import Tenant
-from server.dispatch import Dispatcher
-from server.errors import GatewayError, InvalidRequestError, NoWorkerError
+from server.dispatch import Dispatcher, Target
+from server.errors import GatewayError, InvalidRequestError, ModelNotFoundError, NoWorkerError
 from server.protocol import DetokenizeRequest, LoadLoraAdapterRequest, TokenizeRequest, TokenizeResponse
 from server.worker_client import WorkerClient
 from server.worker_registry import WorkerRegistry, WorkerView
@@ -48,8 +48,16 @@ class VllmService:
     async def _post(self, worker: WorkerView, path: str, body) -> dict:
         return await self._client.post(worker.url, path, body.model_dump_json(exclude_none=True).encode())
 
+    def _known_model(self, model: str | None, tenant: Tenant) -> Target:
+        """404 unless `model` is the base (no store read) or an adapter the tenant may use: one resolution,
+        whose manifest the visibility check reads. Blocking: called off the event loop."""
+        target = self._dispatcher.resolve(model, None, tenant)
+        if isinstance(target.adapter, StoredAdapter) and not visible(target.adapter.manifest, tenant):
+            raise ModelNotFoundError(f"the model {model!r} does not exist", param="model")
+        return target
+
     async def tokenize(self, req: TokenizeRequest, tenant: Tenant) -> TokenizeResponse | list[dict]:
-        await asyncio.to_thread(self._dispatcher.resolve, req.model, None, tenant)  # unknown model: 404, as ever
+        await asyncio.to_thread(self._known_model, req.model, tenant)
         if sum(x is not None for x in (req.prompt, req.messages, req.inputs)) != 1:
             raise InvalidRequestError("give exactly one of prompt, messages, inputs", param="prompt")
         if req.inputs is not None:  # TGI/LoRAX: tokens with their text and character spans
@@ -62,7 +70,7 @@ class VllmService:
         return TokenizeResponse(**await self._post(self._least_loaded(), "/tokenize", body))
 
     async def detokenize(self, req: DetokenizeRequest, tenant: Tenant) -> str:
-        await asyncio.to_thread(self._dispatcher.resolve, req.model, None, tenant)
+        await asyncio.to_thread(self._known_model, req.model, tenant)
         result = await self._post(self._least_loaded(), "/detokenize", WorkerDetokenizeRequest(tokens=req.tokens))
         return result["prompt"]
 

@@ -3,7 +3,9 @@ module that speaks to workers. Transport failures become `WorkerUnreachableError
 those once elsewhere); a worker's error answer becomes `UpstreamError` carrying its status and error body
 unchanged. Streams are read as raw SSE bytes and handed on in batches: every event one socket read
 brought, so a gateway that falls behind catches up by forwarding several tokens per write. Every request is
-signed with the cluster secret (`adapters_store.cluster_auth`): workers refuse anything else."""
+signed with the cluster secret (`adapters_store.cluster_auth`): workers refuse anything else. Each call is
+a client span (`gateway.worker_call`, ended when the answer or the stream is done) whose W3C `traceparent`
+header travels beside the signature headers (`adapters_store.tracing`)."""
 
 from __future__ import annotations
 
@@ -12,9 +14,10 @@ from contextlib import contextmanager
 
 import aiohttp
 import orjson
+from opentelemetry.trace import Span, SpanKind, StatusCode
 from yarl import URL
 
-from adapters_store import event_stream
+from adapters_store import event_stream, tracing
 from adapters_store.cluster_auth import ClusterSigner
 from server.errors import GatewayError, UpstreamError, WorkerUnreachableError
 
@@ -78,11 +81,13 @@ class WorkerStream:
     """A worker's token events in batches (lists of dicts); the first batch was received before this
     was returned, so failures up to the first token surface from `open_stream`."""
 
-    def __init__(self, url: str, response: aiohttp.ClientResponse, parser: SseEvents, first: list[dict]):
+    def __init__(self, url: str, response: aiohttp.ClientResponse, parser: SseEvents, first: list[dict],
+                 span: Span):
         self._url = url
         self._response = response
         self._parser = parser
         self.first = first
+        self._span = span
 
     async def __aiter__(self) -> AsyncIterator[list[dict]]:
         if not self.first:
@@ -100,6 +105,7 @@ class WorkerStream:
     async def aclose(self) -> None:
         """Finished: read the stream's end so the connection goes back to the pool; else cut it (the
         worker sees the client go away and cancels the generation)."""
+        self._span.end()
         if self._parser.finished:
             try:
                 await self._response.read()
@@ -124,21 +130,36 @@ class WorkerClient:
     async def aclose(self) -> None:
         await self._http.close()
 
-    def _headers(self, target: str, body: bytes) -> dict[str, str]:
-        return {**_JSON, **self._signer.request_headers("POST", URL(target).raw_path_qs, body)}
+    def _headers(self, target: str, body: bytes, span: Span) -> dict[str, str]:
+        headers = {**_JSON, **self._signer.request_headers("POST", URL(target).raw_path_qs, body)}
+        tracing.inject(headers, span)  # beside the signature, which does not cover it
+        return headers
+
+    @staticmethod
+    def _span(url: str, path: str) -> Span:
+        return tracing.tracer().start_span("gateway.worker_call", kind=SpanKind.CLIENT,
+                                           attributes={"server.address": url, "url.path": path})
 
     async def post(self, url: str, path: str, body: bytes) -> dict:
-        with _translated(url, "to a request"):
-            async with self._http.post(url + path, data=body, headers=self._headers(url + path, body)) as response:
+        span = self._span(url, path)
+        with _ending(span), _translated(url, "to a request"):
+            headers = self._headers(url + path, body, span)
+            async with self._http.post(url + path, data=body, headers=headers) as response:
                 raw = await response.read()
+            span.set_attribute("http.response.status_code", response.status)
         if response.status >= 400:
             raise _upstream(response.status, raw)
         return orjson.loads(raw)
 
     async def open_stream(self, url: str, body: bytes, choices: int = 1) -> WorkerStream:
-        with _translated(url, "before the first token"):
-            target = url + "/generate"
-            response = await self._http.post(target, data=body, headers=self._headers(target, body))
+        span = self._span(url, "/generate")
+        try:
+            with _translated(url, "before the first token"):
+                target = url + "/generate"
+                response = await self._http.post(target, data=body, headers=self._headers(target, body, span))
+        except BaseException:
+            _end_failed(span)
+            raise
         try:
             with _translated(url, "before the first token"):
                 if response.status >= 400:
@@ -149,7 +170,25 @@ class WorkerClient:
                     if not chunk:
                         break
                     first = parser.feed(chunk)
-            return WorkerStream(url, response, parser, first)
+            return WorkerStream(url, response, parser, first, span)
         except BaseException:
             response.close()
+            _end_failed(span)
             raise
+
+
+def _end_failed(span: Span) -> None:
+    span.set_status(StatusCode.ERROR)
+    span.end()
+
+
+@contextmanager
+def _ending(span: Span) -> Iterator[None]:
+    """Ends `span` on the way out, marked failed when an exception passes."""
+    try:
+        yield
+    except BaseException:
+        span.set_status(StatusCode.ERROR)
+        raise
+    finally:
+        span.end()

@@ -26,10 +26,11 @@ from typing import Annotated, Any
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from opentelemetry.context import Context
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from adapters_store import event_stream
+from adapters_store import event_stream, tracing
 from adapters_store.backends import open_backend
 from adapters_store.base_model import BaseModelSpec
 from adapters_store.body_limit import BodyLimit
@@ -42,6 +43,7 @@ from adapters_store.coordination import (
     WorkerGenerateRequest,
     WorkerGenerateResult,
     WorkerInfo,
+    WorkerPromptEcho,
     WorkerTokenizeRequest,
 )
 from adapters_store.error_shape import error_body, http_error, unexpected_error, validation_error
@@ -54,6 +56,7 @@ from workers.engine.types import GenerationRequest, SamplingParams, TokenEvent
 from workers.errors import AdapterdError, InvalidRequestError, PromptTooLongError, ShuttingDownError
 from workers.heartbeat import Heartbeat
 from workers.load_report import TokenRate, load_report
+from workers.prompt_logprobs import prompt_logprobs
 from workers.request_auth import ClusterAuthMiddleware
 from workers.residency_metrics import FusionCollector, residency_registry
 from workers.service_config import WorkerServiceConfig
@@ -193,38 +196,58 @@ class WorkerService:
             max_model_len=int(getattr(self.engine, "max_seq", 0) or 0),
         )
 
-    async def _events(self, req: WorkerGenerateRequest) -> AsyncIterator[TokenEvent]:
-        """The engine's events for `req`; load errors and prompt errors raise before the first one."""
+    async def _prompt_ids(self, req: WorkerGenerateRequest) -> tuple[int, ...]:
         prompt_ids = await asyncio.to_thread(self.prompts.build, req)  # encoding stays off the event loop
-        if req.truncate is not None:
-            prompt_ids = prompt_ids[-req.truncate:]
+        return prompt_ids[-req.truncate:] if req.truncate is not None else prompt_ids
+
+    async def _prepare(self, req: WorkerGenerateRequest) -> GenerationRequest:
+        """The engine's request: the prompt encoded and the adapter made resident."""
+        prompt_ids = await self._prompt_ids(req)
         if req.adapter is not None:
             await self.adapters.ensure(req.adapter, req.adapter_path, req.merge)
         if req.medusa_path:
             await self.adapters.ensure_heads(req.adapter, req.medusa_path)
-        gen_req = GenerationRequest(prompt_ids=prompt_ids, params=_sampling(req), adapter=req.adapter,
-                                    request_id=f"{req.request_id or 'req'}#{next(self._engine_ids)}")
-        self.in_flight += 1
+        return GenerationRequest(prompt_ids=prompt_ids, params=_sampling(req), adapter=req.adapter,
+                                 request_id=f"{req.request_id or 'req'}#{next(self._engine_ids)}")
+
+    async def _events(self, req: WorkerGenerateRequest, trace_parent: Context | None = None
+                      ) -> AsyncIterator[TokenEvent]:
+        """The engine's events for `req`; load errors and prompt errors raise before the first one.
+        Traced as worker.generate → admission → first_token → decode (`adapters_store.tracing`)."""
         REQUEST_ID.set(req.request_id or None)  # this request's task: its log lines carry the id
-        start, ttft, tokens, status = time.perf_counter(), None, 0, "cancelled"
+        spans = tracing.RequestSpans("worker.generate", trace_parent, {
+            "adapterd.request_id": req.request_id or "", "adapterd.worker": self.config.worker_id,
+            "adapterd.adapter": req.adapter or "base"})
+        spans.phase("worker.admission")
+        start, ttft, tokens, status, prompt_tokens = time.perf_counter(), None, 0, "cancelled", 0
         try:
-            async for ev in self.engine.generate(gen_req):
-                self.tokens.add()
-                if self.drain.expired:
-                    raise ShuttingDownError("the worker is shutting down and its drain grace period is over")
-                ttft = ttft if ttft is not None else time.perf_counter() - start
-                tokens += 1
-                yield ev
+            gen_req = await self._prepare(req)
+            prompt_tokens = len(gen_req.prompt_ids)
+            spans.phase("worker.first_token")  # queued, admitted into the batch, prefilled
+            self.in_flight += 1
+            try:
+                async for ev in self.engine.generate(gen_req):
+                    self.tokens.add()
+                    if self.drain.expired:
+                        raise ShuttingDownError("the worker is shutting down and its drain grace period is over")
+                    if ttft is None:
+                        ttft = time.perf_counter() - start
+                        spans.phase("worker.decode")
+                    tokens += 1
+                    yield ev
+            finally:
+                self.in_flight -= 1
             status = "ok"
         except Exception:
             status = "error"
             raise
         finally:
-            self.in_flight -= 1
-            log.info("request", extra={"adapter": req.adapter or "base", "worker": self.config.worker_id,
-                                       "prompt_tokens": len(prompt_ids), "completion_tokens": tokens,
-                                       "ttft_s": None if ttft is None else round(ttft, 6), "status": status,
-                                       "latency_s": round(time.perf_counter() - start, 6)})
+            summary = {"adapter": req.adapter or "base", "worker": self.config.worker_id,
+                       "prompt_tokens": prompt_tokens, "completion_tokens": tokens,
+                       "ttft_s": None if ttft is None else round(ttft, 6), "status": status,
+                       "latency_s": round(time.perf_counter() - start, 6), "trace_id": tracing.trace_id(spans.root)}
+            spans.end(status == "error", {f"adapterd.{k}": v for k, v in summary.items() if v is not None})
+            log.info("request", extra=summary)
 
     async def leave(self) -> None:
         """Out of the placement set at once (draining): deregister and stop heartbeating."""
@@ -234,18 +257,35 @@ class WorkerService:
     async def load_medusa(self, path: str, attach_to: str | None) -> None:
         await self.adapters.load_heads(attach_to, path)
 
-    async def generate(self, req: WorkerGenerateRequest) -> WorkerGenerateResult:
+    async def generate(self, req: WorkerGenerateRequest, trace_parent: Context | None = None
+                       ) -> WorkerGenerateResult:
         result = ResultBuilder(req.params.n, req.params.logprobs, self.token_texts)
-        async for ev in self._events(req):
+        async for ev in self._events(req, trace_parent):
             result.add(ev)
-        return result.result(self.config.worker_id)
+        done = result.result(self.config.worker_id)
+        if req.echo:  # after the completion: its adapter is resident by now
+            done.prompt = await self._echo(req)
+        return done
+
+    async def _echo(self, req: WorkerGenerateRequest) -> WorkerPromptEcho:
+        """The prompt's tokens, and with logprobs their raw logprobs and top-k (`workers.prompt_logprobs`)."""
+        ids = await self._prompt_ids(req)
+        text = req.prompt if req.prompt is not None else self.prompts.detokenize(list(ids))
+        echo = WorkerPromptEcho(text=text, token_ids=list(ids), tokens=[self.token_texts.text(t) for t in ids])
+        if req.params.logprobs:
+            scored = await prompt_logprobs(self.engine, ids, req.params.top_logprobs, req.adapter,
+                                           req.request_id or "echo")
+            echo.logprobs = [None if s is None else s[0] for s in scored]
+            echo.top_logprobs = [None if s is None else self.token_texts.top(s[1]) for s in scored]
+        return echo
 
     def _sse(self, ev: TokenEvent) -> bytes:
         return event_stream.event(event_payload(ev, self.token_texts))
 
-    async def stream(self, req: WorkerGenerateRequest) -> AsyncIterator[bytes]:
+    async def stream(self, req: WorkerGenerateRequest, trace_parent: Context | None = None
+                     ) -> AsyncIterator[bytes]:
         """SSE bytes; the first event is awaited here so that errors still become an HTTP status."""
-        events = aiter(self._events(req))
+        events = aiter(self._events(req, trace_parent))
         try:
             first = await anext(events)
         except StopAsyncIteration:
@@ -279,10 +319,13 @@ async def get_service(request: Request) -> WorkerService:  # async: no threadpoo
 Service = Annotated[WorkerService, Depends(get_service)]
 
 
-async def generate_route(body: WorkerGenerateRequest, service: Service) -> Response:
+async def generate_route(body: WorkerGenerateRequest, service: Service, request: Request) -> Response:
+    parent = tracing.extract(request.headers)  # the gateway's span, from its traceparent header
+    if body.stream and body.echo:
+        raise InvalidRequestError("echo is answered only without stream", param="echo")
     if body.stream:
-        return StreamingResponse(await service.stream(body), media_type="text/event-stream")
-    return JSONResponse((await service.generate(body)).model_dump())
+        return StreamingResponse(await service.stream(body, parent), media_type="text/event-stream")
+    return JSONResponse((await service.generate(body, parent)).model_dump())
 
 
 async def tokenize_route(body: WorkerTokenizeRequest, service: Service) -> dict:
@@ -435,6 +478,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="disk for materialised adapter versions and merges (least recently used go first)")
     p.add_argument("--drain-grace", type=float, default=float(os.environ.get("ADAPTERD_DRAIN_GRACE_S", 30.0)),
                    help="SIGTERM: seconds in-flight requests get to finish before they end with an error")
+    p.add_argument("--otlp-endpoint", default=None, help="send OpenTelemetry traces to this OTLP/HTTP base URL "
+                   "(default: $OTEL_EXPORTER_OTLP_ENDPOINT; neither: tracing off)")
     return p.parse_args(argv)
 
 
@@ -471,6 +516,7 @@ def main(argv: list[str] | None = None) -> None:
     from adapters_store.json_logging import configure
 
     configure("worker", logging.INFO)
+    tracing.configure("adapterd-worker", tracing.traces_url(args.otlp_endpoint))
     try:
         secret = load_secret()
     except ClusterSecretError as exc:

@@ -3,13 +3,11 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from fastapi import APIRouter
 from fastapi.responses import PlainTextResponse
 
 from server.auth import AdminTenant, CurrentTenant
-from server.dependencies import Adapters, Vllm
+from server.dependencies import Vllm
 from server.protocol import (
     DetokenizeRequest,
     DetokenizeResponse,
@@ -25,14 +23,12 @@ router = APIRouter(responses={"default": {"model": ErrorResponse}})
 
 
 @router.post("/tokenize", response_model=TokenizeResponse | list[dict])
-async def tokenize(body: TokenizeRequest, service: Vllm, adapters: Adapters, tenant: CurrentTenant):
-    await asyncio.to_thread(adapters.authorize, body.model, tenant)
+async def tokenize(body: TokenizeRequest, service: Vllm, tenant: CurrentTenant):
     return await service.tokenize(body, tenant)
 
 
 @router.post("/detokenize", response_model=DetokenizeResponse)
-async def detokenize(body: DetokenizeRequest, service: Vllm, adapters: Adapters, tenant: CurrentTenant):
-    await asyncio.to_thread(adapters.authorize, body.model, tenant)
+async def detokenize(body: DetokenizeRequest, service: Vllm, tenant: CurrentTenant):
     return DetokenizeResponse(prompt=await service.detokenize(body, tenant))
 
 

@@ -9,6 +9,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,7 +56,7 @@ class Proc:
 
 
 def start_worker(name: str, model: Path, redis_url: str, logs: Path, ttl: float = 2.0, *extra: str,
-                 data_dir: Path) -> Proc:
+                 data_dir: Path, env: dict[str, str] | None = None) -> Proc:
     """A worker process; `data_dir` is the gateway's (the store and the drop-in adapters/ it loads from)."""
     port = free_port()
     log = logs / f"{name}.log"
@@ -81,7 +83,8 @@ def start_worker(name: str, model: Path, redis_url: str, logs: Path, ttl: float 
         *extra,
     ]
     popen = subprocess.Popen(
-        args, cwd=ROOT, env=_env({"OMP_NUM_THREADS": "1"}), stdout=log.open("wb"), stderr=subprocess.STDOUT
+        args, cwd=ROOT, env=_env({"OMP_NUM_THREADS": "1", **(env or {})}), stdout=log.open("wb"),
+        stderr=subprocess.STDOUT
     )
     return Proc(name, f"http://127.0.0.1:{port}", popen, log)
 
@@ -147,3 +150,24 @@ def start_trainer(name: str, model: Path, redis_url: str, data_dir: Path, logs: 
     popen = subprocess.Popen(args, cwd=ROOT, env=_env({"OMP_NUM_THREADS": "1"}), stdout=log.open("wb"),
                              stderr=subprocess.STDOUT)
     return Proc(name, "", popen, log)
+
+
+@contextmanager
+def one_worker_cluster(redis_url: str, assets: tuple[Path, Path], logs: Path, worker_name: str,
+                       env: dict[str, str] | None = None, worker_args: tuple[str, ...] = (),
+                       gateway_env: dict[str, str] | None = None) -> Iterator[Cluster]:
+    """A gateway and one worker (`worker_name`, with `worker_args`) on the tiny model `assets` (model
+    folder, data dir), on a flushed Redis database; both processes get `env` added to theirs, the gateway
+    also `gateway_env`. Stopped on the way out."""
+    import redis
+
+    model, data = assets
+    redis.Redis.from_url(redis_url).flushdb()
+    worker = start_worker(worker_name, model, redis_url, logs, 2.0, *worker_args, data_dir=data, env=env)
+    gateway = start_gateway(redis_url, data, logs, **(env or {}), **(gateway_env or {}))
+    cluster = Cluster(gateway, [worker], data, redis_url, logs)
+    try:
+        wait_until(lambda: ready_workers(gateway.url) == 1, 300, "the worker", [gateway, worker])
+        yield cluster
+    finally:
+        cluster.stop()

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-import redis
-from serving_cluster import Cluster, ready_workers, start_gateway, start_worker, wait_until
+from serving_cluster import one_worker_cluster
 
 pytestmark = pytest.mark.timeout(600)
 VENV = Path(os.environ.get("ADAPTERD_LORAX_CLIENT_VENV", Path.home() / ".cache/adapterd/lorax-client-venv"))
@@ -65,18 +64,8 @@ def lorax_python() -> Path:
 
 @pytest.fixture(scope="module")
 def cluster(valkey, tiny_assets, tmp_path_factory):
-    model, data = tiny_assets
-    redis_url = f"{valkey.connection_url}/13"
-    redis.Redis.from_url(redis_url).flushdb()
-    logs = tmp_path_factory.mktemp("logs")
-    worker = start_worker("wl", model, redis_url, logs, data_dir=data)
-    gateway = start_gateway(redis_url, data, logs)
-    c = Cluster(gateway, [worker], data, redis_url, logs)
-    try:
-        wait_until(lambda: ready_workers(gateway.url) == 1, 300, "the worker", [gateway, worker])
+    with one_worker_cluster(f"{valkey.connection_url}/13", tiny_assets, tmp_path_factory.mktemp("logs"), "wl") as c:
         yield c
-    finally:
-        c.stop()
 
 
 def native(cluster, parameters: dict) -> dict:

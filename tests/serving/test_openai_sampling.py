@@ -8,9 +8,9 @@ import json
 import httpx
 import openai
 import pytest
-import redis
 import torch
-from serving_cluster import Cluster, ready_workers, start_gateway, start_worker, wait_until
+from otlp_collector import OtlpCollector
+from serving_cluster import one_worker_cluster, wait_until
 
 from adapters_store.coordination import WorkerGenerateRequest, WorkerSampling
 from server.protocol import ChatCompletionRequest
@@ -20,19 +20,18 @@ pytestmark = pytest.mark.timeout(180)
 
 
 @pytest.fixture(scope="module")
-def cluster(valkey, tiny_assets, tmp_path_factory):
-    model, data = tiny_assets
-    redis_url = f"{valkey.connection_url}/11"
-    redis.Redis.from_url(redis_url).flushdb()
-    logs = tmp_path_factory.mktemp("logs")
-    worker = start_worker("ws", model, redis_url, logs, data_dir=data)
-    gateway = start_gateway(redis_url, data, logs)
-    c = Cluster(gateway, [worker], data, redis_url, logs)
-    try:
-        wait_until(lambda: ready_workers(gateway.url) == 1, 300, "the worker", [gateway, worker])
+def collector():
+    with OtlpCollector() as c:
         yield c
-    finally:
-        c.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster(valkey, tiny_assets, tmp_path_factory, collector):
+    """Both processes trace to the collector stand-in (standard env; batches leave every 100 ms)."""
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": collector.url, "OTEL_BSP_SCHEDULE_DELAY": "100"}
+    with one_worker_cluster(f"{valkey.connection_url}/11", tiny_assets, tmp_path_factory.mktemp("logs"), "ws",
+                            env) as c:
+        yield c
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +75,35 @@ def test_completions_top_logprobs_equal_transformers(cluster, oai, hf):
             expected.setdefault(tok.decode([int(i)]), float(v))
         assert set(lp.top_logprobs[t]) == set(expected)  # the sampled (greedy) token is among them
         assert max(abs(lp.top_logprobs[t][k] - v) for k, v in expected.items()) <= 1e-4
+
+
+def test_echo_with_prompt_logprobs_equal_transformers_with_an_adapter(cluster, oai, hf, tiny_assets):
+    """echo + logprobs through an adapter: the prompt's tokens lead, the first with null, each next one with
+    the adapter model's log_softmax at its position (peft's as the oracle) and its top-3."""
+    from peft import PeftModel
+
+    model, tok = hf
+    peft_model = PeftModel.from_pretrained(model, tiny_assets[1] / "adapters" / "alpha").eval()
+    prompt = tok.encode("the quick brown fox jumps")
+    r = oai.completions.create(model="alpha", prompt=prompt, max_tokens=2, temperature=0, logprobs=3, echo=True,
+                               extra_body={"ignore_eos": True})
+    choice, n = r.choices[0], len(prompt)
+    assert choice.text.startswith(tok.decode(prompt)) and len(choice.logprobs.tokens) == n + 2
+    assert choice.logprobs.token_logprobs[0] is None and choice.logprobs.top_logprobs[0] is None
+    with torch.no_grad():
+        ref = torch.log_softmax(peft_model(torch.tensor([prompt])).logits[0], -1)  # [n, vocab]
+    for i in range(1, n):
+        assert abs(choice.logprobs.token_logprobs[i] - float(ref[i - 1, prompt[i]])) <= 1e-4
+        expected: dict[str, float] = {}
+        for t, v in zip(*ref[i - 1].topk(3)[::-1], strict=True):
+            expected.setdefault(tok.decode([int(t)]), float(v))
+        top = choice.logprobs.top_logprobs[i]
+        assert all(abs(top[k] - v) <= 1e-4 for k, v in expected.items()), (i, top, expected)
+    plain = oai.completions.create(model="alpha", prompt="say it twice", max_tokens=2, temperature=0, echo=True)
+    assert plain.choices[0].text.startswith("say it twice") and plain.choices[0].logprobs is None
+    r = httpx.post(cluster.url + "/v1/completions", json={"model": "alpha", "prompt": "x", "echo": True,
+                                                          "stream": True}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "echo"
 
 
 def test_chat_n_and_top_logprobs(cluster, oai):
@@ -149,6 +177,19 @@ def test_chat_bad_top_logprobs_400(cluster, extra, field):
     assert r.status_code == 400 and r.json()["error"]["param"] == field
 
 
+def test_tools_are_refused_naming_the_field_through_the_openai_package(cluster, oai):
+    """Function calling is not implemented: a clear 400 naming the field, never a silent plain answer."""
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+    ask = {"model": base_id(cluster), "messages": [{"role": "user", "content": "weather?"}], "max_tokens": 2}
+    with pytest.raises(openai.BadRequestError) as refused:
+        oai.chat.completions.create(**ask, tools=[tool])
+    assert refused.value.body["param"] == "tools"
+    with pytest.raises(openai.BadRequestError) as refused:
+        oai.chat.completions.create(**ask, tool_choice="required")
+    assert refused.value.body["param"] == "tool_choice"
+    assert oai.chat.completions.create(**ask, tool_choice="none").choices[0].finish_reason in ("stop", "length")
+
+
 def test_every_sampling_field_reaches_the_engine_params():
     """Gateway request → WorkerSampling → the engine's SamplingParams: no field dropped on the way."""
     from workers.service import _sampling
@@ -196,6 +237,43 @@ def test_request_id_reaches_the_worker_logs_and_the_response(cluster):
     assert wk["role"] == "worker" and wk["status"] == "ok" and wk["completion_tokens"] == 3 and wk["ttft_s"] > 0
     streamed = logged("gateway", made.headers["x-request-id"])
     assert streamed and streamed[0]["ttft_s"] > 0
+
+
+def _trace_of(collector, request_id: str) -> list[dict]:
+    """Every span of the trace whose gateway span carries `request_id`."""
+    spans = collector.received()
+    roots = [s for s in spans if s["attributes"].get("adapterd.request_id") == request_id
+             and s["service"] == "adapterd-gateway"]
+    return [s for s in spans if roots and s["trace_id"] == roots[0]["trace_id"]]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_one_trace_joins_the_gateway_and_worker_spans(cluster, collector, stream):
+    """Both real processes export OTLP to the stand-in; the worker's spans hang under the gateway's call
+    through the traceparent header (which the cluster signature leaves alone: the call is accepted)."""
+    rid = f"traced-{stream}"
+    body = {"model": base_id(cluster), "prompt": "hello", "max_tokens": 3, "temperature": 0, "ignore_eos": True,
+            "stream": stream}
+    r = httpx.post(cluster.url + "/v1/completions", json=body, headers={"X-Request-ID": rid}, timeout=60)
+    assert r.status_code == 200, r.text
+    phases = {"worker.generate", "worker.admission", "worker.first_token", "worker.decode"}
+    wait_until(lambda: {s["name"] for s in _trace_of(collector, rid)} >= phases | {"gateway.worker_call"}, 30,
+               "the spans of both processes")
+    spans = {s["name"]: s for s in _trace_of(collector, rid)}
+    by_id = {s["span_id"]: s for s in _trace_of(collector, rid)}
+    server, call = spans["gateway POST /v1/completions"], spans["gateway.worker_call"]
+    generate = spans["worker.generate"]
+    ancestors, at = [], call
+    while at["parent_span_id"] in by_id and len(ancestors) < 10:  # FastAPI's own spans may sit between
+        at = by_id[at["parent_span_id"]]
+        ancestors.append(at["span_id"])
+    assert call["service"] == "adapterd-gateway" and server["span_id"] in ancestors
+    assert generate["service"] == "adapterd-worker" and generate["parent_span_id"] == call["span_id"]
+    assert generate["attributes"]["adapterd.request_id"] == rid and generate["attributes"]["adapterd.status"] == "ok"
+    assert generate["attributes"]["adapterd.completion_tokens"] == 3
+    assert all(spans[p]["parent_span_id"] == generate["span_id"] for p in phases - {"worker.generate"})
+    worker_log = [e for e in json_lines(cluster.logs / "ws.log") if e.get("request_id") == rid]
+    assert worker_log and worker_log[0]["trace_id"] == server["trace_id"]  # logs and traces join too
 
 
 def test_every_response_status_is_counted(cluster):

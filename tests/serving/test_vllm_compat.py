@@ -6,8 +6,7 @@ import shutil
 
 import httpx
 import pytest
-import redis
-from serving_cluster import Cluster, ready_workers, start_gateway, start_worker, wait_until
+from serving_cluster import one_worker_cluster, wait_until
 
 pytestmark = pytest.mark.timeout(240)
 ADMIN, ALICE = "key-admin", "key-alice"
@@ -16,24 +15,17 @@ ADMIN, ALICE = "key-admin", "key-alice"
 @pytest.fixture(scope="module")
 def cluster(valkey, tiny_assets, tmp_path_factory):
     model, data = tiny_assets
-    redis_url = f"{valkey.connection_url}/12"
-    redis.Redis.from_url(redis_url).flushdb()
     root = tmp_path_factory.mktemp("vllm")
     logs = root / "logs"
     logs.mkdir()
     (root / "data" / "adapters").mkdir(parents=True)
     shutil.copytree(data / "adapters" / "alpha", root / "allowed" / "alpha")
     shutil.copytree(data / "adapters" / "alpha", root / "elsewhere" / "alpha")
-    worker = start_worker("wv", model, redis_url, logs, 2.0, "--max-seq", "384", data_dir=root / "data")
-    gateway = start_gateway(redis_url, root / "data", logs, ADAPTERD_BASE_MODEL_PATH=str(model),
-                            ADAPTERD_API_KEYS=f"{ALICE}:alice", ADAPTERD_ADMIN_KEYS=ADMIN,
-                            ADAPTERD_ADAPTER_ALLOW_DIRS=str(root / "allowed"))
-    c = Cluster(gateway, [worker], root, redis_url, logs)
-    try:
-        wait_until(lambda: ready_workers(gateway.url) == 1, 300, "the worker", [gateway, worker])
+    gateway_env = {"ADAPTERD_BASE_MODEL_PATH": str(model), "ADAPTERD_API_KEYS": f"{ALICE}:alice",
+                   "ADAPTERD_ADMIN_KEYS": ADMIN, "ADAPTERD_ADAPTER_ALLOW_DIRS": str(root / "allowed")}
+    with one_worker_cluster(f"{valkey.connection_url}/12", (model, root / "data"), logs, "wv",
+                            worker_args=("--max-seq", "384"), gateway_env=gateway_env) as c:
         yield c
-    finally:
-        c.stop()
 
 
 def call(cluster, method, path, key=ALICE, **kw) -> httpx.Response:
@@ -50,7 +42,7 @@ def complete(cluster, model: str) -> httpx.Response:
 
 
 def test_load_serve_unload_then_404(cluster):
-    allowed, elsewhere = cluster.data_dir / "allowed" / "alpha", cluster.data_dir / "elsewhere" / "alpha"
+    allowed, elsewhere = cluster.data_dir.parent / "allowed" / "alpha", cluster.data_dir.parent / "elsewhere" / "alpha"
     body = {"lora_name": "sql-lora", "lora_path": str(allowed)}
     assert call(cluster, "POST", "/v1/load_lora_adapter", json=body).status_code == 403  # a tenant key
     r = call(cluster, "POST", "/v1/load_lora_adapter", ADMIN, json=body | {"lora_path": str(elsewhere)})

@@ -11,6 +11,8 @@ probabilities are not a distribution (NaN logits) falls back to the argmax of it
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from workers.engine.logits_processors import process_row, uses_processors, warp_probs
@@ -75,9 +77,96 @@ def raw_logprobs(logits: torch.Tensor, tokens: list[int], params: list[SamplingP
     return logprobs, top
 
 
+CANDIDATE_SIZES = (64, 1024, 4096)  # top-k prefilters tried in turn before the full sort (the plain reference)
+
+
 def _sample_row(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
                 generator: torch.Generator | None, min_p: float = 0.0, typical_p: float = 1.0) -> int:
-    """logits: [vocab]."""
+    """logits: [vocab]. The fast path: the kept tokens found among a bounded top-k of candidates (no
+    full-vocabulary sort) and one inverse-CDF draw (no full multinomial); the same distribution as
+    `_sample_row_reference`, which it falls back to for warpers, ties at the top-k cut, top-p mass beyond
+    the largest prefilter, or a row that is not a distribution."""
+    if min_p > 0.0 or typical_p < 1.0:
+        return _sample_row_reference(logits, temperature, top_k, top_p, generator, min_p, typical_p)
+    kept = kept_candidates(logits, temperature, top_k, top_p)
+    if kept is None:
+        return _sample_row_reference(logits, temperature, top_k, top_p, generator)
+    ids, weights = kept
+    return _draw(weights, generator) if ids is None else int(ids[_draw(weights, generator)])
+
+
+def kept_candidates(logits: torch.Tensor, temperature: float, top_k: int, top_p: float
+                    ) -> tuple[torch.Tensor | None, torch.Tensor] | None:
+    """logits: [vocab] → (token ids [C], or None for the whole vocabulary; their weights [C], the most
+    likely first): what temperature → top-k → top-p keep, as `kept_probs_reference` decides it. None when
+    a bounded top-k cannot decide it (the caller takes the reference). Few passes over the vocabulary: one
+    top-k of the logits, and for top-p one sum for the normaliser."""
+    vocab = logits.shape[-1]
+    if top_p >= 1.0 and not 0 < top_k < vocab:
+        probs = tempered_probs(logits, temperature)  # [vocab]: the whole distribution is kept
+        return (None, probs) if bool(torch.isfinite(probs).all()) else None
+    if top_k > 0:
+        return _top_k_kept(logits, top_k, temperature, top_p) if top_k <= CANDIDATE_SIZES[-1] \
+            and top_k + 1 < vocab else None
+    log_norm = None
+    for size in CANDIDATE_SIZES:
+        if size + 1 >= vocab:
+            return None
+        values, ids = logits.topk(size + 1)  # [size+1] logits, most likely first (a NaN comes first)
+        if log_norm is None:
+            log_norm = _log_normaliser(logits, values[0], temperature)
+            if not math.isfinite(log_norm):
+                return None
+        probs = ((values - values[0]) / temperature - log_norm).exp()  # [size+1]: as tempered_probs's
+        kept = _top_p_prefix(probs, ids, top_p, complete=False)
+        if kept is not None:
+            return kept
+    return None
+
+
+def _log_normaliser(logits: torch.Tensor, top: torch.Tensor, temperature: float) -> float:
+    """log Σ exp((logits − top) / temperature): softmax's denominator (NaN or inf for a broken row)."""
+    return math.log(float(torch.sub(logits, top).div_(temperature).exp_().sum()))
+
+
+def _top_k_kept(logits: torch.Tensor, top_k: int, temperature: float, top_p: float
+                ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    values, ids = logits.topk(top_k + 1)  # [k+1]
+    if not bool(torch.isfinite(values[0])) or values[top_k] == values[top_k - 1]:
+        return None  # a broken row, or a tie at the cut (the reference keeps every tied token)
+    probs = torch.softmax((values[:top_k] - values[0]) / temperature, dim=-1)  # over the top-k, as the reference
+    return (ids[:top_k], probs) if top_p >= 1.0 else _top_p_prefix(probs, ids[:top_k], top_p, complete=True)
+
+
+def _top_p_prefix(values: torch.Tensor, ids: torch.Tensor, top_p: float, complete: bool
+                  ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """values: [C] sorted descending (the first C of the distribution; `complete`: all of it) → the
+    smallest prefix whose mass reaches top_p (at least the first), or None when it may run past C or a
+    tie sits at its cut (where the reference's sort order decides)."""
+    before = values.cumsum(0) - values  # [C] mass strictly above each candidate
+    keep = max(int((before < top_p).sum()), 1)
+    if keep == len(values):
+        return (ids, values) if complete else None
+    if values[keep] == values[keep - 1]:
+        return None
+    return ids[:keep], values[:keep]
+
+
+def _draw(weights: torch.Tensor, generator: torch.Generator | None) -> int:
+    """An index with probability weights[i] / sum (weights: [C] ≥ 0, some > 0): one uniform number, one
+    cumulative sum, one binary search; an index with weight 0 is never drawn."""
+    cdf = weights.cumsum(0)  # [C]
+    u = torch.rand(1, generator=generator, dtype=cdf.dtype) * cdf[-1]
+    index = min(int(torch.searchsorted(cdf, u, right=True)), len(cdf) - 1)
+    while weights[index] <= 0:  # u rounded up to the total: the last token with any weight
+        index -= 1
+    return index
+
+
+def kept_probs_reference(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+                         min_p: float = 0.0, typical_p: float = 1.0) -> torch.Tensor:
+    """logits: [vocab] → the kept tokens' probabilities [vocab] (dropped ones 0; not re-normalised after
+    top-p): temperature → top-k → top-p by a full sort → min-p / typical-p. The plain reference."""
     if 0 < top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -91,6 +180,13 @@ def _sample_row(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
     if min_p > 0.0 or typical_p < 1.0:
         probs = warp_probs(probs, min_p, typical_p)
+    return probs
+
+
+def _sample_row_reference(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+                          generator: torch.Generator | None, min_p: float = 0.0, typical_p: float = 1.0) -> int:
+    """logits: [vocab]. The plain reference: the kept probabilities, one multinomial over the vocabulary."""
+    probs = kept_probs_reference(logits, temperature, top_k, top_p, min_p, typical_p)
     if not bool(torch.isfinite(probs).all()) or float(probs.sum()) <= 0:
         return int(torch.nan_to_num(logits, nan=float("-inf")).argmax())
     return int(torch.multinomial(probs, 1, generator=generator))

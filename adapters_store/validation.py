@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import PurePosixPath
@@ -124,7 +124,8 @@ def validate_lora(files: dict[str, bytes], base: BaseModelSpec, limits: UploadLi
         shapes, finite = _compeft_shapes(weights)
     else:
         shapes, finite = _safetensors_shapes(weights)
-    modules = _check_modules(shapes, base, limits.max_rank)
+    modules = check_lora_modules({n: shape for n, (shape, _) in shapes.items()}, base.target_shapes(),
+                                 base.num_layers, limits.max_rank)
     if not finite:
         raise IncompatibleAdapterError("the adapter's tensors hold non-finite values (NaN or inf)")
     rank = max(r for r, _ in modules.values())
@@ -212,21 +213,22 @@ def _compeft_shapes(data: bytes) -> tuple[dict[str, tuple[tuple[int, ...], str]]
     return {t.name: (t.shape, "F32") for t in packed.layout}, bool(np.isfinite(packed.scales).all())
 
 
-def _check_modules(shapes: dict[str, tuple[tuple[int, ...], str]], base: BaseModelSpec,
-                   max_rank: int) -> dict[tuple[int, str], tuple[int, str]]:
-    """(layer, target) → (rank, target) for every complete A/B pair that fits the base."""
-    fits = base.target_shapes()
+def check_lora_modules(shapes: Mapping[str, tuple[int, ...]], fits: Mapping[str, tuple[int, int]],
+                       num_layers: int, max_rank: int) -> dict[tuple[int, str], tuple[int, str]]:
+    """The one LoRA key/shape check (the store's uploads and the worker's folders): tensor name → shape in,
+    (layer, target) → (rank, target) out for every complete A/B pair that fits the base, whose linears have
+    `fits` (in, out) features and `num_layers` layers."""
     pairs: dict[tuple[int, str], dict[str, tuple[int, ...]]] = {}
-    for key, (shape, _) in shapes.items():
+    for key, shape in shapes.items():
         m = LORA_KEY.search(key)
         if m is None:
             raise IncompatibleAdapterError(f"unsupported tensor {key!r}: only lora_A/lora_B of {', '.join(TARGETS)}")
         layer, target, which = int(m.group(1)), m.group(2), m.group(3)
         if target not in fits:
             raise IncompatibleAdapterError(f"{key}: unsupported target module {target!r}")
-        if layer >= base.num_layers:
-            raise IncompatibleAdapterError(f"{key}: layer {layer} but the base has {base.num_layers} layers")
-        pairs.setdefault((layer, target), {})[which] = shape
+        if layer >= num_layers:
+            raise IncompatibleAdapterError(f"{key}: layer {layer} but the base has {num_layers} layers")
+        pairs.setdefault((layer, target), {})[which] = tuple(shape)
     if not pairs:
         raise IncompatibleAdapterError("the adapter holds no LoRA tensors")
     modules = {}
@@ -241,6 +243,7 @@ def _check_modules(shapes: dict[str, tuple[tuple[int, ...], str]], base: BaseMod
                 f"layers.{layer}.{target}: lora_A {list(a)} / lora_B {list(b)} do not fit the base "
                 f"(expected [r, {fan_in}] and [{fan_out}, r]): an adapter for another base model?")
         if not 1 <= r <= max_rank:
-            raise IncompatibleAdapterError(f"layers.{layer}.{target}: rank {r} is outside 1..{max_rank} (the rank cap)")
+            raise IncompatibleAdapterError(
+                f"layers.{layer}.{target}: rank {r} is outside 1..{max_rank} (max_rank, the rank cap)")
         modules[(layer, target)] = (r, target)
     return modules

@@ -23,6 +23,7 @@ from pathlib import PurePosixPath
 import numpy as np
 
 from adapters_store import bounded_json, compeft, safetensors_file
+from adapters_store.adapter_kind import StoreKind
 from adapters_store.archives import ArchiveLimits, checked_member_name, is_archive, unpack
 from adapters_store.base_model import TARGETS, BaseModelSpec
 from adapters_store.errors import AdapterTooLargeError, IncompatibleAdapterError, InvalidAdapterError
@@ -247,3 +248,9 @@ def check_lora_modules(shapes: Mapping[str, tuple[int, ...]], fits: Mapping[str,
                 f"layers.{layer}.{target}: rank {r} is outside 1..{max_rank} (max_rank, the rank cap)")
         modules[(layer, target)] = (r, target)
     return modules
+
+
+# a PEFT LoRA folder; "compeft": its weights ComPEFT-compressed. The fallback kind: files that say they are
+# no other kind are checked as a LoRA (so that a bad upload meets the LoRA checks' messages).
+STORE_KIND = StoreKind(names=("lora", "compeft"), matches=lambda files: True,
+                       validate=lambda files, base, limits, kind: validate_lora(dict(files), base, limits, kind))

@@ -35,6 +35,7 @@ def target_shapes(cfg: DecoderConfig) -> dict[str, tuple[int, int]]:
 class LoRAWeights:
     """One adapter: per (layer, target) the pair (A [r, in], B [out, r]) and its scale."""
 
+    kind = "lora"  # held by the LoRA kind's device (workers.adapters.lora_kind)
     rank: int  # the largest rank of any module
     alpha: float
     use_rslora: bool
@@ -50,6 +51,10 @@ class LoRAWeights:
     @property
     def nbytes(self) -> int:
         return sum(a.nbytes + b.nbytes for a, b in self.modules.values())
+
+    @property
+    def parts(self) -> tuple[LoRAWeights]:
+        return (self,)
 
 
 def read_config(folder: Path) -> dict:
@@ -125,6 +130,7 @@ class LoRASource:
     rank: int
     targets: frozenset[str]
     kind = "lora"
+    fusable = True
 
     @property
     def nbytes(self) -> int:

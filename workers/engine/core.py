@@ -13,17 +13,15 @@ from pathlib import Path
 
 import torch
 
-from workers.adapters.combined import AdapterWeights, is_combined_folder, read_combined
-from workers.adapters.compeft import is_compeft_folder, read_compeft
+from workers.adapters import kinds
 from workers.adapters.fusion import FusionController
-from workers.adapters.lora import read_lora
-from workers.adapters.manager import AdapterManager, AdapterSource
+from workers.adapters.kind import DecodedAdapter, HostAdapter, ReadContext
+from workers.adapters.manager import AdapterManager
 from workers.adapters.medusa import MedusaWeights, is_medusa_folder, read_medusa
-from workers.adapters.s2ft import is_s2ft_folder, read_s2ft
 from workers.engine.config import EngineConfig
 from workers.engine.detokenizer import IncrementalText
 from workers.engine.logits_processors import decodes_plainly
-from workers.engine.runner import ModelRunner
+from workers.engine.runner import DecodeRow, ModelRunner, PromptChunk
 from workers.engine.sampler import choose
 from workers.engine.scheduler import Scheduler
 from workers.engine.sequence import Sequence
@@ -33,7 +31,6 @@ from workers.engine.types import GenerationRequest, TokenEvent
 from workers.errors import (
     AdapterdError,
     AdapterNotFoundError,
-    AdapterValidationError,
     InvalidRequestError,
     PromptTooLongError,
     RequestFailedError,
@@ -56,8 +53,7 @@ class EngineCore:
         self.runner = ModelRunner(cfg)
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.model_path)
         self.model_id = cfg.model_id or Path(cfg.model_path).name
-        self.adapters = AdapterManager(self.runner.config, self.runner.bank, self.runner.s2ft, cfg.max_loras,
-                                       cfg.host_cache_bytes)
+        self.adapters = AdapterManager(self.runner.config, self.runner.devices, cfg.host_cache_bytes)
         self.scheduler = Scheduler(cfg, self.runner.kv, self.adapters)
         self.fusion = FusionController(self.runner.model, self.adapters, cfg.fusion, lambda: self.scheduler.running)
         self.speculator = Speculator(cfg.medusa_tree, cfg.medusa_max_batch, cfg.medusa_epsilon, cfg.medusa_delta,
@@ -70,28 +66,15 @@ class EngineCore:
         self.by_id: dict[str, list[Sequence]] = {}  # request id → its sequences (n completions)
         self.failures: list[tuple[Sequence, Exception]] = []  # see take_failures()
 
-    def read_adapter(self, folder: str | Path) -> tuple[AdapterSource, AdapterWeights]:
-        """Reads and validates an adapter folder (PEFT LoRA, ComPEFT-compressed LoRA, S²FT, or a combined
-        LoRA + S²FT merge) against the base (thread-safe; touches no state). Returns what the host cache
-        keeps and the decoded weights."""
+    def read_adapter(self, folder: str | Path) -> tuple[HostAdapter, DecodedAdapter]:
+        """Reads and validates an adapter folder of any registered kind (`workers.adapters.kinds`: PEFT LoRA,
+        ComPEFT-compressed LoRA, S²FT, a combined LoRA + S²FT merge) against the base (thread-safe; touches
+        no state). Returns what the host cache keeps and the decoded weights."""
         folder = Path(folder)
-        if folder.is_dir() and is_s2ft_folder(folder):
-            return read_s2ft(folder, self.runner.config)
-        if folder.is_dir() and is_combined_folder(folder):
-            source, weights = read_combined(folder, self.runner.config, self.cfg.max_rank)
-            self._check_lora_targets(source.lora.targets)
-            return source, weights
-        read = read_compeft if folder.is_dir() and is_compeft_folder(folder) else read_lora
-        source, weights = read(folder, self.runner.config, self.cfg.max_rank)
-        self._check_lora_targets(source.targets)
-        return source, weights
+        ctx = ReadContext(self.runner.config, self.cfg.max_rank, self.cfg.lora_targets)
+        return kinds.for_folder(folder).read(folder, ctx)
 
-    def _check_lora_targets(self, targets: frozenset[str]) -> None:
-        missing = targets - set(self.cfg.lora_targets)
-        if missing:
-            raise AdapterValidationError(f"target modules {sorted(missing)} are not enabled on this worker")
-
-    def load_adapter(self, name: str, folder: str | Path) -> AdapterSource:
+    def load_adapter(self, name: str, folder: str | Path) -> HostAdapter:
         """Registers in the host cache; the decoded weights are staged, since a request usually follows.
         Medusa heads in a `medusa/` subfolder are attached to the adapter."""
         source, weights = self.read_adapter(folder)
@@ -317,11 +300,12 @@ class EngineCore:
                  drafts: list[Draft]) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits [rows, vocab] and hidden states [rows, hidden]: plain decode rows, prompts that end, then
         every node of each tree."""
-        decode = [(s.kv_slot, s.num_cached, s.last_token, s.placement) for s in plain]
-        chunks = [(s.kv_slot, s.num_cached, list(s.prompt[s.num_cached:s.num_cached + n]),
-                   s.num_cached + n == len(s.prompt), s.placement) for s, n in prefill]
+        decode = [DecodeRow(s.kv_slot, s.num_cached, s.last_token, s.placement) for s in plain]
+        chunks = [PromptChunk(s.kv_slot, s.num_cached, list(s.prompt[s.num_cached:s.num_cached + n]),
+                              s.num_cached + n == len(s.prompt), s.placement) for s, n in prefill]
         layout = self.speculator.tree.layout
-        chunks += [(d.seq.kv_slot, d.seq.num_cached, d.tokens, True, d.seq.placement, layout) for d in drafts]
+        chunks += [PromptChunk(d.seq.kv_slot, d.seq.num_cached, d.tokens, True, d.seq.placement, layout)
+                   for d in drafts]
         return self.runner.forward(decode, chunks, with_hidden=True)
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor,

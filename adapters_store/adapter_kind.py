@@ -22,6 +22,10 @@ class StoreKind:
     matches: Callable[[Files], bool]  # do these files say they are this kind?
     # (files, base, limits, kind given or None) → the checked adapter; any problem → a StoreError
     validate: Callable[[Files, BaseModelSpec, UploadLimits, str | None], ValidatedAdapter]
+    # stored ComPEFT-compressed files → the plain folder a user downloads; None: not compressible
+    dense_files: Callable[[Files], dict[str, bytes]] | None = None
+    compressed_name: str | None = None  # the kind a compressed copy is recorded as (None: its own name)
+    heads: bool = False  # speculative heads: attached to an adapter version (or the base), never a model
 
     @property
     def name(self) -> str:

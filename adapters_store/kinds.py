@@ -20,6 +20,19 @@ def register(kind: StoreKind) -> StoreKind:
     return kind
 
 
+def by_name(name: str) -> StoreKind:
+    """The kind a manifest or request names (any of its names: "compeft" is the LoRA kind)."""
+    found = next((kind for kind in (FALLBACK, *_REGISTERED) if name in kind.names), None)
+    if found is None:
+        raise InvalidAdapterError(f"kind {name!r} is not one of {', '.join(kind_names())}", param="kind")
+    return found
+
+
+def are_heads(name: str) -> bool:
+    """Is a kind of this name speculative heads (attached to an adapter or the base, never a model)?"""
+    return any(name in kind.names and kind.heads for kind in (FALLBACK, *_REGISTERED))
+
+
 def kind_names() -> tuple[str, ...]:
     return tuple(name for kind in (FALLBACK, *_REGISTERED) for name in kind.names)
 

@@ -149,4 +149,4 @@ def validate_upload(files: dict[str, bytes], base: BaseModelSpec) -> ValidatedAd
 
 
 STORE_KIND = StoreKind(names=(KIND,), matches=is_medusa_upload,
-                       validate=lambda files, base, limits, kind: validate_upload(dict(files), base))
+                       validate=lambda files, base, limits, kind: validate_upload(dict(files), base), heads=True)

@@ -273,4 +273,5 @@ def validate_upload(files: Mapping[str, bytes], base: BaseShape) -> ValidatedAda
 
 
 STORE_KIND = StoreKind(names=("s2ft",), matches=lambda files: CONFIG_FILE in files,
-                       validate=lambda files, base, limits, kind: validate_upload(files, base))
+                       validate=lambda files, base, limits, kind: validate_upload(files, base),
+                       dense_files=lambda files: dense_files(files[CONFIG_FILE], read_arrays(files)))

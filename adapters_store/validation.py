@@ -253,4 +253,11 @@ def check_lora_modules(shapes: Mapping[str, tuple[int, ...]], fits: Mapping[str,
 # a PEFT LoRA folder; "compeft": its weights ComPEFT-compressed. The fallback kind: files that say they are
 # no other kind are checked as a LoRA (so that a bad upload meets the LoRA checks' messages).
 STORE_KIND = StoreKind(names=("lora", "compeft"), matches=lambda files: True,
-                       validate=lambda files, base, limits, kind: validate_lora(dict(files), base, limits, kind))
+                       validate=lambda files, base, limits, kind: validate_lora(dict(files), base, limits, kind),
+                       dense_files=lambda files: dense_lora_files(files), compressed_name="compeft")
+
+
+def dense_lora_files(files: Mapping[str, bytes]) -> dict[str, bytes]:
+    """A ComPEFT-compressed LoRA's stored files → a PEFT folder with dense float32 safetensors."""
+    dense = safetensors_file.write_tensors(compeft.decode(files[compeft.FILENAME]).to_dense())
+    return {CONFIG_NAME: files[CONFIG_NAME], SAFETENSORS_NAME: dense}

@@ -19,7 +19,6 @@ from workers.errors import AdapterBusyError, AdapterNotFoundError, CapacityError
 from workers.model.config import DecoderConfig
 
 MAX_STAGED = 4  # decoded adapters waiting for admission (each is a full fp32 copy)
-AdapterSource = HostAdapter  # one adapter in the host cache, in its stored form
 
 
 @dataclass(frozen=True)
@@ -47,7 +46,7 @@ class AdapterManager:
         self.base, self.devices = base, devices  # kind name → its device (`kinds.attach_devices`)
         self.host_budget_bytes = host_budget_bytes
         self.on_evict = on_evict
-        self.host: OrderedDict[str, AdapterSource] = OrderedDict()  # LRU order
+        self.host: OrderedDict[str, HostAdapter] = OrderedDict()  # LRU order
         self.device: OrderedDict[str, DevicePlacement] = OrderedDict()  # LRU order; device ⊆ host
         self.pins: Counter[str] = Counter()  # requests in the engine (waiting or running)
         self.refs: Counter[str] = Counter()  # running rows using the device copy
@@ -58,7 +57,7 @@ class AdapterManager:
         self.before_drop: Callable[[str], None] = lambda name: None  # the fusion controller unfuses here
 
     # host tier -------------------------------------------------------------------------------
-    def register(self, name: str, source: AdapterSource) -> None:
+    def register(self, name: str, source: HostAdapter) -> None:
         """Adds or replaces an adapter; evicts unpinned LRU entries to stay within the byte budget."""
         for device in self.devices.values():
             device.check(source)
@@ -107,7 +106,7 @@ class AdapterManager:
         return sum(s.nbytes for s in self.host.values())
 
     # device tier -----------------------------------------------------------------------------
-    def needs_decode(self, name: str) -> AdapterSource | None:
+    def needs_decode(self, name: str) -> HostAdapter | None:
         """The source to decode ahead of admission, or None when it is on device or staged already."""
         if name in self.device or name in self.staged:
             return None

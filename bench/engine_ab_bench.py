@@ -86,7 +86,7 @@ def main() -> None:
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--tree", help=argparse.SUPPRESS)
     ap.add_argument("--model", help="HF folder (default: SmolLM2-135M-Instruct, converted once)")
-    ap.add_argument("--adapters", help=argparse.SUPPRESS)
+    ap.add_argument("--adapters", help="a folder of PEFT LoRA folders to reuse (default: made afresh)")
     args = ap.parse_args()
     if args.child:
         return child(args)
@@ -97,8 +97,11 @@ def main() -> None:
     from workers.model.default_model import ensure_default_model
 
     model = Path(args.model) if args.model else ensure_default_model()
-    adapters = Path(tempfile.mkdtemp(prefix="engine-ab-"))
-    make_adapters(model, adapters, args.batch, args.rank)
+    if args.adapters:
+        adapters = Path(args.adapters)
+    else:
+        adapters = Path(tempfile.mkdtemp(prefix="engine-ab-"))
+        make_adapters(model, adapters, args.batch, args.rank)
     trees = {"old": str(Path(args.old).resolve()), "new": str(HERE)}
     rounds: dict[str, list[dict[str, float]]] = {"old": [], "new": []}
     loads = []

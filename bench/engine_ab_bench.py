@@ -6,7 +6,8 @@ The own-engine workloads of `bench/engine_bench.py` — (a1) base model batch 1,
 requests on 16 distinct LoRAs — on SmolLM2-135M, greedy, each request decoding exactly `--new-tokens`. Each
 round runs every checkout once, in a fresh process (its own `workers` package first on sys.path), old and
 new alternating, so that a machine shared with other work loads both alike. Reports per-checkout medians over
-the rounds (each round: the median of `--runs` timings) and new/old ratios, with the load average.
+the rounds (each round: the median of `--runs` timings) and new/old ratios, with the load average. The
+workloads keep engine_bench's names; their batch is `--batch` (16 there).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def child(args: argparse.Namespace) -> None:
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(100, 49052, (T,), generator=gen).tolist() for _ in range(B)]
     core = EngineCore(EngineConfig(model_path=args.model, max_batch=B, max_seq=T + N + 8, max_loras=B,
-                                   max_rank=args.rank), tokenizer=tokenizer)
+                                   max_rank=args.rank, lora_kernel=args.lora_kernel), tokenizer=tokenizer)
     adapters = sorted(Path(args.adapters).iterdir())[:B]
     for i, path in enumerate(adapters):
         core.load_adapter(f"lora{i}", path)
@@ -66,7 +67,7 @@ def run_child(tree: str, args: argparse.Namespace, model: Path, adapters: Path) 
     cmd = [sys.executable, __file__, "--child", "--tree", tree, "--model", str(model), "--adapters", str(adapters),
            "--threads", str(args.threads), "--prompt-tokens", str(args.prompt_tokens),
            "--new-tokens", str(args.new_tokens), "--batch", str(args.batch), "--rank", str(args.rank),
-           "--runs", str(args.runs)]
+           "--runs", str(args.runs), "--lora-kernel", args.lora_kernel]
     env = {**os.environ, "PYTHONPATH": tree}
     out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True, cwd=tree)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -82,6 +83,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--lora-kernel", default="auto", help="auto (measured per process: noisy on a loaded box) | fast")
     ap.add_argument("--out", default=str(HERE / "bench" / "results" / "engine_ab_bench.json"))
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--tree", help=argparse.SUPPRESS)
@@ -113,7 +115,8 @@ def main() -> None:
     medians = {name: {w: statistics.median(r[w] for r in rs) for w in WORKLOADS} for name, rs in rounds.items()}
     ratios = {f"{w} new/old": medians["new"][w] / medians["old"][w] for w in WORKLOADS}
     result = {"trees": trees, "settings": {k: getattr(args, k) for k in ("rounds", "runs", "threads", "prompt_tokens",
-                                                                          "new_tokens", "batch", "rank")},
+                                                                          "new_tokens", "batch", "rank",
+                                                                          "lora_kernel")},
               "tokens_per_s_median": medians, "ratios": ratios, "rounds": rounds,
               "load_average_1min": {"min": min(loads), "median": statistics.median(loads), "max": max(loads)},
               "cpus": os.cpu_count()}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from adapters_store import kinds
 from adapters_store.base_model import BaseModelSpec
 from adapters_store.errors import InvalidAdapterError
 from adapters_store.kinds import validate_upload
@@ -52,7 +53,7 @@ def prepare(uploads: list[UploadedFile], base: BaseModelSpec, limits: UploadLimi
     adapter = validate_upload(collect_files(uploads, limits), base, limits, kind)
     files = adapter.files
     if compression is not None:
-        if adapter.kind == "medusa":
+        if kinds.by_name(adapter.kind).dense_files is None:
             raise InvalidAdapterError("Medusa heads are stored as uploaded; compression is for LoRA and S²FT",
                                       param="compression")
         if adapter.compress is None:
@@ -63,7 +64,8 @@ def prepare(uploads: list[UploadedFile], base: BaseModelSpec, limits: UploadLimi
 
 def _draft(adapter: ValidatedAdapter, base: BaseModelSpec, name: str, owner: str, public: bool,
            compression: CompressionRequest | None) -> Manifest:
-    kind = "compeft" if compression is not None and adapter.kind == "lora" else adapter.kind
+    compressed_name = kinds.by_name(adapter.kind).compressed_name
+    kind = compressed_name if compression is not None and compressed_name else adapter.kind
     return Manifest(
         name=name,
         version=0,

@@ -11,11 +11,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from adapters_store import compeft, s2ft_format, safetensors_file
+from adapters_store import compeft, kinds
 from adapters_store.errors import AdapterNotFoundError
 from adapters_store.manifest import Manifest
 from adapters_store.registry import AdapterStore
-from adapters_store.validation import CONFIG_NAME, SAFETENSORS_NAME
 
 
 def download_files(store: AdapterStore, manifest: Manifest) -> dict[str, bytes]:
@@ -23,10 +22,7 @@ def download_files(store: AdapterStore, manifest: Manifest) -> dict[str, bytes]:
     files = stored_files(store, manifest)
     if compeft.FILENAME not in files:
         return files
-    if manifest.kind == "s2ft":
-        return s2ft_format.dense_files(files[s2ft_format.CONFIG_FILE], s2ft_format.read_arrays(files))
-    dense = safetensors_file.write_tensors(compeft.decode(files[compeft.FILENAME]).to_dense())
-    return {CONFIG_NAME: files[CONFIG_NAME], SAFETENSORS_NAME: dense}
+    return kinds.by_name(manifest.kind).dense_files(files)
 
 
 def stored_files(store: AdapterStore, manifest: Manifest) -> dict[str, bytes]:

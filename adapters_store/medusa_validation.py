@@ -19,6 +19,7 @@ from typing import Protocol
 import numpy as np
 
 from adapters_store import bounded_json, safetensors_file
+from adapters_store.adapter_kind import StoreKind
 from adapters_store.base_model import BaseModelSpec
 from adapters_store.errors import IncompatibleAdapterError, InvalidAdapterError
 from adapters_store.validation import ValidatedAdapter
@@ -145,3 +146,7 @@ def validate_upload(files: dict[str, bytes], base: BaseModelSpec) -> ValidatedAd
     return ValidatedAdapter(kind=KIND, files=dict(files), weights_name=WEIGHTS_NAME, rank=0, alpha=0.0,
                             use_rslora=False, targets=(), layers=info.num_heads, dense_bytes=info.dense_bytes,
                             compress=None)
+
+
+STORE_KIND = StoreKind(names=(KIND,), matches=is_medusa_upload,
+                       validate=lambda files, base, limits, kind: validate_upload(dict(files), base), heads=True)

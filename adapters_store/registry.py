@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import replace
 
+from adapters_store import kinds
 from adapters_store.backends import StoreBackend
 from adapters_store.errors import AdapterNotFoundError, NameConflictError, StoreCorruptionError
 from adapters_store.manifest import NAME_PATTERN, FileEntry, Manifest, tombstone
@@ -165,7 +166,7 @@ class AdapterStore:
         """The Medusa heads attached to `adapter_ref` (None: the base), if they still exist."""
         raw = self.backend.read(heads_key(adapter_ref))
         heads = self.resolve(raw.decode()) if raw else None
-        return heads if heads is not None and heads.kind == "medusa" and heads.attach_to == adapter_ref else None
+        return heads if heads is not None and kinds.are_heads(heads.kind) and heads.attach_to == adapter_ref else None
 
     def read_file(self, manifest: Manifest, filename: str) -> bytes:
         entry = manifest.files[filename]

@@ -46,6 +46,7 @@ from typing import Protocol
 import numpy as np
 
 from adapters_store import bounded_json, compeft, safetensors_file
+from adapters_store.adapter_kind import StoreKind
 from adapters_store.errors import IncompatibleAdapterError, InvalidAdapterError
 from adapters_store.validation import ValidatedAdapter
 
@@ -269,3 +270,8 @@ def validate_upload(files: Mapping[str, bytes], base: BaseShape) -> ValidatedAda
         dense_bytes=4 * trainable_params(updates),
         compress=None if packed else partial(compressed_files, config_bytes, tensors),
     )
+
+
+STORE_KIND = StoreKind(names=("s2ft",), matches=lambda files: CONFIG_FILE in files,
+                       validate=lambda files, base, limits, kind: validate_upload(files, base),
+                       dense_files=lambda files: dense_files(files[CONFIG_FILE], read_arrays(files)))

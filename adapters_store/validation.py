@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import PurePosixPath
@@ -23,6 +23,7 @@ from pathlib import PurePosixPath
 import numpy as np
 
 from adapters_store import bounded_json, compeft, safetensors_file
+from adapters_store.adapter_kind import StoreKind
 from adapters_store.archives import ArchiveLimits, checked_member_name, is_archive, unpack
 from adapters_store.base_model import TARGETS, BaseModelSpec
 from adapters_store.errors import AdapterTooLargeError, IncompatibleAdapterError, InvalidAdapterError
@@ -200,7 +201,7 @@ def _check_weights(weights_name: str, weights: Buffer, base: BaseModelSpec, max_
     if weights_name == compeft.FILENAME:
         packed = compeft.decode(weights)
         shapes = {t.name: (t.shape, "F32") for t in packed.layout}
-        modules = _check_modules(shapes, base, max_rank)
+        modules = _lora_modules(shapes, base, max_rank)
         finite = bool(np.isfinite(packed.scales).all())
     else:
         header = safetensors_file.read_header(weights)
@@ -208,28 +209,35 @@ def _check_weights(weights_name: str, weights: Buffer, base: BaseModelSpec, max_
             if info.dtype not in safetensors_file.FLOAT_DTYPES:
                 raise IncompatibleAdapterError(f"{info.name}: dtype {info.dtype} is not floating point")
         shapes = {n: (i.shape, i.dtype) for n, i in header.tensors.items()}
-        modules = _check_modules(shapes, base, max_rank)
+        modules = _lora_modules(shapes, base, max_rank)
         finite = safetensors_file.all_finite(weights, header)
     if not finite:
         raise IncompatibleAdapterError("the adapter's tensors hold non-finite values (NaN or inf)")
     return shapes, modules
 
 
-def _check_modules(shapes: dict[str, tuple[tuple[int, ...], str]], base: BaseModelSpec,
-                   max_rank: int) -> dict[tuple[int, str], tuple[int, str]]:
-    """(layer, target) → (rank, target) for every complete A/B pair that fits the base."""
-    fits = base.target_shapes()
+def _lora_modules(shapes: dict[str, tuple[tuple[int, ...], str]], base: BaseModelSpec, max_rank: int
+                  ) -> dict[tuple[int, str], tuple[int, str]]:
+    return check_lora_modules({n: shape for n, (shape, _) in shapes.items()}, base.target_shapes(),
+                              base.num_layers, max_rank)
+
+
+def check_lora_modules(shapes: Mapping[str, tuple[int, ...]], fits: Mapping[str, tuple[int, int]],
+                       num_layers: int, max_rank: int) -> dict[tuple[int, str], tuple[int, str]]:
+    """The one LoRA key/shape check (the store's uploads and the worker's folders): tensor name → shape in,
+    (layer, target) → (rank, target) out for every complete A/B pair that fits the base, whose linears have
+    `fits` (in, out) features and `num_layers` layers."""
     pairs: dict[tuple[int, str], dict[str, tuple[int, ...]]] = {}
-    for key, (shape, _) in shapes.items():
+    for key, shape in shapes.items():
         m = LORA_KEY.search(key)
         if m is None:
             raise IncompatibleAdapterError(f"unsupported tensor {key!r}: only lora_A/lora_B of {', '.join(TARGETS)}")
         layer, target, which = int(m.group(1)), m.group(2), m.group(3)
         if target not in fits:
             raise IncompatibleAdapterError(f"{key}: unsupported target module {target!r}")
-        if layer >= base.num_layers:
-            raise IncompatibleAdapterError(f"{key}: layer {layer} but the base has {base.num_layers} layers")
-        pairs.setdefault((layer, target), {})[which] = shape
+        if layer >= num_layers:
+            raise IncompatibleAdapterError(f"{key}: layer {layer} but the base has {num_layers} layers")
+        pairs.setdefault((layer, target), {})[which] = tuple(shape)
     if not pairs:
         raise IncompatibleAdapterError("the adapter holds no LoRA tensors")
     modules = {}
@@ -244,6 +252,20 @@ def _check_modules(shapes: dict[str, tuple[tuple[int, ...], str]], base: BaseMod
                 f"layers.{layer}.{target}: lora_A {list(a)} / lora_B {list(b)} do not fit the base "
                 f"(expected [r, {fan_in}] and [{fan_out}, r]): an adapter for another base model?")
         if not 1 <= r <= max_rank:
-            raise IncompatibleAdapterError(f"layers.{layer}.{target}: rank {r} is outside 1..{max_rank} (the rank cap)")
+            raise IncompatibleAdapterError(
+                f"layers.{layer}.{target}: rank {r} is outside 1..{max_rank} (max_rank, the rank cap)")
         modules[(layer, target)] = (r, target)
     return modules
+
+
+# a PEFT LoRA folder; "compeft": its weights ComPEFT-compressed. The fallback kind: files that say they are
+# no other kind are checked as a LoRA (so that a bad upload meets the LoRA checks' messages).
+STORE_KIND = StoreKind(names=("lora", "compeft"), matches=lambda files: True,
+                       validate=lambda files, base, limits, kind: validate_lora(dict(files), base, limits, kind),
+                       dense_files=lambda files: dense_lora_files(files), compressed_name="compeft")
+
+
+def dense_lora_files(files: Mapping[str, bytes]) -> dict[str, bytes]:
+    """A ComPEFT-compressed LoRA's stored files → a PEFT folder with dense float32 safetensors."""
+    dense = safetensors_file.write_tensors(compeft.decode(files[compeft.FILENAME]).to_dense())
+    return {CONFIG_NAME: files[CONFIG_NAME], SAFETENSORS_NAME: dense}

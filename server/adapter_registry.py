@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from adapters_store import bounded_json, medusa_validation
+from adapters_store import bounded_json, kinds, medusa_validation
 from adapters_store.adapter_source import store_source
 from adapters_store.archives import ArchiveLimits
 from adapters_store.backends import open_backend
@@ -130,7 +130,7 @@ class AdapterRegistry:
         if manifest is None and "/" not in model:
             folder = self._catalog.resolve(model)
             manifest = self._dropin(folder) if folder is not None else None
-        if manifest is not None and manifest.kind == "medusa":
+        if manifest is not None and kinds.are_heads(manifest.kind):
             raise InvalidRequestError(f"{model!r} is a set of Medusa heads, not a model: request the base or the "
                                       "adapter they attach to", param="model")
         return StoredAdapter(manifest, self.heads_path(manifest.ref)) if manifest is not None else None
@@ -246,11 +246,11 @@ class AdapterRegistry:
         name = self._own_name(name, tenant)
         draft, files = prepare(uploads, base, self._limits, name=name, owner=tenant.name, public=public,
                                kind=kind, compression=compression)
-        if draft.kind == "medusa":
+        if kinds.are_heads(draft.kind):
             draft = replace(draft, attach_to=self._heads_owner(files, tenant))
         with self._writes:
             published = self._store.publish(draft, files)
-            if published.kind == "medusa":
+            if kinds.are_heads(published.kind):
                 self._store.attach_heads(published)  # served with that adapter version (or the base) from now
             self._resolved.clear()
         return self.describe(tenant, name)
@@ -264,7 +264,7 @@ class AdapterRegistry:
         manifest = self._manifest(qualified(adapter, tenant))
         if manifest is None or not visible(manifest, tenant):
             raise ModelNotFoundError(f"the heads attach to adapter {adapter!r}, which does not exist", param="files")
-        if manifest.kind == "medusa":
+        if kinds.are_heads(manifest.kind):
             raise InvalidAdapterError("Medusa heads attach to a LoRA or S²FT adapter, not to other heads",
                                       param="files")
         return manifest.ref

@@ -31,6 +31,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adapters_store import event_stream, tracing
+from adapters_store import kinds as store_kinds
 from adapters_store.backends import open_backend
 from adapters_store.base_model import BaseModelSpec
 from adapters_store.body_limit import BodyLimit
@@ -367,7 +368,7 @@ async def metrics_route(service: Service) -> Response:
 
 
 async def load_route(body: AdapterLoadRequest, service: Service) -> dict:
-    if body.kind == "medusa":  # heads: for the base's requests, or attached to a loaded adapter
+    if store_kinds.are_heads(body.kind):  # heads: for the base's requests, or attached to a loaded adapter
         await service.load_medusa(body.path, body.attach_to)
         return {"name": body.name, "attach_to": body.attach_to, "resident_adapters": service.adapters.resident()}
     if body.attach_to is not None:

@@ -10,10 +10,11 @@ from tiny_models import make_lora, make_tiny_model
 
 from workers.adapters.fusion import WeightFusion
 from workers.adapters.manager import BASE_PLACEMENT
+from workers.engine.runner import PromptChunk
 
 
 def last_logits(core, prompt):
-    return core.runner.forward([], [(0, 0, prompt, True, BASE_PLACEMENT)])[0]
+    return core.runner.forward([], [PromptChunk(0, 0, prompt, True, BASE_PLACEMENT)])[0]
 
 
 def hf_last_logits(model, prompt):
@@ -119,7 +120,8 @@ def test_fused_and_unfused_serving_agree_for_every_row_kind(tmp_path, make_core,
             assert stats["fusions"] == 0
         after = core.runner.model.state_dict()
         assert all(torch.equal(after[k], v) for k, v in snapshot.items())  # the base is back, bit for bit
-        assert core.adapters.bank.free_rows == core.adapters.bank.num_rows - 4 * (hot_kind == "lora") - 4
+        bank = core.adapters.devices["lora"].bank
+        assert bank.free_rows == bank.num_rows - 4 * (hot_kind == "lora") - 4
     for row, (plain, fused) in enumerate(zip(results["plain"], results["fused"], strict=True)):
         assert [e.token_id for e in fused] == [e.token_id for e in plain], ROWS[row]
         for a, b in zip(plain, fused, strict=True):
@@ -132,16 +134,16 @@ def test_unloading_or_replacing_the_fused_adapter_unfuses_first(tmp_path, make_c
     core = make_core(folder, max_loras=2, max_rank=4)
     core.load_adapter("a", lora)
     snapshot = {k: v.clone() for k, v in core.runner.model.state_dict().items()}
-    free = core.adapters.bank.free_rows
+    free = core.adapters.devices["lora"].bank.free_rows
     for drop in (lambda: core.adapters.unload("a"), lambda: core.load_adapter("a", lora)):
         if "a" not in core.adapters.host:
             core.load_adapter("a", lora)
         assert core.fusion.fuse("a") and core.adapters.fused == "a"
-        assert core.adapters.bank.free_rows == free - 4  # the correction's rows
+        assert core.adapters.devices["lora"].bank.free_rows == free - 4  # the correction's rows
         assert not torch.equal(core.runner.model.state_dict()["model.layers.0.self_attn.q_proj.base.weight"],
                                snapshot["model.layers.0.self_attn.q_proj.base.weight"])
         drop()
-        assert core.adapters.fused is None and core.adapters.bank.free_rows == free
+        assert core.adapters.fused is None and core.adapters.devices["lora"].bank.free_rows == free
         after = core.runner.model.state_dict()
         assert all(torch.equal(after[k], v) for k, v in snapshot.items())
 

@@ -10,6 +10,7 @@ from tiny_models import make_lora, make_tiny_model
 from workers.adapters.layers import KERNELS
 from workers.adapters.manager import BASE_PLACEMENT
 from workers.adapters.ops import build_adapter_batch, lora_add_reference
+from workers.engine.runner import DecodeRow, PromptChunk
 from workers.engine.types import GenerationRequest, SamplingParams
 from workers.errors import AdapterNotFoundError, AdapterValidationError
 
@@ -77,11 +78,12 @@ def test_mixed_batch_logits_equal_peft_per_adapter(model_and_adapters, peft_mode
     prompts = [[(7 * i + j) % 250 + 3 for j in range(5 + i)] for i in range(len(ROWS))]
     slots = [core.adapters.acquire(a) if a else BASE_PLACEMENT for a in ROWS]
     # prefill every row as its own chunk, then one decode step for every row together
-    logits = core.runner.forward([], [(i, 0, p[:-1], True, s) for i, (p, s) in enumerate(zip(prompts, slots))])
+    chunks = [PromptChunk(i, 0, p[:-1], True, s) for i, (p, s) in enumerate(zip(prompts, slots))]
+    logits = core.runner.forward([], chunks)
     for i, adapter in enumerate(ROWS):
         ref = peft_logits(peft_model, prompts[i][:-1], adapter)
         assert (logits[i] - ref).abs().max() <= 1e-4 * max(1, ref.abs().max()), (i, adapter)
-    decode = [(i, len(p) - 1, p[-1], s) for i, (p, s) in enumerate(zip(prompts, slots))]
+    decode = [DecodeRow(i, len(p) - 1, p[-1], s) for i, (p, s) in enumerate(zip(prompts, slots))]
     logits = core.runner.forward(decode, [])
     for i, adapter in enumerate(ROWS):
         ref = peft_logits(peft_model, prompts[i], adapter)

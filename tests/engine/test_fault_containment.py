@@ -69,7 +69,7 @@ def poisoned(cluster):
         return real_choose(logits, seq, greedy)
 
     def forward(decode, prefill, with_hidden=False):
-        if any(POISON_TOKEN in chunk[2] for chunk in prefill):
+        if any(POISON_TOKEN in chunk.tokens for chunk in prefill):
             raise RuntimeError("injected forward fault")
         return real_forward(decode, prefill, with_hidden=with_hidden)
 

@@ -191,7 +191,7 @@ def test_n_completions_share_one_prefill(model_and_adapters, make_core):
     forward = core.runner.forward
 
     def counting(decode, prefill, **kw):
-        prefill_tokens.append(sum(len(chunk[2]) for chunk in prefill))
+        prefill_tokens.append(sum(len(chunk.tokens) for chunk in prefill))
         return forward(decode, prefill, **kw)
 
     core.runner.forward = counting

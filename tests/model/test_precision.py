@@ -110,7 +110,7 @@ def test_dtype_and_quantize_flags_reach_the_engine_through_the_worker_cli(tmp_pa
                                         "--max-seq", "64", "--max-batch", "2"]))
     runner = engine.core.runner
     assert engine.core.cfg.dtype == "bfloat16" and engine.core.cfg.quantize == "int8"
-    assert runner.dtype == torch.bfloat16 and runner.bank.a["q_proj"].dtype == torch.bfloat16
+    assert runner.dtype == torch.bfloat16 and runner.devices["lora"].bank.a["q_proj"].dtype == torch.bfloat16
     assert isinstance(runner.model.lm_head, Int8Linear)
     assert not engine.core.cfg.fusion.enabled  # an int8 base cannot hold a merged adapter
     plain = _build_engine(_parse_args(["--model", str(folder), "--dtype", "float32", "--max-seq", "64"]))

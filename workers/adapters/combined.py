@@ -8,7 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from workers.adapters.kind import AdapterKind, ReadContext
 from workers.adapters.lora import LoRASource, LoRAWeights, read_lora
+from workers.adapters.lora_kind import check_lora_targets
 from workers.adapters.s2ft import S2FTSource, S2FTWeights, read_s2ft
 from workers.model.config import DecoderConfig
 
@@ -21,6 +23,10 @@ class CombinedWeights:
     s2ft: S2FTWeights
 
     @property
+    def parts(self) -> tuple[LoRAWeights, S2FTWeights]:
+        return self.lora, self.s2ft
+
+    @property
     def nbytes(self) -> int:
         return self.lora.nbytes + self.s2ft.nbytes
 
@@ -30,6 +36,7 @@ class CombinedSource:
     lora: LoRASource
     s2ft: S2FTSource
     kind = "combined"
+    fusable = False  # a per-request merge: short-lived, not worth fusing
 
     @property
     def rank(self) -> int:
@@ -57,13 +64,18 @@ def read_combined(folder: str | Path, base: DecoderConfig, max_rank: int) -> tup
     return CombinedSource(lora_source, s2ft_source), CombinedWeights(lora, s2ft)
 
 
-AdapterWeights = LoRAWeights | S2FTWeights | CombinedWeights  # one adapter's decoded weights, any kind
+class CombinedKind(AdapterKind):
+    """Decodes into a LoRA part and an S²FT part, each held by its own kind's device."""
+
+    name = "combined"
+
+    def matches(self, folder: Path) -> bool:
+        return is_combined_folder(folder)
+
+    def read(self, folder: Path, ctx: ReadContext) -> tuple[CombinedSource, CombinedWeights]:
+        source, weights = read_combined(folder, ctx.base, ctx.max_rank)
+        check_lora_targets(source.lora.targets, ctx)
+        return source, weights
 
 
-def split_parts(weights: AdapterWeights) -> tuple[LoRAWeights | None, S2FTWeights | None]:
-    """(LoRA part, S²FT part) of any adapter's weights."""
-    if isinstance(weights, CombinedWeights):
-        return weights.lora, weights.s2ft
-    if isinstance(weights, S2FTWeights):
-        return None, weights
-    return weights, None
+COMBINED = CombinedKind()

@@ -11,7 +11,9 @@ import torch
 
 from adapters_store import compeft
 from adapters_store.errors import InvalidAdapterError
+from workers.adapters.kind import AdapterKind, ReadContext
 from workers.adapters.lora import LoRAWeights, parse_lora, read_config
+from workers.adapters.lora_kind import check_lora_targets
 from workers.errors import AdapterValidationError
 from workers.model.config import DecoderConfig
 
@@ -22,7 +24,8 @@ class CompeftSource:
     data: bytes  # adapter_model.compeft, as stored
     rank: int
     targets: frozenset[str]
-    kind = "lora"  # decodes to a LoRA
+    kind = "compeft"  # decodes to a LoRA
+    fusable = True
 
     @property
     def nbytes(self) -> int:
@@ -49,3 +52,20 @@ def read_compeft(folder: Path, base: DecoderConfig, max_rank: int) -> tuple[Comp
     config, data = read_config(folder), (folder / compeft.FILENAME).read_bytes()
     weights = parse_lora(config, decode_tensors(data), base, max_rank)
     return CompeftSource(config, data, weights.rank, frozenset(weights.targets)), weights
+
+
+class CompeftKind(AdapterKind):
+    """A ComPEFT-compressed LoRA: read and kept compressed, decoded into a LoRA part (the LoRA kind's device)."""
+
+    name = "compeft"
+
+    def matches(self, folder: Path) -> bool:
+        return is_compeft_folder(folder)
+
+    def read(self, folder: Path, ctx: ReadContext) -> tuple[CompeftSource, LoRAWeights]:
+        source, weights = read_compeft(folder, ctx.base, ctx.max_rank)
+        check_lora_targets(source.targets, ctx)
+        return source, weights
+
+
+COMPEFT = CompeftKind()

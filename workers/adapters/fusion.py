@@ -1,7 +1,8 @@
 """Fusing a hot adapter into the base weights (dLoRA's merge/unmerge): mechanism, policy and control.
 
-Mechanism (`WeightFusion`): LoRA `W += scale · B A` for every module it targets; S²FT `W[:, idx] += C`
-(columns) or `W[idx, :] += C` (rows). What fusing overwrites is kept and copied back on unfuse — never
+Mechanism (`WeightFusion`): each part of the adapter fused by its kind (`AdapterKind.fuse`: LoRA
+`W += scale · B A` for every module it targets; S²FT `W[:, idx] += C` (columns) or `W[idx, :] += C` (rows)).
+What fusing overwrites is kept and copied back on unfuse — never
 subtracted, so the base is restored to the bit however many times an adapter is fused and unfused.
 
 Correctness while fused: the fused adapter's rows add nothing (their adapter is in the weights); every
@@ -20,86 +21,41 @@ from __future__ import annotations
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from workers.adapters.lora import LoRAWeights
+from workers.adapters import kinds
+from workers.adapters.kind import DecodedAdapter, SavedWeights, WeightsPart, restore
 from workers.adapters.manager import AdapterManager
-from workers.adapters.s2ft import MODULES as S2FT_MODULES
-from workers.adapters.s2ft import S2FTUpdate, S2FTWeights
-
-_PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
-           "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
-
-
-@dataclass(frozen=True)
-class SavedWeights:
-    """What fusing overwrote in one base weight: all of it (LoRA), or the selected columns or rows."""
-
-    kind: str  # "full" | "col" | "row"
-    index: torch.Tensor | None  # [k] for col / row
-    values: torch.Tensor
-
-
-def base_weight(model: nn.Module, layer: int, module: str) -> torch.Tensor:
-    """The base linear's weight [out, in] under any adapter wrappers (each keeps the wrapped one as `.base`)."""
-    linear = getattr(getattr(model.model.layers[layer], _PARENT[module]), module)
-    while hasattr(linear, "base"):
-        linear = linear.base
-    return linear.weight
 
 
 class WeightFusion:
     def __init__(self, model: nn.Module):
         self.model = model
         self.fused: str | None = None
-        self.saved: dict[tuple[int, str], SavedWeights] = {}
+        self.saved: list[SavedWeights] = []
 
     @torch.no_grad()
-    def fuse(self, name: str, weights: LoRAWeights | S2FTWeights) -> None:
+    def fuse(self, name: str, weights: DecodedAdapter) -> None:
         if self.fused is not None:
             raise RuntimeError(f"adapter {self.fused!r} is fused already; unfuse it first")
-        if isinstance(weights, LoRAWeights):
-            for (layer, module), (a, b) in weights.modules.items():
-                w = base_weight(self.model, layer, module)  # [out, in]
-                self.saved[(layer, module)] = SavedWeights("full", None, w.clone())
-                w.add_((weights.scale(a.shape[0]) * (b @ a)).to(w.dtype))
-        else:
-            for (layer, module), update in weights.modules.items():
-                assert S2FT_MODULES[module][1] == update.kind
-                w = base_weight(self.model, layer, module)
-                idx = update.index.to(w.device)
-                if update.kind == "col":
-                    self.saved[(layer, module)] = SavedWeights("col", idx, w[:, idx].clone())
-                    w[:, idx] += update.delta.to(w.dtype)  # [out, k]
-                else:
-                    self.saved[(layer, module)] = SavedWeights("row", idx, w[idx, :].clone())
-                    w[idx, :] += update.delta.to(w.dtype)  # [k, in]
+        for part in weights.parts:
+            self.saved += kinds.of(part).fuse(self.model, part)
         self.fused = name
 
-    @torch.no_grad()
     def unfuse(self) -> str | None:
         """Restores every overwritten value; returns the adapter that was fused (None if none was)."""
-        for (layer, module), saved in self.saved.items():
-            w = base_weight(self.model, layer, module)
-            if saved.kind == "full":
-                w.copy_(saved.values)
-            elif saved.kind == "col":
-                w[:, saved.index] = saved.values
-            else:
-                w[saved.index, :] = saved.values
+        restore(self.model, self.saved)
         self.saved.clear()
         name, self.fused = self.fused, None
         return name
 
 
-def negated(weights: LoRAWeights | S2FTWeights) -> LoRAWeights | S2FTWeights:
-    """The update with its sign flipped: what rows that must not see a fused adapter add."""
-    if isinstance(weights, LoRAWeights):
-        return replace(weights, modules={k: (a, -b) for k, (a, b) in weights.modules.items()})
-    return S2FTWeights({k: S2FTUpdate(u.kind, u.index, -u.delta) for k, u in weights.modules.items()})
+def negated(weights: DecodedAdapter) -> list[WeightsPart]:
+    """The update with its sign flipped, part by part: what rows that must not see a fused adapter add."""
+    return [kinds.of(part).negated(part) for part in weights.parts]
 
 
 @dataclass(frozen=True)
@@ -164,11 +120,11 @@ class FusionController:
     def fuse(self, name: str) -> bool:
         """Fuses `name` (an adapter in the host cache); False when its correction finds no device room."""
         assert self.adapters.fused is None
-        if self.adapters.host[name].kind == "combined":  # a per-request merge: short-lived, not fused
+        if not self.adapters.host[name].fusable:
             return False
         started = time.perf_counter()
         weights = self.adapters.staged.get(name) or self.adapters.host[name].decode(self.adapters.base)
-        correction = self.adapters.place_correction(negated(weights))
+        correction = self.adapters.place_parts(negated(weights))
         if correction is None:
             self.counters["fusion_skipped_no_room"] += 1
             return False

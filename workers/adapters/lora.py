@@ -8,8 +8,9 @@ with rsLoRA. Nothing is loaded unless every check passes; pickle files are refus
 
 from __future__ import annotations
 
-import json
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,12 +18,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 
-from adapters_store.base_model import TARGETS, lora_target_shapes
-from adapters_store.validation import LORA_KEY, PICKLE_SUFFIXES
+from adapters_store.base_model import TARGETS as TARGETS  # re-exported: the LoRA-able modules
+from adapters_store.base_model import lora_target_shapes
+from adapters_store.errors import StoreError
+from adapters_store.validation import CONFIG_NAME, LORA_KEY, PICKLE_SUFFIXES, check_lora_modules, parse_config
 from workers.errors import AdapterValidationError
 from workers.model.config import DecoderConfig
-
-_UNSUPPORTED_OPTIONS = {"use_dora": True, "fan_in_fan_out": True, "lora_bias": True}
 
 
 def target_shapes(cfg: DecoderConfig) -> dict[str, tuple[int, int]]:
@@ -34,6 +35,7 @@ def target_shapes(cfg: DecoderConfig) -> dict[str, tuple[int, int]]:
 class LoRAWeights:
     """One adapter: per (layer, target) the pair (A [r, in], B [out, r]) and its scale."""
 
+    kind = "lora"  # held by the LoRA kind's device (workers.adapters.lora_kind)
     rank: int  # the largest rank of any module
     alpha: float
     use_rslora: bool
@@ -50,31 +52,27 @@ class LoRAWeights:
     def nbytes(self) -> int:
         return sum(a.nbytes + b.nbytes for a, b in self.modules.values())
 
+    @property
+    def parts(self) -> tuple[LoRAWeights]:
+        return (self,)
+
 
 def read_config(folder: Path) -> dict:
-    path = folder / "adapter_config.json"
+    """adapter_config.json, checked by the store's one LoRA config check (`adapters_store.validation`)."""
+    path = folder / CONFIG_NAME
     if not path.is_file():
-        raise AdapterValidationError(f"{folder.name}: no adapter_config.json")
+        raise AdapterValidationError(f"{folder.name}: no {CONFIG_NAME}")
+    with store_errors():
+        return parse_config(path.read_bytes())
+
+
+@contextmanager
+def store_errors() -> Iterator[None]:
+    """The store's checks raise `StoreError`s; on the worker they are `AdapterValidationError`s."""
     try:
-        cfg = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterValidationError(f"adapter_config.json is not valid JSON: {e}") from e
-    if not isinstance(cfg, dict):
-        raise AdapterValidationError("adapter_config.json must be a JSON object")
-    peft_type = str(cfg.get("peft_type", "LORA")).upper()
-    if peft_type != "LORA":
-        raise AdapterValidationError(f"adapter_config.json: peft_type {peft_type!r} is not a LoRA")
-    for option, bad in _UNSUPPORTED_OPTIONS.items():
-        if cfg.get(option) == bad:
-            raise AdapterValidationError(f"adapter_config.json: unsupported option {option}={bad}")
-    if cfg.get("bias", "none") != "none":
-        raise AdapterValidationError("adapter_config.json: unsupported option bias != 'none'")
-    if cfg.get("modules_to_save"):
-        raise AdapterValidationError("adapter_config.json: unsupported option modules_to_save")
-    for option in ("alpha_pattern", "trainable_token_indices", "target_parameters"):
-        if cfg.get(option):
-            raise AdapterValidationError(f"adapter_config.json: unsupported option {option}")
-    return cfg
+        yield
+    except StoreError as e:
+        raise AdapterValidationError(e.message) from e
 
 
 def read_tensor_bytes(folder: Path) -> bytes:
@@ -101,36 +99,19 @@ def _all_finite(*tensors: torch.Tensor) -> bool:
 
 
 def parse_lora(cfg: dict, tensors: dict[str, torch.Tensor], base: DecoderConfig, max_rank: int) -> LoRAWeights:
-    shapes = target_shapes(base)
+    """Checked by the store's one LoRA key/shape check (`check_lora_modules`), then dtypes and values."""
+    with store_errors():
+        check_lora_modules({k: tuple(t.shape) for k, t in tensors.items()}, target_shapes(base), base.num_layers,
+                           max_rank)
     pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
-        m = LORA_KEY.search(key)
-        if m is None:
-            raise AdapterValidationError(f"unsupported tensor {key!r}: only lora_A/lora_B of {', '.join(TARGETS)}")
-        layer, target, which = int(m.group(1)), m.group(2), m.group(3)
-        if target not in shapes:
-            raise AdapterValidationError(f"{key}: unsupported target module {target!r}")
-        if layer >= base.num_layers:
-            raise AdapterValidationError(f"{key}: layer {layer} but the base has {base.num_layers} layers")
         if not tensor.is_floating_point():
             raise AdapterValidationError(f"{key}: dtype {tensor.dtype} is not floating point")
-        pairs.setdefault((layer, target), {})[which] = tensor
-    if not pairs:
-        raise AdapterValidationError("the adapter holds no LoRA tensors")
+        m = LORA_KEY.search(key)
+        pairs.setdefault((int(m.group(1)), m.group(2)), {})[m.group(3)] = tensor
     modules: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
     for (layer, target), ab in sorted(pairs.items()):
-        if set(ab) != {"A", "B"}:
-            raise AdapterValidationError(f"layers.{layer}.{target}: lora_A and lora_B must both be present")
         a, b = ab["A"], ab["B"]
-        fan_in, fan_out = shapes[target]
-        r = a.shape[0] if a.dim() == 2 else -1
-        if a.shape != (r, fan_in) or b.shape != (fan_out, r):
-            raise AdapterValidationError(
-                f"layers.{layer}.{target}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not fit the base "
-                f"(expected [r, {fan_in}] and [{fan_out}, r])")
-        if r < 1 or r > max_rank:
-            raise AdapterValidationError(f"layers.{layer}.{target}: rank {r} exceeds max_rank {max_rank}"
-                                         if r > max_rank else f"layers.{layer}.{target}: rank {r}")
         if not _all_finite(a, b):
             raise AdapterValidationError(f"layers.{layer}.{target}: non-finite values")
         modules[(layer, target)] = (a.float(), b.float())
@@ -149,6 +130,7 @@ class LoRASource:
     rank: int
     targets: frozenset[str]
     kind = "lora"
+    fusable = True
 
     @property
     def nbytes(self) -> int:

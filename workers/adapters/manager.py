@@ -1,6 +1,6 @@
 """Adapter residency, two tiers: the host cache (adapters as stored — compressed bytes stay compressed —
-in a byte-budgeted LRU) and the device (decoded weights: LoRA in the rank-budgeted row bank, S²FT in its
-device store).
+in a byte-budgeted LRU) and the device (decoded weights, each part on its kind's device: LoRA in the
+rank-budgeted row bank, S²FT in its device store; see `workers.adapters.kind`).
 
 A request pins its adapter in the host cache from arrival to finish, and holds its device copy from
 admission to finish. Unpinned host entries and unused device copies are evicted least-recently-used first
@@ -11,72 +11,56 @@ from __future__ import annotations
 
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
-from workers.adapters.combined import AdapterWeights, split_parts
-from workers.adapters.lora import LoRAWeights
-from workers.adapters.ops import RowRanges
-from workers.adapters.s2ft import S2FTWeights
-from workers.adapters.s2ft_ops import AdapterIds, S2FTDeviceStore
-from workers.adapters.slots import LoRARowBank
-from workers.errors import AdapterBusyError, AdapterNotFoundError, AdapterValidationError, CapacityError
+from workers.adapters.kind import DecodedAdapter, Handle, HostAdapter, KindDevice, WeightsPart
+from workers.errors import AdapterBusyError, AdapterNotFoundError, CapacityError
 from workers.model.config import DecoderConfig
 
 MAX_STAGED = 4  # decoded adapters waiting for admission (each is a full fp32 copy)
 
 
-class AdapterSource(Protocol):
-    """One adapter in the host cache, in its stored form. `kind` says what it decodes to:
-    "lora" (LoRA and ComPEFT sources: LoRAWeights), "s2ft" (S2FTWeights) or "combined" (CombinedWeights)."""
-
-    kind: str
-    targets: frozenset[str]
-
-    @property
-    def nbytes(self) -> int: ...
-
-    def decode(self, base: DecoderConfig) -> AdapterWeights: ...
-
-
 @dataclass(frozen=True)
 class DevicePlacement:
-    """What a running row adds to the base on the device: its adapter's LoRA row range or S²FT id, and,
-    while another adapter is fused into the base, that adapter's negated copy (the correction)."""
+    """What a running row adds to the base on the device: its adapter's parts (kind name, the handle its
+    kind's device gave: LoRA rows, an S²FT id, ...), and, while another adapter is fused into the base,
+    that adapter's negated copy (the correction)."""
 
-    lora_rows: RowRanges = ()
-    s2ft_ids: AdapterIds = ()
+    handles: tuple[tuple[str, Handle], ...] = ()
 
     def plus(self, other: DevicePlacement) -> DevicePlacement:
-        return DevicePlacement(self.lora_rows + other.lora_rows, self.s2ft_ids + other.s2ft_ids)
+        return DevicePlacement(self.handles + other.handles)
+
+    def of(self, kind: str) -> tuple[Handle, ...]:
+        """The handles of one kind's device (() = nothing of that kind)."""
+        return tuple(handle for k, handle in self.handles if k == kind)
 
 
 BASE_PLACEMENT = DevicePlacement()
 
 
 class AdapterManager:
-    def __init__(self, base: DecoderConfig, bank: LoRARowBank, s2ft: S2FTDeviceStore, max_s2ft: int,
-                 host_budget_bytes: int, on_evict: Callable[[str], None] = lambda name: None):
-        self.base, self.bank, self.s2ft, self.max_s2ft = base, bank, s2ft, max_s2ft
+    def __init__(self, base: DecoderConfig, devices: Mapping[str, KindDevice], host_budget_bytes: int,
+                 on_evict: Callable[[str], None] = lambda name: None):
+        self.base, self.devices = base, devices  # kind name → its device (`kinds.attach_devices`)
         self.host_budget_bytes = host_budget_bytes
         self.on_evict = on_evict
-        self.host: OrderedDict[str, AdapterSource] = OrderedDict()  # LRU order
+        self.host: OrderedDict[str, HostAdapter] = OrderedDict()  # LRU order
         self.device: OrderedDict[str, DevicePlacement] = OrderedDict()  # LRU order; device ⊆ host
         self.pins: Counter[str] = Counter()  # requests in the engine (waiting or running)
         self.refs: Counter[str] = Counter()  # running rows using the device copy
-        self.staged: OrderedDict[str, AdapterWeights] = OrderedDict()  # decoded ahead of admission
+        self.staged: OrderedDict[str, DecodedAdapter] = OrderedDict()  # decoded ahead of admission
         self.counters: Counter[str] = Counter()
         self.fused: str | None = None  # the adapter merged into the base weights (see `fusion`)
         self.correction = BASE_PLACEMENT  # its negated copy, which every other row adds
         self.before_drop: Callable[[str], None] = lambda name: None  # the fusion controller unfuses here
 
     # host tier -------------------------------------------------------------------------------
-    def register(self, name: str, source: AdapterSource) -> None:
+    def register(self, name: str, source: HostAdapter) -> None:
         """Adds or replaces an adapter; evicts unpinned LRU entries to stay within the byte budget."""
-        rank = getattr(source, "rank", 0)
-        if rank > self.bank.num_rows:
-            raise AdapterValidationError(f"rank {rank} exceeds this worker's {self.bank.num_rows} LoRA rows")
+        for device in self.devices.values():
+            device.check(source)
         self._unfuse_if_fused(name)
         if self.pins[name]:
             raise AdapterBusyError(f"adapter {name!r} is in use and cannot be replaced now")
@@ -122,13 +106,13 @@ class AdapterManager:
         return sum(s.nbytes for s in self.host.values())
 
     # device tier -----------------------------------------------------------------------------
-    def needs_decode(self, name: str) -> AdapterSource | None:
+    def needs_decode(self, name: str) -> HostAdapter | None:
         """The source to decode ahead of admission, or None when it is on device or staged already."""
         if name in self.device or name in self.staged:
             return None
         return self.host.get(name)
 
-    def stage(self, name: str, weights: AdapterWeights) -> None:
+    def stage(self, name: str, weights: DecodedAdapter) -> None:
         """Keeps decoded weights until admission (dropped then, when the last request unpins, or when
         more than MAX_STAGED are waiting)."""
         if name in self.host and name not in self.device:
@@ -169,56 +153,39 @@ class AdapterManager:
             del self.refs[name]
 
     def stats(self) -> dict:
+        devices = {k: v for device in self.devices.values() for k, v in device.stats().items()}
         return {**self.counters, "host_adapters": len(self.host), "host_bytes": self.host_bytes,
                 "host_budget_bytes": self.host_budget_bytes, "device_adapters": len(self.device),
-                "device_free_rows": self.bank.free_rows, "device_rows": self.bank.num_rows,
-                "device_s2ft_bytes": self.s2ft.nbytes, "device_names": sorted(self.device)}
+                **devices, "device_names": sorted(self.device)}
 
     def _load_to_device(self, name: str) -> DevicePlacement | None:
-        source = self.host[name]
-        lora_rank = source.rank if source.kind in ("lora", "combined") else 0
-        if source.kind in ("s2ft", "combined") and not self._evict_until(
-                lambda: len(self.s2ft.resident) < self.max_s2ft, kind="s2ft"):
-            return None
-        if lora_rank and not self._evict_until(lambda: self.bank.can_allocate(lora_rank), kind="lora"):
-            return None
         started = time.perf_counter()
-        lora, s2ft = split_parts(self.staged.pop(name, None) or source.decode(self.base))
-        placement = BASE_PLACEMENT
-        if s2ft is not None:
-            placement = placement.plus(DevicePlacement(s2ft_ids=(self.s2ft.add(s2ft),)))
-        if lora is not None:
-            rows = self.bank.allocate(lora_rank)
-            self.bank.write(rows, lora)
-            placement = placement.plus(DevicePlacement(lora_rows=(rows,)))
+        weights = self.staged.pop(name, None) or self.host[name].decode(self.base)
+        placement = self.place_parts(weights.parts)
+        if placement is None:
+            self.stage(name, weights)  # no room yet: the next try places without decoding again
+            return None
         self.counters["device_load_us"] += int((time.perf_counter() - started) * 1e6)
         return placement
 
-    def place_correction(self, weights: LoRAWeights | S2FTWeights) -> DevicePlacement | None:
-        """Puts weights that belong to no adapter name on the device (a fused adapter's correction),
-        evicting unused device copies for room; None when there is none. Free it with `free_placement`."""
-        if isinstance(weights, S2FTWeights):
-            if not self._evict_until(lambda: len(self.s2ft.resident) < self.max_s2ft, kind="s2ft"):
+    def place_parts(self, parts: Sequence[WeightsPart]) -> DevicePlacement | None:
+        """Puts decoded parts on their kinds' devices, evicting unused device copies for room; None (nothing
+        placed) when there is none. Also places weights that belong to no adapter name (a fused adapter's
+        correction); free those with `free_placement`."""
+        for part in parts:
+            device = self.devices[part.kind]
+            if not self._evict_until(lambda d=device, p=part: d.fits(p), kind=part.kind):
                 return None
-            return DevicePlacement(s2ft_ids=(self.s2ft.add(weights),))
-        if not self._evict_until(lambda: self.bank.can_allocate(weights.rank), kind="lora"):
-            return None
-        rows = self.bank.allocate(weights.rank)
-        self.bank.write(rows, weights)
-        return DevicePlacement(lora_rows=(rows,))
+        return DevicePlacement(tuple((part.kind, self.devices[part.kind].place(part)) for part in parts))
 
     def free_placement(self, placement: DevicePlacement) -> None:
-        for adapter_id in placement.s2ft_ids:
-            self.s2ft.remove(adapter_id)
-        for rows in placement.lora_rows:
-            self.bank.release(rows)
+        for kind, handle in placement.handles:
+            self.devices[kind].free(handle)
 
     # eviction --------------------------------------------------------------------------------
     def _evict_until(self, fits: Callable[[], bool], kind: str) -> bool:
-        """Evicts unused device copies holding `kind` ("lora" rows or "s2ft" ids), least recently used
-        first, until `fits()`."""
-        holds = (lambda p: p.lora_rows) if kind == "lora" else (lambda p: p.s2ft_ids)
-        for victim in [n for n, p in self.device.items() if not self.refs[n] and holds(p)]:
+        """Evicts unused device copies holding parts of `kind`, least recently used first, until `fits()`."""
+        for victim in [n for n, p in self.device.items() if not self.refs[n] and p.of(kind)]:
             if fits():
                 return True
             self._release_device(victim)

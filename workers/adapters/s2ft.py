@@ -42,7 +42,12 @@ class S2FTUpdate:
 class S2FTWeights:
     """One adapter: per (layer, module) its update."""
 
+    kind = "s2ft"  # held by the S²FT kind's device (workers.adapters.s2ft_kind)
     modules: dict[tuple[int, str], S2FTUpdate]
+
+    @property
+    def parts(self) -> tuple[S2FTWeights]:
+        return (self,)
 
     @property
     def targets(self) -> set[str]:
@@ -83,6 +88,7 @@ class S2FTSource:
     targets: frozenset[str]
     num_params: int
     kind = "s2ft"
+    fusable = True
 
     @property
     def nbytes(self) -> int:

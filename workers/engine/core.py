@@ -1,6 +1,7 @@
 """The synchronous engine: requests in, one step at a time, token events out.
 
-`step()` = schedule → forward → sample → append tokens and check stops → free finished sequences.
+`step()` = plan the rows (fusion, schedule, Medusa trees) → forward → sample plain rows and accept trees
+(appending tokens checks stops) → free finished sequences.
 The async `Engine` drives it from a thread; tests and benchmarks may drive it directly.
 """
 
@@ -9,21 +10,20 @@ from __future__ import annotations
 import logging
 import random
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from workers.adapters.combined import AdapterWeights, is_combined_folder, read_combined
-from workers.adapters.compeft import is_compeft_folder, read_compeft
+from workers.adapters import kinds
 from workers.adapters.fusion import FusionController
-from workers.adapters.lora import read_lora
-from workers.adapters.manager import AdapterManager, AdapterSource
+from workers.adapters.kind import DecodedAdapter, HostAdapter, ReadContext
+from workers.adapters.manager import AdapterManager
 from workers.adapters.medusa import MedusaWeights, is_medusa_folder, read_medusa
-from workers.adapters.s2ft import is_s2ft_folder, read_s2ft
 from workers.engine.config import EngineConfig
 from workers.engine.detokenizer import IncrementalText
 from workers.engine.logits_processors import decodes_plainly
-from workers.engine.runner import ModelRunner
+from workers.engine.runner import DecodeRow, ModelRunner, PromptChunk
 from workers.engine.sampler import choose
 from workers.engine.scheduler import Scheduler
 from workers.engine.sequence import Sequence
@@ -33,13 +33,37 @@ from workers.engine.types import GenerationRequest, TokenEvent
 from workers.errors import (
     AdapterdError,
     AdapterNotFoundError,
-    AdapterValidationError,
     InvalidRequestError,
     PromptTooLongError,
     RequestFailedError,
 )
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RowPlan:
+    """One step's rows: plain decode rows, prompt chunks (sequence, tokens this step), Medusa trees."""
+
+    plain: list[Sequence]
+    prefill: list[tuple[Sequence, int]]
+    drafts: list[Draft]
+
+
+@dataclass(frozen=True)
+class ForwardOutput:
+    logits: torch.Tensor  # [rows, vocab]: plain decode rows, prompts that end, then every tree node
+    hidden: torch.Tensor  # [rows, hidden]
+
+
+@dataclass(frozen=True)
+class SampleRows:
+    """The rows that sample one token this step, with their logits [R, vocab] and hidden states [R, hidden]."""
+
+    seqs: list[Sequence]
+    logits: torch.Tensor
+    hidden: torch.Tensor
+    plain: int  # forward rows before the trees' nodes
 
 
 def load_tokenizer(path: str):
@@ -56,8 +80,7 @@ class EngineCore:
         self.runner = ModelRunner(cfg)
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.model_path)
         self.model_id = cfg.model_id or Path(cfg.model_path).name
-        self.adapters = AdapterManager(self.runner.config, self.runner.bank, self.runner.s2ft, cfg.max_loras,
-                                       cfg.host_cache_bytes)
+        self.adapters = AdapterManager(self.runner.config, self.runner.devices, cfg.host_cache_bytes)
         self.scheduler = Scheduler(cfg, self.runner.kv, self.adapters)
         self.fusion = FusionController(self.runner.model, self.adapters, cfg.fusion, lambda: self.scheduler.running)
         self.speculator = Speculator(cfg.medusa_tree, cfg.medusa_max_batch, cfg.medusa_epsilon, cfg.medusa_delta,
@@ -70,28 +93,15 @@ class EngineCore:
         self.by_id: dict[str, list[Sequence]] = {}  # request id → its sequences (n completions)
         self.failures: list[tuple[Sequence, Exception]] = []  # see take_failures()
 
-    def read_adapter(self, folder: str | Path) -> tuple[AdapterSource, AdapterWeights]:
-        """Reads and validates an adapter folder (PEFT LoRA, ComPEFT-compressed LoRA, S²FT, or a combined
-        LoRA + S²FT merge) against the base (thread-safe; touches no state). Returns what the host cache
-        keeps and the decoded weights."""
+    def read_adapter(self, folder: str | Path) -> tuple[HostAdapter, DecodedAdapter]:
+        """Reads and validates an adapter folder of any registered kind (`workers.adapters.kinds`: PEFT LoRA,
+        ComPEFT-compressed LoRA, S²FT, a combined LoRA + S²FT merge) against the base (thread-safe; touches
+        no state). Returns what the host cache keeps and the decoded weights."""
         folder = Path(folder)
-        if folder.is_dir() and is_s2ft_folder(folder):
-            return read_s2ft(folder, self.runner.config)
-        if folder.is_dir() and is_combined_folder(folder):
-            source, weights = read_combined(folder, self.runner.config, self.cfg.max_rank)
-            self._check_lora_targets(source.lora.targets)
-            return source, weights
-        read = read_compeft if folder.is_dir() and is_compeft_folder(folder) else read_lora
-        source, weights = read(folder, self.runner.config, self.cfg.max_rank)
-        self._check_lora_targets(source.targets)
-        return source, weights
+        ctx = ReadContext(self.runner.config, self.cfg.max_rank, self.cfg.lora_targets)
+        return kinds.for_folder(folder).read(folder, ctx)
 
-    def _check_lora_targets(self, targets: frozenset[str]) -> None:
-        missing = targets - set(self.cfg.lora_targets)
-        if missing:
-            raise AdapterValidationError(f"target modules {sorted(missing)} are not enabled on this worker")
-
-    def load_adapter(self, name: str, folder: str | Path) -> AdapterSource:
+    def load_adapter(self, name: str, folder: str | Path) -> HostAdapter:
         """Registers in the host cache; the decoded weights are staged, since a request usually follows.
         Medusa heads in a `medusa/` subfolder are attached to the adapter."""
         source, weights = self.read_adapter(folder)
@@ -215,45 +225,70 @@ class EngineCore:
         return self.scheduler.has_work()
 
     def step(self) -> list[tuple[Sequence, TokenEvent]]:
-        """One step under `step_lock` (adapter loads, unloads and fusion changes wait for its end). A failure
-        tied to one request (its sampling, stop strings, Medusa tree, or its rows in the forward) fails that
-        request alone: it is finished and listed by `take_failures()`, and the other rows go on."""
+        """One step under `step_lock` (adapter loads, unloads and fusion changes wait for its end): plan the
+        rows, run the forward, sample the plain rows and accept the trees, finish what stopped. A failure tied
+        to one request (its sampling, stop strings, Medusa tree, or its rows in the forward) fails that request
+        alone: it is finished and listed by `take_failures()`, and the other rows go on."""
         with self.step_lock:
-            with self.lock:
-                self._update_fusion()  # between steps: fuse a dominant adapter, or unfuse
-                plan = self.scheduler.schedule()
-                plainly = [s for s in plan.decode if decodes_plainly(s.request.params)]
-                spec, plain = self.speculator.split([s for s in plan.decode if s not in plainly], self.max_seq)
-                plain += plainly  # rows with heads verify a tree, unless they need what verification lacks
-            if plan.empty:
+            plan = self._plan_step()
+            if plan is None:
                 return []
-            drafts, plain = self._propose(spec, plain)
-            try:
-                logits, hidden = self._forward(plain, plan.prefill, drafts)
-            except Exception as exc:
-                self._isolate(plain, plan.prefill, drafts, exc)
+            out = self._run_forward(plan)
+            if out is None:
                 return []
-            sampled = plain + [seq for seq, n in plan.prefill if seq.num_cached + n == len(seq.prompt)]
-            for seq, n in plan.prefill:
-                seq.num_cached += n
-            for seq in plain:
-                seq.num_cached += 1
-            rows = len(sampled)
-            sample_logits, sample_hidden = logits[:rows], hidden[:rows]
-            forked = self._fork(sampled)
-            if forked:  # the other completions of a prompt sample their first token from its last row
-                rows_of = torch.tensor([sampled.index(parent) for parent, _ in forked])
-                sample_logits = torch.cat([sample_logits, logits[rows_of]])
-                sample_hidden = torch.cat([sample_hidden, hidden[rows_of]])
-                sampled = sampled + [child for _, child in forked]
-            events = self._sample(sampled, sample_logits, sample_hidden)
-            events += self._accept(drafts, logits[rows:], hidden[rows:])
-            with self.lock:
-                for seq, event in events:
-                    if event.finish_reason is not None:
-                        self.scheduler.finish(seq)
-                        self._forget(seq)
+            rows = self._rows_to_sample(plan, out)
+            events = self._sample(rows.seqs, rows.logits, rows.hidden)
+            events += self._accept(plan.drafts, out.logits[rows.plain:], out.hidden[rows.plain:])
+            self._finish_stopped(events)
             return events
+
+    def _plan_step(self) -> RowPlan | None:
+        """Between steps: fusion; then the scheduler's rows, split into plain decode rows, prompt chunks and
+        Medusa trees (None: nothing to run)."""
+        with self.lock:
+            self._update_fusion()  # between steps: fuse a dominant adapter, or unfuse
+            plan = self.scheduler.schedule()
+            plainly = [s for s in plan.decode if decodes_plainly(s.request.params)]
+            spec, plain = self.speculator.split([s for s in plan.decode if s not in plainly], self.max_seq)
+            plain += plainly  # rows with heads verify a tree, unless they need what verification lacks
+        if plan.empty:
+            return None
+        drafts, plain = self._propose(spec, plain)
+        return RowPlan(plain, plan.prefill, drafts)
+
+    def _run_forward(self, plan: RowPlan) -> ForwardOutput | None:
+        """The batched forward; when it raises, each request is probed alone (None: nothing to sample)."""
+        try:
+            return self._forward(plan)
+        except Exception as exc:
+            self._isolate(plan, exc)
+            return None
+
+    def _rows_to_sample(self, plan: RowPlan, out: ForwardOutput) -> SampleRows:
+        """Advances the caches past this step's tokens; the rows that sample a token: plain decode rows,
+        prompts that ended, and the forks of those prompts (which sample from their parent's last row)."""
+        sampled = plan.plain + [seq for seq, n in plan.prefill if seq.num_cached + n == len(seq.prompt)]
+        for seq, n in plan.prefill:
+            seq.num_cached += n
+        for seq in plan.plain:
+            seq.num_cached += 1
+        plain = len(sampled)
+        logits, hidden = out.logits[:plain], out.hidden[:plain]
+        forked = self._fork(sampled)
+        if forked:  # the other completions of a prompt sample their first token from its last row
+            rows_of = torch.tensor([sampled.index(parent) for parent, _ in forked])
+            logits = torch.cat([logits, out.logits[rows_of]])
+            hidden = torch.cat([hidden, out.hidden[rows_of]])
+            sampled = sampled + [child for _, child in forked]
+        return SampleRows(sampled, logits, hidden, plain)
+
+    def _finish_stopped(self, events: list[tuple[Sequence, TokenEvent]]) -> None:
+        """Frees the sequences whose token ended them (a stop, or the length cap)."""
+        with self.lock:
+            for seq, event in events:
+                if event.finish_reason is not None:
+                    self.scheduler.finish(seq)
+                    self._forget(seq)
 
     def _fork(self, sampled: list[Sequence]) -> list[tuple[Sequence, Sequence]]:
         """(parent, child) for every completion forked from a prompt that was cached this step."""
@@ -296,33 +331,32 @@ class EngineCore:
             log.exception("Medusa proposal failed; decoding those rows plainly")
             return [], plain + [seq for seq, _ in spec]
 
-    def _isolate(self, plain: list[Sequence], prefill: list[tuple[Sequence, int]], drafts: list[Draft],
-                 exc: Exception) -> None:
-        """The batched forward raised: runs each row group alone (rewriting the same KV positions, so the
+    def _isolate(self, plan: RowPlan, exc: Exception) -> None:
+        """The batched forward raised: runs each request's rows alone (rewriting the same KV positions, so the
         probe changes nothing) and fails the requests whose own forward raises; the others did not advance
         and run again next step. If no request fails alone, the error is the batch's: all of them fail."""
         log.warning("batched forward failed (%s: %s); probing its requests one by one", type(exc).__name__, exc)
-        units = ([(s, ([s], [], [])) for s in plain] + [(s, ([], [(s, n)], [])) for s, n in prefill]
-                 + [(d.seq, ([], [], [d])) for d in drafts])
+        units = ([(s, RowPlan([s], [], [])) for s in plan.plain]
+                 + [(s, RowPlan([], [(s, n)], [])) for s, n in plan.prefill]
+                 + [(d.seq, RowPlan([], [], [d])) for d in plan.drafts])
         culprits = []
-        for seq, (p, f, d) in units:
+        for seq, alone in units:
             try:
-                self._forward(p, f, d)
+                self._forward(alone)
             except Exception as own:
                 culprits.append((seq, own))
         for seq, own in culprits or [(seq, exc) for seq, _ in units]:
             self._fail(seq, own)
 
-    def _forward(self, plain: list[Sequence], prefill: list[tuple[Sequence, int]],
-                 drafts: list[Draft]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits [rows, vocab] and hidden states [rows, hidden]: plain decode rows, prompts that end, then
-        every node of each tree."""
-        decode = [(s.kv_slot, s.num_cached, s.last_token, s.placement) for s in plain]
-        chunks = [(s.kv_slot, s.num_cached, list(s.prompt[s.num_cached:s.num_cached + n]),
-                   s.num_cached + n == len(s.prompt), s.placement) for s, n in prefill]
+    def _forward(self, plan: RowPlan) -> ForwardOutput:
+        """Logits and hidden states of the plain decode rows, the prompts that end, then every node of each tree."""
+        decode = [DecodeRow(s.kv_slot, s.num_cached, s.last_token, s.placement) for s in plan.plain]
+        chunks = [PromptChunk(s.kv_slot, s.num_cached, list(s.prompt[s.num_cached:s.num_cached + n]),
+                              s.num_cached + n == len(s.prompt), s.placement) for s, n in plan.prefill]
         layout = self.speculator.tree.layout
-        chunks += [(d.seq.kv_slot, d.seq.num_cached, d.tokens, True, d.seq.placement, layout) for d in drafts]
-        return self.runner.forward(decode, chunks, with_hidden=True)
+        chunks += [PromptChunk(d.seq.kv_slot, d.seq.num_cached, d.tokens, True, d.seq.placement, layout)
+                   for d in plan.drafts]
+        return ForwardOutput(*self.runner.forward(decode, chunks, with_hidden=True))
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor,
                 hidden: torch.Tensor) -> list[tuple[Sequence, TokenEvent]]:

@@ -16,7 +16,7 @@ import queue
 import threading
 from collections.abc import AsyncIterator
 
-from workers.adapters.manager import AdapterSource
+from workers.adapters.kind import HostAdapter
 from workers.engine.config import EngineConfig
 from workers.engine.core import EngineCore
 from workers.engine.types import GenerationRequest, TokenEvent
@@ -105,7 +105,7 @@ class Engine:
             if request.adapter is not None:  # the host cache keeps it from now until the stream ends
                 self.core.adapters.pin(request.adapter)
 
-    async def load_adapter(self, name: str, path: str) -> AdapterSource:
+    async def load_adapter(self, name: str, path: str) -> HostAdapter:
         """Reads and validates off the event loop and the decode loop; registers in the host cache."""
         return await asyncio.to_thread(self._published, self.core.load_adapter, name, path)
 

@@ -1,20 +1,42 @@
-"""The model runner: the base decoder with adapter layers attached, its KV cache and RoPE tables.
-`forward` turns one step's plan into logits."""
+"""The model runner: the base decoder with every registered adapter kind's layers attached, its KV cache and
+RoPE tables. `forward` turns one step's rows (`DecodeRow`, `PromptChunk`) into logits."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from workers.adapters.layers import AdapterContext, attach_adapter_layers
+from workers.adapters import kinds
+from workers.adapters.kind import DeviceContext, KindDevice
 from workers.adapters.manager import DevicePlacement
-from workers.adapters.ops import build_adapter_batch
-from workers.adapters.s2ft_ops import S2FTContext, S2FTDeviceStore, attach_s2ft_layers, build_s2ft_batch
-from workers.adapters.slots import LoRARowBank
 from workers.engine.config import EngineConfig
-from workers.model.batch import build_step_batch
+from workers.model.batch import TreeLayout, build_step_batch
 from workers.model.kv_cache import KVCache
 from workers.model.loader import ModelSpec, load_decoder
 from workers.model.rope import rope_tables
+
+
+@dataclass(frozen=True)
+class DecodeRow:
+    """One decoding sequence's token this step."""
+
+    kv_slot: int
+    position: int
+    token: int
+    placement: DevicePlacement  # what its adapter adds
+
+
+@dataclass(frozen=True)
+class PromptChunk:
+    """Prompt tokens written at `start` (or a Medusa tree of candidates to verify, `tree` its layout)."""
+
+    kv_slot: int
+    start: int
+    tokens: list[int]
+    wants_logits: bool  # the chunk ends its prompt (a tree: logits for every node)
+    placement: DevicePlacement
+    tree: TreeLayout | None = None
 
 
 class ModelRunner:
@@ -29,28 +51,24 @@ class ModelRunner:
                           self.dtype, self.device)
         cos, sin = rope_tables(mc, self.max_seq)
         self.cos, self.sin = cos.to(self.dtype), sin.to(self.dtype)
-        self.bank = LoRARowBank(mc, cfg.max_loras * cfg.max_rank, self.dtype, self.device, cfg.lora_targets)
-        self.adapter_ctx = AdapterContext(cfg.lora_kernel)
-        attach_adapter_layers(self.model, self.bank, self.adapter_ctx)
-        self.s2ft = S2FTDeviceStore(mc.num_layers, self.dtype, self.device)
-        self.s2ft_ctx = S2FTContext(cfg.lora_kernel)
-        attach_s2ft_layers(self.model, self.s2ft, self.s2ft_ctx)  # outermost: over the LoRA wrappers
+        self.devices: dict[str, KindDevice] = kinds.attach_devices(self.model, DeviceContext(
+            mc, self.dtype, self.device, cfg.max_loras, cfg.max_rank, cfg.lora_targets, cfg.lora_kernel))
 
     @torch.inference_mode()
-    def forward(self, decode: list[tuple[int, int, int, DevicePlacement]],
-                prefill: list[tuple], with_hidden: bool = False):
-        """decode: (kv_slot, position, token, adapter placement) per decoding sequence;
-        prefill: (kv_slot, start, tokens, wants_logits, adapter placement[, tree layout]) per chunk (a tree:
-        a Medusa tree to verify). Returns logits [rows, vocab] for the decode rows, then the chunks that want
-        logits (every node of a tree); with_hidden: (logits, final hidden states [rows, hidden])."""
-        batch = build_step_batch([d[:3] for d in decode], [(*p[:4], *p[5:6]) for p in prefill], self.cos,
-                                 self.sin, self.config.sliding_window, self.device)
-        chunks, offset = [], len(decode)
-        for _, _, tokens, _, placement, *_ in prefill:
-            chunks.append((offset, offset + len(tokens), placement))
-            offset += len(tokens)
-        self.adapter_ctx.batch = build_adapter_batch(
-            [d[3].lora_rows for d in decode], [(s, e, p.lora_rows) for s, e, p in chunks], self.dtype, self.device)
-        self.s2ft_ctx.batch = build_s2ft_batch(
-            [d[3].s2ft_ids for d in decode], [(s, e, p.s2ft_ids) for s, e, p in chunks], self.device)
+    def forward(self, decode: list[DecodeRow], prefill: list[PromptChunk], with_hidden: bool = False):
+        """Returns logits [rows, vocab] for the decode rows, then the chunks that want logits (every node of a
+        tree); with_hidden: (logits, final hidden states [rows, hidden])."""
+        batch = build_step_batch([(d.kv_slot, d.position, d.token) for d in decode],
+                                 [(c.kv_slot, c.start, c.tokens, c.wants_logits, c.tree) for c in prefill],
+                                 self.cos, self.sin, self.config.sliding_window, self.device)
+        self.set_adapter_batches(decode, prefill)
         return self.model(batch, self.kv, with_hidden)
+
+    def set_adapter_batches(self, decode: list[DecodeRow], prefill: list[PromptChunk]) -> None:
+        """Each kind's batch view for this step: what every decode token and every chunk's tokens add."""
+        spans, offset = [], len(decode)
+        for chunk in prefill:
+            spans.append((offset, offset + len(chunk.tokens), chunk.placement))
+            offset += len(chunk.tokens)
+        for kind, device in self.devices.items():
+            device.set_batch([d.placement.of(kind) for d in decode], [(s, e, p.of(kind)) for s, e, p in spans])

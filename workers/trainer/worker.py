@@ -26,6 +26,7 @@ from pathlib import Path
 
 import redis
 
+from adapters_store import kinds as store_kinds
 from adapters_store.backends import open_backend
 from adapters_store.base_model import BaseModelSpec
 from adapters_store.coordination import (
@@ -407,11 +408,11 @@ class Trainer:
         draft, files = prepare(uploads, self.base, limits, name=owned_name(job.organization_id, name),
                                owner=job.organization_id, public=False,
                                compression=compression)
-        if draft.kind == "medusa":  # heads serve the adapter version they were distilled from, or the base
+        if store_kinds.are_heads(draft.kind):  # heads serve the adapter version they were distilled from, or the base
             adapter = job.method.get("adapter")
             draft = replace(draft, attach_to=self.adapters.resolve(adapter).ref if adapter else None)
         published = self.adapters.publish(draft, files)
-        if published.kind == "medusa":
+        if store_kinds.are_heads(published.kind):
             self.adapters.attach_heads(published)
 
     def adapter_folder(self, ref: str | None) -> str | None:

@@ -103,14 +103,15 @@ def validate_method(method: dict, examples: int | None = None) -> dict:
         if (isinstance(default, float) or name in ("lr", "learning_rate_multiplier")) and _is_num(value):
             value = float(value)
         out[name] = list(value) if isinstance(value, list) else value
-    if kind == "s2ft":
-        _check_s2ft_budget(out)
+    for check in _METHOD_CHECKS.get(kind, ()):
+        check(out)
     if out["lr"] != AUTO and out["learning_rate_multiplier"] != AUTO:
         raise ValueError("method: lr and learning_rate_multiplier both set the learning rate; give one")
     return resolve(out, examples) if examples is not None else out
 
 
 def _check_s2ft_budget(method: dict) -> None:
+    """S²FT trains selected heads/channels: the ratios must select some in the modules it names."""
     heads = {"o_proj", "v_proj"} & set(method["modules"])
     channels = {"down_proj", "up_proj"} & set(method["modules"])
     if heads and method["head_ratio"] == 0 and channels and method["channel_ratio"] == 0:
@@ -119,3 +120,6 @@ def _check_s2ft_budget(method: dict) -> None:
         raise ValueError(f"method.head_ratio: 0 but modules {sorted(heads)} select heads")
     if channels and not heads and method["channel_ratio"] == 0:
         raise ValueError(f"method.channel_ratio: 0 but modules {sorted(channels)} select channels")
+
+
+_METHOD_CHECKS = {"s2ft": (_check_s2ft_budget,)}  # checks across one method's hyperparameters, by method type

@@ -6,7 +6,7 @@ import dataclasses
 import torch
 from tiny_models import make_tiny_model
 
-from workers.model.batch import TreeLayout, build_step_batch, sees_everything
+from workers.model.batch import TreeLayout, build_step_batch, contiguous_start, sees_everything
 from workers.model.kv_cache import KVCache
 from workers.model.loader import ModelSpec, load_decoder
 from workers.model.rope import rope_tables
@@ -61,3 +61,17 @@ def test_unmasked_decode_equals_masked_decode(tmp_path):
             step = dataclasses.replace(step, decode_mask=torch.ones(2, 1, 1, 11, dtype=torch.bool))
         logits.append(model(step, kv))
     torch.testing.assert_close(logits[0], logits[1], rtol=1e-5, atol=1e-5)
+
+
+def test_consecutive_decode_slots_attend_over_a_view_others_gather():
+    assert contiguous_start([3, 4, 5]) == 3 and contiguous_start([0]) == 0
+    assert contiguous_start([3, 5]) is None and contiguous_start([4, 3]) is None and contiguous_start([]) is None
+    cos, sin = torch.zeros(64, 4), torch.zeros(64, 4)
+    kv = KVCache(2, 6, 16, 2, 4, torch.float32, torch.device("cpu"))
+    torch.manual_seed(0)
+    kv.k.normal_(), kv.v.normal_()
+    for slots in ([2, 3, 4], [4, 1, 2]):
+        batch = build_step_batch([(s, 5, 1) for s in slots], [], cos, sin, None, torch.device("cpu"))
+        keys, values = kv.decode_view(1, batch)  # [Bd, kv_heads, S, D]
+        assert torch.equal(keys, kv.k[1, slots, :, :6]) and torch.equal(values, kv.v[1, slots, :, :6])
+        assert (keys.data_ptr() == kv.k[1, 2].data_ptr()) == (slots == [2, 3, 4])  # a view of the cache

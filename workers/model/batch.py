@@ -38,7 +38,7 @@ class StepBatch:
     sin: torch.Tensor  # [N, 1, head_dim]
     num_decode: int  # the first num_decode tokens are decode rows, one per sequence
     decode_slots: torch.Tensor  # [Bd] long
-    decode_slots_are_prefix: bool  # decode_slots == arange(Bd): attend over a view, no gather
+    decode_slot_start: int | None  # decode_slots == arange(start, start + Bd): attend over a view, no gather
     decode_kv_len: int  # S: the longest decoding sequence, counting the new token
     decode_mask: torch.Tensor | None  # [Bd, 1, 1, S] bool; None: every row sees all S positions
     prefill: tuple[PrefillChunk, ...]
@@ -69,6 +69,11 @@ def tree_mask(start: int, tree: TreeLayout, window: int | None) -> torch.Tensor:
     if window is not None:
         visible &= k_pos > q_pos - window
     return visible
+
+
+def contiguous_start(slots: list[int]) -> int | None:
+    """s when slots == [s, s+1, ..., s+n-1] (then the cache's slots form one view); None otherwise."""
+    return slots[0] if slots and slots == list(range(slots[0], slots[0] + len(slots))) else None
 
 
 def sees_everything(lengths: list[int], kv_len: int, window: int | None) -> bool:
@@ -132,7 +137,7 @@ def build_step_batch(
         sin=sin_table[rope_positions].unsqueeze(1).to(device),
         num_decode=len(decode),
         decode_slots=torch.tensor(decode_slots, dtype=torch.long, device=device),
-        decode_slots_are_prefix=decode_slots == list(range(len(decode_slots))),
+        decode_slot_start=contiguous_start(decode_slots),
         decode_kv_len=kv_len,
         decode_mask=decode_mask,
         prefill=tuple(chunks),

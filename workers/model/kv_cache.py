@@ -60,9 +60,9 @@ class KVCache:
     def decode_view(self, layer: int, batch: StepBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of the decoding sequences: [Bd, kv_heads, S, head_dim]."""
         s = batch.decode_kv_len
-        if batch.decode_slots_are_prefix:
-            n = batch.num_decode
-            return self.k[layer, :n, :, :s], self.v[layer, :n, :, :s]
+        if batch.decode_slot_start is not None:  # consecutive slots: a view, no copy
+            lo, hi = batch.decode_slot_start, batch.decode_slot_start + batch.num_decode
+            return self.k[layer, lo:hi, :, :s], self.v[layer, lo:hi, :, :s]
         return self.k[layer][batch.decode_slots, :, :s], self.v[layer][batch.decode_slots, :, :s]
 
     def compact(self, slot: int, src_positions: list[int], dst_start: int) -> None:

@@ -69,7 +69,7 @@ def peft_greedy(model, prompt, adapter, n):
 ROWS = ["a", None, "b", "c", "d", None, "a"]  # 4 adapters + base rows, one repeated
 
 
-@pytest.mark.parametrize("kernel", ["fast", "grouped", "reference", "auto"])
+@pytest.mark.parametrize("kernel", ["fast", "grouped", "gathered", "reference", "auto"])
 def test_mixed_batch_logits_equal_peft_per_adapter(model_and_adapters, peft_model, make_core, kernel):
     folder, adapters = model_and_adapters
     core = make_core(folder, max_batch=8, max_loras=4, max_rank=8, lora_kernel=kernel)
@@ -103,7 +103,7 @@ def test_mixed_batch_greedy_generation_equals_peft(model_and_adapters, peft_mode
     assert not core.adapters.refs and not core.adapters.pins and core.runner.kv.free_slots == 8
 
 
-@pytest.mark.parametrize("kernel", ["fast", "grouped"])
+@pytest.mark.parametrize("kernel", ["fast", "grouped", "gathered"])
 def test_fast_kernels_equal_reference_on_random_banks(kernel):
     torch.manual_seed(0)
     rows, d_in, d_out = 30, 32, 48

@@ -29,9 +29,9 @@ def test_auto_runs_the_candidate_the_timer_measures_fastest(tmp_path, fastest):
     lora_add_reference(ref, x, a, bt, batch)
     assert ((y - ref).abs().max() / ref.abs().max()).item() <= 1e-5
     assert set(timed) == set(CANDIDATES)
-    entry = table.entries["lora 32x40 rows 5-16 adapters 2-4 float32 cpu"]
+    entry = table.entries["lora 32x40 rows 5-16 adapters 2-4 with base rows float32 cpu"]
     assert entry["choice"] == fastest
-    assert kernels._chosen[(32, 40, 2, 1, torch.float32, torch.device("cpu"))] is CANDIDATES[fastest]
+    assert kernels._chosen[(32, 40, 2, 1, True, torch.float32, torch.device("cpu"))] is CANDIDATES[fastest]
     timed.clear()
     kernels(y, x, a, bt, batch)  # known now: not measured again
     assert timed == []
@@ -41,3 +41,28 @@ def test_unknown_kernel_names_are_refused():
     with pytest.raises(ValueError, match="unknown LoRA kernel"):
         AdapterContext("fastest")
     assert isinstance(AdapterContext("auto").kernel, LoRAKernels)
+
+
+def test_gathered_races_only_where_some_decode_rows_use_the_base(tmp_path):
+    timed = []
+
+    def timer(name, call):
+        call()
+        timed.append(name)
+        return 0.001
+
+    kernels = LoRAKernels(KernelTable(tmp_path / "k.json"), timer=timer)
+    torch.manual_seed(0)
+    a, bt, x = torch.randn(16, 32), torch.randn(16, 40), torch.randn(3, 32)
+    all_active = build_adapter_batch([((0, 8),), ((8, 16),), ((0, 8),)], [], torch.float32, torch.device("cpu"))
+    y, ref = torch.zeros(3, 40), torch.zeros(3, 40)
+    kernels(y, x, a, bt, all_active)
+    lora_add_reference(ref, x, a, bt, all_active)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    assert set(timed) == set(CANDIDATES) - {"gathered"} and all_active.all_decode_active
+    assert "lora 32x40 rows 2-4 adapters 2-4 float32 cpu" in kernels.table.entries
+    timed.clear()
+    mixed = build_adapter_batch([((0, 8),), (), ((8, 16),)], [], torch.float32, torch.device("cpu"))
+    assert mixed.decode_active.tolist() == [0, 2] and not mixed.all_decode_active
+    kernels(y, x, a, bt, mixed)
+    assert set(timed) == set(CANDIDATES)

@@ -6,7 +6,11 @@ Decode rows (one token per sequence) each add `scale · B (A x)` for their own b
   each token's own rows, one expand GEMM (BGMV without gathering weights; cost grows with the rows in use);
 - `grouped`: per adapter row range, gather its tokens, shrink and expand with that range only, and
   scatter-add (cost grows with the number of adapters, not with the rows the others use).
-Prefill chunks (many tokens of one adapter) are two plain GEMMs per chunk in both.
+- `gathered`: `fast` on the decode rows that use an adapter only (gathered before the shrink GEMM, the
+  expanded deltas index-added back), for batches that mix adapter and base rows.
+Prefill chunks (many tokens of one adapter) are two plain GEMMs per chunk in all.
+Which candidates race depends on the batch: `gathered` only where some decode rows use no adapter (with all
+rows active it is `fast` plus two copies); the key records which case was measured.
 """
 
 from __future__ import annotations
@@ -31,7 +35,20 @@ def lora_add_grouped(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, bt: torc
         y[start:end].addmm_(x[start:end] @ a[row_start:row_end].T, bt[row_start:row_end])
 
 
-CANDIDATES = {"fast": lora_add_fast, "grouped": lora_add_grouped}
+def lora_add_gathered(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, bt: torch.Tensor,
+                      batch: AdapterBatch) -> None:
+    """y: [N, out] += per token; x: [N, in]; a: [rows, in]; bt: [rows, out]."""
+    if batch.decode_active is not None:
+        lo, hi, active = batch.decode_lo, batch.decode_hi, batch.decode_active  # active: [Ba]
+        h = torch.nn.functional.linear(x.index_select(0, active), a[lo:hi])  # [Ba, hi-lo]
+        h.mul_(batch.decode_active_mask)
+        y.index_add_(0, active, h @ bt[lo:hi])  # [Ba, out]
+    for start, end, row_start, row_end in batch.segments:
+        y[start:end].addmm_(x[start:end] @ a[row_start:row_end].T, bt[row_start:row_end])
+
+
+CANDIDATES = {"fast": lora_add_fast, "grouped": lora_add_grouped, "gathered": lora_add_gathered}
+MIXED_ONLY = ("gathered",)  # raced only where some decode rows use no adapter
 
 
 def adapter_bucket(groups: int) -> int:
@@ -48,15 +65,17 @@ class LoRAKernels:
 
     def __call__(self, y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, bt: torch.Tensor,
                  batch: AdapterBatch) -> None:
+        mixed = batch.decode_mask is not None and not batch.all_decode_active
         key = (a.shape[1], bt.shape[1], row_bucket(batch.num_decode), adapter_bucket(len(batch.decode_groups)),
-               y.dtype, y.device)
+               mixed, y.dtype, y.device)
         fn = self._chosen.get(key)
         if fn is None:
             fn = self._chosen[key] = CANDIDATES[self.choose(*key)]
         fn(y, x, a, bt, batch)
 
-    def choose(self, in_features: int, out_features: int, rows_bucket: int, groups_bucket: int,
+    def choose(self, in_features: int, out_features: int, rows_bucket: int, groups_bucket: int, mixed: bool,
                dtype: torch.dtype, device: torch.device) -> str:
+        """mixed: some decode rows use no adapter (measured with every other row on the base)."""
         if self._chooser is None:
             self._chooser = KernelChooser(tuple(CANDIDATES), self.table or KernelTable.for_machine(device),
                                           self.override, self.timer)
@@ -70,12 +89,17 @@ class LoRAKernels:
             bt = torch.randn(bank_rows, out_features, generator=gen, device=device).to(dtype)
             x = torch.randn(rows, in_features, generator=gen, device=device).to(dtype)
             ranges = [(((i % groups) * MEASURED_RANK, (i % groups + 1) * MEASURED_RANK),) for i in range(rows)]
+            if mixed:  # every other row on the base; adapters keep their count where the rows allow
+                ranges = [() if i % 2 else ((i // 2 % groups * MEASURED_RANK, (i // 2 % groups + 1) * MEASURED_RANK),)
+                          for i in range(rows)]
             batch = build_adapter_batch(ranges, [], dtype, device)
             y = torch.zeros(rows, out_features, dtype=dtype, device=device)
-            return {name: (lambda fn=CANDIDATES[name]: fn(y, x, a, bt, batch)) for name in CANDIDATES}
+            names = [n for n in CANDIDATES if mixed or n not in MIXED_ONLY]
+            return {name: (lambda fn=CANDIDATES[name]: fn(y, x, a, bt, batch)) for name in names}
 
         key = (f"lora {in_features}x{out_features} rows {bucket_label(rows_bucket)} adapters "
-               f"{_label(groups_bucket)} {str(dtype).removeprefix('torch.')} {device.type}")
+               f"{_label(groups_bucket)}{' with base rows' if mixed else ''} "
+               f"{str(dtype).removeprefix('torch.')} {device.type}")
         return self._chooser.choose(key, calls, device)
 
 

@@ -32,6 +32,12 @@ class AdapterBatch:
     decode_mask: torch.Tensor | None  # [Bd, hi - lo]: 1 on the token's own rows
     segments: tuple[tuple[int, int, int, int], ...]  # (token start, token end, row start, row end)
     decode_groups: tuple[tuple[int, int, torch.Tensor], ...] = ()  # (row start, row end, decode tokens [g])
+    decode_active: torch.Tensor | None = None  # [Ba] long: the decode tokens that use any adapter row
+    decode_active_mask: torch.Tensor | None = None  # [Ba, hi - lo]: decode_mask's rows of those tokens
+
+    @property
+    def all_decode_active(self) -> bool:
+        return self.decode_active is not None and self.decode_active.shape[0] == self.num_decode
 
     @property
     def active(self) -> bool:
@@ -53,6 +59,8 @@ def build_adapter_batch(decode_rows: list[RowRanges], chunk_rows: list[tuple[int
             for start, end in ranges:
                 mask[i, start - lo:end - lo] = 1
         mask = mask.to(device)
+    active = [i for i, ranges in enumerate(decode_rows) if any(r[1] > r[0] for r in ranges)]
+    active_t = torch.tensor(active, dtype=torch.long, device=device) if used else None
     groups: dict[RowRange, list[int]] = {}
     for i, ranges in enumerate(decode_rows):
         for r in ranges:
@@ -66,6 +74,8 @@ def build_adapter_batch(decode_rows: list[RowRanges], chunk_rows: list[tuple[int
         decode_mask=mask,
         segments=tuple((s, e, r[0], r[1]) for s, e, ranges in chunk_rows for r in ranges if r[1] > r[0]),
         decode_groups=tuple((r[0], r[1], torch.tensor(t, dtype=torch.long, device=device)) for r, t in groups.items()),
+        decode_active=active_t,
+        decode_active_mask=None if mask is None else mask[active_t],
     )
 
 

@@ -38,9 +38,9 @@ class StepBatch:
     sin: torch.Tensor  # [N, 1, head_dim]
     num_decode: int  # the first num_decode tokens are decode rows, one per sequence
     decode_slots: torch.Tensor  # [Bd] long
-    decode_slots_are_prefix: bool  # decode_slots == arange(Bd): attend over a view, no gather
+    decode_slot_start: int | None  # decode_slots == arange(start, start + Bd): attend over a view, no gather
     decode_kv_len: int  # S: the longest decoding sequence, counting the new token
-    decode_mask: torch.Tensor | None  # [Bd, 1, 1, S] bool
+    decode_mask: torch.Tensor | None  # [Bd, 1, 1, S] bool; None: every row sees all S positions
     prefill: tuple[PrefillChunk, ...]
     logits_rows: torch.Tensor  # [R] long: rows whose next-token logits are needed
 
@@ -69,6 +69,17 @@ def tree_mask(start: int, tree: TreeLayout, window: int | None) -> torch.Tensor:
     if window is not None:
         visible &= k_pos > q_pos - window
     return visible
+
+
+def contiguous_start(slots: list[int]) -> int | None:
+    """s when slots == [s, s+1, ..., s+n-1] (then the cache's slots form one view); None otherwise."""
+    return slots[0] if slots and slots == list(range(slots[0], slots[0] + len(slots))) else None
+
+
+def sees_everything(lengths: list[int], kv_len: int, window: int | None) -> bool:
+    """Whether every decode row sees all kv_len positions, so attention needs no mask (the common case:
+    one row, or rows of one length); SDPA without a mask is also the faster path."""
+    return all(n == kv_len for n in lengths) and (window is None or kv_len <= window)
 
 
 def build_step_batch(
@@ -111,7 +122,7 @@ def build_step_batch(
     decode_slots = [s for s, _, _ in decode]
     kv_len = max((p + 1 for _, p, _ in decode), default=0)
     decode_mask = None
-    if decode:
+    if decode and not sees_everything([p + 1 for _, p, _ in decode], kv_len, window):
         lengths = torch.tensor([p + 1 for _, p, _ in decode])
         k_pos = torch.arange(kv_len)
         visible = k_pos.unsqueeze(0) < lengths.unsqueeze(1)  # [Bd, S]
@@ -126,7 +137,7 @@ def build_step_batch(
         sin=sin_table[rope_positions].unsqueeze(1).to(device),
         num_decode=len(decode),
         decode_slots=torch.tensor(decode_slots, dtype=torch.long, device=device),
-        decode_slots_are_prefix=decode_slots == list(range(len(decode_slots))),
+        decode_slot_start=contiguous_start(decode_slots),
         decode_kv_len=kv_len,
         decode_mask=decode_mask,
         prefill=tuple(chunks),

@@ -1,5 +1,10 @@
 """The KV cache: one preallocated tensor for keys and one for values, indexed by (layer, slot, position).
-A sequence owns one slot for its lifetime; nothing is allocated per step."""
+A sequence owns one slot for its lifetime; nothing is allocated per step.
+
+Writes go through one flat row index per step ((slot · kv_heads + head) · max_seq + position, computed once
+and shared by every layer) and `index_copy_`: advanced indexing over (slot, :, position) took ~10 ms per
+layer for 16 rows on a 2-core box against ~5 µs for the index copy. `write_reference` keeps the plain form.
+"""
 
 from __future__ import annotations
 
@@ -19,6 +24,8 @@ class KVCache:
         self.num_slots = num_slots
         self.max_seq = max_seq
         self._free = list(range(num_slots))  # min-heap: the lowest free slot first keeps slots dense
+        self._heads = torch.arange(num_kv_heads, device=device)  # [kv_heads]
+        self._indexed: tuple[StepBatch, torch.Tensor] | None = None  # the last step and its flat row index
 
     @property
     def free_slots(self) -> int:
@@ -32,15 +39,30 @@ class KVCache:
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, batch: StepBatch) -> None:
         """k, v: [N, kv_heads, head_dim] for the step's tokens, stored at (slot, position)."""
+        rows = self._row_index(batch)  # [N · kv_heads]
+        d = k.shape[-1]
+        self.k[layer].view(-1, d).index_copy_(0, rows, k.reshape(-1, d))
+        self.v[layer].view(-1, d).index_copy_(0, rows, v.reshape(-1, d))
+
+    def write_reference(self, layer: int, k: torch.Tensor, v: torch.Tensor, batch: StepBatch) -> None:
+        """What `write` computes, by advanced indexing (the oracle tests compare it with)."""
         self.k[layer][batch.cache_slots, :, batch.positions] = k
         self.v[layer][batch.cache_slots, :, batch.positions] = v
+
+    def _row_index(self, batch: StepBatch) -> torch.Tensor:
+        """[N · kv_heads] long: each token's row in a layer's cache viewed as [slots · kv_heads · max_seq, D]."""
+        if self._indexed is None or self._indexed[0] is not batch:
+            kv_heads = self._heads.shape[0]
+            rows = (batch.cache_slots[:, None] * kv_heads + self._heads[None, :]) * self.max_seq
+            self._indexed = (batch, (rows + batch.positions[:, None]).reshape(-1))
+        return self._indexed[1]
 
     def decode_view(self, layer: int, batch: StepBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of the decoding sequences: [Bd, kv_heads, S, head_dim]."""
         s = batch.decode_kv_len
-        if batch.decode_slots_are_prefix:
-            n = batch.num_decode
-            return self.k[layer, :n, :, :s], self.v[layer, :n, :, :s]
+        if batch.decode_slot_start is not None:  # consecutive slots: a view, no copy
+            lo, hi = batch.decode_slot_start, batch.decode_slot_start + batch.num_decode
+            return self.k[layer, lo:hi, :, :s], self.v[layer, lo:hi, :, :s]
         return self.k[layer][batch.decode_slots, :, :s], self.v[layer][batch.decode_slots, :, :s]
 
     def compact(self, slot: int, src_positions: list[int], dst_start: int) -> None:

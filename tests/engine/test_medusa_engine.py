@@ -91,24 +91,23 @@ def test_bad_trees_are_refused():
             build_tree(bad)
 
 
-def test_tree_mask_and_positions_in_the_step_batch():
+def test_tree_mask_and_positions_in_the_step_batch(device):
     tree = build_tree([(0,), (1,), (0, 0)])
-    cos = torch.arange(64.0).unsqueeze(1).expand(64, 8)
-    batch = build_step_batch([(0, 9, 5)], [(1, 6, [1, 2, 3, 4], True, tree.layout)], cos, cos, None,
-                             torch.device("cpu"))
+    cos = torch.arange(64.0, device=device).unsqueeze(1).expand(64, 8)
+    batch = build_step_batch([(0, 9, 5)], [(1, 6, [1, 2, 3, 4], True, tree.layout)], cos, cos, None, device)
     assert batch.positions.tolist() == [9, 6, 7, 8, 9]  # KV positions: consecutive
     assert batch.cos[:, 0, 0].tolist() == [9, 6, 7, 7, 8]  # RoPE positions: start + depth
     assert batch.logits_rows.tolist() == [0, 1, 2, 3, 4]  # every tree node
-    mask = batch.prefill[0].mask  # [4, 6 + 4]
+    mask = batch.prefill[0].mask.cpu()  # [4, 6 + 4]
     assert mask[:, :6].all()
     assert mask[:, 6:].tolist() == reference_tree_mask(tree).tolist()
     windowed = tree_mask(6, TreeLayout(tree.layout.depths, tree.layout.ancestors), window=3)
     assert windowed[3].tolist() == [False] * 6 + [True, True, False, True]  # node (0,0): RoPE position 8
 
 
-def test_kv_compact_moves_the_accepted_path():
-    kv = KVCache(2, 2, 16, 1, 2, torch.float32, torch.device("cpu"))
-    kv.k.copy_(torch.arange(kv.k.numel(), dtype=torch.float32).view_as(kv.k))
+def test_kv_compact_moves_the_accepted_path(device):
+    kv = KVCache(2, 2, 16, 1, 2, torch.float32, device)
+    kv.k.copy_(torch.arange(kv.k.numel(), dtype=torch.float32, device=device).view_as(kv.k))
     before = kv.k.clone()
     kv.compact(1, [5, 7, 9], 4)
     assert torch.equal(kv.k[:, 1, :, 4:7], before[:, 1, :, [5, 7, 9]])

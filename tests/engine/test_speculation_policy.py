@@ -70,6 +70,11 @@ def test_rejected_heads_are_declined_and_probed_ever_more_rarely():
     assert set(reasons) == {"probe", "cost model"}
 
 
+def test_a_failed_cost_measurement_never_speculates_nor_probes():
+    p = policy([0.0, 1.0] + [float("inf")] * 3)
+    assert all(p.decide(("h", True)).paths is None for _ in range(20))
+
+
 def test_accepted_heads_choose_the_tree_the_model_sizes():
     p = policy([0.0, 1.0, 1.02, 1.05, 1.8])  # the 4th token is expensive
     key = ("h", True)

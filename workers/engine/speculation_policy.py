@@ -21,6 +21,7 @@ decoding: 1 token for 1 step). A head set the model declines is probed with the 
 from __future__ import annotations
 
 import hashlib
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -163,7 +164,7 @@ class SpeculationPolicy:
         probs = path_probabilities(self.paths, state.hits, state.trials)
         order = value_order(self.paths, probs)
         m, expected, cost = choose_size([probs[i] for i in order], self.costs, self.cfg.margin)
-        if m == 0 and state.since_probe >= state.gap:
+        if m == 0 and state.since_probe >= state.gap and math.isfinite(self.costs[-1]):  # inf: unmeasurable
             state.since_probe = 0
             state.gap = min(max(2 * state.gap, self.cfg.first_probe_gap), self.cfg.max_probe_gap)
             return Decision(self.paths, "probe", expected, self.costs[len(self.paths) + 1])

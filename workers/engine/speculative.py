@@ -275,7 +275,11 @@ class Speculator:
         """Seconds of a one-token step and of trees of 2..T tokens (the configured tree's first nodes)."""
         layouts = [None, None] + [self._subtree(self.tree.paths[:n - 1]).layout
                                   for n in range(2, self.tree.size + 1)]
-        seconds = measure_step_seconds(self.forward, seq, layouts, self.policy.cfg.cost_reps)
+        try:
+            seconds = measure_step_seconds(self.forward, seq, layouts, self.policy.cfg.cost_reps)
+        except Exception:  # not the request's fault: without a cost model, trees are never worth it
+            log.exception("Medusa cost measurement failed; this worker will decode plainly")
+            return [0.0, 1.0] + [float("inf")] * (self.tree.size - 1)
         log.info("Medusa cost model: verifying n tokens costs %s one-token steps",
                  [round(s / seconds[1], 2) for s in seconds[1:]])
         return seconds

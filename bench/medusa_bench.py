@@ -10,8 +10,13 @@
    time with the engine's default tree, plain and Medusa alternating per prompt (the shared CPU's drift hits
    both alike), greedy and sampled (temperature 0.7, seeded). Greedy outputs must be token-identical;
    sampled ones differ from plain sampling's (typical acceptance draws other tokens), so only speed compares.
-Reports mean tokens per decode step, wall-clock speedup (ms per token, plain / Medusa) and each head's
-acceptance rate (share of steps that kept its candidate), in bench/results/medusa_bench.json.
+3. Two cases: the trained heads, and random (untrained, `init_medusa`) heads. The engine's cost model
+   (workers/engine/speculation_policy.py) decides per step whether, and how big a tree, to verify; its
+   one-time cost measurement runs in the warm-up. Each must be ≥ 0.97× plain decoding on the median of the
+   paired (same prompt, back to back) runs: speculation must never slow a request down.
+Reports mean tokens per decode step, wall-clock speedup (ms per token, plain / Medusa: on the totals and the
+median of the per-prompt pairs), each head's acceptance rate (share of verified steps that kept its
+candidate) and what `details.speculative` said (used, probes), in bench/results/medusa_bench.json.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import argparse
 import hashlib
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -29,6 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from adapters_store.training_methods import validate_method  # noqa: E402
+from workers.adapters.medusa import init_medusa, write_medusa  # noqa: E402
 from workers.engine.config import EngineConfig  # noqa: E402
 from workers.engine.core import EngineCore  # noqa: E402
 from workers.engine.types import GenerationRequest, SamplingParams  # noqa: E402
@@ -121,13 +128,13 @@ def decode(core: EngineCore, prompt: list[int], params: SamplingParams) -> tuple
 
 
 def run_mode(core: EngineCore, heads: Path, prompts: list[list[int]], params: SamplingParams) -> dict:
-    """Each prompt plain then with heads (order alternating per prompt)."""
+    """Each prompt plain then with heads (order alternating per prompt); the pair's speedup per prompt."""
     core.speculator.stats.clear()
     time_s = {"plain": 0.0, "medusa": 0.0}
     tokens = {"plain": 0, "medusa": 0}
-    identical, steps, spec_tokens = 0, 0, 0
+    identical, steps, spec_tokens, pairs, used, probes = 0, 0, 0, [], 0, 0
     for i, prompt in enumerate(prompts):
-        out = {}
+        out, ms = {}, {}
         for mode in (("plain", "medusa") if i % 2 == 0 else ("medusa", "plain")):
             if mode == "medusa":
                 core.load_medusa(heads)
@@ -136,16 +143,38 @@ def run_mode(core: EngineCore, heads: Path, prompts: list[list[int]], params: Sa
                 core.unload_medusa()
                 steps += details["decode_steps"] if details else 0
                 spec_tokens += sum(details["tokens_per_step"]) if details else 0
-            out[mode] = ids
+                used += bool(details and details["used"])
+                probes += details["probe_steps"] if details else 0
+            out[mode], ms[mode] = ids, 1000 * seconds / max(1, len(ids))
             time_s[mode] += seconds
             tokens[mode] += len(ids)
         identical += out["plain"] == out["medusa"]
+        pairs.append(ms["plain"] / ms["medusa"])
     ms = {m: 1000 * time_s[m] / max(1, tokens[m]) for m in time_s}
     by_head = core.speculator.metrics().get("", {}).get("acceptance_by_head", [])
     return {"prompts": len(prompts), "tokens": tokens, "ms_per_token": ms,
             "speedup": ms["plain"] / ms["medusa"] if ms["medusa"] else 0.0,
-            "tokens_per_step": spec_tokens / steps if steps else 0.0,
-            "acceptance_by_head": by_head, "identical_outputs": identical}
+            "median_paired_speedup": statistics.median(pairs), "paired_speedups": pairs,
+            "tokens_per_step": spec_tokens / steps if steps else 0.0, "requests_that_speculated": used,
+            "probe_steps": probes, "acceptance_by_head": by_head, "identical_outputs": identical}
+
+
+def random_heads(core: EngineCore, seed: int) -> Path:
+    """Untrained heads (the trainer's initialisation), written once under the cache."""
+    folder = cache_dir() / f"random-heads-{seed}"
+    if not (folder / "medusa_lm_head.safetensors").is_file():
+        write_medusa(folder, init_medusa(core.runner.config, 3, 1, 2, generator=torch.Generator().manual_seed(seed)))
+    return folder
+
+
+def warm_up(core: EngineCore, prompt: list[int], heads: list[Path]) -> None:
+    """Compiles/loads what the first request would, and runs the cost model's one-time measurement."""
+    request = GenerationRequest(tuple(prompt), SamplingParams(max_tokens=3, temperature=0))
+    core.generate([request])
+    core.load_medusa(heads[0])
+    core.generate([request])
+    core.unload_medusa()
+    core.speculator.policy.states.clear()  # what the warm-up learnt about the heads does not count
 
 
 def main() -> None:
@@ -185,18 +214,23 @@ def main() -> None:
     eval_texts = [t.format(topic) for i, topic in enumerate(EVAL_TOPICS * 4)
                   for t in [EVAL_TASKS[i % len(EVAL_TASKS)]]][:args.eval_prompts]
     prompts = [chat(core.tokenizer, text) for text in eval_texts]
-    core.generate([GenerationRequest(tuple(prompts[0]), SamplingParams(max_tokens=2, temperature=0))])  # warm up
+    untrained = random_heads(core, args.seed)
+    warm_up(core, prompts[0], [heads])
     report = {"model": model.name, "tree": [list(p) for p in core.cfg.medusa_tree], "heads": str(heads),
-              "training": training, "new_tokens": args.new_tokens, "threads": args.threads}
+              "training": training, "new_tokens": args.new_tokens, "threads": args.threads,
+              "load_average": os.getloadavg(), "cost_model": core.speculator.policy.costs,
+              "min_median_paired_speedup": 0.97}
     greedy = SamplingParams(max_tokens=args.new_tokens, temperature=0)
     sampled = SamplingParams(max_tokens=args.new_tokens, temperature=0.7, seed=args.seed)
-    for name, params in (("greedy", greedy), ("sampled", sampled)):
-        report[name] = run_mode(core, heads, prompts, params)
-        r = report[name]
-        print(f"{name:8s} tokens/step {r['tokens_per_step']:.2f}  speedup {r['speedup']:.2f}×  "
-              f"(plain {r['ms_per_token']['plain']:.1f} ms/token, medusa {r['ms_per_token']['medusa']:.1f})  "
-              f"acceptance by head {[round(a, 2) for a in r['acceptance_by_head']]}  "
-              f"identical {r['identical_outputs']}/{r['prompts']}", flush=True)
+    for case, folder in (("trained", heads), ("random_heads", untrained)):
+        for name, params in (("greedy", greedy), ("sampled", sampled)):
+            label = name if case == "trained" else f"{case}_{name}"
+            report[label] = r = run_mode(core, folder, prompts, params)
+            print(f"{label:20s} tokens/step {r['tokens_per_step']:.2f}  speedup {r['speedup']:.2f}× "
+                  f"(median of pairs {r['median_paired_speedup']:.2f}×; plain {r['ms_per_token']['plain']:.1f} "
+                  f"ms/token, medusa {r['ms_per_token']['medusa']:.1f})  speculated {r['requests_that_speculated']}"
+                  f"/{r['prompts']}  acceptance by head {[round(a, 2) for a in r['acceptance_by_head']]}  "
+                  f"identical {r['identical_outputs']}/{r['prompts']}", flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out}")

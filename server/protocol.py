@@ -334,11 +334,19 @@ class NativeToken(BaseModel):
 
 
 class SpeculativeDetails(BaseModel):
-    """Medusa speculative decoding: tokens emitted by each decode step (1 when a step decoded plainly)."""
+    """Medusa speculative decoding: tokens emitted by each decode step (1 when a step decoded plainly), and
+    whether and how the request speculated (the worker's cost model, workers/engine/speculation_policy.py)."""
 
     decode_steps: int
     tokens_per_step: list[int]
     mean_tokens_per_step: float
+    used: bool | None = None  # whether the cost model chose to verify trees for this request
+    reason: str | None = None  # its last decision: "expected gain" | "cost model" | "probe" | "batch size" | "always"
+    verified_steps: int | None = None  # steps that verified a tree (probes included)
+    probe_steps: int | None = None  # trees verified only to refresh the acceptance estimates
+    max_tree_size: int | None = None  # the largest tree verified, root included (0: none)
+    expected_tokens_per_step: float | None = None  # the cost model's estimate at its last decision
+    cost_ratio: float | None = None  # that tree's measured cost in one-token steps
 
 
 class GenerateDetails(BaseModel):

@@ -51,14 +51,32 @@ def smollm2_tokenizer(smollm2_path):
     return AutoTokenizer.from_pretrained(smollm2_path)
 
 
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    """The device engine, adapter and Medusa tests run on: $ADAPTERD_TEST_DEVICE (default cpu; scripts/gpu-check.sh
+    sets cuda). Tests take it from here and never name a device themselves."""
+    return torch.device(os.environ.get("ADAPTERD_TEST_DEVICE", "cpu"))
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """A byte-level tokenizer built at test time (ids < 256 decode to text): what the tiny models need."""
+    from tiny_models import make_tokenizer
+
+    return make_tokenizer()
+
+
 @pytest.fixture
-def make_core(smollm2_tokenizer):
-    """An EngineCore on a tiny model, with SmolLM2's tokenizer (ids < 256 decode to real text)."""
+def make_core(tiny_tokenizer, device):
+    """An EngineCore on a tiny model, on the test device, with the test-time tokenizer (or the folder's own,
+    where it has one: the trainer tests' SmolLM2-vocabulary models)."""
     from workers.engine.config import EngineConfig
-    from workers.engine.core import EngineCore
+    from workers.engine.core import EngineCore, load_tokenizer
 
     def make(folder, **overrides) -> EngineCore:
-        cfg = EngineConfig(model_path=str(folder), **{"max_batch": 4, "max_seq": 128, **overrides})
-        return EngineCore(cfg, tokenizer=smollm2_tokenizer)
+        own = (Path(folder) / "tokenizer.json").is_file()
+        cfg = EngineConfig(model_path=str(folder), **{"max_batch": 4, "max_seq": 128, "device": str(device),
+                                                       "dtype": "float32", **overrides})  # fp32: the oracles' precision
+        return EngineCore(cfg, tokenizer=load_tokenizer(str(folder)) if own else tiny_tokenizer)
 
     return make

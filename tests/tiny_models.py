@@ -47,3 +47,26 @@ def make_lora(base_folder: Path, out: Path, r: int = 4, seed: int = 0, targets=(
                 p.normal_(0, 0.1)
     model.save_pretrained(out)
     return out
+
+
+
+def alphabet() -> list[str]:
+    """256 distinct printable characters, one per token id: space, ASCII, Latin-1, then Greek and Cyrillic."""
+    chars = [" "] + [chr(c) for c in range(33, 127)] + [chr(c) for c in range(161, 256) if c != 173]
+    chars += [chr(c) for c in range(0x391, 0x3CA) if c != 0x3A2]
+    chars += [chr(c) for c in range(0x410, 0x450)]
+    return chars[:256]
+
+
+def make_tokenizer(vocab_size: int = 256):
+    """A character-level tokenizer built at test time (no downloads): id i < 256 is alphabet()[i] (whole
+    characters: what incremental detokenizing and stop strings need), larger ids are "‹i›" (for bigger random
+    models); no merges; eos is the tiny models' default id (2)."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    chars = alphabet()[:vocab_size] + [f"‹{i}›" for i in range(256, vocab_size)]
+    assert len(set(chars)) == vocab_size
+    tok = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(chars)}, merges=[]))
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=chars[2])

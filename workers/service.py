@@ -475,6 +475,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "(default 2)")
     p.add_argument("--medusa", default=None, help="folder of Medusa heads for base-model requests")
     p.add_argument("--medusa-max-batch", type=int, default=4, help="decode plainly above this many rows")
+    p.add_argument("--medusa-policy", choices=("measured", "always"), default="measured",
+                   help="measured: speculate only while the measured cost model expects a gain; always: verify "
+                        "the full tree on every eligible step")
     p.add_argument("--adapter-cache-bytes", type=int, default=2 * 1024**3,
                    help="disk for materialised adapter versions and merges (least recently used go first)")
     p.add_argument("--drain-grace", type=float, default=float(os.environ.get("ADAPTERD_DRAIN_GRACE_S", 30.0)),
@@ -502,6 +505,7 @@ def _build_engine(args: argparse.Namespace) -> Any:
         "max_loras": args.max_loras,
         "max_rank": args.max_rank,
         "medusa_max_batch": args.medusa_max_batch,
+        "medusa_policy": args.medusa_policy,
     }
     known = {f.name for f in dataclasses.fields(EngineConfig)}
     engine = Engine(EngineConfig(**{k: v for k, v in wanted.items() if k in known}))

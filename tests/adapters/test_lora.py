@@ -104,17 +104,17 @@ def test_mixed_batch_greedy_generation_equals_peft(model_and_adapters, peft_mode
 
 
 @pytest.mark.parametrize("kernel", ["fast", "grouped", "gathered"])
-def test_fast_kernels_equal_reference_on_random_banks(kernel):
+def test_fast_kernels_equal_reference_on_random_banks(kernel, device):
     torch.manual_seed(0)
     rows, d_in, d_out = 30, 32, 48
-    a, bt = torch.randn(rows, d_in), torch.randn(rows, d_out)
+    a, bt = torch.randn(rows, d_in, device=device), torch.randn(rows, d_out, device=device)
     base, r1, r2, r3 = (), ((1, 5),), ((5, 13),), ((20, 22),)  # mixed ranks 4, 8, 2; rows 13..20 unused
     both = ((5, 13), (20, 22))  # a row adding two ranges (its adapter and a fused adapter's correction)
     decode_rows = [base, r2, r1, r2, r3, base, r1, both]
     chunks = [(8, 13, r1), (13, 16, base), (16, 25, r3), (25, 27, both)]
-    batch = build_adapter_batch(decode_rows, chunks, torch.float32, torch.device("cpu"))
-    x = torch.randn(27, d_in)
-    y_fast, y_ref = torch.zeros(27, d_out), torch.zeros(27, d_out)
+    batch = build_adapter_batch(decode_rows, chunks, torch.float32, device)
+    x = torch.randn(27, d_in, device=device)
+    y_fast, y_ref = torch.zeros(27, d_out, device=device), torch.zeros(27, d_out, device=device)
     KERNELS[kernel](y_fast, x, a, bt, batch)
     lora_add_reference(y_ref, x, a, bt, batch)
     assert ((y_fast - y_ref).abs().max() / y_ref.abs().max()).item() <= 1e-5

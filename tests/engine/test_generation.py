@@ -96,13 +96,13 @@ def test_seeded_sampling_is_reproducible_under_any_batching(tmp_path, make_core)
         core.generate([GenerationRequest(p, SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))])[0])
 
 
-def test_stop_strings_cut_exactly_and_stop_token_ids(tmp_path, make_core, smollm2_tokenizer):
+def test_stop_strings_cut_exactly_and_stop_token_ids(tmp_path, make_core, tiny_tokenizer):
     folder, _ = make_tiny_model(tmp_path, "llama")
     core = make_core(folder)
     p = tuple(prompts(1, 5)[0])
     full = core.generate([GenerationRequest(p, SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))])[0]
     text = "".join(e.text for e in full)
-    assert text == smollm2_tokenizer.decode(tokens(full))
+    assert text == tiny_tokenizer.decode(tokens(full))
     stop = text[7:10]
     assert stop.strip(), text
     cut = core.generate([GenerationRequest(p, SamplingParams(max_tokens=20, temperature=0, ignore_eos=True,
@@ -145,9 +145,10 @@ def test_bad_requests_are_refused_and_change_nothing(tmp_path, make_core):
     assert not core.has_work() and core.runner.kv.free_slots == 4
 
 
-async def test_async_streams_and_cancellation_frees_the_slot(tmp_path, smollm2_tokenizer):
+async def test_async_streams_and_cancellation_frees_the_slot(tmp_path, tiny_tokenizer, device):
     folder, _ = make_tiny_model(tmp_path, "llama")
-    engine = Engine(EngineConfig(model_path=str(folder), max_batch=2, max_seq=128), tokenizer=smollm2_tokenizer)
+    engine = Engine(EngineConfig(model_path=str(folder), max_batch=2, max_seq=128, device=str(device), dtype="float32"),
+                    tokenizer=tiny_tokenizer)
     engine.start()
     try:
         long = GenerationRequest((5, 6, 7), SamplingParams(max_tokens=100, temperature=0, ignore_eos=True))

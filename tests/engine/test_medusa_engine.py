@@ -91,24 +91,23 @@ def test_bad_trees_are_refused():
             build_tree(bad)
 
 
-def test_tree_mask_and_positions_in_the_step_batch():
+def test_tree_mask_and_positions_in_the_step_batch(device):
     tree = build_tree([(0,), (1,), (0, 0)])
-    cos = torch.arange(64.0).unsqueeze(1).expand(64, 8)
-    batch = build_step_batch([(0, 9, 5)], [(1, 6, [1, 2, 3, 4], True, tree.layout)], cos, cos, None,
-                             torch.device("cpu"))
+    cos = torch.arange(64.0, device=device).unsqueeze(1).expand(64, 8)
+    batch = build_step_batch([(0, 9, 5)], [(1, 6, [1, 2, 3, 4], True, tree.layout)], cos, cos, None, device)
     assert batch.positions.tolist() == [9, 6, 7, 8, 9]  # KV positions: consecutive
     assert batch.cos[:, 0, 0].tolist() == [9, 6, 7, 7, 8]  # RoPE positions: start + depth
     assert batch.logits_rows.tolist() == [0, 1, 2, 3, 4]  # every tree node
-    mask = batch.prefill[0].mask  # [4, 6 + 4]
+    mask = batch.prefill[0].mask.cpu()  # [4, 6 + 4]
     assert mask[:, :6].all()
     assert mask[:, 6:].tolist() == reference_tree_mask(tree).tolist()
     windowed = tree_mask(6, TreeLayout(tree.layout.depths, tree.layout.ancestors), window=3)
     assert windowed[3].tolist() == [False] * 6 + [True, True, False, True]  # node (0,0): RoPE position 8
 
 
-def test_kv_compact_moves_the_accepted_path():
-    kv = KVCache(2, 2, 16, 1, 2, torch.float32, torch.device("cpu"))
-    kv.k.copy_(torch.arange(kv.k.numel(), dtype=torch.float32).view_as(kv.k))
+def test_kv_compact_moves_the_accepted_path(device):
+    kv = KVCache(2, 2, 16, 1, 2, torch.float32, device)
+    kv.k.copy_(torch.arange(kv.k.numel(), dtype=torch.float32, device=device).view_as(kv.k))
     before = kv.k.clone()
     kv.compact(1, [5, 7, 9], 4)
     assert torch.equal(kv.k[:, 1, :, 4:7], before[:, 1, :, [5, 7, 9]])
@@ -135,7 +134,7 @@ def test_typical_acceptance_matches_its_definition():
 @pytest.mark.parametrize("arch,version", [("llama", 2), ("mistral", 1), ("qwen2", 2)])
 def test_greedy_with_random_heads_equals_plain(tmp_path, make_core, arch, version):
     folder, _ = make_tiny_model(tmp_path / "m", arch)
-    core = make_core(folder)
+    core = make_core(folder, medusa_policy="always")
     ps = prompts(3)
     plain = [tokens(e) for e in core.generate([GenerationRequest(p, GREEDY) for p in ps])]
     core.load_medusa(heads_folder(tmp_path, core, version=version))
@@ -149,7 +148,7 @@ def test_greedy_with_random_heads_equals_plain(tmp_path, make_core, arch, versio
 
 def test_greedy_with_often_right_candidates_equals_plain_and_compacts(tmp_path, make_core):
     folder, _ = make_tiny_model(tmp_path / "m", "mistral")  # sliding window 8: trees cross the window
-    core = make_core(folder)
+    core = make_core(folder, medusa_policy="always")
     ps = prompts(3, seed=4)
     long = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
     plain = [tokens(e) for e in core.generate([GenerationRequest(p, long) for p in ps])]
@@ -168,7 +167,7 @@ def test_greedy_with_often_right_candidates_equals_plain_and_compacts(tmp_path, 
 def test_mixed_batch_with_lora_rows_and_adapter_heads_equals_plain(tmp_path, make_core):
     folder, _ = make_tiny_model(tmp_path / "m", "llama")
     lora = make_lora(folder, tmp_path / "lora", r=4)
-    core = make_core(folder)
+    core = make_core(folder, medusa_policy="always")
     core.load_adapter("plain-lora", lora)
     ps = prompts(4, seed=2)
     reqs = [GenerationRequest(ps[0], GREEDY), GenerationRequest(ps[1], GREEDY, adapter="plain-lora"),
@@ -197,7 +196,7 @@ def test_mixed_batch_with_lora_rows_and_adapter_heads_equals_plain(tmp_path, mak
 
 def test_above_max_batch_decodes_plainly(tmp_path, make_core):
     folder, _ = make_tiny_model(tmp_path / "m", "llama")
-    core = make_core(folder, medusa_max_batch=2)
+    core = make_core(folder, medusa_max_batch=2, medusa_policy="always")
     ps = prompts(3, seed=6)
     plain = [tokens(e) for e in core.generate([GenerationRequest(p, GREEDY) for p in ps])]
     core.load_medusa(heads_folder(tmp_path, core))
@@ -210,7 +209,7 @@ def test_above_max_batch_decodes_plainly(tmp_path, make_core):
 
 def test_sampling_is_reproducible_and_accepts(tmp_path, make_core):
     folder, _ = make_tiny_model(tmp_path / "m", "llama")
-    core = make_core(folder)
+    core = make_core(folder, medusa_policy="always")
     core.load_medusa(heads_folder(tmp_path, core))
     p = prompts(1, seed=3)[0]
     params = SamplingParams(max_tokens=20, temperature=0.8, top_p=0.95, seed=11, ignore_eos=True, logprobs=True)
@@ -229,7 +228,7 @@ def test_sampling_is_reproducible_and_accepts(tmp_path, make_core):
 
 def test_stops_inside_an_accepted_path(tmp_path, make_core):
     folder, _ = make_tiny_model(tmp_path / "m", "llama")
-    core = make_core(folder)
+    core = make_core(folder, medusa_policy="always")
     p = prompts(1, seed=9)[0]
     plain = tokens(core.generate([GenerationRequest(p, GREEDY)])[0])
     core.load_medusa(heads_folder(tmp_path, core))
@@ -246,7 +245,7 @@ def test_stops_inside_an_accepted_path(tmp_path, make_core):
 
 def test_heads_that_do_not_fit_the_tree_or_base_are_refused(tmp_path, make_core):
     folder, _ = make_tiny_model(tmp_path / "m", "llama")
-    core = make_core(folder)
+    core = make_core(folder, medusa_policy="always")
     with pytest.raises(AdapterValidationError, match="needs 3 heads"):
         core.load_medusa(heads_folder(tmp_path, core, "two", num_heads=2))
     with pytest.raises(AdapterNotFoundError):

@@ -50,6 +50,9 @@ async def test_heads_load_serve_and_report(served, tmp_path):
     spec = (await client.post("/generate", json=body)).json()
     assert spec["token_ids"] == plain["token_ids"]
     assert spec["speculative"]["decode_steps"] == 7 and len(spec["speculative"]["tokens_per_step"]) == 7
+    assert spec["speculative"]["verified_steps"] >= 1  # the first step probes the new heads
+    assert spec["speculative"]["reason"] in ("probe", "cost model", "expected gain")
+    assert isinstance(spec["speculative"]["used"], bool) and spec["speculative"]["cost_ratio"] >= 1
     r = await client.post("/generate", json={**body, "stream": True})
     events = [json.loads(line[5:]) for line in r.text.splitlines() if line.startswith("data:")]
     assert [e["token_id"] for e in events] == plain["token_ids"]

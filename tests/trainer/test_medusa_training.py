@@ -42,7 +42,7 @@ def test_heads_accept_more_than_one_token_per_step(medusa_spec, trainer_base, ma
     assert medusa.acceptance(MedusaHeads(heads, lm_head), examples) == after  # what is written is what was trained
 
     # served: the engine's Medusa verifier accepts several tokens a step and stays lossless (greedy)
-    core = make_core(trainer_base, max_batch=1)
+    core = make_core(trainer_base, max_batch=1, medusa_policy="always")  # the verifier itself, every step
     core.load_medusa(result.adapter_dir)
     for e in examples[:2]:
         params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)

@@ -33,6 +33,8 @@ class EngineConfig:
     num_threads: int | None = None  # torch intra-op threads; None → leave as is
     fusion: FusionConfig = FusionConfig()  # when a dominant adapter is merged into the base weights
     medusa_max_batch: int = 4  # decoding rows up to which rows with Medusa heads verify trees; 0 → never
+    medusa_policy: str = "measured"  # "measured": a cost model decides when and how big (speculation_policy.py);
+    #                                  "always": the full tree on every eligible step
     medusa_tree: tuple[tuple[int, ...], ...] = DEFAULT_MEDUSA_TREE
     medusa_epsilon: float = 0.09  # typical acceptance (sampling): p(x) > min(ε, δ·exp(−H(p)))
     medusa_delta: float = 0.3

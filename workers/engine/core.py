@@ -84,7 +84,8 @@ class EngineCore:
         self.scheduler = Scheduler(cfg, self.runner.kv, self.adapters)
         self.fusion = FusionController(self.runner.model, self.adapters, cfg.fusion, lambda: self.scheduler.running)
         self.speculator = Speculator(cfg.medusa_tree, cfg.medusa_max_batch, cfg.medusa_epsilon, cfg.medusa_delta,
-                                     self.runner.model.lm_head, self.runner.dtype, self.runner.device)
+                                     self.runner.model.lm_head, self.runner.dtype, self.runner.device,
+                                     self.runner.forward, cfg.medusa_policy)
         self.eos_ids = frozenset(self.runner.config.eos_token_ids) | frozenset(
             [self.tokenizer.eos_token_id] if getattr(self.tokenizer, "eos_token_id", None) is not None else [])
         self.grammars = Grammars(self.tokenizer, self.runner.config.vocab_size)
@@ -329,7 +330,7 @@ class EngineCore:
             return self.speculator.propose(spec), plain
         except Exception:
             log.exception("Medusa proposal failed; decoding those rows plainly")
-            return [], plain + [seq for seq, _ in spec]
+            return [], plain + [seq for seq, *_ in spec]
 
     def _isolate(self, plan: RowPlan, exc: Exception) -> None:
         """The batched forward raised: runs each request's rows alone (rewriting the same KV positions, so the
@@ -353,8 +354,7 @@ class EngineCore:
         decode = [DecodeRow(s.kv_slot, s.num_cached, s.last_token, s.placement) for s in plan.plain]
         chunks = [PromptChunk(s.kv_slot, s.num_cached, list(s.prompt[s.num_cached:s.num_cached + n]),
                               s.num_cached + n == len(s.prompt), s.placement) for s, n in plan.prefill]
-        layout = self.speculator.tree.layout
-        chunks += [PromptChunk(d.seq.kv_slot, d.seq.num_cached, d.tokens, True, d.seq.placement, layout)
+        chunks += [PromptChunk(d.seq.kv_slot, d.seq.num_cached, d.tokens, True, d.seq.placement, d.tree.layout)
                    for d in plan.drafts]
         return ForwardOutput(*self.runner.forward(decode, chunks, with_hidden=True))
 
@@ -379,12 +379,12 @@ class EngineCore:
 
     def _accept(self, drafts: list[Draft], logits: torch.Tensor,
                 hidden: torch.Tensor) -> list[tuple[Sequence, TokenEvent]]:
-        """Verifies the trees (logits [B·T, vocab], hidden [B·T, hidden]), moves each accepted path's KV
+        """Verifies the trees (logits [ΣT, vocab], hidden [ΣT, hidden]), moves each accepted path's KV
         entries into place and emits its tokens (up to a stop). A tree that raises fails its request alone."""
-        events = []
-        t = self.speculator.tree.size
-        for b, draft in enumerate(drafts):
-            rows = slice(b * t, (b + 1) * t)
+        events, start = [], 0
+        for draft in drafts:
+            rows = slice(start, start + draft.tree.size)
+            start += draft.tree.size
             try:
                 [v] = self.speculator.verify([draft], logits[rows], hidden[rows])
                 events += self._emit(v)
@@ -422,9 +422,7 @@ class EngineCore:
         text = seq.text.release(final=seq.finish_reason is not None)
         details = None
         if seq.finish_reason is not None and seq.tokens_per_step:
-            steps = seq.tokens_per_step
-            details = {"decode_steps": len(steps), "tokens_per_step": list(steps),
-                       "mean_tokens_per_step": sum(steps) / len(steps)}
+            details = seq.speculation.as_details(seq.tokens_per_step)
         return TokenEvent(token_id=token, text=text, logprob=logprob, index=len(seq.output) - 1,
                           prompt_tokens=len(seq.prompt), finish_reason=seq.finish_reason, details=details,
                           top_logprobs=top_logprobs, choice=seq.choice)

@@ -9,6 +9,7 @@ import torch
 
 from workers.adapters.manager import BASE_PLACEMENT, DevicePlacement
 from workers.engine.detokenizer import IncrementalText
+from workers.engine.speculation_policy import SpeculationLog
 from workers.engine.types import FinishReason, GenerationRequest
 
 
@@ -25,6 +26,7 @@ class Sequence:
     finish_reason: FinishReason | None = None
     medusa_hidden: torch.Tensor | None = None  # [hidden] that predicted last_token: Medusa heads read it
     tokens_per_step: list[int] = field(default_factory=list)  # decode steps of a row with heads
+    speculation: SpeculationLog = field(default_factory=SpeculationLog)  # the cost model's decisions for it
     choice: int = 0  # which of the request's n completions this is
     forks: list[Sequence] = field(default_factory=list)  # the other completions, until the prompt is cached
     matcher: Any = None  # structured output: this completion's llguidance matcher (workers.engine.structured)

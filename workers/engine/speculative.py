@@ -15,6 +15,7 @@ the next step's heads.
 
 from __future__ import annotations
 
+import logging
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 from collections.abc import Sequence as Seq
@@ -25,12 +26,21 @@ import torch
 from workers.adapters.medusa import MedusaHeads, MedusaWeights
 from workers.engine.sampler import _sample_row, tempered_probs
 from workers.engine.sequence import Sequence
+from workers.engine.speculation_policy import (
+    Decision,
+    PolicyConfig,
+    SpeculationPolicy,
+    heads_fingerprint,
+    measure_step_seconds,
+)
 from workers.errors import AdapterValidationError
 from workers.model.batch import TreeLayout
 
 Path = tuple[int, ...]  # top-k rank at each depth: (0, 1) = 2nd best of head 1 under the best of head 0
 
 MAX_TOPK = 32
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -160,6 +170,8 @@ class Draft:
     seq: Sequence
     heads: MedusaHeads
     tokens: list[int]  # [T] root first
+    tree: Tree  # the tree verified this step (the configured one, or a subtree the cost model chose)
+    key: tuple[str, bool]  # the head set's acceptance record: (fingerprint, greedy)
 
 
 @dataclass
@@ -185,15 +197,21 @@ class HeadStats:
 
 
 class Speculator:
-    """Heads by owner (None: the base's default heads; else an adapter's name), the tree, and the
-    per-owner acceptance counters."""
+    """Heads by owner (None: the base's default heads; else an adapter's name), the tree, the per-owner
+    acceptance counters, and the policy that decides each step whether (and how big a tree) to verify.
+    `forward` is the runner's (the policy times it once to learn what verifying n tokens costs)."""
 
     def __init__(self, tree: Iterable[Seq[int]], max_batch: int, epsilon: float, delta: float,
-                 lm_head, dtype: torch.dtype, device: torch.device):
+                 lm_head, dtype: torch.dtype, device: torch.device, forward=None, policy: str = "measured",
+                 policy_config: PolicyConfig | None = None):
         self.tree = build_tree(tree)
         self.max_batch, self.epsilon, self.delta = max_batch, epsilon, delta
         self.lm_head, self.dtype, self.device = lm_head, dtype, device
+        self.forward = forward
+        self.policy = SpeculationPolicy(self.tree.paths, policy, policy_config or PolicyConfig())
+        self.subtrees: dict[tuple[Path, ...], Tree] = {self.tree.paths: self.tree}
         self.heads: dict[str | None, MedusaHeads] = {}
+        self.fingerprints: dict[str | None, str] = {}
         self.stats: defaultdict[str | None, HeadStats] = defaultdict(HeadStats)
 
     # heads -----------------------------------------------------------------------------------
@@ -206,8 +224,10 @@ class Speculator:
     def attach(self, owner: str | None, weights: MedusaWeights) -> None:
         self.check(weights)
         self.heads[owner] = MedusaHeads(weights.to(self.dtype, self.device), self.lm_head)
+        self.fingerprints[owner] = heads_fingerprint(weights)
 
     def detach(self, owner: str | None) -> bool:
+        self.fingerprints.pop(owner, None)
         return self.heads.pop(owner, None) is not None
 
     def heads_for(self, seq: Sequence) -> MedusaHeads | None:
@@ -215,46 +235,82 @@ class Speculator:
 
     # one step --------------------------------------------------------------------------------
     def split(self, decode: list[Sequence],
-              max_seq: int) -> tuple[list[tuple[Sequence, MedusaHeads]], list[Sequence]]:
-        """Which decoding sequences verify a tree this step, with their heads (the rest decode plainly)."""
-        if not self.heads or len(decode) > self.max_batch:
+              max_seq: int) -> tuple[list[tuple[Sequence, MedusaHeads, Tree]], list[Sequence]]:
+        """Which decoding sequences verify a tree this step, with their heads and tree (the rest decode
+        plainly): rows with heads, while the batch is small enough and the policy expects a gain."""
+        if not self.heads:
             return [], decode
-        spec, plain = [], []
+        if len(decode) > self.max_batch:
+            for seq in decode:
+                seq.speculation.reason = "batch size"
+            return [], decode
+        spec, plain, decisions = [], [], {}
         for seq in decode:
             heads = self.heads_for(seq)
-            if heads is not None and seq.medusa_hidden is not None and seq.num_cached + self.tree.size <= max_seq:
-                spec.append((seq, heads))
-            else:
+            if heads is None or seq.medusa_hidden is None or seq.num_cached + self.tree.size > max_seq:
                 plain.append(seq)
+                continue
+            self.policy.ensure_costs(lambda seq=seq: self._measure(seq))
+            key = self._key(seq)
+            if key not in decisions:
+                decisions[key] = self.policy.decide(key)
+            decision: Decision = decisions[key]
+            seq.speculation.record(decision)
+            if decision.paths is None:
+                plain.append(seq)
+            else:
+                spec.append((seq, heads, self._subtree(decision.paths)))
         return spec, plain
 
+    def _key(self, seq: Sequence) -> tuple[str, bool]:
+        p = seq.request.params
+        return self.fingerprints[seq.request.adapter], p.temperature <= 0 or p.top_k == 1
+
+    def _subtree(self, paths: tuple[Path, ...]) -> Tree:
+        if paths not in self.subtrees:
+            self.subtrees[paths] = build_tree(paths)
+        return self.subtrees[paths]
+
+    def _measure(self, seq: Sequence) -> list[float]:
+        """Seconds of a one-token step and of trees of 2..T tokens (the configured tree's first nodes)."""
+        layouts = [None, None] + [self._subtree(self.tree.paths[:n - 1]).layout
+                                  for n in range(2, self.tree.size + 1)]
+        try:
+            seconds = measure_step_seconds(self.forward, seq, layouts, self.policy.cfg.cost_reps)
+        except Exception:  # not the request's fault: without a cost model, trees are never worth it
+            log.exception("Medusa cost measurement failed; this worker will decode plainly")
+            return [0.0, 1.0] + [float("inf")] * (self.tree.size - 1)
+        log.info("Medusa cost model: verifying n tokens costs %s one-token steps",
+                 [round(s / seconds[1], 2) for s in seconds[1:]])
+        return seconds
+
     @torch.inference_mode()
-    def propose(self, spec: list[tuple[Sequence, MedusaHeads]]) -> list[Draft]:
-        """Candidates for each sequence, each set of heads evaluated once for all its rows."""
+    def propose(self, spec: list[tuple[Sequence, MedusaHeads, Tree]]) -> list[Draft]:
+        """Candidates for each sequence, each set of heads evaluated once for all its rows (one tree)."""
         drafts: dict[int, Draft] = {}
-        by_heads: dict[int, list[Sequence]] = defaultdict(list)
-        owners: dict[int, MedusaHeads] = {}
-        for seq, heads in spec:
-            by_heads[id(heads)].append(seq)
-            owners[id(heads)] = heads
+        by_heads: dict[tuple[int, int], list[Sequence]] = defaultdict(list)
+        owners: dict[tuple[int, int], tuple[MedusaHeads, Tree]] = {}
+        for seq, heads, tree in spec:
+            by_heads[id(heads), id(tree)].append(seq)
+            owners[id(heads), id(tree)] = heads, tree
         for key, group in by_heads.items():
-            heads = owners[key]
+            heads, tree = owners[key]
             hidden = torch.stack([s.medusa_hidden for s in group])  # [B, H]
-            topk = heads.topk(hidden, self.tree.topk)  # [B, K, k]
+            topk = heads.topk(hidden, tree.topk)  # [B, K, k]
             roots = torch.tensor([s.last_token for s in group], device=topk.device)
-            tokens = tree_tokens(self.tree, roots, topk).tolist()  # [B, T]
+            tokens = tree_tokens(tree, roots, topk).tolist()  # [B, T]
             for seq, toks in zip(group, tokens, strict=True):
-                drafts[id(seq)] = Draft(seq, heads, toks)
-        return [drafts[id(s)] for s, _ in spec]
+                drafts[id(seq)] = Draft(seq, heads, toks, tree, self._key(seq))
+        return [drafts[id(s)] for s, _, _ in spec]
 
     @torch.inference_mode()
     def verify(self, drafts: list[Draft], logits: torch.Tensor, hidden: torch.Tensor) -> list[Verified]:
-        """logits: [B·T, V] fp32, hidden: [B·T, H] of the verified trees, in draft order."""
-        t = self.tree.size
-        out = []
-        for b, draft in enumerate(drafts):
-            rows = slice(b * t, (b + 1) * t)
+        """logits: [ΣT, V] fp32, hidden: [ΣT, H] of the verified trees, in draft order."""
+        out, start = [], 0
+        for draft in drafts:
+            rows = slice(start, start + draft.tree.size)
             out.append(self._verify_one(draft, logits[rows], hidden[rows]))
+            start += draft.tree.size
         return out
 
     def _verify_one(self, draft: Draft, logits: torch.Tensor, hidden: torch.Tensor) -> Verified:
@@ -262,8 +318,10 @@ class Speculator:
         seq, p = draft.seq, draft.seq.request.params
         greedy = p.temperature <= 0 or p.top_k == 1
         tokens = torch.tensor(draft.tokens, device=logits.device)  # [T]
-        flags = accept_flags(self.tree, tokens, logits, 0.0 if greedy else p.temperature, self.epsilon, self.delta)
-        nodes = best_path(self.tree, flags)
+        tree = draft.tree
+        flags = accept_flags(tree, tokens, logits, 0.0 if greedy else p.temperature, self.epsilon, self.delta)
+        self.policy.observe(draft.key, tree.paths, tree.parents, flags.tolist())
+        nodes = best_path(tree, flags)
         last = nodes[-1]
         if greedy:
             bonus = int(logits[last].argmax())

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from adapters_store.registry import parse_ref
+from adapters_store.version_store import parse_ref
 
 STORE = "store"
 

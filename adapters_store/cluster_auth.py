@@ -1,6 +1,6 @@
 """Cluster credentials: proof that a request or a Redis record comes from a member of this cluster, i.e.
 from a process that holds the cluster secret. Torch-free and framework-free; the gateway's worker client
-signs, the worker's middleware (`workers.request_auth`) verifies, heartbeats sign their `WorkerInfo` and the
+signs, the worker's middleware (`workers.service.request_auth`) verifies, heartbeats sign their `WorkerInfo` and the
 gateway's registry verifies it.
 
 The secret comes from `ADAPTERD_CLUSTER_SECRET` (the value) or `ADAPTERD_CLUSTER_SECRET_FILE` (a file

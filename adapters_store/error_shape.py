@@ -1,6 +1,6 @@
 """The JSON error shape every adapterd HTTP service answers with, `{"error": {"type", "message", "param",
 "code"}}`, and the conversions the gateway's boundary (`server/errors.py`) and the worker's
-(`workers/service.py`) share: a base error that carries its status and shape, and request-validation and
+(`workers/service/app.py`) share: a base error that carries its status and shape, and request-validation and
 HTTP errors turned into the shape. Framework-free (plain data), so both boundaries and the worker's signature
 middleware build their answers from it."""
 

@@ -1,6 +1,6 @@
 """Server-sent events as adapterd writes them, in one place: every event is one `data: {json}` line and a
 blank line; an OpenAI-shaped stream ends with `data: [DONE]`. The gateway's streams (`server/sse.py`) and the
-worker's (`workers/service.py`) are written with these functions, and the gateway reads a worker's stream
+worker's (`workers/service/app.py`) are written with these functions, and the gateway reads a worker's stream
 back with `split_events` (it reads only what `event` writes: single-line `data:` events). Clients parse
 streams with httpx-sse (the SDK). Torch-free and HTTP-free.
 

@@ -1,5 +1,5 @@
 """Upload → what to store: collect and validate the files, optionally ComPEFT-compress the weights, and
-draft the manifest. Nothing here writes; `AdapterStore.publish` does, and only after all of it passed."""
+draft the manifest. Nothing here writes; `VersionStore.publish` does, and only after all of it passed."""
 
 from __future__ import annotations
 

@@ -14,10 +14,10 @@ from pathlib import Path
 from adapters_store import compeft, kinds
 from adapters_store.errors import AdapterNotFoundError
 from adapters_store.manifest import Manifest
-from adapters_store.registry import AdapterStore
+from adapters_store.version_store import VersionStore
 
 
-def download_files(store: AdapterStore, manifest: Manifest) -> dict[str, bytes]:
+def download_files(store: VersionStore, manifest: Manifest) -> dict[str, bytes]:
     """The folder a user downloads: ComPEFT-compressed weights decoded to dense float32 safetensors."""
     files = stored_files(store, manifest)
     if compeft.FILENAME not in files:
@@ -25,11 +25,11 @@ def download_files(store: AdapterStore, manifest: Manifest) -> dict[str, bytes]:
     return kinds.by_name(manifest.kind).dense_files(files)
 
 
-def stored_files(store: AdapterStore, manifest: Manifest) -> dict[str, bytes]:
+def stored_files(store: VersionStore, manifest: Manifest) -> dict[str, bytes]:
     return {name: store.read_file(manifest, name) for name in manifest.files}
 
 
-def materialise(store: AdapterStore, ref: str, cache_dir: str | Path) -> Path:
+def materialise(store: VersionStore, ref: str, cache_dir: str | Path) -> Path:
     """The stored files of version `ref` (`name@3`), written once under `cache_dir` (atomically)."""
     manifest = store.resolve(ref)
     if manifest is None:

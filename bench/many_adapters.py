@@ -7,7 +7,7 @@ SmolLM2 (workers.model.default_model); 1,000 distinct r=16 LoRAs on q/k/v/o, wri
 straight to disk (each its own seed, so content addressing cannot collapse them) once under
 $ADAPTERD_CACHE_DIR/many_adapters (default ~/.cache/adapterd): one set as fp16 safetensors, one set
 ComPEFT-compressed (ternary at 10% density, encoded exactly). One worker's engine and adapter loader,
-in process (the worker's own path: `AdapterLoader.ensure` from drop-in sources → 1 GiB host cache → 16
+in process (the worker's own path: `AdapterFetcher.ensure` from drop-in sources → 1 GiB host cache → 16
 device slots), no HTTP in front.
 
 1. Capacity: the base alone, closed loop with 16 requests always in flight, for --capacity-seconds:
@@ -38,11 +38,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from adapters_store import compeft  # noqa: E402
-from workers.adapter_loader import AdapterLoader, AdapterSources  # noqa: E402
 from workers.engine.config import EngineConfig  # noqa: E402
 from workers.engine.engine import Engine  # noqa: E402
 from workers.engine.types import GenerationRequest, SamplingParams  # noqa: E402
 from workers.model.config import DecoderConfig  # noqa: E402
+from workers.service.adapter_fetcher import AdapterFetcher, AdapterSources  # noqa: E402
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -98,7 +98,7 @@ def zipf_choices(n: int, count: int, rng: np.random.Generator) -> list[int]:
     return rng.choice(n, size=count, p=p / p.sum()).tolist()
 
 
-async def one_request(engine: Engine, loader: AdapterLoader | None, prompt: list[int], adapter: str | None,
+async def one_request(engine: Engine, loader: AdapterFetcher | None, prompt: list[int], adapter: str | None,
                       params: SamplingParams, record: dict) -> None:
     start = time.perf_counter()
     if adapter is not None and loader is not None:
@@ -131,7 +131,7 @@ async def capacity(engine: Engine, prompts: list[list[int]], params: SamplingPar
             "seconds": elapsed, "requests": len(done)}
 
 
-async def open_loop(engine: Engine, loader: AdapterLoader | None, arrivals: list[float], prompts: list[list[int]],
+async def open_loop(engine: Engine, loader: AdapterFetcher | None, arrivals: list[float], prompts: list[list[int]],
                     adapters: list[str | None], params: SamplingParams) -> tuple[list[dict], float]:
     """Starts request i at arrivals[i] seconds; returns the records and the elapsed time."""
     records = [{} for _ in arrivals]
@@ -173,7 +173,7 @@ async def run_phase(model: Path, args, name: str, dropin: Path | None, arrivals,
     try:
         loader = None
         if dropin is not None:
-            loader = AdapterLoader(engine, AdapterSources(store=None, dropin_dir=dropin,
+            loader = AdapterFetcher(engine, AdapterSources(store=None, dropin_dir=dropin,
                                                           cache_dir=Path(args.work_dir) / f"cache-{name}"))
         adapters = [None if dropin is None else f"a{c:04d}" for c in choices]
         await one_request(engine, None, prompts[0], None, SamplingParams(max_tokens=2, temperature=0), {})  # warm

@@ -77,8 +77,8 @@ def s3_store(model_path: Path, variants: dict[str, Path], density: float, alpha:
     from adapters_store.backends import S3Backend
     from adapters_store.base_model import BaseModelSpec
     from adapters_store.ingest import CompressionRequest, prepare
-    from adapters_store.registry import AdapterStore
     from adapters_store.validation import UploadedFile, UploadLimits
+    from adapters_store.version_store import VersionStore
 
     for key, value in {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
                        "AWS_DEFAULT_REGION": "us-east-1"}.items():
@@ -90,7 +90,7 @@ def s3_store(model_path: Path, variants: dict[str, Path], density: float, alpha:
     server.start()
     backend = S3Backend("bench", "store", endpoint_url=f"http://127.0.0.1:{port}", region="us-east-1")
     backend._s3.create_bucket(Bucket="bench")
-    store, base = AdapterStore(backend), BaseModelSpec.from_folder(model_path)
+    store, base = VersionStore(backend), BaseModelSpec.from_folder(model_path)
     refs = {}
     for kind, folder, compression in (("fp32", variants["fp32"], None), ("fp16", variants["fp16"], None),
                                       ("compeft", variants["fp32"], CompressionRequest(density=density, alpha=alpha))):

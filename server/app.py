@@ -9,11 +9,10 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp
 
 from adapters_store.body_limit import BodyLimit
-from server.adapter_catalog import AdapterCatalog
-from server.adapter_registry import ADAPTER_UPLOAD_PATH, build_adapter_registry
 from server.allowed_folders import AllowList
 from server.auth import ApiKeyAuth
 from server.dispatch import Dispatcher
+from server.dropin_adapters import DropInAdapters
 from server.errors import error_response, install_error_boundary
 from server.files_service import FILES_PATH, build_files_service
 from server.jobs_service import JobsService
@@ -24,6 +23,7 @@ from server.request_context import RequestContext
 from server.router import WorkerRouter
 from server.routes import adapters, console, files, jobs, native, openai, ops, vllm
 from server.settings import GatewaySettings
+from server.tenant_adapters import ADAPTER_UPLOAD_PATH, build_tenant_adapters
 from server.vllm_service import VllmService
 from server.worker_client import WorkerClient
 from server.worker_registry import WorkerRegistry
@@ -61,8 +61,8 @@ def _wire(app: FastAPI, settings: GatewaySettings) -> None:
         signer,
     )
     allow = AllowList(settings.adapter_allow_list())
-    state.catalog = AdapterCatalog(allow)
-    state.adapters = build_adapter_registry(settings, state.catalog, lambda: state.registry.base_model)
+    state.catalog = DropInAdapters(allow)
+    state.adapters = build_tenant_adapters(settings, state.catalog, lambda: state.registry.base_model)
     state.dispatcher = Dispatcher(
         state.adapters,
         state.registry,

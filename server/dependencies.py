@@ -6,13 +6,13 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from server.adapter_catalog import AdapterCatalog
-from server.adapter_registry import AdapterRegistry
 from server.dispatch import Dispatcher
+from server.dropin_adapters import DropInAdapters
 from server.metrics import GatewayMetrics
 from server.native_service import NativeService
 from server.openai_service import ChatService, CompletionService
 from server.settings import GatewaySettings
+from server.tenant_adapters import TenantAdapters
 from server.vllm_service import VllmService
 from server.worker_registry import WorkerRegistry
 
@@ -30,8 +30,8 @@ Chat = Annotated[ChatService, _state("chat")]
 Native = Annotated[NativeService, _state("native")]
 DispatcherDep = Annotated[Dispatcher, _state("dispatcher")]
 Registry = Annotated[WorkerRegistry, _state("registry")]
-Catalog = Annotated[AdapterCatalog, _state("catalog")]
+Catalog = Annotated[DropInAdapters, _state("catalog")]
 Metrics = Annotated[GatewayMetrics, _state("metrics")]
-Adapters = Annotated[AdapterRegistry, _state("adapters")]
+Adapters = Annotated[TenantAdapters, _state("adapters")]
 Settings = Annotated[GatewaySettings, _state("settings")]
 Vllm = Annotated[VllmService, _state("vllm")]

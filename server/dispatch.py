@@ -10,10 +10,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from adapters_store.coordination import WorkerGenerateRequest, WorkerMerge
 from adapters_store.json_logging import REQUEST_ID
-from server.adapter_catalog import AdapterVersion
+from adapters_store.wire import WorkerGenerateRequest, WorkerMerge
 from server.auth import Tenant
+from server.dropin_adapters import AdapterVersion
 from server.errors import (
     GatewayError,
     InvalidRequestError,
@@ -31,7 +31,7 @@ ATTEMPTS = 2  # the first worker, and one other if the first fails before answer
 
 
 class ModelResolver(Protocol):
-    """What the dispatcher asks of the adapter registry (`server.adapter_registry.AdapterRegistry`)."""
+    """What the dispatcher asks of the adapter registry (`server.tenant_adapters.TenantAdapters`)."""
 
     def resolve(self, model: str, tenant: Tenant) -> Any: ...  # an adapter version with `ref`, `source`; or None
     def heads_path(self, adapter_ref: str | None) -> str | None: ...

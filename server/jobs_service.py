@@ -1,6 +1,6 @@
 """Fine-tune jobs at the gateway: create (every input checked before anything is written), list with
 cursor pagination, show, cancel, events (a page, or followed as SSE) and checkpoints — per tenant, on
-Redis (key names and payloads: `adapters_store.coordination`). Trainers (`workers/trainer`) do the rest."""
+Redis (key names and payloads: `adapters_store.wire`). Trainers (`workers/trainer`) do the rest."""
 
 from __future__ import annotations
 
@@ -13,7 +13,11 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from adapters_store.auto_hyperparameters import resolve
-from adapters_store.coordination import (
+from adapters_store.errors import AdapterNotFoundError
+from adapters_store.ingest import CompressionRequest
+from adapters_store.training_files import PURPOSE, TrainingFile, TrainingFileNotFoundError
+from adapters_store.training_methods import validate_method
+from adapters_store.wire import (
     FT_GROUP,
     JOB_UPDATE_LUA,
     TERMINAL_STATUSES,
@@ -33,11 +37,6 @@ from adapters_store.coordination import (
     stream_id_of,
     trainer_key,
 )
-from adapters_store.errors import AdapterNotFoundError
-from adapters_store.ingest import CompressionRequest
-from adapters_store.training_files import PURPOSE, TrainingFile, TrainingFileNotFoundError
-from adapters_store.training_methods import validate_method
-from server.adapter_registry import AdapterRegistry, StoredAdapter, qualified, visible
 from server.auth import Tenant
 from server.errors import ConflictError, InvalidRequestError, JobNotFoundError, ModelNotFoundError
 from server.files_service import FilesService
@@ -53,6 +52,7 @@ from server.protocol import (
     JobError,
 )
 from server.sse import DONE, event
+from server.tenant_adapters import StoredAdapter, TenantAdapters, qualified, visible
 
 EVENTS_MAX_LEN = 10_000  # each job's event stream is trimmed (approximately) to this many entries
 FOLLOW_BLOCK_MS = 1000
@@ -84,7 +84,7 @@ def checkpoint_view(c: JobCheckpoint, job: FineTuneJob) -> FineTuningJobCheckpoi
 
 class JobsService:
     def __init__(self, redis: aioredis.Redis, files: FilesService, gateway_bases: Callable[[], set[str]],
-                 max_list_limit: int = 100, adapters: AdapterRegistry | None = None):
+                 max_list_limit: int = 100, adapters: TenantAdapters | None = None):
         self._redis = redis
         self._files = files
         self._adapters = adapters

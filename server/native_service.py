@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-from adapters_store.coordination import WorkerGenerateRequest, WorkerSampling
+from adapters_store.wire import WorkerGenerateRequest, WorkerSampling
 from server import sse
 from server.auth import Tenant
 from server.dispatch import Dispatcher, MergedAdapter

@@ -8,7 +8,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
-from adapters_store.coordination import ChatMessage, WorkerGenerateRequest
+from adapters_store.wire import ChatMessage, WorkerGenerateRequest
 from server import sse
 from server.auth import Tenant
 from server.dispatch import Dispatcher, MergedAdapter, Target

@@ -90,7 +90,7 @@ def trainer(
 
 def worker(ctx: typer.Context) -> None:
     """Run one model worker; takes `python -m workers.service`'s options (--help lists them)."""
-    from workers.service import main
+    from workers.service.app import main
 
     main(list(ctx.args))
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 
-from adapters_store.coordination import WorkerSampling
+from adapters_store.wire import WorkerSampling
 from server.errors import InvalidRequestError
 from server.protocol import ChatCompletionRequest, CompletionRequest
 

@@ -10,27 +10,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-from adapters_store.coordination import (
+from adapters_store.validation import UploadedFile
+from adapters_store.wire import (
     AdapterLoadRequest,
     AdapterUnloadRequest,
     ChatMessage,
     WorkerDetokenizeRequest,
     WorkerTokenizeRequest,
 )
-from adapters_store.validation import UploadedFile
-from server.adapter_registry import AdapterRegistry, StoredAdapter, visible
 from server.allowed_folders import AllowList
 from server.auth import Tenant
 from server.dispatch import Dispatcher, Target
 from server.errors import GatewayError, InvalidRequestError, ModelNotFoundError, NoWorkerError
 from server.protocol import DetokenizeRequest, LoadLoraAdapterRequest, TokenizeRequest, TokenizeResponse
+from server.tenant_adapters import StoredAdapter, TenantAdapters, visible
 from server.worker_client import WorkerClient
 from server.worker_registry import WorkerRegistry, WorkerView
 
 
 class VllmService:
     def __init__(self, dispatcher: Dispatcher, registry: WorkerRegistry, client: WorkerClient,
-                 adapters: AdapterRegistry, allow: AllowList, max_bytes: int, retry_after_s: int):
+                 adapters: TenantAdapters, allow: AllowList, max_bytes: int, retry_after_s: int):
         self._dispatcher, self._registry, self._client = dispatcher, registry, client
         self._adapters, self._allow, self._max_bytes, self._retry_after_s = adapters, allow, max_bytes, retry_after_s
 

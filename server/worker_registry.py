@@ -16,7 +16,7 @@ import redis.asyncio as aioredis
 
 from adapters_store.base_model import BaseModelConfigError, BaseModelSpec
 from adapters_store.cluster_auth import ClusterSigner
-from adapters_store.coordination import WORKERS_SET, WorkerInfo, worker_key
+from adapters_store.wire import WORKERS_SET, WorkerInfo, worker_key
 
 log = logging.getLogger("adapterd.gateway.registry")
 ASSUME_LOADED_S = 10.0

@@ -7,17 +7,17 @@ import asyncio
 from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 
-from server.adapter_registry import AdapterRegistry
 from server.auth import CurrentTenant, Tenant
 from server.dependencies import Adapters, DispatcherDep, Native, Vllm
 from server.protocol import ErrorResponse, GenerateRequest, GenerateResponse
 from server.sse import OR_STREAM, EventStreamResponse
+from server.tenant_adapters import TenantAdapters
 from server.version import VERSION
 
 router = APIRouter(responses={"default": {"model": ErrorResponse}})
 
 
-async def _admit(body: GenerateRequest, adapters: AdapterRegistry, tenant: Tenant):
+async def _admit(body: GenerateRequest, adapters: TenantAdapters, tenant: Tenant):
     """A local path (`adapter_source: "local"`) becomes the drop-in's name; then the registry's checks."""
     p = body.parameters
     p.adapter_id = await asyncio.to_thread(adapters.local_name, p.adapter_id, p.adapter_source)

@@ -9,7 +9,7 @@ from test_s2ft_engine import merged, random_s2ft
 from tiny_models import make_lora, make_tiny_model
 
 from workers.adapters.fusion import WeightFusion
-from workers.adapters.manager import BASE_PLACEMENT
+from workers.adapters.residency import BASE_PLACEMENT
 from workers.engine.runner import PromptChunk
 
 
@@ -152,7 +152,7 @@ def test_fusion_metrics_are_exported():
     from prometheus_client import generate_latest
     from prometheus_client.registry import CollectorRegistry
 
-    from workers.residency_metrics import FusionCollector
+    from workers.service.residency_metrics import FusionCollector
 
     registry = CollectorRegistry(auto_describe=False)
     registry.register(FusionCollector(lambda: {"fused_adapter": "hot", "fusions": 3, "unfusions": 2,

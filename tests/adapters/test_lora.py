@@ -8,8 +8,8 @@ import torch
 from tiny_models import make_lora, make_tiny_model
 
 from workers.adapters.layers import KERNELS
-from workers.adapters.manager import BASE_PLACEMENT
 from workers.adapters.ops import build_adapter_batch, lora_add_reference
+from workers.adapters.residency import BASE_PLACEMENT
 from workers.engine.runner import DecodeRow, PromptChunk
 from workers.engine.types import GenerationRequest, SamplingParams
 from workers.errors import AdapterNotFoundError, AdapterValidationError

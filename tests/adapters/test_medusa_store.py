@@ -67,15 +67,15 @@ def _registry(tmp_path):
     from store_fixtures import BASE_CONFIG, lora_folder
 
     from adapters_store.backends import LocalBackend
-    from adapters_store.registry import AdapterStore
     from adapters_store.validation import UploadLimits
-    from server.adapter_catalog import AdapterCatalog
-    from server.adapter_registry import AdapterRegistry
+    from adapters_store.version_store import VersionStore
     from server.allowed_folders import AllowList
+    from server.dropin_adapters import DropInAdapters
+    from server.tenant_adapters import TenantAdapters
 
     base = BaseModelSpec.from_config(BASE_CONFIG)
-    catalog = AdapterCatalog(AllowList([tmp_path / "adapters"]))
-    registry = AdapterRegistry(AdapterStore(LocalBackend(tmp_path / "store")), catalog, base, UploadLimits(max_rank=16),
+    catalog = DropInAdapters(AllowList([tmp_path / "adapters"]))
+    registry = TenantAdapters(VersionStore(LocalBackend(tmp_path / "store")), catalog, base, UploadLimits(max_rank=16),
                                gc_grace_s=600)
     return registry, base, lora_folder
 

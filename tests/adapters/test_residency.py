@@ -132,8 +132,8 @@ async def test_worker_loader_loads_once_and_reports_evictions(tiny, smollm2_toke
     from store_sources import store_folder
 
     from adapters_store.backends import LocalBackend
-    from adapters_store.registry import AdapterStore
-    from workers.adapter_loader import AdapterLoader, AdapterSources
+    from adapters_store.version_store import VersionStore
+    from workers.service.adapter_fetcher import AdapterFetcher, AdapterSources
 
     folder, adapters = tiny
     probe = Engine(EngineConfig(model_path=str(folder), max_rank=8), tokenizer=smollm2_tokenizer)
@@ -142,8 +142,8 @@ async def test_worker_loader_loads_once_and_reports_evictions(tiny, smollm2_toke
                     tokenizer=smollm2_tokenizer)
     changes = []
     r8a, r8b = (store_folder(tmp_path, n, adapters[n]) for n in ("r8a", "r8b"))
-    sources = AdapterSources(store=AdapterStore(LocalBackend(tmp_path / "store")), cache_dir=tmp_path / "cache")
-    loader = AdapterLoader(engine, sources, on_change=lambda: changes.append(engine.resident_adapters()))
+    sources = AdapterSources(store=VersionStore(LocalBackend(tmp_path / "store")), cache_dir=tmp_path / "cache")
+    loader = AdapterFetcher(engine, sources, on_change=lambda: changes.append(engine.resident_adapters()))
     await asyncio.gather(*[loader.ensure("r8a", r8a) for _ in range(5)])
     assert engine.stats()["adapters"]["host_loads"] == 1 and changes == [["r8a"]]
     await loader.ensure("r8b", r8b)  # over budget: r8a (unused) is evicted
@@ -155,8 +155,8 @@ async def test_worker_metrics_report_residency(tiny, smollm2_tokenizer, tmp_path
     from cluster_signing import ClusterAuth, cluster_secret
     from store_sources import store_folder
 
-    from workers.service import create_app
-    from workers.service_config import WorkerServiceConfig
+    from workers.service.app import create_app
+    from workers.service.config import WorkerServiceConfig
 
     folder, adapters = tiny
     engine = Engine(EngineConfig(model_path=str(folder), max_rank=8, max_seq=64), tokenizer=smollm2_tokenizer)

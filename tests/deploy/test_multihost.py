@@ -22,7 +22,7 @@ import redis
 from serving_assets import build_lora
 from serving_cluster import ROOT, Proc, _env, wait_until
 
-from adapters_store.coordination import WORKERS_SET, WorkerInfo, worker_key
+from adapters_store.wire import WORKERS_SET, WorkerInfo, worker_key
 
 pytestmark = [
     pytest.mark.timeout(600),

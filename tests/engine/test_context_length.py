@@ -2,8 +2,8 @@
 
 from tiny_models import make_tiny_model
 
-from workers.context_length import default_max_seq, kv_bytes_per_token
 from workers.model.config import DecoderConfig
+from workers.service.context_length import default_max_seq, kv_bytes_per_token
 
 
 def test_default_max_seq_is_the_models_limit_capped_by_the_kv_budget(tmp_path):

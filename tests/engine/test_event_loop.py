@@ -17,9 +17,9 @@ from tiny_models import make_tiny_model
 
 from adapters_store.cluster_auth import ClusterSigner
 from workers.engine.engine import Engine, EngineConfig
-from workers.heartbeat import Heartbeat
-from workers.service import create_app
-from workers.service_config import WorkerServiceConfig
+from workers.service.app import create_app
+from workers.service.config import WorkerServiceConfig
+from workers.service.heartbeat import Heartbeat
 
 HOLD_S = 15.0  # the holder lets go after this at most (a safety net: the test releases it itself)
 PROMPT_S = 5.0  # what "at once" allows, on a loaded machine

@@ -13,8 +13,8 @@ from tiny_models import make_lora, make_tiny_model
 from workers.adapters.medusa import init_medusa, write_medusa
 from workers.engine.config import EngineConfig
 from workers.engine.engine import Engine
-from workers.service import create_app
-from workers.service_config import WorkerServiceConfig
+from workers.service.app import create_app
+from workers.service.config import WorkerServiceConfig
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from finetune_fakes import FakeTrain
 from serving_cluster import start_gateway, wait_until
 
 from adapters_store.backends import open_backend
-from adapters_store.registry import AdapterStore
+from adapters_store.version_store import VersionStore
 from workers.trainer.worker import Trainer, TrainerConfig
 
 pytestmark = pytest.mark.timeout(60)
@@ -156,7 +156,7 @@ def test_job_runs_to_an_adapter(fresh, tiny_model, tmp_path):
     assert done["fine_tuned_model"] == f"ft:{created['model']}:demo:{created['id']}"
     assert done["validation_loss"] == 0.7 and done["step"] == 5 and done["finished_at"]
     assert done["trained_tokens"] == 5 * 32
-    store = AdapterStore(open_backend((gateway[2] / "store").as_uri()))
+    store = VersionStore(open_backend((gateway[2] / "store").as_uri()))
     manifest = store.latest(f"alice/{done['fine_tuned_model']}")  # the result lives in its owner's namespace
     assert manifest is not None and manifest.owner == "alice" and manifest.kind == "lora"
     events = api(gateway, "GET", f"/v1/fine_tuning/jobs/{created['id']}/events?limit=50").json()["data"]

@@ -102,7 +102,7 @@ def test_auto_dtype_measures_when_nothing_is_known(tmp_path):
 
 
 def test_dtype_and_quantize_flags_reach_the_engine_through_the_worker_cli(tmp_path, smollm2_tokenizer):
-    from workers.service import _build_engine, _parse_args
+    from workers.service.app import _build_engine, _parse_args
 
     folder, _ = make_tiny_model(tmp_path, "llama")
     smollm2_tokenizer.save_pretrained(folder)

@@ -16,7 +16,7 @@ from serving_cluster import Cluster, ready_workers, start_gateway, start_worker,
 from tls_proxy import TlsProxy, write_self_signed
 
 from adapters_store.cluster_auth import ClusterSigner
-from adapters_store.coordination import WORKERS_SET, WorkerInfo, worker_key
+from adapters_store.wire import WORKERS_SET, WorkerInfo, worker_key
 from server.embedded_redis import EmbeddedRedis
 
 pytestmark = pytest.mark.timeout(180)

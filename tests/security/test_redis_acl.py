@@ -12,10 +12,10 @@ import redis.asyncio as aioredis
 from cluster_signing import cluster_secret
 
 from adapters_store.cluster_auth import ClusterSigner
-from adapters_store.coordination import FineTuneJob, TrainerInfo, WorkerInfo, ft_job_key, worker_key
+from adapters_store.wire import FineTuneJob, TrainerInfo, WorkerInfo, ft_job_key, worker_key
 from server.jobs_service import JobsService
 from server.worker_registry import WorkerRegistry
-from workers.heartbeat import Heartbeat
+from workers.service.heartbeat import Heartbeat
 from workers.trainer.queue import JobQueue, JobRecords, announce
 
 README = Path(__file__).resolve().parents[2] / "README.md"

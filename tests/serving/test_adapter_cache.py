@@ -4,8 +4,8 @@ locks do not accumulate."""
 import asyncio
 import os
 
-from workers.folder_cache import FolderCache
-from workers.keyed_locks import KeyedLocks
+from workers.service.folder_cache import FolderCache
+from workers.service.keyed_locks import KeyedLocks
 
 
 def make_folder(path, nbytes: int, last_use: float):

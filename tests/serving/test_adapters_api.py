@@ -147,9 +147,9 @@ def test_compeft_compression_serves_the_decoded_lora(cluster, loras, tiny_assets
         assert served(cluster, "packed") == peft_greedy(model, folder)  # the decoded LoRA, as peft runs it
         # an already-compressed upload in the documented format is accepted as is
         from adapters_store.backends import LocalBackend
-        from adapters_store.registry import AdapterStore
+        from adapters_store.version_store import VersionStore
 
-        store = AdapterStore(LocalBackend(cluster.data_dir / "store"))
+        store = VersionStore(LocalBackend(cluster.data_dir / "store"))
         manifest = store.resolve("alice/packed")
         pre = tmp_path / "pre"
         pre.mkdir()

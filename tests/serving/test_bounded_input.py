@@ -14,8 +14,8 @@ from adapters_store import bounded_json
 from adapters_store.cluster_auth import ClusterSigner
 from adapters_store.errors import InvalidAdapterError
 from adapters_store.validation import parse_config
-from workers.service import create_app
-from workers.service_config import WorkerServiceConfig
+from workers.service.app import create_app
+from workers.service.config import WorkerServiceConfig
 
 MIB = 1024 * 1024
 

@@ -1,4 +1,4 @@
-"""Graceful drain of a worker (workers/drain.py) on real processes: SIGTERM makes it leave the placement set
+"""Graceful drain of a worker (workers/service/drain.py) on real processes: SIGTERM makes it leave the placement set
 at once, its in-flight streams complete, every request sent after the signal is served by the other worker
 (none reaches the draining one), and it exits; a stream still running when the grace period ends gets an
 error event and the worker exits."""
@@ -20,7 +20,7 @@ from adapterd_client import Client
 from cluster_signing import ClusterAuth  # noqa: E402
 from serving_cluster import ready_workers, start_gateway, start_worker, wait_until
 
-from adapters_store.coordination import worker_key
+from adapters_store.wire import worker_key
 
 pytestmark = pytest.mark.timeout(240)
 STREAMS, AFTER, TOKENS = 8, 6, 480  # the tiny model has 512 positions

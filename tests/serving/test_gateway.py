@@ -15,9 +15,9 @@ from serving_fakes import FakeEngine, make_adapter_dir, make_base_dir
 from adapters_store.cluster_auth import ClusterSigner
 from server.app import create_app
 from server.settings import GatewaySettings
-from workers.heartbeat import Heartbeat
-from workers.service import create_app as create_worker_app
-from workers.service_config import WorkerServiceConfig
+from workers.service.app import create_app as create_worker_app
+from workers.service.config import WorkerServiceConfig
+from workers.service.heartbeat import Heartbeat
 
 
 class Workers:

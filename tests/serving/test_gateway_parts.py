@@ -6,8 +6,8 @@ import sys
 import pytest
 from serving_fakes import make_adapter_dir
 
-from server.adapter_catalog import AdapterCatalog
 from server.allowed_folders import AllowList
+from server.dropin_adapters import DropInAdapters
 from server.settings import GatewaySettings, InsecureBindError
 
 
@@ -39,7 +39,7 @@ def test_catalog_versions(tmp_path):
     for name, version in [("a", None), ("b", "v1"), ("b", "v2"), ("b", "v10"), ("c", "x"), ("c", "y")]:
         make_adapter_dir(tmp_path, name, version)
     (tmp_path / "adapters" / "c" / "LATEST").write_text("x\n")
-    cat = AdapterCatalog(AllowList([tmp_path / "adapters"]))
+    cat = DropInAdapters(AllowList([tmp_path / "adapters"]))
     assert cat.resolve("a").ref == "a"
     assert cat.resolve("b").ref == "b@v10"  # natural order
     assert cat.resolve("b@v1").path == tmp_path / "adapters" / "b" / "v1"
@@ -65,7 +65,7 @@ async def test_lease_released_after_a_registry_refresh(redis_url):
     from cluster_signing import cluster_secret
 
     from adapters_store.cluster_auth import ClusterSigner
-    from adapters_store.coordination import WORKERS_SET, WorkerInfo, worker_key
+    from adapters_store.wire import WORKERS_SET, WorkerInfo, worker_key
     from server.router import WorkerRouter
     from server.worker_registry import WorkerRegistry
 
@@ -86,7 +86,7 @@ async def test_lease_released_after_a_registry_refresh(redis_url):
 
 
 def test_a_worker_record_is_fresh_within_its_signed_ttl_capped_by_the_gateway():
-    from adapters_store.coordination import RECORD_CLOCK_SKEW_S, WorkerInfo
+    from adapters_store.wire import RECORD_CLOCK_SKEW_S, WorkerInfo
 
     info = WorkerInfo(worker_id="w", url="http://w", model_id="m", capacity=1, heartbeat_at=1000.0, ttl_s=5.0)
     assert info.fresh_at(1000.0, 60) and info.fresh_at(1005.0 + RECORD_CLOCK_SKEW_S, 60)

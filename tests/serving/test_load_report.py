@@ -1,14 +1,14 @@
-"""The load a worker announces on each heartbeat (`WorkerInfo.stats`, workers.load_report): tokens/s over a
+"""The load a worker announces on each heartbeat (`WorkerInfo.stats`, workers.service.load_report): tokens/s over a
 sliding window, queue, fusion state, Medusa acceptance, device-resident adapters; and the payload round trip."""
 
 import httpx
 from cluster_signing import ClusterAuth, cluster_secret
 from serving_fakes import FakeEngine
 
-from adapters_store.coordination import WorkerInfo
-from workers.load_report import TokenRate, load_report
-from workers.service import create_app
-from workers.service_config import WorkerServiceConfig
+from adapters_store.wire import WorkerInfo
+from workers.service.app import create_app
+from workers.service.config import WorkerServiceConfig
+from workers.service.load_report import TokenRate, load_report
 
 
 class Clock:

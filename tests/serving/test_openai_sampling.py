@@ -12,7 +12,7 @@ import torch
 from otlp_collector import OtlpCollector
 from serving_cluster import one_worker_cluster, wait_until
 
-from adapters_store.coordination import WorkerGenerateRequest, WorkerSampling
+from adapters_store.wire import WorkerGenerateRequest, WorkerSampling
 from server.protocol import ChatCompletionRequest
 from server.sampling import chat_sampling
 
@@ -192,7 +192,7 @@ def test_tools_are_refused_naming_the_field_through_the_openai_package(cluster, 
 
 def test_every_sampling_field_reaches_the_engine_params():
     """Gateway request → WorkerSampling → the engine's SamplingParams: no field dropped on the way."""
-    from workers.service import _sampling
+    from workers.service.app import _sampling
 
     req = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "x"}], temperature=0.5, top_p=0.9,
                                 top_k=7, n=2, seed=4, stop=["x"], presence_penalty=0.3, frequency_penalty=-0.2,

@@ -16,7 +16,7 @@ from serving_cluster import start_gateway, wait_until
 
 from adapters_store.base_model import BaseModelSpec
 from adapters_store.cluster_auth import ClusterSigner
-from adapters_store.coordination import WORKERS_SET, WorkerInfo, worker_key
+from adapters_store.wire import WORKERS_SET, WorkerInfo, worker_key
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -8,8 +8,8 @@ from cluster_signing import ClusterAuth, cluster_secret
 from serving_fakes import FakeEngine, make_adapter_dir
 from store_sources import store_files, store_folder
 
-from workers.service import create_app
-from workers.service_config import WorkerServiceConfig
+from workers.service.app import create_app
+from workers.service.config import WorkerServiceConfig
 
 
 @pytest.fixture

@@ -49,6 +49,6 @@ def backend(request, tmp_path):
 
 @pytest.fixture
 def store(backend):
-    from adapters_store.registry import AdapterStore
+    from adapters_store.version_store import VersionStore
 
-    return AdapterStore(backend)
+    return VersionStore(backend)

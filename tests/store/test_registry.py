@@ -9,9 +9,9 @@ from adapters_store.base_model import BaseModelSpec
 from adapters_store.errors import AdapterNotFoundError, StoreCorruptionError
 from adapters_store.ingest import CompressionRequest, prepare
 from adapters_store.materialise import download_files, materialise
-from adapters_store.registry import BLOBS, blob_key
 from adapters_store.safetensors_file import read_tensors
 from adapters_store.validation import UploadedFile, UploadLimits
+from adapters_store.version_store import BLOBS, blob_key
 
 BASE = BaseModelSpec.from_config(BASE_CONFIG)
 

@@ -14,9 +14,9 @@ from adapters_store.errors import IncompatibleAdapterError, InvalidAdapterError
 from adapters_store.ingest import CompressionRequest, prepare
 from adapters_store.kinds import validate_upload
 from adapters_store.materialise import download_files, stored_files
-from adapters_store.registry import AdapterStore
 from adapters_store.safetensors_file import read_tensors, write_tensors
 from adapters_store.validation import UploadedFile, UploadLimits
+from adapters_store.version_store import VersionStore
 
 BASE = BaseModelSpec.from_config(BASE_CONFIG)  # hidden 64, intermediate 128, 4 heads (d 16), 2 KV heads
 LIMITS = UploadLimits()
@@ -83,7 +83,7 @@ def test_a_kind_that_disagrees_with_the_files_is_refused():
 
 
 def test_compression_keeps_indices_exact_and_download_gives_the_decoded_dense_folder(tmp_path):
-    store = AdapterStore(LocalBackend(tmp_path))
+    store = VersionStore(LocalBackend(tmp_path))
     uploads = [UploadedFile(n, b) for n, b in s2ft_folder().items()]
     draft, files = prepare(uploads, BASE, LIMITS, name="s", owner="alice",
                            compression=CompressionRequest(density=0.25, alpha=1.0))

@@ -7,7 +7,7 @@ subtracted, so the base is restored to the bit however many times an adapter is 
 
 Correctness while fused: the fused adapter's rows add nothing (their adapter is in the weights); every
 other row — base rows and other adapters' rows — also adds the fused adapter's negated copy (the
-correction: LoRA with −B, S²FT with −C), placed on the device like any adapter (`AdapterManager.placement`).
+correction: LoRA with −B, S²FT with −C), placed on the device like any adapter (`AdapterResidency.placement`).
 
 Policy (`FusionPolicy`): over the last `window` busy steps, an adapter holding at least `fuse_share` of
 the running rows is fused; it is unfused when its share falls under `unfuse_share` (hysteresis), and after
@@ -28,7 +28,7 @@ from torch import nn
 
 from workers.adapters import kinds
 from workers.adapters.kind import DecodedAdapter, SavedWeights, WeightsPart, restore
-from workers.adapters.manager import AdapterManager
+from workers.adapters.residency import AdapterResidency
 
 
 class WeightFusion:
@@ -98,7 +98,7 @@ class FusionController:
     re-places the running rows. `running()` gives the running sequences (anything with `.request.adapter`
     and a writable `.placement`)."""
 
-    def __init__(self, model: nn.Module, adapters: AdapterManager, cfg: FusionConfig,
+    def __init__(self, model: nn.Module, adapters: AdapterResidency, cfg: FusionConfig,
                  running: Callable[[], list]):
         self.weights = WeightFusion(model)
         self.adapters, self.policy, self.running = adapters, FusionPolicy(cfg), running

@@ -18,8 +18,8 @@ import torch
 from workers.adapters import kinds
 from workers.adapters.fusion import FusionController
 from workers.adapters.kind import DecodedAdapter, HostAdapter, ReadContext
-from workers.adapters.manager import AdapterManager
 from workers.adapters.medusa import MedusaWeights, is_medusa_folder, read_medusa
+from workers.adapters.residency import AdapterResidency
 from workers.engine.config import EngineConfig
 from workers.engine.detokenizer import IncrementalText
 from workers.engine.logits_processors import decodes_plainly
@@ -80,7 +80,7 @@ class EngineCore:
         self.runner = ModelRunner(cfg)
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.model_path)
         self.model_id = cfg.model_id or Path(cfg.model_path).name
-        self.adapters = AdapterManager(self.runner.config, self.runner.devices, cfg.host_cache_bytes)
+        self.adapters = AdapterResidency(self.runner.config, self.runner.devices, cfg.host_cache_bytes)
         self.scheduler = Scheduler(cfg, self.runner.kv, self.adapters)
         self.fusion = FusionController(self.runner.model, self.adapters, cfg.fusion, lambda: self.scheduler.running)
         self.speculator = Speculator(cfg.medusa_tree, cfg.medusa_max_batch, cfg.medusa_epsilon, cfg.medusa_delta,

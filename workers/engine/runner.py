@@ -9,7 +9,7 @@ import torch
 
 from workers.adapters import kinds
 from workers.adapters.kind import DeviceContext, KindDevice
-from workers.adapters.manager import DevicePlacement
+from workers.adapters.residency import DevicePlacement
 from workers.engine.config import EngineConfig
 from workers.model.batch import TreeLayout, build_step_batch
 from workers.model.kv_cache import KVCache

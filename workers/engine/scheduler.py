@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from workers.adapters.manager import AdapterManager
+from workers.adapters.residency import AdapterResidency
 from workers.engine.config import EngineConfig
 from workers.engine.sequence import Sequence
 from workers.model.kv_cache import KVCache
@@ -28,7 +28,7 @@ class StepPlan:
 
 
 class Scheduler:
-    def __init__(self, cfg: EngineConfig, kv: KVCache, adapters: AdapterManager):
+    def __init__(self, cfg: EngineConfig, kv: KVCache, adapters: AdapterResidency):
         self.cfg, self.kv, self.adapters = cfg, kv, adapters
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # admitted: prefilling or decoding, in admission order

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from workers.adapters.manager import BASE_PLACEMENT, DevicePlacement
+from workers.adapters.residency import BASE_PLACEMENT, DevicePlacement
 from workers.engine.detokenizer import IncrementalText
 from workers.engine.speculation_policy import SpeculationLog
 from workers.engine.types import FinishReason, GenerationRequest

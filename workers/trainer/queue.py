@@ -1,5 +1,5 @@
 """The trainer's side of the fine-tune job queue and records on Redis (key names and payloads:
-`adapters_store.coordination`).
+`adapters_store.wire`).
 
 At-least-once delivery on a Redis Stream with a consumer group: a trainer claims a new entry with
 XREADGROUP, keeps its claim fresh from a heartbeat thread (`XCLAIM … JUSTID`, only while it still owns
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import redis
 from redis.exceptions import ResponseError
 
-from adapters_store.coordination import (
+from adapters_store.wire import (
     FT_GROUP,
     JOB_UPDATE_LUA,
     KEEP_CLAIM_LUA,

@@ -29,7 +29,12 @@ import redis
 from adapters_store import kinds as store_kinds
 from adapters_store.backends import open_backend
 from adapters_store.base_model import BaseModelSpec
-from adapters_store.coordination import (
+from adapters_store.ingest import CompressionRequest, prepare
+from adapters_store.materialise import materialise
+from adapters_store.training_files import TrainingFileStore
+from adapters_store.validation import UploadedFile, UploadLimits
+from adapters_store.version_store import VersionStore
+from adapters_store.wire import (
     TERMINAL_STATUSES,
     FineTuneJob,
     JobCheckpoint,
@@ -38,11 +43,6 @@ from adapters_store.coordination import (
     fine_tuned_name,
     owned_name,
 )
-from adapters_store.ingest import CompressionRequest, prepare
-from adapters_store.materialise import materialise
-from adapters_store.registry import AdapterStore
-from adapters_store.training_files import TrainingFileStore
-from adapters_store.validation import UploadedFile, UploadLimits
 from workers.trainer.queue import Claim, JobQueue, JobRecords, announce, withdraw
 from workers.trainer.results import metrics_csv
 
@@ -299,7 +299,7 @@ class Trainer:
         self.records = JobRecords(self.redis)
         backend = open_backend(config.store_url)
         self.backend = backend
-        self.adapters = AdapterStore(backend)
+        self.adapters = VersionStore(backend)
         self.files = TrainingFileStore(backend)
         self.base = BaseModelSpec.from_folder(config.base_model_path)
         self.stopping = threading.Event()

@@ -25,24 +25,24 @@ from typing import Any
 
 from adapters_store import errors as store_errors
 from adapters_store.adapter_source import InvalidSourceError, parse_source
-from adapters_store.coordination import WorkerMerge
 from adapters_store.materialise import materialise
 from adapters_store.merge import MergeSpec, merge_files
-from adapters_store.registry import AdapterStore
+from adapters_store.version_store import VersionStore
+from adapters_store.wire import WorkerMerge
 from workers.errors import AdapterdError, AdapterNotFoundError, AdapterValidationError, InvalidRequestError
-from workers.folder_cache import DEFAULT_MAX_BYTES, FolderCache
-from workers.keyed_locks import KeyedLocks
+from workers.service.folder_cache import DEFAULT_MAX_BYTES, FolderCache
+from workers.service.keyed_locks import KeyedLocks
 
 
 @dataclass(frozen=True)
 class AdapterSources:
     """Where this worker may take adapter files from (its configuration, never a request's)."""
 
-    store: AdapterStore | None  # None: no store configured (store sources are refused)
+    store: VersionStore | None  # None: no store configured (store sources are refused)
     cache_dir: Path  # materialised store versions and built merges
 
 
-class AdapterLoader:
+class AdapterFetcher:
     def __init__(self, engine: Any, sources: AdapterSources, on_change: Callable[[], None] = lambda: None,
                  cache_max_bytes: int = DEFAULT_MAX_BYTES):
         self._engine = engine

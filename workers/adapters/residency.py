@@ -40,7 +40,7 @@ class DevicePlacement:
 BASE_PLACEMENT = DevicePlacement()
 
 
-class AdapterManager:
+class AdapterResidency:
     def __init__(self, base: DecoderConfig, devices: Mapping[str, KindDevice], host_budget_bytes: int,
                  on_evict: Callable[[str], None] = lambda name: None):
         self.base, self.devices = base, devices  # kind name → its device (`kinds.attach_devices`)

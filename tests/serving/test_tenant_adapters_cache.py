@@ -10,19 +10,19 @@ from store_fixtures import BASE_CONFIG, lora_folder  # noqa: E402
 
 from adapters_store.backends import LocalBackend  # noqa: E402
 from adapters_store.base_model import BaseModelSpec  # noqa: E402
-from adapters_store.registry import AdapterStore  # noqa: E402
 from adapters_store.validation import UploadedFile, UploadLimits  # noqa: E402
-from server import adapter_registry  # noqa: E402
-from server.adapter_catalog import AdapterCatalog  # noqa: E402
-from server.adapter_registry import AdapterRegistry  # noqa: E402
+from adapters_store.version_store import VersionStore  # noqa: E402
+from server import tenant_adapters  # noqa: E402
 from server.allowed_folders import AllowList  # noqa: E402
 from server.auth import Tenant  # noqa: E402
+from server.dropin_adapters import DropInAdapters  # noqa: E402
+from server.tenant_adapters import TenantAdapters  # noqa: E402
 
 
 def test_store_lookups_are_remembered_and_own_writes_forget_them(tmp_path, monkeypatch):
-    store = AdapterStore(LocalBackend(tmp_path / "store"))
-    catalog = AdapterCatalog(AllowList([tmp_path / "adapters"]))
-    registry = AdapterRegistry(store, catalog, BaseModelSpec.from_config(BASE_CONFIG), UploadLimits(max_rank=16),
+    store = VersionStore(LocalBackend(tmp_path / "store"))
+    catalog = DropInAdapters(AllowList([tmp_path / "adapters"]))
+    registry = TenantAdapters(store, catalog, BaseModelSpec.from_config(BASE_CONFIG), UploadLimits(max_rank=16),
                                gc_grace_s=600)
     calls = []
     real = store.resolve
@@ -41,11 +41,11 @@ def test_a_drop_in_is_imported_once_per_content_and_again_when_it_changes_or_goe
     """A drop-in folder's first use imports it as the operator's public `admin/NAME`; later uses reuse that
     version (also after a restart: the store is asked by content); new files make a new version; a deleted
     version is imported again."""
-    store = AdapterStore(LocalBackend(tmp_path / "store"))
-    monkeypatch.setattr(adapter_registry, "RESOLVE_TTL_S", 0.0)  # every store answer is asked afresh
+    store = VersionStore(LocalBackend(tmp_path / "store"))
+    monkeypatch.setattr(tenant_adapters, "RESOLVE_TTL_S", 0.0)  # every store answer is asked afresh
 
-    def registry() -> AdapterRegistry:
-        return AdapterRegistry(store, AdapterCatalog(AllowList([tmp_path / "adapters"])),
+    def registry() -> TenantAdapters:
+        return TenantAdapters(store, DropInAdapters(AllowList([tmp_path / "adapters"])),
                                BaseModelSpec.from_config(BASE_CONFIG), UploadLimits(max_rank=16), gc_grace_s=600)
 
     folder = tmp_path / "adapters" / "ada"

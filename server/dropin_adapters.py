@@ -1,6 +1,6 @@
 """The operator's drop-in adapters: folders in the allow-listed roots (`server.allowed_folders`; default
 `DATA_DIR/adapters/`), found by name. The registry imports a folder into the store when it is used
-(`AdapterRegistry.resolve`), so workers only ever load store versions.
+(`TenantAdapters.resolve`), so workers only ever load store versions.
 
 Layout under each root (the first root holding a name wins):
 
@@ -43,7 +43,7 @@ def _natural_key(s: str) -> list:
     return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", s) if t]
 
 
-class AdapterCatalog:
+class DropInAdapters:
     def __init__(self, allow: AllowList):
         self.allow = allow
 

@@ -1,12 +1,12 @@
 """The gateway's adapter registry: uploads (validate → optional ComPEFT → publish), listing, download and
-deletion on the `AdapterStore`, tenant visibility, and model-name resolution for inference.
+deletion on the `VersionStore`, tenant visibility, and model-name resolution for inference.
 
 Names are per tenant: the full name is `TENANT/NAME[@VERSION]` (the store keeps it so); a bare `NAME` means
 the caller's own `CALLER/NAME`, and the API shows the caller's names bare and other tenants' in full. So the
 same bare name in two tenants is two adapters, and an upload never tells whether another tenant has a name.
 A version is visible to its owner, and to every tenant when it is public (by its full name); an invisible
 adapter looks exactly like a missing one (404). Only the owner deletes. Adapters in the operator's drop-in
-folders (the allow-list, default `DATA_DIR/adapters`, see `server.adapter_catalog`) are servable to every
+folders (the allow-list, default `DATA_DIR/adapters`, see `server.dropin_adapters`) are servable to every
 tenant by their bare name, after the caller's own adapters of that name: the first use of a folder (and the
 first after its files change) imports it into the store, validated like an upload, as a public version of
 `admin/NAME` (the operator's namespace), so workers only ever load store versions.
@@ -30,18 +30,18 @@ from adapters_store.adapter_source import store_source
 from adapters_store.archives import ArchiveLimits
 from adapters_store.backends import open_backend
 from adapters_store.base_model import BaseModelSpec
-from adapters_store.coordination import MergeMember, WorkerMerge, owned_name
 from adapters_store.errors import AdapterNotFoundError, InvalidAdapterError
 from adapters_store.ingest import CompressionRequest, check_name, prepare
 from adapters_store.manifest import NAMESPACE_PATTERN, Manifest
 from adapters_store.mapped_files import Buffer
 from adapters_store.materialise import download_files, stored_files
 from adapters_store.merge import MergeSpec, merge_files
-from adapters_store.registry import AdapterStore, parse_ref
 from adapters_store.validation import UploadedFile, UploadLimits
-from server.adapter_catalog import AdapterCatalog, AdapterVersion
+from adapters_store.version_store import VersionStore, parse_ref
+from adapters_store.wire import MergeMember, WorkerMerge, owned_name
 from server.auth import ADMIN_TENANT, Tenant
 from server.dispatch import MergedAdapter
+from server.dropin_adapters import AdapterVersion, DropInAdapters
 from server.errors import BaseModelUnknownError, InvalidRequestError, ModelNotFoundError, PermissionDeniedError
 from server.protocol import AdapterDeleted, AdapterInfo, AdapterVersionInfo, ModelCard
 from server.settings import GatewaySettings
@@ -105,8 +105,8 @@ RESOLVE_TTL_S = 1.0
 RESOLVE_CACHE_SIZE = 4096
 
 
-class AdapterRegistry:
-    def __init__(self, store: AdapterStore, catalog: AdapterCatalog, base: BaseModelSpec | None,
+class TenantAdapters:
+    def __init__(self, store: VersionStore, catalog: DropInAdapters, base: BaseModelSpec | None,
                  limits: UploadLimits, gc_grace_s: float,
                  published_base: Callable[[], BaseModelSpec | None] = lambda: None):
         self._store = store
@@ -381,8 +381,8 @@ class AdapterRegistry:
 ADAPTER_UPLOAD_PATH = "/v1/adapters"
 
 
-def build_adapter_registry(settings: GatewaySettings, catalog: AdapterCatalog,
-                           published_base: Callable[[], BaseModelSpec | None] = lambda: None) -> AdapterRegistry:
+def build_tenant_adapters(settings: GatewaySettings, catalog: DropInAdapters,
+                           published_base: Callable[[], BaseModelSpec | None] = lambda: None) -> TenantAdapters:
     limits = UploadLimits(
         max_rank=settings.max_adapter_rank,
         max_file_bytes=settings.max_adapter_file_bytes,
@@ -391,5 +391,5 @@ def build_adapter_registry(settings: GatewaySettings, catalog: AdapterCatalog,
                               max_total_bytes=settings.max_archive_bytes, max_ratio=settings.max_archive_ratio),
     )
     base = BaseModelSpec.from_folder(settings.base_model_path) if settings.base_model_path else None
-    store = AdapterStore(open_backend(settings.resolved_store_url))
-    return AdapterRegistry(store, catalog, base, limits, settings.store_gc_grace_s, published_base)
+    store = VersionStore(open_backend(settings.resolved_store_url))
+    return TenantAdapters(store, catalog, base, limits, settings.store_gc_grace_s, published_base)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from adapters_store.coordination import WorkerChoice, WorkerGenerateResult
+from adapters_store.wire import WorkerChoice, WorkerGenerateResult
 from workers.engine.types import TokenEvent
 
 TopToken = tuple[int, str, float]  # (token id, its text, raw logprob)

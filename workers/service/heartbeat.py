@@ -1,5 +1,5 @@
 """Worker → Redis heartbeat: announces address, capacity, load and resident adapters with a TTL, and
-keeps the adapter → workers placement sets. Key names and payload live in adapters_store.coordination;
+keeps the adapter → workers placement sets. Key names and payload live in adapters_store.wire;
 each record is signed with the cluster secret, with its time and TTL, so the gateway routes only to cluster
 members whose record is fresh."""
 
@@ -15,7 +15,7 @@ from dataclasses import replace
 import redis.asyncio as aioredis
 
 from adapters_store.cluster_auth import ClusterSigner
-from adapters_store.coordination import (
+from adapters_store.wire import (
     PLACEMENT_TTL_FACTOR,
     WORKERS_SET,
     WorkerInfo,

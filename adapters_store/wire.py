@@ -73,7 +73,7 @@ class WorkerInfo:
     heartbeat_at: float = field(default_factory=time.time)
     max_model_len: int = 0  # tokens per sequence, prompt included (0: an older worker that did not say)
     version: int = SCHEMA_VERSION
-    # load as the console shows it (workers.load_report): tokens_per_s, running, queue, fusion, medusa,
+    # load as the console shows it (workers.service.load_report): tokens_per_s, running, queue, fusion, medusa,
     # device_adapters; additive, so older readers ignore it
     stats: dict = field(default_factory=dict)
     ttl_s: float = 0.0  # how long this record stays valid after `heartbeat_at` (the heartbeat's TTL)

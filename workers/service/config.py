@@ -24,7 +24,7 @@ class WorkerServiceConfig:
     max_request_bytes: int = 16 * 1024 * 1024  # one request body, counted on the stream (413 past it)
     adapter_cache_bytes: int = 2 * 1024**3  # on-disk adapter folders (store versions, merges), LRU
     max_chars_per_token: int = 16  # prompts over max_seq × this many characters are refused before encoding
-    drain_grace_s: float = 30.0  # SIGTERM: in-flight requests get this long to finish (workers.drain)
+    drain_grace_s: float = 30.0  # SIGTERM: in-flight requests get this long to finish (workers.service.drain)
     model_path: str = ""  # the base model folder: its config.json shapes are published for upload checks
 
     @property

@@ -57,7 +57,7 @@ def parse_ref(ref: str) -> tuple[str, int | None] | None:
     return None
 
 
-class AdapterStore:
+class VersionStore:
     def __init__(self, backend: StoreBackend):
         self.backend = backend
 

@@ -1,6 +1,6 @@
 """The worker's HTTP service around one engine: generate (streamed as SSE or not), health, stats and the
 internal adapter load/unload used by the gateway. Registers itself in Redis through `Heartbeat`. Every
-route but `GET /health` needs a request signed with the cluster secret (`workers.request_auth`).
+route but `GET /health` needs a request signed with the cluster secret (`workers.service.request_auth`).
 Errors (`workers.errors.AdapterdError`) become the JSON error shape at this module's one boundary.
 
 Entry point: `python -m workers.service --port 9001 --redis-url redis://… --model PATH`, with the cluster
@@ -36,7 +36,10 @@ from adapters_store.backends import open_backend
 from adapters_store.base_model import BaseModelSpec
 from adapters_store.body_limit import BodyLimit
 from adapters_store.cluster_auth import ClusterSecretError, ClusterSigner, RequestVerifier, load_secret
-from adapters_store.coordination import (
+from adapters_store.error_shape import error_body, http_error, unexpected_error, validation_error
+from adapters_store.json_logging import REQUEST_ID
+from adapters_store.version_store import VersionStore
+from adapters_store.wire import (
     AdapterLoadRequest,
     AdapterUnloadRequest,
     ChatMessage,
@@ -47,21 +50,18 @@ from adapters_store.coordination import (
     WorkerPromptEcho,
     WorkerTokenizeRequest,
 )
-from adapters_store.error_shape import error_body, http_error, unexpected_error, validation_error
-from adapters_store.json_logging import REQUEST_ID
-from adapters_store.registry import AdapterStore
-from workers.adapter_loader import AdapterLoader, AdapterSources
-from workers.choices import ResultBuilder, TokenTexts, event_payload
-from workers.drain import Drain, DrainingServer
 from workers.engine.types import GenerationRequest, SamplingParams, TokenEvent
 from workers.errors import AdapterdError, InvalidRequestError, PromptTooLongError, ShuttingDownError
-from workers.heartbeat import Heartbeat
-from workers.load_report import TokenRate, load_report
-from workers.prompt_logprobs import prompt_logprobs
-from workers.request_auth import ClusterAuthMiddleware
-from workers.residency_metrics import FusionCollector, residency_registry
-from workers.service_config import WorkerServiceConfig
-from workers.speculative_metrics import SpeculativeCollector
+from workers.service.adapter_fetcher import AdapterFetcher, AdapterSources
+from workers.service.choices import ResultBuilder, TokenTexts, event_payload
+from workers.service.config import WorkerServiceConfig
+from workers.service.drain import Drain, DrainingServer
+from workers.service.heartbeat import Heartbeat
+from workers.service.load_report import TokenRate, load_report
+from workers.service.prompt_logprobs import prompt_logprobs
+from workers.service.request_auth import ClusterAuthMiddleware
+from workers.service.residency_metrics import FusionCollector, residency_registry
+from workers.service.speculative_metrics import SpeculativeCollector
 
 log = logging.getLogger("adapterd.worker")
 KEEP_ALIVE_S = 75  # idle keep-alive; above the gateway's pool keep-alive, so the gateway closes first
@@ -166,8 +166,8 @@ class WorkerService:
         self.prompts = PromptBuilder(engine.tokenizer, engine.max_seq, engine.max_seq * config.max_chars_per_token)
         self.token_texts = TokenTexts(engine.tokenizer)
         self.heartbeat: Heartbeat | None = None
-        sources = AdapterSources(AdapterStore(open_backend(config.resolved_store_url)), config.cache_dir)
-        self.adapters = AdapterLoader(engine, sources, on_change=self._residency_changed,
+        sources = AdapterSources(VersionStore(open_backend(config.resolved_store_url)), config.cache_dir)
+        self.adapters = AdapterFetcher(engine, sources, on_change=self._residency_changed,
                                       cache_max_bytes=config.adapter_cache_bytes)
         self.metrics = residency_registry(lambda: self.engine.stats().get("adapters", {}))
         self.metrics.register(FusionCollector(lambda: self.engine.stats().get("fusion", {})))
@@ -269,7 +269,7 @@ class WorkerService:
         return done
 
     async def _echo(self, req: WorkerGenerateRequest) -> WorkerPromptEcho:
-        """The prompt's tokens, and with logprobs their raw logprobs and top-k (`workers.prompt_logprobs`)."""
+        """The prompt's tokens, and with logprobs their raw logprobs and top-k (`workers.service.prompt_logprobs`)."""
         ids = await self._prompt_ids(req)
         text = req.prompt if req.prompt is not None else self.prompts.detokenize(list(ids))
         echo = WorkerPromptEcho(text=text, token_ids=list(ids), tokens=[self.token_texts.text(t) for t in ids])
@@ -492,7 +492,7 @@ def _build_engine(args: argparse.Namespace) -> Any:
 
     max_seq = args.max_seq
     if max_seq is None:
-        from workers.context_length import DEFAULT_KV_CACHE_GIB, default_max_seq
+        from workers.service.context_length import DEFAULT_KV_CACHE_GIB, default_max_seq
 
         max_seq = default_max_seq(args.model, args.max_batch, args.dtype, args.kv_cache_gib or DEFAULT_KV_CACHE_GIB)
     wanted = {

@@ -3,6 +3,7 @@ unmodified): n completions, real top-k logprobs against transformers, penalties 
 engine, structured output (JSON schemas, batched across adapters), and the 400s that name the field;
 request ids in both processes' JSON log lines, and every response status counted."""
 
+import copy
 import json
 
 import httpx
@@ -83,7 +84,8 @@ def test_echo_with_prompt_logprobs_equal_transformers_with_an_adapter(cluster, o
     from peft import PeftModel
 
     model, tok = hf
-    peft_model = PeftModel.from_pretrained(model, tiny_assets[1] / "adapters" / "alpha").eval()
+    # a copy: peft wraps the module it is given in place, and the base `hf` model serves the later tests
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(model), tiny_assets[1] / "adapters" / "alpha").eval()
     prompt = tok.encode("the quick brown fox jumps")
     r = oai.completions.create(model="alpha", prompt=prompt, max_tokens=2, temperature=0, logprobs=3, echo=True,
                                extra_body={"ignore_eos": True})

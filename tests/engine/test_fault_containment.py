@@ -63,10 +63,10 @@ def poisoned(cluster):
     """Injects the two faults into the module's core (restored afterwards)."""
     real_choose, real_forward = core_module.choose, cluster.runner.forward
 
-    def choose(logits, seq, greedy, prefiltered=None):
+    def choose(logits, seq, greedy):
         if seq.request.params.seed == POISON_SEED:
             raise RuntimeError("injected sampling fault")
-        return real_choose(logits, seq, greedy, prefiltered)
+        return real_choose(logits, seq, greedy)
 
     def forward(decode, prefill, with_hidden=False):
         if any(POISON_TOKEN in chunk.tokens for chunk in prefill):

@@ -85,31 +85,3 @@ def test_the_fast_path_never_keeps_a_token_the_reference_drops(seed, temperature
     logits = logits_of(seed, 5.0, vocab=300)
     token = _sample_row(logits, temperature, top_k, top_p, torch.Generator().manual_seed(seed))
     assert kept_probs_reference(logits, temperature, top_k, top_p)[token] > 0 or token == int(logits.argmax())
-
-
-def test_a_step_prefiltered_at_once_draws_what_each_row_alone_draws():
-    """`prefilter` (one top-k and one normaliser for all plain top-p rows) gives every row the token that
-    `choose` gives it alone, with the same seed, beside rows it must leave alone (greedy, top-k, penalties,
-    min-p) and a NaN row, which stays its own fault."""
-    from workers.engine.sampler import choose, prefilter
-    from workers.engine.sequence import Sequence
-    from workers.engine.types import GenerationRequest, SamplingParams
-
-    kinds = [SamplingParams(temperature=0.8, top_p=0.95), SamplingParams(temperature=1.3, top_p=0.5),
-             SamplingParams(temperature=0), SamplingParams(temperature=0.7, top_k=40),
-             SamplingParams(temperature=0.9, top_p=0.9, presence_penalty=0.5),
-             SamplingParams(temperature=1.0, min_p=0.1), SamplingParams(temperature=0.6, top_p=0.9)]
-    logits = torch.stack([logits_of(seed, 8.0 if seed % 2 else 3.0) for seed in range(len(kinds))])  # [R, vocab]
-    logits[-1] = float("nan")
-
-    def rows(seed):
-        return [Sequence(GenerationRequest((1, 2), p), None, torch.Generator().manual_seed(seed + r), frozenset())
-                for r, p in enumerate(kinds)]
-
-    for seed in range(5):
-        alone = [choose(logits[r], s, int(logits[r].argmax()))[0] for r, s in enumerate(rows(seed))]
-        together = rows(seed)
-        first = prefilter(logits, together)
-        assert sorted(first) == [0, 1, 6]  # the plain top-p rows only
-        assert [choose(logits[r], s, int(logits[r].argmax()), first.get(r))[0]
-                for r, s in enumerate(together)] == alone

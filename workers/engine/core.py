@@ -24,7 +24,7 @@ from workers.engine.config import EngineConfig
 from workers.engine.detokenizer import IncrementalText
 from workers.engine.logits_processors import decodes_plainly
 from workers.engine.runner import DecodeRow, ModelRunner, PromptChunk
-from workers.engine.sampler import choose, prefilter
+from workers.engine.sampler import choose
 from workers.engine.scheduler import Scheduler
 from workers.engine.sequence import Sequence
 from workers.engine.speculative import Draft, Speculator, Verified
@@ -363,11 +363,10 @@ class EngineCore:
         """One token per row (logits [R, vocab], hidden [R, hidden]); rows with heads keep the hidden state.
         A row that raises fails its request alone."""
         greedy = logits.argmax(dim=-1).tolist()  # [R]: the token of every greedy row
-        first = prefilter(logits, seqs)  # the plain top-p rows' candidates, all at once
         events = []
         for row, seq in enumerate(seqs):
             try:
-                token, logprob, alts = choose(logits[row], seq, greedy[row], first.get(row))
+                token, logprob, alts = choose(logits[row], seq, greedy[row])
                 advance([seq.matcher], [token], self.grammars.eos)
                 if self.speculator.heads_for(seq) is not None:
                     seq.medusa_hidden = hidden[row].clone()

@@ -12,11 +12,10 @@ probabilities are not a distribution (NaN logits) falls back to the argmax of it
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 
-from workers.engine.logits_processors import process_row, uses_processors, uses_warpers, warp_probs
+from workers.engine.logits_processors import process_row, uses_processors, warp_probs
 from workers.engine.sequence import Sequence
 from workers.engine.structured import constrain
 from workers.engine.types import SamplingParams
@@ -24,43 +23,9 @@ from workers.engine.types import SamplingParams
 TopLogprobs = tuple[tuple[int, float], ...]
 
 
-@dataclass(frozen=True)
-class Prefiltered:
-    """One plain top-p row's first candidates and softmax's log normaliser, computed for all such rows of a
-    step at once (`prefilter`): what `kept_candidates` would compute first for that row alone."""
-
-    values: torch.Tensor  # [CANDIDATE_SIZES[0] + 1] logits, most likely first
-    ids: torch.Tensor  # [CANDIDATE_SIZES[0] + 1] their token ids
-    log_norm: float  # log Σ exp((logits − values[0]) / temperature)
-
-
-def prefilter(logits: torch.Tensor, seqs: list[Sequence]) -> dict[int, Prefiltered]:
-    """logits: [R, vocab], one row per sequence → for the rows that sample by temperature and top-p alone (no
-    processor, grammar, top-k or warper: the common case), one batched top-k and one batched normaliser
-    instead of one per row. A row's values depend on its own logits only (a NaN row stays its own fault)."""
-    size = CANDIDATE_SIZES[0]
-    rows = [r for r, s in enumerate(seqs) if _plain_top_p(s)]
-    if not rows or size + 1 >= logits.shape[-1]:
-        return {}
-    picked = logits[torch.tensor(rows, device=logits.device)]  # [P, vocab]
-    values, ids = picked.topk(size + 1, dim=-1)  # [P, size+1]
-    temperatures = torch.tensor([[seqs[r].request.params.temperature] for r in rows], dtype=logits.dtype,
-                                device=logits.device)  # [P, 1]
-    log_norms = picked.sub_(values[:, :1]).div_(temperatures).exp_().sum(-1).log().tolist()  # [P]
-    return {r: Prefiltered(values[i], ids[i], log_norms[i]) for i, r in enumerate(rows)}
-
-
-def _plain_top_p(seq: Sequence) -> bool:
-    p = seq.request.params
-    return p.temperature > 0 and p.top_k == 0 and p.top_p < 1.0 and seq.matcher is None \
-        and not uses_processors(p) and not uses_warpers(p)
-
-
-def choose(raw: torch.Tensor, seq: Sequence, greedy: int, prefiltered: Prefiltered | None = None
-           ) -> tuple[int, float | None, TopLogprobs | None]:
+def choose(raw: torch.Tensor, seq: Sequence, greedy: int) -> tuple[int, float | None, TopLogprobs | None]:
     """raw: [vocab] fp32 logits of one row whose argmax is `greedy` → the row's token under its own parameters
-    and RNG, its raw logprob and its top-`top_logprobs` (token, raw logprob) pairs when the request asked.
-    `prefiltered`: the row's share of `prefilter` (same result, computed with the step's other rows)."""
+    and RNG, its raw logprob and its top-`top_logprobs` (token, raw logprob) pairs when the request asked."""
     p = seq.request.params
     logits = raw
     if uses_processors(p):
@@ -69,8 +34,7 @@ def choose(raw: torch.Tensor, seq: Sequence, greedy: int, prefiltered: Prefilter
         logits = constrain(logits[None], [seq.matcher])[0]
     token = greedy if logits is raw else int(logits.argmax())
     if p.temperature > 0 and p.top_k != 1:
-        token = _sample_row(logits, p.temperature, p.top_k, p.top_p, seq.generator, p.min_p, p.typical_p,
-                            prefiltered)
+        token = _sample_row(logits, p.temperature, p.top_k, p.top_p, seq.generator, p.min_p, p.typical_p)
     if not p.logprobs:
         return token, None, None
     (logprob,), (top,) = raw_logprobs(raw[None], [token], [p])
@@ -81,8 +45,7 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]
            ) -> tuple[list[int], list[float | None], list[TopLogprobs | None]]:
     """logits: [R, vocab] fp32, one row per sequence: `choose` for every row (what a step does, as one call)."""
     greedy = logits.argmax(dim=-1).tolist()
-    first = prefilter(logits, seqs)
-    chosen = [choose(logits[row], seq, greedy[row], first.get(row)) for row, seq in enumerate(seqs)]
+    chosen = [choose(logits[row], seq, greedy[row]) for row, seq in enumerate(seqs)]
     return [c[0] for c in chosen], [c[1] for c in chosen], [c[2] for c in chosen]
 
 
@@ -118,23 +81,22 @@ CANDIDATE_SIZES = (64, 1024, 4096)  # top-k prefilters tried in turn before the 
 
 
 def _sample_row(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
-                generator: torch.Generator | None, min_p: float = 0.0, typical_p: float = 1.0,
-                prefiltered: Prefiltered | None = None) -> int:
+                generator: torch.Generator | None, min_p: float = 0.0, typical_p: float = 1.0) -> int:
     """logits: [vocab]. The fast path: the kept tokens found among a bounded top-k of candidates (no
     full-vocabulary sort) and one inverse-CDF draw (no full multinomial); the same distribution as
     `_sample_row_reference`, which it falls back to for warpers, ties at the top-k cut, top-p mass beyond
     the largest prefilter, or a row that is not a distribution."""
     if min_p > 0.0 or typical_p < 1.0:
         return _sample_row_reference(logits, temperature, top_k, top_p, generator, min_p, typical_p)
-    kept = kept_candidates(logits, temperature, top_k, top_p, prefiltered)
+    kept = kept_candidates(logits, temperature, top_k, top_p)
     if kept is None:
         return _sample_row_reference(logits, temperature, top_k, top_p, generator)
     ids, weights = kept
     return _draw(weights, generator) if ids is None else int(ids[_draw(weights, generator)])
 
 
-def kept_candidates(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
-                    prefiltered: Prefiltered | None = None) -> tuple[torch.Tensor | None, torch.Tensor] | None:
+def kept_candidates(logits: torch.Tensor, temperature: float, top_k: int, top_p: float
+                    ) -> tuple[torch.Tensor | None, torch.Tensor] | None:
     """logits: [vocab] → (token ids [C], or None for the whole vocabulary; their weights [C], the most
     likely first): what temperature → top-k → top-p keep, as `kept_probs_reference` decides it. None when
     a bounded top-k cannot decide it (the caller takes the reference). Few passes over the vocabulary: one
@@ -146,18 +108,15 @@ def kept_candidates(logits: torch.Tensor, temperature: float, top_k: int, top_p:
     if top_k > 0:
         return _top_k_kept(logits, top_k, temperature, top_p) if top_k <= CANDIDATE_SIZES[-1] \
             and top_k + 1 < vocab else None
-    log_norm = None if prefiltered is None else prefiltered.log_norm
+    log_norm = None
     for size in CANDIDATE_SIZES:
         if size + 1 >= vocab:
             return None
-        if prefiltered is not None and size == CANDIDATE_SIZES[0]:
-            values, ids = prefiltered.values, prefiltered.ids
-        else:
-            values, ids = logits.topk(size + 1)  # [size+1] logits, most likely first (a NaN comes first)
+        values, ids = logits.topk(size + 1)  # [size+1] logits, most likely first (a NaN comes first)
         if log_norm is None:
             log_norm = _log_normaliser(logits, values[0], temperature)
-        if not math.isfinite(log_norm):
-            return None
+            if not math.isfinite(log_norm):
+                return None
         probs = ((values - values[0]) / temperature - log_norm).exp()  # [size+1]: as tempered_probs's
         kept = _top_p_prefix(probs, ids, top_p, complete=False)
         if kept is not None:

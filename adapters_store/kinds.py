@@ -41,12 +41,6 @@ def detect(files: Files) -> StoreKind:
     return next((kind for kind in _REGISTERED if kind.matches(files)), FALLBACK)
 
 
-def detect_kind(files: Files) -> str:
-    """"s2ft" for an S²FT folder, "medusa" for Medusa heads, else "lora" (the LoRA validator tells lora
-    from compeft)."""
-    return detect(files).name
-
-
 def validate_upload(files: Files, base: BaseModelSpec, limits: UploadLimits,
                     kind: str | None = None) -> ValidatedAdapter:
     names = kind_names()

@@ -15,7 +15,6 @@ PRODUCTION = ("adapters_store", "server", "workers")
 REGISTRIES = {"adapters_store/kinds.py", "workers/adapters/kinds.py"}
 # training *methods* are named like the kinds they train and dispatch on their method type; issue 13's item 4
 # (branch issue-13b) registers them the way kinds are — drop these two once it lands
-TRAINING_METHODS = {"workers/trainer/training.py", "adapters_store/training_methods.py"}
 KIND_MODULES = ("workers/adapters/kind.py", "workers/adapters/lora.py", "workers/adapters/lora_kind.py",
                 "workers/adapters/compeft.py", "workers/adapters/combined.py", "workers/adapters/s2ft.py",
                 "workers/adapters/s2ft_kind.py", "workers/adapters/medusa.py")

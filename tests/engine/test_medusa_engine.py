@@ -183,7 +183,7 @@ def test_mixed_batch_with_lora_rows_and_adapter_heads_equals_plain(tmp_path, mak
     # heads inside an adapter folder's medusa/ subfolder attach to that adapter
     write_medusa(lora / "medusa", init_medusa(core.runner.config, 3, 1, 2, 0.3, torch.Generator().manual_seed(5)))
     core.load_adapter("spec-lora", lora)
-    assert set(core.speculator.heads) == {None, "spec-lora"}
+    assert set(core.speculator.medusa.heads) == {None, "spec-lora"}
     reference = {ps[0]: plain[0], ps[2]: plain[2]}
     plant_oracle(core, reference)
     outs = core.generate(reqs)
@@ -250,7 +250,7 @@ def test_heads_that_do_not_fit_the_tree_or_base_are_refused(tmp_path, make_core)
         core.load_medusa(heads_folder(tmp_path, core, "two", num_heads=2))
     with pytest.raises(AdapterNotFoundError):
         core.load_medusa(heads_folder(tmp_path, core), attach_to="not-loaded")
-    assert core.speculator.heads == {}
+    assert core.speculator.medusa.heads == {}
     shallow = make_core(folder, medusa_tree=((0,), (1,), (0, 0)))
     shallow.load_medusa(heads_folder(tmp_path, core, "two", num_heads=2))
-    assert set(shallow.speculator.heads) == {None}
+    assert set(shallow.speculator.medusa.heads) == {None}

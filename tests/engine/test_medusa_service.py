@@ -73,7 +73,7 @@ async def test_heads_for_an_adapter_and_bad_heads(served, tmp_path):
     r = await client.post("/adapters/load", json={"name": "h", "path": write_heads(engine, tmp_path, "h"),
                                                    "kind": "medusa", "attach_to": "lora"})
     assert r.status_code == 200
-    assert set(engine.core.speculator.heads) == {"lora"}
+    assert set(engine.core.speculator.medusa.heads) == {"lora"}
     body = {"prompt_ids": [5, 6, 7], "adapter": "lora",
             "params": {"max_tokens": 6, "temperature": 0, "ignore_eos": True}}
     assert (await client.post("/generate", json=body)).json()["speculative"]["decode_steps"] == 5
@@ -82,4 +82,4 @@ async def test_heads_for_an_adapter_and_bad_heads(served, tmp_path):
     assert r.status_code == 400 and "needs 3 heads" in r.json()["error"]["message"]
     r = await client.post("/adapters/load", json={"name": "x", "path": lora, "attach_to": "lora"})
     assert r.status_code == 400
-    assert set(engine.core.speculator.heads) == {"lora"}
+    assert set(engine.core.speculator.medusa.heads) == {"lora"}

@@ -1,4 +1,4 @@
-"""The worker half of the adapter-kind contract. Every kind (LoRA, ComPEFT-compressed LoRA, S²FT, combined
+"""The worker half of the adapter-kind contract. Every kind (LoRA, ComPEFT-compressed LoRA, S²FT, Medusa heads, combined
 LoRA + S²FT merges, a test's toy kind) is one `AdapterKind` in its own module, registered once in
 `workers.adapters.kinds`; the engine, the adapter manager, fusion and the model runner iterate the
 registered kinds and never test for one. (The torch-free half, the format check the store shares, is
@@ -14,6 +14,8 @@ A kind's life on the worker:
   its layers read (`set_batch`); kinds whose weights are other kinds' parts return None;
 - `fuse(model, part)` / `negated(part)`: fusing a part into the base weights (what was overwritten comes
   back as `SavedWeights`) and the part with its sign flipped (the correction other rows add while fused).
+A kind whose weights attach to an owner instead of standing alone (Medusa heads: to an adapter, or to the
+base) names the subfolder it takes in an adapter's folder (`attaches_as`); it is never read as an adapter.
 Merging adapters is torch-free and lives in the store (`adapters_store.merge`), by kind of member.
 """
 
@@ -55,6 +57,7 @@ class DeviceContext:
     max_rank: int
     lora_targets: tuple[str, ...]
     kernel: str  # "auto" | "fast" | "grouped" | "reference"
+    medusa_depth: int = 0  # the tree's depth: Medusa heads needed
 
 
 class WeightsPart(Protocol):
@@ -121,6 +124,7 @@ class AdapterKind:
     """The contract; a kind overrides what it has (see the module doc)."""
 
     name: str = ""
+    attaches_as: str = ""  # the subfolder of an adapter's folder it attaches from ("": a standalone kind)
 
     def matches(self, folder: Path) -> bool:
         raise NotImplementedError

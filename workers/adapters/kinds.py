@@ -3,7 +3,8 @@ kind: one module with its `AdapterKind`, and one `register` line (here, or in a 
 
 Registration order is device order: each kind's layers wrap those of the kinds registered before it
 (LoRA's wrap the base linears; S²FT's wrap the LoRA ones). A folder is read by the first registered kind
-that recognises it, LoRA last: a folder that says it is no other kind is read, and checked, as a LoRA."""
+that recognises it, LoRA last: a folder that says it is no other kind is read, and checked, as a LoRA.
+Kinds that attach to an owner (Medusa heads) are found in an adapter folder's subfolder (`attached_in`)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from workers.adapters.combined import COMBINED
 from workers.adapters.compeft import COMPEFT
 from workers.adapters.kind import AdapterKind, DeviceContext, KindDevice, WeightsPart
 from workers.adapters.lora_kind import LORA
+from workers.adapters.medusa_kind import MEDUSA
 from workers.adapters.s2ft_kind import S2FT
 
 _KINDS: dict[str, AdapterKind] = {}
@@ -36,11 +38,22 @@ def registered() -> tuple[AdapterKind, ...]:
     return tuple(_KINDS.values())
 
 
+def by_name(name: str) -> AdapterKind:
+    return _KINDS[name]
+
+
 def for_folder(folder: Path) -> AdapterKind:
-    """The kind that reads `folder`."""
+    """The standalone kind that reads `folder`."""
     if not folder.is_dir():
         return FALLBACK  # its read says the folder does not exist
-    return next((k for k in _KINDS.values() if k is not FALLBACK and k.matches(folder)), FALLBACK)
+    return next((k for k in _KINDS.values() if k is not FALLBACK and not k.attaches_as and k.matches(folder)),
+                FALLBACK)
+
+
+def attached_in(folder: Path) -> list[tuple[AdapterKind, Path]]:
+    """The attaching kinds an adapter folder carries, each with its subfolder."""
+    return [(k, folder / k.attaches_as) for k in _KINDS.values()
+            if k.attaches_as and (folder / k.attaches_as).is_dir() and k.matches(folder / k.attaches_as)]
 
 
 def of(part: WeightsPart) -> AdapterKind:
@@ -62,4 +75,5 @@ register(LORA)
 register(S2FT)
 register(COMBINED)
 register(COMPEFT)
+register(MEDUSA)
 

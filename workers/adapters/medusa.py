@@ -28,6 +28,7 @@ every check passes; pickle files are refused outright.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -71,6 +72,14 @@ class MedusaWeights:
     def nbytes(self) -> int:
         proj = 0 if self.projections is None else self.projections.nbytes
         return self.weights.nbytes + self.biases.nbytes + proj
+
+    def fingerprint(self) -> str:
+        """The head set's identity: the same weights detached and attached again keep what was learned."""
+        h = hashlib.sha1()
+        for t in (self.weights, self.biases, self.projections):
+            if t is not None:
+                h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
 
     def to(self, dtype: torch.dtype, device: torch.device | str = "cpu") -> MedusaWeights:
         proj = None if self.projections is None else self.projections.to(device, dtype)

@@ -18,7 +18,8 @@ import torch
 from workers.adapters import kinds
 from workers.adapters.fusion import FusionController
 from workers.adapters.kind import DecodedAdapter, HostAdapter, ReadContext
-from workers.adapters.medusa import MedusaWeights, is_medusa_folder, read_medusa
+from workers.adapters.medusa import MedusaWeights
+from workers.adapters.medusa_kind import MEDUSA
 from workers.adapters.residency import AdapterResidency
 from workers.engine.config import EngineConfig
 from workers.engine.detokenizer import IncrementalText
@@ -84,8 +85,7 @@ class EngineCore:
         self.scheduler = Scheduler(cfg, self.runner.kv, self.adapters)
         self.fusion = FusionController(self.runner.model, self.adapters, cfg.fusion, lambda: self.scheduler.running)
         self.speculator = Speculator(cfg.medusa_tree, cfg.medusa_max_batch, cfg.medusa_epsilon, cfg.medusa_delta,
-                                     self.runner.model.lm_head, self.runner.dtype, self.runner.device,
-                                     self.runner.forward, cfg.medusa_policy)
+                                     self.runner.devices[MEDUSA.name], self.runner.forward, cfg.medusa_policy)
         self.eos_ids = frozenset(self.runner.config.eos_token_ids) | frozenset(
             [self.tokenizer.eos_token_id] if getattr(self.tokenizer, "eos_token_id", None) is not None else [])
         self.grammars = Grammars(self.tokenizer, self.runner.config.vocab_size)
@@ -94,32 +94,36 @@ class EngineCore:
         self.by_id: dict[str, list[Sequence]] = {}  # request id → its sequences (n completions)
         self.failures: list[tuple[Sequence, Exception]] = []  # see take_failures()
 
+    def _read_context(self) -> ReadContext:
+        return ReadContext(self.runner.config, self.cfg.max_rank, self.cfg.lora_targets)
+
     def read_adapter(self, folder: str | Path) -> tuple[HostAdapter, DecodedAdapter]:
-        """Reads and validates an adapter folder of any registered kind (`workers.adapters.kinds`: PEFT LoRA,
-        ComPEFT-compressed LoRA, S²FT, a combined LoRA + S²FT merge) against the base (thread-safe; touches
-        no state). Returns what the host cache keeps and the decoded weights."""
+        """Reads and validates an adapter folder of any registered standalone kind (`workers.adapters.kinds`:
+        PEFT LoRA, ComPEFT-compressed LoRA, S²FT, a combined LoRA + S²FT merge) against the base (thread-safe;
+        touches no state). Returns what the host cache keeps and the decoded weights."""
         folder = Path(folder)
-        ctx = ReadContext(self.runner.config, self.cfg.max_rank, self.cfg.lora_targets)
-        return kinds.for_folder(folder).read(folder, ctx)
+        return kinds.for_folder(folder).read(folder, self._read_context())
 
     def load_adapter(self, name: str, folder: str | Path) -> HostAdapter:
         """Registers in the host cache; the decoded weights are staged, since a request usually follows.
-        Medusa heads in a `medusa/` subfolder are attached to the adapter."""
+        What the folder carries of attaching kinds (Medusa heads in `medusa/`) is attached to the adapter."""
         source, weights = self.read_adapter(folder)
-        heads_folder = Path(folder) / "medusa"
-        heads = self.read_medusa(heads_folder) if is_medusa_folder(heads_folder) else None
+        attached = [(kind, self._read_attached(kind, sub)) for kind, sub in kinds.attached_in(Path(folder))]
         with self.step_lock, self.lock:  # between steps: replacing a fused adapter unfuses it
             self.adapters.register(name, source)
             self.adapters.stage(name, weights)
-            if heads is not None:
-                self.speculator.attach(name, heads)
+            for kind, part in attached:
+                self.runner.devices[kind.name].attach(name, part)
         return source
+
+    def _read_attached(self, kind, folder: Path):
+        _, part = kind.read(folder, self._read_context())
+        self.runner.devices[kind.name].check(part)  # e.g. Medusa heads must fill this worker's tree
+        return part
 
     def read_medusa(self, folder: str | Path) -> MedusaWeights:
         """Reads Medusa heads and validates them against the base and this worker's tree (touches no state)."""
-        heads = read_medusa(folder, self.runner.config)
-        self.speculator.check(heads)
-        return heads
+        return self._read_attached(MEDUSA, Path(folder))
 
     def load_medusa(self, folder: str | Path, attach_to: str | None = None) -> MedusaWeights:
         """Attaches heads to the base (attach_to None: the default heads of base-model requests) or to a
@@ -128,12 +132,12 @@ class EngineCore:
         with self.step_lock, self.lock:
             if attach_to is not None:
                 self.adapters.require(attach_to)
-            self.speculator.attach(attach_to, heads)
+            self.runner.devices[MEDUSA.name].attach(attach_to, heads)
         return heads
 
     def unload_medusa(self, attach_to: str | None = None) -> None:
         with self.step_lock, self.lock:
-            if not self.speculator.detach(attach_to):
+            if not self.runner.devices[MEDUSA.name].detach(attach_to):
                 raise AdapterNotFoundError(
                     f"no Medusa heads are attached to {'the base' if attach_to is None else repr(attach_to)}")
 

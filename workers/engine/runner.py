@@ -52,7 +52,8 @@ class ModelRunner:
         cos, sin = rope_tables(mc, self.max_seq)
         self.cos, self.sin = cos.to(self.dtype), sin.to(self.dtype)
         self.devices: dict[str, KindDevice] = kinds.attach_devices(self.model, DeviceContext(
-            mc, self.dtype, self.device, cfg.max_loras, cfg.max_rank, cfg.lora_targets, cfg.lora_kernel))
+            mc, self.dtype, self.device, cfg.max_loras, cfg.max_rank, cfg.lora_targets, cfg.lora_kernel,
+            medusa_depth=max(map(len, cfg.medusa_tree), default=0)))
 
     @torch.inference_mode()
     def forward(self, decode: list[DecodeRow], prefill: list[PromptChunk], with_hidden: bool = False):

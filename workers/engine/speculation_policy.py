@@ -20,15 +20,12 @@ decoding: 1 token for 1 step). A head set the model declines is probed with the 
 
 from __future__ import annotations
 
-import hashlib
 import math
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
-
-import torch
 
 from workers.engine.runner import DecodeRow, PromptChunk
 
@@ -97,15 +94,6 @@ def monotone_costs(seconds: list[float]) -> list[float]:
 
 
 # state -----------------------------------------------------------------------------------------------
-def heads_fingerprint(weights) -> str:
-    """A head set's identity: the same weights detached and attached again keep what was learned."""
-    h = hashlib.sha1()
-    for t in (weights.weights, weights.biases, weights.projections):
-        if t is not None:
-            h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 @dataclass
 class HeadSetState:
     hits: dict[Path, float] = field(default_factory=dict)

@@ -23,17 +23,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from workers.adapters.medusa import MedusaHeads, MedusaWeights
+from workers.adapters.medusa import MedusaHeads
+from workers.adapters.medusa_kind import MedusaDevice
 from workers.engine.sampler import _sample_row, tempered_probs
 from workers.engine.sequence import Sequence
 from workers.engine.speculation_policy import (
     Decision,
     PolicyConfig,
     SpeculationPolicy,
-    heads_fingerprint,
     measure_step_seconds,
 )
-from workers.errors import AdapterValidationError
 from workers.model.batch import TreeLayout
 
 Path = tuple[int, ...]  # top-k rank at each depth: (0, 1) = 2nd best of head 1 under the best of head 0
@@ -197,48 +196,31 @@ class HeadStats:
 
 
 class Speculator:
-    """Heads by owner (None: the base's default heads; else an adapter's name), the tree, the per-owner
-    acceptance counters, and the policy that decides each step whether (and how big a tree) to verify.
-    `forward` is the runner's (the policy times it once to learn what verifying n tokens costs)."""
+    """The tree, the per-owner acceptance counters, and the policy that decides each step whether (and how
+    big a tree) to verify. The heads themselves are the Medusa kind's device (`medusa`: by owner, None = the
+    base's default heads). `forward` is the runner's (the policy times it once to learn what verifying n
+    tokens costs)."""
 
     def __init__(self, tree: Iterable[Seq[int]], max_batch: int, epsilon: float, delta: float,
-                 lm_head, dtype: torch.dtype, device: torch.device, forward=None, policy: str = "measured",
+                 medusa: MedusaDevice, forward=None, policy: str = "measured",
                  policy_config: PolicyConfig | None = None):
         self.tree = build_tree(tree)
         self.max_batch, self.epsilon, self.delta = max_batch, epsilon, delta
-        self.lm_head, self.dtype, self.device = lm_head, dtype, device
+        self.medusa = medusa
         self.forward = forward
         self.policy = SpeculationPolicy(self.tree.paths, policy, policy_config or PolicyConfig())
         self.subtrees: dict[tuple[Path, ...], Tree] = {self.tree.paths: self.tree}
-        self.heads: dict[str | None, MedusaHeads] = {}
-        self.fingerprints: dict[str | None, str] = {}
         self.stats: defaultdict[str | None, HeadStats] = defaultdict(HeadStats)
 
-    # heads -----------------------------------------------------------------------------------
-    def check(self, weights: MedusaWeights) -> None:
-        if self.tree.depth > weights.num_heads:
-            raise AdapterValidationError(
-                f"this worker's Medusa tree is {self.tree.depth} deep and needs {self.tree.depth} heads; "
-                f"these heads have {weights.num_heads}")
-
-    def attach(self, owner: str | None, weights: MedusaWeights) -> None:
-        self.check(weights)
-        self.heads[owner] = MedusaHeads(weights.to(self.dtype, self.device), self.lm_head)
-        self.fingerprints[owner] = heads_fingerprint(weights)
-
-    def detach(self, owner: str | None) -> bool:
-        self.fingerprints.pop(owner, None)
-        return self.heads.pop(owner, None) is not None
-
     def heads_for(self, seq: Sequence) -> MedusaHeads | None:
-        return self.heads.get(seq.request.adapter)
+        return self.medusa.heads_of(seq.request.adapter)
 
     # one step --------------------------------------------------------------------------------
     def split(self, decode: list[Sequence],
               max_seq: int) -> tuple[list[tuple[Sequence, MedusaHeads, Tree]], list[Sequence]]:
         """Which decoding sequences verify a tree this step, with their heads and tree (the rest decode
         plainly): rows with heads, while the batch is small enough and the policy expects a gain."""
-        if not self.heads:
+        if not self.medusa.heads:
             return [], decode
         if len(decode) > self.max_batch:
             for seq in decode:
@@ -264,7 +246,7 @@ class Speculator:
 
     def _key(self, seq: Sequence) -> tuple[str, bool]:
         p = seq.request.params
-        return self.fingerprints[seq.request.adapter], p.temperature <= 0 or p.top_k == 1
+        return self.medusa.fingerprints[seq.request.adapter], p.temperature <= 0 or p.top_k == 1
 
     def _subtree(self, paths: tuple[Path, ...]) -> Tree:
         if paths not in self.subtrees:

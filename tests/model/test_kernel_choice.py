@@ -66,7 +66,7 @@ def test_the_chooser_keeps_what_the_timer_measures_fastest(tmp_path, fastest):
     assert many is CANDIDATES["linear" if fastest == "wxt_pair" else fastest]
     saved = json.loads((tmp_path / "k.json").read_text())["entries"]
     assert saved["linear 80x48 rows 1 float32 cpu"]["choice"] == fastest
-    assert set(saved["linear 80x48 rows 5-16 float32 cpu"]["ms"]) == {"linear", "wxt"}
+    assert set(saved["linear 80x48 rows 5-16 float32 cpu"]["ms"]) == {"linear", "wxt", "onednn_packed"}
 
 
 def test_a_saved_table_is_read_back_without_measuring(tmp_path):
@@ -137,3 +137,38 @@ def test_a_candidate_that_fails_here_is_left_out():
     assert set(timings) == {"ok"}
     with pytest.raises(NotImplementedError):
         measure({"broken": broken}, lambda name, call: 0.001)
+
+
+def test_the_packed_candidate_packs_again_when_the_weight_is_written_in_place():
+    """Fusion adds an adapter into W in place: the packed copy must follow it, never serve the old W."""
+    torch.manual_seed(0)
+    w, x = torch.randn(80, 48), torch.randn(3, 48)
+    packed = CANDIDATES["onednn_packed"]
+    assert torch.allclose(packed(x, w, None), F.linear(x, w), atol=1e-5)
+    with torch.no_grad():
+        w.add_(torch.randn(80, 48))
+    assert torch.allclose(packed(x, w, None), F.linear(x, w), atol=1e-5)
+
+
+def test_candidates_are_timed_cycling_through_the_models_working_set(tmp_path):
+    """A call cycles through copies of W standing for the model's weights; the table keeps time per GEMM."""
+    shapes_seen = []
+
+    def timer(name, call):
+        shapes_seen.append(len(call()))  # the candidate ran once per copy
+        return 0.010
+
+    table = KernelTable(tmp_path / "k.json")
+    kernels = linear_kernels(table, timer=timer, working_set=10 * 80 * 48)
+    kernels.get(torch.Size([80, 48]), 1, torch.float32, CPU)
+    entry = table.entries["linear 80x48 rows 1 float32 cpu cycling 10"]
+    assert set(shapes_seen) == {10} and set(entry["ms"].values()) == {1.0}
+    assert linear_kernels(KernelTable(None)).key(80, 48, 0, torch.float32, CPU) == "linear 80x48 rows 1 float32 cpu"
+
+
+def test_a_table_from_before_a_candidate_existed_is_measured_again(tmp_path):
+    table = KernelTable(tmp_path / "k.json")
+    table.entries["linear 80x48 rows 1 float32 cpu"] = {"choice": "wxt", "ms": {"linear": 2.0, "wxt": 1.0}}
+    kernels = linear_kernels(table, timer=fake_timer("onednn_packed"))
+    assert kernels.get(torch.Size([80, 48]), 1, torch.float32, CPU) is CANDIDATES["onednn_packed"]
+    assert set(table.entries["linear 80x48 rows 1 float32 cpu"]["ms"]) == set(CANDIDATES)

@@ -10,7 +10,7 @@ from tiny_models import make_tiny_model
 from workers.model.batch import build_step_batch
 from workers.model.kernel_choice import KernelTable
 from workers.model.kv_cache import KVCache
-from workers.model.linear_kernels import MEASURED_ROWS, linear_kernels, row_bucket
+from workers.model.linear_kernels import CANDIDATES, MEASURED_ROWS, linear_kernels, row_bucket, weight_elements
 from workers.model.loader import ModelSpec, load_decoder
 from workers.model.precision import AUTO_ROWS, resolve_dtype
 from workers.model.quantized import Int8Linear
@@ -65,12 +65,13 @@ def test_bf16_and_int8_bases_agree_with_fp32(tmp_path, mode):
 
 def _fill(table: KernelTable, shapes: Counter, fp32_ms: float, bf16_ms: float) -> None:
     """A table as if measured: every shape's buckets at fp32_ms / bf16_ms."""
-    kernels = linear_kernels(table)
+    kernels = linear_kernels(table, working_set=weight_elements(shapes))  # as resolve_dtype times them
     for (out_f, in_f) in shapes:
         for rows in AUTO_ROWS:
             for dtype, ms in ((torch.float32, fp32_ms), (torch.bfloat16, bf16_ms)):
                 key = kernels.key(out_f, in_f, row_bucket(rows), dtype, torch.device("cpu"))
-                table.entries[key] = {"choice": "linear", "ms": {"linear": ms, "wxt": ms * 2}}
+                table.entries[key] = {"choice": "linear", "ms": {name: ms * (1 + (name != "linear"))
+                                                                 for name in CANDIDATES}}
 
 
 @pytest.mark.parametrize(("fp32_ms", "bf16_ms", "expected"), [(1.0, 0.4, torch.bfloat16), (1.0, 3.0, torch.float32)])
@@ -97,7 +98,7 @@ def test_auto_dtype_measures_when_nothing_is_known(tmp_path):
     shapes = Counter({(64, 32): 2})
     assert resolve_dtype("auto", torch.device("cpu"), shapes, table, timer=timer) in (torch.float32, torch.bfloat16)
     keys = set(table.entries)
-    assert {f"linear 64x32 rows {r} {d} cpu" for r in ("1", "5-16") for d in ("float32", "bfloat16")} <= keys
+    assert {f"linear 64x32 rows {r} {d} cpu cycling 2" for r in ("1", "5-16") for d in ("float32", "bfloat16")} <= keys
     assert MEASURED_ROWS[row_bucket(16)] == 16 and seen
 
 

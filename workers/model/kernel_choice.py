@@ -22,7 +22,7 @@ import statistics
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -136,9 +136,10 @@ class KernelTable:
             table.entries = {}
         return table
 
-    def record(self, key: str, choice: str, timings: Mapping[str, Timing]) -> None:
+    def record(self, key: str, choice: str, timings: Mapping[str, Timing], failed: list[str] = ()) -> None:
         self.entries[key] = {"choice": choice, "ms": {n: round(t.best * 1e3, 4) for n, t in timings.items()},
-                             "median_ms": {n: round(t.median * 1e3, 4) for n, t in timings.items()}}
+                             "median_ms": {n: round(t.median * 1e3, 4) for n, t in timings.items()},
+                             "failed": list(failed)}
         if self.path is not None:
             self._save()
 
@@ -169,7 +170,8 @@ class KernelChooser:
     """Picks one of several interchangeable implementations per key by timing them (see module doc).
 
     `choose(key, calls)`: `calls` builds {candidate: zero-argument call on representative inputs}; it is
-    only invoked when the key has not been measured on this machine yet."""
+    only invoked when the key has not been measured on this machine yet, with every candidate of `names`
+    (a table written before a candidate existed is measured again)."""
 
     def __init__(self, candidates: tuple[str, ...], table: KernelTable, override: str | None = None,
                  timer: Timer | None = None, budget_s: float = 0.005):
@@ -180,18 +182,22 @@ class KernelChooser:
         self.budget_s = budget_s
 
     def choose(self, key: str, calls: Callable[[], Mapping[str, Callable[[], object]]],
-               device: torch.device) -> str:
+               device: torch.device, names: Sequence[str] = (), per_call: int = 1) -> str:
+        """per_call: how many operations one call runs (the table keeps seconds per operation)."""
         if self.override is not None:
             return self.override
         with self.table.lock:
             entry = self.table.entries.get(key)
-            if entry is not None and entry.get("choice") in self.candidates:
+            if entry is not None and entry.get("choice") in self.candidates \
+                    and set(names) <= set(entry["ms"]) | set(entry.get("failed", ())):
                 return entry["choice"]
             start = time.perf_counter()
-            timings = measure(calls(), self.timer or wall_timer(device), self.budget_s)
+            built = calls()
+            timings = {n: Timing(t.best / per_call, t.median / per_call)
+                       for n, t in measure(built, self.timer or wall_timer(device), self.budget_s).items()}
             choice = min(timings, key=lambda n: timings[n].best)
             self.table.measure_s += time.perf_counter() - start
-            self.table.record(key, choice, timings)
+            self.table.record(key, choice, timings, sorted(set(built) - set(timings)))
         log.info("kernel %s → %s (%s)", key, choice,
                  ", ".join(f"{n} {t.best * 1e3:.3f} ms (median {t.median * 1e3:.3f})" for n, t in timings.items()))
         return choice

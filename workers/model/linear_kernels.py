@@ -6,11 +6,18 @@ Candidates (each equals F.linear up to float rounding; tests check every one):
 - `wxt`: (W · xᵀ)ᵀ, the same GEMM with the roles swapped (some BLAS stream W [out, in] better this way).
 - `wxt_pair`: `wxt` with a single row computed as two (where the one-row GEMV path is slower than a GEMM);
   for more than one row it is `wxt`, so it is only a candidate for the one-row bucket.
+- `onednn_packed` (CPU): oneDNN's linear over W reordered once into its blocked layout (kept beside W, and
+  packed again when W is written in place, e.g. by fusion). It streams W from memory up to 2-3x faster than
+  F.linear on some CPUs, and costs a second copy of each weight it serves.
+
+Candidates are timed as a decode step meets its weights: cycling through enough copies of W to stand for
+the model's own weights (`working_set`), so that a weight that fits the caches alone is not timed hot
+while the model's weights stream from memory every step.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +30,7 @@ LinearFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Ten
 ROW_BUCKETS: tuple[tuple[int, int], ...] = ((1, 1), (2, 4), (5, 16), (17, 64), (65, 1 << 30))
 MEASURED_ROWS: tuple[int, ...] = (1, 4, 16, 64, 128)
 EAGER_BUCKETS = 3  # up to 16 rows: decode batches, measured at load
+MAX_WORKING_SET = 64 << 20  # weight elements cycled through when timing (256 MiB in fp32): bounds the time
 
 
 def linear_f(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
@@ -41,7 +49,23 @@ def linear_wxt_pair(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) ->
     return y if b is None else y.add_(b)
 
 
-CANDIDATES: dict[str, LinearFn] = {"linear": linear_f, "wxt": linear_wxt, "wxt_pair": linear_wxt_pair}
+def linear_onednn_packed(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    if w.device.type != "cpu":
+        raise NotImplementedError("oneDNN packed linear is a CPU kernel")
+    packed = getattr(w, "_onednn_packed", None)  # (W's version when packed, packed W)
+    if packed is None or packed[0] != w._version:
+        packed = (w._version, torch.ops.mkldnn._reorder_linear_weight(w, None))
+        w._onednn_packed = packed
+    return torch.ops.mkldnn._linear_pointwise(x, packed[1], b, "none", [], "")
+
+
+CANDIDATES: dict[str, LinearFn] = {"linear": linear_f, "wxt": linear_wxt, "wxt_pair": linear_wxt_pair,
+                                   "onednn_packed": linear_onednn_packed}
+
+
+def weight_elements(shapes: Mapping[tuple[int, int], int]) -> int:
+    """The weight elements one forward streams through its linears, from (out, in) → count."""
+    return sum(out_f * in_f * count for (out_f, in_f), count in shapes.items())
 
 
 def row_bucket(n: int) -> int:
@@ -70,8 +94,11 @@ class RowKernels:
 
     def __init__(self, op: str, candidates: dict[str, Callable], table: KernelTable, override: str | None = None,
                  timer: Timer | None = None, weights: WeightFactory = dense_weights,
-                 one_row_only: tuple[str, ...] = ()):
+                 one_row_only: tuple[str, ...] = (), working_set: int = 0):
+        """working_set: weight elements a step streams (the model's linears); candidates are timed cycling
+        through that many elements of weight copies (at most MAX_WORKING_SET), so as cold as the model's."""
         self.op, self.candidates, self.make_weights, self.one_row_only = op, candidates, weights, one_row_only
+        self.working_set = min(working_set, MAX_WORKING_SET)
         self.chooser = KernelChooser(tuple(candidates), table, override, timer)
         self._chosen: dict[tuple, Callable] = {}
 
@@ -85,19 +112,27 @@ class RowKernels:
     def choose(self, out_features: int, in_features: int, bucket: int, dtype: torch.dtype,
                device: torch.device) -> str:
         names = [n for n in self.candidates if bucket == 0 or n not in self.one_row_only]
-        rows = MEASURED_ROWS[bucket]
+        rows, copies = MEASURED_ROWS[bucket], self.copies(out_features, in_features)
 
         def calls():
             gen = torch.Generator(device=device).manual_seed(0)
-            weights = self.make_weights(out_features, in_features, dtype, device, gen)
+            with torch.inference_mode(False):  # weights with version counters, like the model's
+                weights = self.make_weights(out_features, in_features, dtype, device, gen)
+                cycle = [weights] + [tuple(t.clone() for t in weights) for _ in range(copies - 1)]
             x = torch.randn(rows, in_features, generator=gen, device=device).to(dtype)
-            return {name: (lambda fn=self.candidates[name]: fn(x, *weights, None)) for name in names}
+            return {name: (lambda fn=self.candidates[name]: [fn(x, *w, None) for w in cycle]) for name in names}
 
-        return self.chooser.choose(self.key(out_features, in_features, bucket, dtype, device), calls, device)
+        key = self.key(out_features, in_features, bucket, dtype, device)
+        return self.chooser.choose(key, calls, device, names, per_call=copies)
+
+    def copies(self, out_features: int, in_features: int) -> int:
+        """Copies of one weight a timed call cycles through (1: timed hot, for a model that fits the caches)."""
+        return max(1, self.working_set // (out_features * in_features))
 
     def key(self, out_features: int, in_features: int, bucket: int, dtype: torch.dtype, device: torch.device) -> str:
+        copies = self.copies(out_features, in_features)
         return (f"{self.op} {out_features}x{in_features} rows {bucket_label(bucket)} "
-                f"{str(dtype).removeprefix('torch.')} {device.type}")
+                f"{str(dtype).removeprefix('torch.')} {device.type}" + (f" cycling {copies}" if copies > 1 else ""))
 
     def prepare(self, shapes: set[tuple[int, int]], dtype: torch.dtype, device: torch.device,
                 buckets: int = EAGER_BUCKETS) -> None:
@@ -118,5 +153,7 @@ class RowKernels:
         return min(seconds.values())
 
 
-def linear_kernels(table: KernelTable, override: str | None = None, timer: Timer | None = None) -> RowKernels:
-    return RowKernels("linear", CANDIDATES, table, override, timer, one_row_only=("wxt_pair",))
+def linear_kernels(table: KernelTable, override: str | None = None, timer: Timer | None = None,
+                   working_set: int = 0) -> RowKernels:
+    return RowKernels("linear", CANDIDATES, table, override, timer, one_row_only=("wxt_pair",),
+                      working_set=working_set)

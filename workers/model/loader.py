@@ -17,7 +17,7 @@ from workers.model.config import DecoderConfig
 from workers.model.decoder import Decoder, Linear
 from workers.model.kernel_choice import KernelTable
 from workers.model.linear_kernels import CANDIDATES as DENSE_KERNELS
-from workers.model.linear_kernels import linear_kernels
+from workers.model.linear_kernels import linear_kernels, weight_elements
 from workers.model.precision import resolve_dtype
 from workers.model.quantized import CANDIDATES as INT8_KERNELS
 from workers.model.quantized import QUANTIZE_MODES, int8_kernels, quantize_decoder
@@ -97,10 +97,10 @@ def attach_kernels(model: Decoder, quantize: str | None, override: str | None, t
     """Gives every linear its measured kernels (int8: after quantizing it) and measures them all now."""
     spent = table.measure_s
     if quantize == "int8":
-        kernels = int8_kernels(table, override)
+        kernels = int8_kernels(table, override, working_set=weight_elements(shapes))
         quantize_decoder(model, kernels)
     else:
-        kernels = linear_kernels(table, override)
+        kernels = linear_kernels(table, override, working_set=weight_elements(shapes))
         for module in model.modules():
             if isinstance(module, Linear):
                 module.kernels = kernels

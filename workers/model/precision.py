@@ -12,7 +12,7 @@ import torch
 
 from workers.errors import UnsupportedModelError
 from workers.model.kernel_choice import KernelTable, Timer
-from workers.model.linear_kernels import linear_kernels, row_bucket
+from workers.model.linear_kernels import linear_kernels, row_bucket, weight_elements
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +24,7 @@ def gemm_seconds(shapes: Counter, dtype: torch.dtype, device: torch.device, tabl
                  timer: Timer | None = None) -> float:
     """Measured seconds of one forward's linears (each shape times its count) at AUTO_ROWS rows, each on
     its fastest kernel."""
-    kernels = linear_kernels(table, timer=timer)
+    kernels = linear_kernels(table, timer=timer, working_set=weight_elements(shapes))
     return sum(count * kernels.best_seconds(out_f, in_f, row_bucket(rows), dtype, device)
                for (out_f, in_f), count in shapes.items() for rows in AUTO_ROWS)
 

@@ -46,8 +46,9 @@ def int8_weights(out_features: int, in_features: int, dtype: torch.dtype, device
     return quantize_rows(torch.randn(out_features, in_features, generator=gen, device=device) * 0.02, dtype)
 
 
-def int8_kernels(table: KernelTable, override: str | None = None, timer: Timer | None = None) -> RowKernels:
-    return RowKernels("int8", CANDIDATES, table, override, timer, weights=int8_weights)
+def int8_kernels(table: KernelTable, override: str | None = None, timer: Timer | None = None,
+                 working_set: int = 0) -> RowKernels:
+    return RowKernels("int8", CANDIDATES, table, override, timer, weights=int8_weights, working_set=working_set)
 
 
 class Int8Linear(nn.Module):

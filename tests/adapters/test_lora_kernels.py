@@ -29,9 +29,9 @@ def test_auto_runs_the_candidate_the_timer_measures_fastest(tmp_path, fastest):
     lora_add_reference(ref, x, a, bt, batch)
     assert ((y - ref).abs().max() / ref.abs().max()).item() <= 1e-5
     assert set(timed) == set(CANDIDATES)
-    entry = table.entries["lora 32x40 rows 5-16 adapters 2-4 with base rows float32 cpu"]
+    entry = table.entries["lora 32x40 bank 24 rows 5-16 adapters 2-4 with base rows float32 cpu"]
     assert entry["choice"] == fastest
-    assert kernels._chosen[(32, 40, 2, 1, True, torch.float32, torch.device("cpu"))] is CANDIDATES[fastest]
+    assert kernels._chosen[(32, 40, 24, 2, 1, True, torch.float32, torch.device("cpu"))] is CANDIDATES[fastest]
     timed.clear()
     kernels(y, x, a, bt, batch)  # known now: not measured again
     assert timed == []
@@ -60,9 +60,23 @@ def test_gathered_races_only_where_some_decode_rows_use_the_base(tmp_path):
     lora_add_reference(ref, x, a, bt, all_active)
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
     assert set(timed) == set(CANDIDATES) - {"gathered"} and all_active.all_decode_active
-    assert "lora 32x40 rows 2-4 adapters 2-4 float32 cpu" in kernels.table.entries
+    assert "lora 32x40 bank 16 rows 2-4 adapters 2-4 float32 cpu" in kernels.table.entries
     timed.clear()
     mixed = build_adapter_batch([((0, 8),), (), ((8, 16),)], [], torch.float32, torch.device("cpu"))
     assert mixed.decode_active.tolist() == [0, 2] and not mixed.all_decode_active
     kernels(y, x, a, bt, mixed)
     assert set(timed) == set(CANDIDATES)
+
+
+def test_the_packed_kernel_follows_writes_to_the_bank():
+    """An adapter load writes bank rows in place: the packed copies must be packed again, never stale."""
+    torch.manual_seed(1)
+    a, bt, x = torch.randn(16, 32), torch.randn(16, 40), torch.randn(3, 32)
+    batch = build_adapter_batch([((0, 8),), ((8, 16),), ((0, 8),)], [], torch.float32, torch.device("cpu"))
+    for _ in range(2):
+        y, ref = torch.zeros(3, 40), torch.zeros(3, 40)
+        CANDIDATES["packed"](y, x, a, bt, batch)
+        lora_add_reference(ref, x, a, bt, batch)
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+        a[8:16] = torch.randn(8, 32)  # a new adapter placed in the rows of the second
+        bt[8:16] = torch.randn(8, 40)

@@ -8,6 +8,9 @@ Decode rows (one token per sequence) each add `scale · B (A x)` for their own b
   scatter-add (cost grows with the number of adapters, not with the rows the others use).
 - `gathered`: `fast` on the decode rows that use an adapter only (gathered before the shrink GEMM, the
   expanded deltas index-added back), for batches that mix adapter and base rows.
+- `packed` (CPU): `fast` over the whole bank, A and Bᵀ packed by oneDNN once (again after a bank write, i.e.
+  after an adapter load): both GEMMs stream the bank at oneDNN's packed rate, bank rows outside the batch's
+  span are masked to zero; it pays for the whole bank, so it wins only where the bank is mostly in use.
 Prefill chunks (many tokens of one adapter) are two plain GEMMs per chunk in all.
 Which candidates race depends on the batch: `gathered` only where some decode rows use no adapter (with all
 rows active it is `fast` plus two copies); the key records which case was measured.
@@ -19,11 +22,12 @@ import torch
 
 from workers.adapters.ops import AdapterBatch, build_adapter_batch, lora_add_fast
 from workers.model.kernel_choice import KernelChooser, KernelTable, Timer
-from workers.model.linear_kernels import MEASURED_ROWS, bucket_label, row_bucket
+from workers.model.linear_kernels import MAX_WORKING_SET, MEASURED_ROWS, bucket_label, onednn_linear, row_bucket
 
 ADAPTER_BUCKETS: tuple[tuple[int, int], ...] = ((1, 1), (2, 4), (5, 1 << 30))
 MEASURED_ADAPTERS: tuple[int, ...] = (1, 4, 16)
 MEASURED_RANK = 16
+MAX_BANKS = 64  # banks a timed call cycles through (a step meets one per layer and target), as for the base
 
 
 def lora_add_grouped(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, bt: torch.Tensor,
@@ -47,7 +51,22 @@ def lora_add_gathered(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, bt: tor
         y[start:end].addmm_(x[start:end] @ a[row_start:row_end].T, bt[row_start:row_end])
 
 
-CANDIDATES = {"fast": lora_add_fast, "grouped": lora_add_grouped, "gathered": lora_add_gathered}
+def lora_add_packed(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, bt: torch.Tensor,
+                    batch: AdapterBatch) -> None:
+    """y: [N, out] += per token; x: [N, in]; a: [rows, in]; bt: [rows, out] (the whole bank)."""
+    if batch.decode_mask is not None:
+        lo, hi, bd = batch.decode_lo, batch.decode_hi, batch.num_decode
+        h = onednn_linear(x[:bd], a)  # [Bd, rows]
+        h[:, :lo] = 0
+        h[:, hi:] = 0
+        h[:, lo:hi].mul_(batch.decode_mask)
+        y[:bd] += onednn_linear(h, bt, transposed=True)  # [Bd, out]
+    for start, end, row_start, row_end in batch.segments:
+        y[start:end].addmm_(x[start:end] @ a[row_start:row_end].T, bt[row_start:row_end])
+
+
+CANDIDATES = {"fast": lora_add_fast, "grouped": lora_add_grouped, "gathered": lora_add_gathered,
+              "packed": lora_add_packed}
 MIXED_ONLY = ("gathered",)  # raced only where some decode rows use no adapter
 
 
@@ -66,27 +85,30 @@ class LoRAKernels:
     def __call__(self, y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, bt: torch.Tensor,
                  batch: AdapterBatch) -> None:
         mixed = batch.decode_mask is not None and not batch.all_decode_active
-        key = (a.shape[1], bt.shape[1], row_bucket(batch.num_decode), adapter_bucket(len(batch.decode_groups)),
-               mixed, y.dtype, y.device)
+        key = (a.shape[1], bt.shape[1], a.shape[0], row_bucket(batch.num_decode),
+               adapter_bucket(len(batch.decode_groups)), mixed, y.dtype, y.device)
         fn = self._chosen.get(key)
         if fn is None:
             fn = self._chosen[key] = CANDIDATES[self.choose(*key)]
         fn(y, x, a, bt, batch)
 
-    def choose(self, in_features: int, out_features: int, rows_bucket: int, groups_bucket: int, mixed: bool,
-               dtype: torch.dtype, device: torch.device) -> str:
-        """mixed: some decode rows use no adapter (measured with every other row on the base)."""
+    def choose(self, in_features: int, out_features: int, bank_rows: int, rows_bucket: int, groups_bucket: int,
+               mixed: bool, dtype: torch.dtype, device: torch.device) -> str:
+        """bank_rows: the bank's rows (the adapters in the batch use the first ones); mixed: some decode rows
+        use no adapter (measured with every other row on the base)."""
         if self._chooser is None:
             self._chooser = KernelChooser(tuple(CANDIDATES), self.table or KernelTable.for_machine(device),
                                           self.override, self.timer)
         rows = MEASURED_ROWS[rows_bucket]
         groups = min(MEASURED_ADAPTERS[groups_bucket], rows)
+        used = groups * MEASURED_RANK
 
         def calls():
             gen = torch.Generator(device=device).manual_seed(0)
-            bank_rows = groups * MEASURED_RANK
-            a = torch.randn(bank_rows, in_features, generator=gen, device=device).to(dtype)
-            bt = torch.randn(bank_rows, out_features, generator=gen, device=device).to(dtype)
+            with torch.inference_mode(False):  # banks with version counters, like the real ones
+                a = torch.randn(max(bank_rows, used), in_features, generator=gen, device=device).to(dtype)
+                bt = torch.randn(max(bank_rows, used), out_features, generator=gen, device=device).to(dtype)
+                banks = [(a, bt)] + [(a.clone(), bt.clone()) for _ in range(copies - 1)]
             x = torch.randn(rows, in_features, generator=gen, device=device).to(dtype)
             ranges = [(((i % groups) * MEASURED_RANK, (i % groups + 1) * MEASURED_RANK),) for i in range(rows)]
             if mixed:  # every other row on the base; adapters keep their count where the rows allow
@@ -94,13 +116,15 @@ class LoRAKernels:
                           for i in range(rows)]
             batch = build_adapter_batch(ranges, [], dtype, device)
             y = torch.zeros(rows, out_features, dtype=dtype, device=device)
-            names = [n for n in CANDIDATES if mixed or n not in MIXED_ONLY]
-            return {name: (lambda fn=CANDIDATES[name]: fn(y, x, a, bt, batch)) for name in names}
+            return {name: (lambda fn=CANDIDATES[name]: [fn(y, x, a, bt, batch) for a, bt in banks]) for name in names}
 
-        key = (f"lora {in_features}x{out_features} rows {bucket_label(rows_bucket)} adapters "
+        names = [n for n in CANDIDATES if mixed or n not in MIXED_ONLY]
+        copies = min(MAX_BANKS, max(1, MAX_WORKING_SET // (max(bank_rows, used) * (in_features + out_features))))
+
+        key = (f"lora {in_features}x{out_features} bank {bank_rows} rows {bucket_label(rows_bucket)} adapters "
                f"{_label(groups_bucket)}{' with base rows' if mixed else ''} "
                f"{str(dtype).removeprefix('torch.')} {device.type}")
-        return self._chooser.choose(key, calls, device)
+        return self._chooser.choose(key, calls, device, names, per_call=copies)
 
 
 def _label(bucket: int) -> str:

@@ -157,7 +157,7 @@ def _add_chunk(y: torch.Tensor, x: torch.Tensor, u: DeviceUpdate) -> None:
 S2FTKernel = Callable[[torch.Tensor, torch.Tensor, Updates, S2FTBatch], None]
 # one fast S²FT kernel: "auto" and the LoRA-only candidates run it
 KERNELS: dict[str, S2FTKernel] = {"fast": s2ft_add_fast, "auto": s2ft_add_fast, "grouped": s2ft_add_fast,
-                                  "gathered": s2ft_add_fast, "reference": s2ft_add_reference}
+                                  "gathered": s2ft_add_fast, "packed": s2ft_add_fast, "reference": s2ft_add_reference}
 
 
 class S2FTContext:

@@ -49,14 +49,23 @@ def linear_wxt_pair(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) ->
     return y if b is None else y.add_(b)
 
 
-def linear_onednn_packed(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+def onednn_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None,
+                  transposed: bool = False) -> torch.Tensor:
+    """x Wᵀ + b through oneDNN, W [out, in] (transposed: W given as Wᵀ [in, out]) packed once into oneDNN's
+    blocked layout and kept on the tensor object; packed again when W has been written (its version moved)."""
     if w.device.type != "cpu":
         raise NotImplementedError("oneDNN packed linear is a CPU kernel")
-    packed = getattr(w, "_onednn_packed", None)  # (W's version when packed, packed W)
+    attr = "_onednn_packed_t" if transposed else "_onednn_packed"
+    packed = getattr(w, attr, None)  # (W's version when packed, packed W)
     if packed is None or packed[0] != w._version:
-        packed = (w._version, torch.ops.mkldnn._reorder_linear_weight(w, None))
-        w._onednn_packed = packed
+        weight = w.t().contiguous() if transposed else w
+        packed = (w._version, torch.ops.mkldnn._reorder_linear_weight(weight, None))
+        setattr(w, attr, packed)
     return torch.ops.mkldnn._linear_pointwise(x, packed[1], b, "none", [], "")
+
+
+def linear_onednn_packed(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    return onednn_linear(x, w, b)
 
 
 CANDIDATES: dict[str, LinearFn] = {"linear": linear_f, "wxt": linear_wxt, "wxt_pair": linear_wxt_pair,

@@ -36,7 +36,7 @@ import json
 import re
 import time
 from dataclasses import asdict, dataclass, field, replace
-from typing import Literal
+from typing import Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -58,8 +58,20 @@ def placement_key(adapter: str) -> str:
     return f"{KEY_PREFIX}:placement:{adapter}"
 
 
+class JsonRecord:
+    """A dataclass stored as one compact JSON object; reading ignores fields this version does not know."""
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> Self:
+        data = json.loads(raw)
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+
+
 @dataclass
-class WorkerInfo:
+class WorkerInfo(JsonRecord):
     """What a worker announces about itself on every heartbeat."""
 
     worker_id: str
@@ -79,9 +91,6 @@ class WorkerInfo:
     ttl_s: float = 0.0  # how long this record stays valid after `heartbeat_at` (the heartbeat's TTL)
     signature: str = ""  # the cluster secret's record signature over every other field (`signed_by`)
 
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"))
-
     def _signed_payload(self) -> bytes:
         fields = {k: v for k, v in asdict(self).items() if k != "signature"}
         return json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
@@ -100,12 +109,6 @@ class WorkerInfo:
         (a replay, say after the worker died and another process took its port) is not."""
         limit = min(self.ttl_s or max_age_s, max_age_s)
         return -RECORD_CLOCK_SKEW_S <= now - self.heartbeat_at <= limit + RECORD_CLOCK_SKEW_S
-
-    @classmethod
-    def from_json(cls, raw: str | bytes) -> WorkerInfo:
-        data = json.loads(raw)
-        known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
-        return cls(**known)
 
 
 # ---- gateway → worker HTTP wire ----------------------------------------------------------------
@@ -374,7 +377,7 @@ return 1
 
 
 @dataclass
-class JobEvent:
+class JobEvent(JsonRecord):
     """One `fine_tuning.job.event` (the id is the stream entry's, added when read)."""
 
     message: str
@@ -383,17 +386,9 @@ class JobEvent:
     data: dict | None = None  # metrics: step, total_steps, train_loss, tokens_per_s
     created_at: int = field(default_factory=lambda: int(time.time()))
 
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"))
-
-    @classmethod
-    def from_json(cls, raw: str | bytes) -> JobEvent:
-        data = json.loads(raw)
-        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
-
 
 @dataclass
-class JobCheckpoint:
+class JobCheckpoint(JsonRecord):
     """One periodic checkpoint of a job: the step, its metrics and where its files are in the store."""
 
     id: str
@@ -403,30 +398,14 @@ class JobCheckpoint:
     location: str  # backend key prefix of the checkpoint's files
     created_at: int = field(default_factory=lambda: int(time.time()))
 
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"))
-
-    @classmethod
-    def from_json(cls, raw: str | bytes) -> JobCheckpoint:
-        data = json.loads(raw)
-        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
-
 
 @dataclass
-class TrainerInfo:
+class TrainerInfo(JsonRecord):
     trainer_id: str
     model_id: str
     job_id: str | None = None
     heartbeat_at: float = field(default_factory=time.time)
     version: int = SCHEMA_VERSION
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"))
-
-    @classmethod
-    def from_json(cls, raw: str | bytes) -> TrainerInfo:
-        data = json.loads(raw)
-        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
 
 
 def event_id(stream_id: str | bytes) -> str:

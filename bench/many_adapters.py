@@ -6,9 +6,10 @@
 SmolLM2 (workers.model.default_model); 1,000 distinct r=16 LoRAs on q/k/v/o, written with random tensors
 straight to disk (each its own seed, so content addressing cannot collapse them) once under
 $ADAPTERD_CACHE_DIR/many_adapters (default ~/.cache/adapterd): one set as fp16 safetensors, one set
-ComPEFT-compressed (ternary at 10% density, encoded exactly). One worker's engine and adapter loader,
-in process (the worker's own path: `AdapterFetcher.ensure` from drop-in sources → 1 GiB host cache → 16
-device slots), no HTTP in front.
+ComPEFT-compressed (ternary at 10% density, encoded exactly); each set published into its own adapter store
+(validated as an upload is) under --work-dir. One worker's engine and adapter fetcher, in process (the
+worker's own path: `AdapterFetcher.ensure` from `store:` sources → materialised folder → 1 GiB host cache →
+16 device slots), no HTTP in front.
 
 1. Capacity: the base alone, closed loop with 16 requests always in flight, for --capacity-seconds:
    completed requests per second.
@@ -27,6 +28,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -38,6 +40,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from adapters_store import compeft  # noqa: E402
+from adapters_store.backends import LocalBackend  # noqa: E402
+from adapters_store.base_model import BaseModelSpec  # noqa: E402
+from adapters_store.ingest import prepare  # noqa: E402
+from adapters_store.validation import UploadedFile, UploadLimits  # noqa: E402
+from adapters_store.version_store import VersionStore  # noqa: E402
 from workers.engine.config import EngineConfig  # noqa: E402
 from workers.engine.engine import Engine  # noqa: E402
 from workers.engine.types import GenerationRequest, SamplingParams  # noqa: E402
@@ -103,7 +110,7 @@ async def one_request(engine: Engine, loader: AdapterFetcher | None, prompt: lis
     start = time.perf_counter()
     if adapter is not None and loader is not None:
         record["host_hit"] = adapter in engine.resident_adapters()
-        await loader.ensure(adapter, f"dropin:{adapter}")
+        await loader.ensure(adapter, f"store:{adapter}@1")
     first, tokens = None, 0
     async for _ in engine.generate(GenerationRequest(tuple(prompt), params, adapter=adapter)):
         first = first if first is not None else time.perf_counter() - start
@@ -165,17 +172,31 @@ def summarise(records: list[dict], elapsed: float, before: dict, after: dict) ->
     }
 
 
-async def run_phase(model: Path, args, name: str, dropin: Path | None, arrivals, prompts, choices, params) -> dict:
+def publish_adapters(model: Path, folders: Path, count: int, store_dir: Path) -> VersionStore:
+    """A fresh store holding the first `count` adapter folders under `folders`, each as version 1 of its name."""
+    shutil.rmtree(store_dir, ignore_errors=True)
+    store = VersionStore(LocalBackend(store_dir))
+    base = BaseModelSpec.from_folder(model)
+    for folder in sorted(p for p in folders.iterdir() if p.is_dir())[:count]:
+        uploads = [UploadedFile(f.name, f.read_bytes()) for f in sorted(folder.iterdir()) if f.is_file()]
+        draft, files = prepare(uploads, base, UploadLimits(max_rank=16), name=folder.name, owner="bench", public=True)
+        store.publish(draft, files)
+    return store
+
+
+async def run_phase(model: Path, args, name: str, store: VersionStore | None, arrivals, prompts, choices,
+                    params) -> dict:
     engine = Engine(EngineConfig(model_path=str(model), max_batch=16, max_seq=128, max_loras=16, max_rank=16,
                                  host_cache_bytes=args.host_cache_mib << 20, lora_targets=TARGETS,
                                  num_threads=args.threads))
     engine.start()
     try:
         loader = None
-        if dropin is not None:
-            loader = AdapterFetcher(engine, AdapterSources(store=None, dropin_dir=dropin,
-                                                          cache_dir=Path(args.work_dir) / f"cache-{name}"))
-        adapters = [None if dropin is None else f"a{c:04d}" for c in choices]
+        if store is not None:
+            cache = Path(args.work_dir) / f"cache-{name}"
+            shutil.rmtree(cache, ignore_errors=True)  # every phase starts cold
+            loader = AdapterFetcher(engine, AdapterSources(store=store, cache_dir=cache))
+        adapters = [None if store is None else f"a{c:04d}" for c in choices]
         await one_request(engine, None, prompts[0], None, SamplingParams(max_tokens=2, temperature=0), {})  # warm
         before = engine.stats()["adapters"]
         records, elapsed = await open_loop(engine, loader, arrivals, prompts, adapters, params)
@@ -190,6 +211,8 @@ async def main_async(args) -> dict:
     model = Path(args.model or ensure_default_model())
     t0 = time.perf_counter()
     dropins = {kind: write_adapters(model, kind, args.adapters, 16) for kind in ("fp16", "compeft")}
+    stores = {kind: publish_adapters(model, folder, args.adapters, Path(args.work_dir) / f"store-{kind}")
+              for kind, folder in dropins.items()}
     generate_s = time.perf_counter() - t0
     rng = np.random.default_rng(args.seed)
     vocab = DecoderConfig.from_folder(model).vocab_size
@@ -207,8 +230,8 @@ async def main_async(args) -> dict:
     arrivals = [float(t) for t in np.cumsum(gaps) if t < args.duration]
     choices = zipf_choices(args.adapters, len(arrivals), rng)
     phases = {}
-    for name, dropin in (("base", None), ("fp16", dropins["fp16"]), ("compeft", dropins["compeft"])):
-        phases[name] = await run_phase(model, args, name, dropin, arrivals, prompts, choices, params)
+    for name, store in (("base", None), ("fp16", stores["fp16"]), ("compeft", stores["compeft"])):
+        phases[name] = await run_phase(model, args, name, store, arrivals, prompts, choices, params)
         print(name, json.dumps(phases[name]), flush=True)
     for name in ("fp16", "compeft"):
         phases[name]["throughput_vs_base"] = phases[name]["tokens_per_second"] / phases["base"]["tokens_per_second"]

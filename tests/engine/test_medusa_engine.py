@@ -254,3 +254,28 @@ def test_heads_that_do_not_fit_the_tree_or_base_are_refused(tmp_path, make_core)
     shallow = make_core(folder, medusa_tree=((0,), (1,), (0, 0)))
     shallow.load_medusa(heads_folder(tmp_path, core, "two", num_heads=2))
     assert set(shallow.speculator.medusa.heads) == {None}
+
+
+def test_an_adapters_heads_leave_with_it(tmp_path, make_core):
+    """Heads attached to an adapter's name go when that adapter is unloaded, replaced or evicted: a new
+    version of the name never speculates with the old version's heads."""
+    folder, _ = make_tiny_model(tmp_path / "m", "llama")
+    with_heads = make_lora(folder, tmp_path / "with", r=4)
+    write_medusa(with_heads / "medusa", init_medusa(make_core(folder).runner.config, 3, 1, 2, 0.3))
+    without = make_lora(folder, tmp_path / "without", r=4)
+    core = make_core(folder, medusa_policy="always")
+    core.load_medusa(heads_folder(tmp_path, core, "base-heads"))
+    attached = core.speculator.medusa.heads
+    core.load_adapter("a", with_heads)
+    assert set(attached) == {None, "a"}
+    core.load_adapter("a", without)  # a new version of the name, without heads
+    assert set(attached) == {None}
+    core.load_adapter("a", with_heads)
+    core.unload_adapter("a")
+    assert set(attached) == {None}
+    one = core.read_adapter(with_heads)[0].nbytes
+    small = make_core(folder, medusa_policy="always", host_cache_bytes=one + one // 2)  # room for one adapter
+    small.load_adapter("a", with_heads)
+    assert set(small.speculator.medusa.heads) == {"a"}
+    small.load_adapter("b", without)  # evicts "a"
+    assert small.adapters.resident() == ["b"] and small.speculator.medusa.heads == {}

@@ -83,3 +83,20 @@ async def test_heads_for_an_adapter_and_bad_heads(served, tmp_path):
     r = await client.post("/adapters/load", json={"name": "x", "path": lora, "attach_to": "lora"})
     assert r.status_code == 400
     assert set(engine.core.speculator.medusa.heads) == {"lora"}
+
+
+async def test_heads_come_back_with_their_adapter_after_an_unload(served, tmp_path):
+    """The gateway names an adapter's heads on every request; once the adapter was unloaded (its heads
+    left with it), the next request loads both again, and speculates again."""
+    client, engine, model = served
+    lora = store_folder(tmp_path, "lora", make_lora(model, tmp_path / "src" / "lora"))
+    heads = write_heads(engine, tmp_path, "h")
+    body = {"prompt_ids": [5, 6, 7], "adapter": "lora", "adapter_path": lora, "medusa_path": heads,
+            "params": {"max_tokens": 6, "temperature": 0, "ignore_eos": True}}
+    first = (await client.post("/generate", json=body)).json()
+    assert first["speculative"]["decode_steps"] == 5 and set(engine.core.speculator.medusa.heads) == {"lora"}
+    assert (await client.post("/adapters/unload", json={"name": "lora"})).status_code == 200
+    assert engine.core.speculator.medusa.heads == {}
+    again = (await client.post("/generate", json=body)).json()
+    assert again["token_ids"] == first["token_ids"] and again["speculative"]["decode_steps"] == 5
+    assert set(engine.core.speculator.medusa.heads) == {"lora"}

@@ -50,10 +50,15 @@ def for_folder(folder: Path) -> AdapterKind:
                 FALLBACK)
 
 
+def attaching() -> tuple[AdapterKind, ...]:
+    """The kinds whose weights attach to an owner (an adapter's name, or None for the base)."""
+    return tuple(k for k in _KINDS.values() if k.attaches_as)
+
+
 def attached_in(folder: Path) -> list[tuple[AdapterKind, Path]]:
     """The attaching kinds an adapter folder carries, each with its subfolder."""
-    return [(k, folder / k.attaches_as) for k in _KINDS.values()
-            if k.attaches_as and (folder / k.attaches_as).is_dir() and k.matches(folder / k.attaches_as)]
+    return [(k, folder / k.attaches_as) for k in attaching()
+            if (folder / k.attaches_as).is_dir() and k.matches(folder / k.attaches_as)]
 
 
 def of(part: WeightsPart) -> AdapterKind:

@@ -10,7 +10,10 @@ Decode rows (one token per sequence) each add `scale · B (A x)` for their own b
   expanded deltas index-added back), for batches that mix adapter and base rows.
 - `packed` (CPU): `fast` over the whole bank, A and Bᵀ packed by oneDNN once (again after a bank write, i.e.
   after an adapter load): both GEMMs stream the bank at oneDNN's packed rate, bank rows outside the batch's
-  span are masked to zero; it pays for the whole bank, so it wins only where the bank is mostly in use.
+  span are masked to zero; it pays for the whole bank, so it wins only where the bank is mostly in use. Every
+  layer's view of a target's bank shares one version counter, so each adapter load re-packs every bank once
+  at the next step; it is timed on a bank that does not change (loads are rare next to steps; under heavy
+  churn the timing flatters it).
 Prefill chunks (many tokens of one adapter) are two plain GEMMs per chunk in all.
 Which candidates race depends on the batch: `gathered` only where some decode rows use no adapter (with all
 rows active it is `fast` plus two copies); the key records which case was measured.

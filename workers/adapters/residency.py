@@ -55,6 +55,7 @@ class AdapterResidency:
         self.fused: str | None = None  # the adapter merged into the base weights (see `fusion`)
         self.correction = BASE_PLACEMENT  # its negated copy, which every other row adds
         self.before_drop: Callable[[str], None] = lambda name: None  # the fusion controller unfuses here
+        self.after_drop: Callable[[str], None] = lambda name: None  # what is attached to a name goes with it
 
     # host tier -------------------------------------------------------------------------------
     def register(self, name: str, source: HostAdapter) -> None:
@@ -212,7 +213,9 @@ class AdapterResidency:
             raise CapacityError("the host adapter cache is full of adapters in use")
 
     def _drop(self, name: str) -> None:
+        """An adapter leaves (unloaded, replaced or evicted): unfused, off the device, out of the host cache."""
         self.before_drop(name)
         self._release_device(name)
         self.staged.pop(name, None)
-        self.host.pop(name, None)
+        if self.host.pop(name, None) is not None:
+            self.after_drop(name)

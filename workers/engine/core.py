@@ -84,6 +84,7 @@ class EngineCore:
         self.adapters = AdapterResidency(self.runner.config, self.runner.devices, cfg.host_cache_bytes)
         self.scheduler = Scheduler(cfg, self.runner.kv, self.adapters)
         self.fusion = FusionController(self.runner.model, self.adapters, cfg.fusion, lambda: self.scheduler.running)
+        self.adapters.after_drop = self._detach_attached  # an adapter's heads leave with it (or its old version)
         self.speculator = Speculator(cfg.medusa_tree, cfg.medusa_max_batch, cfg.medusa_epsilon, cfg.medusa_delta,
                                      self.runner.devices[MEDUSA.name], self.runner.forward, cfg.medusa_policy)
         self.eos_ids = frozenset(self.runner.config.eos_token_ids) | frozenset(
@@ -106,7 +107,8 @@ class EngineCore:
 
     def load_adapter(self, name: str, folder: str | Path) -> HostAdapter:
         """Registers in the host cache; the decoded weights are staged, since a request usually follows.
-        What the folder carries of attaching kinds (Medusa heads in `medusa/`) is attached to the adapter."""
+        What the folder carries of attaching kinds (Medusa heads in `medusa/`) is attached to the adapter; what
+        was attached to an adapter of that name before leaves with it (as when it is unloaded or evicted)."""
         source, weights = self.read_adapter(folder)
         attached = [(kind, self._read_attached(kind, sub)) for kind, sub in kinds.attached_in(Path(folder))]
         with self.step_lock, self.lock:  # between steps: replacing a fused adapter unfuses it
@@ -115,6 +117,10 @@ class EngineCore:
             for kind, part in attached:
                 self.runner.devices[kind.name].attach(name, part)
         return source
+
+    def _detach_attached(self, name: str) -> None:
+        for kind in kinds.attaching():
+            self.runner.devices[kind.name].detach(name)
 
     def _read_attached(self, kind, folder: Path):
         _, part = kind.read(folder, self._read_context())

@@ -53,8 +53,8 @@ def onednn_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = Non
                   transposed: bool = False) -> torch.Tensor:
     """x Wᵀ + b through oneDNN, W [out, in] (transposed: W given as Wᵀ [in, out]) packed once into oneDNN's
     blocked layout and kept on the tensor object; packed again when W has been written (its version moved)."""
-    if w.device.type != "cpu":
-        raise NotImplementedError("oneDNN packed linear is a CPU kernel")
+    if w.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        raise NotImplementedError("oneDNN packed linear is a CPU kernel of torch builds with oneDNN")
     attr = "_onednn_packed_t" if transposed else "_onednn_packed"
     packed = getattr(w, attr, None)  # (W's version when packed, packed W)
     if packed is None or packed[0] != w._version:

@@ -52,7 +52,11 @@ class AdapterFetcher:
         self._on_change = on_change
         self._locks = KeyedLocks()
         self._heads: dict[str | None, str] = {}  # owner → path of the Medusa heads attached to it
-        engine.on_adapter_evicted(lambda name: on_change())
+        engine.on_adapter_evicted(self._evicted)
+
+    def _evicted(self, name: str) -> None:
+        self._heads.pop(name, None)  # the engine detached its heads with it
+        self._on_change()
 
     def resident(self) -> list[str]:
         return list(self._engine.resident_adapters())
@@ -67,6 +71,7 @@ class AdapterFetcher:
                 return
             folder = await self._merged_folder(name, merge) if merge is not None else await self._folder(path)
             await self._without_paths(self._engine.load_adapter(name, folder), folder, path or name)
+            self._heads.pop(name, None)  # heads attached to an earlier adapter of that name left with it
             await asyncio.to_thread(self.cache.used, folder)
         self._on_change()
 
@@ -128,6 +133,7 @@ class AdapterFetcher:
         if name not in self.resident():
             raise AdapterNotFoundError(f"adapter {name!r} is not resident on this worker", param="name")
         await asyncio.to_thread(self._engine.unload_adapter, name)
+        self._heads.pop(name, None)
         self._on_change()
 
 

@@ -38,10 +38,6 @@ def registered() -> tuple[AdapterKind, ...]:
     return tuple(_KINDS.values())
 
 
-def by_name(name: str) -> AdapterKind:
-    return _KINDS[name]
-
-
 def for_folder(folder: Path) -> AdapterKind:
     """The standalone kind that reads `folder`."""
     if not folder.is_dir():

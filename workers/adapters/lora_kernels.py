@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from workers.adapters.ops import AdapterBatch, build_adapter_batch, lora_add_fast
+from workers.adapters.ops import AdapterBatch, build_adapter_batch, lora_add_chunks, lora_add_fast
 from workers.model.kernel_choice import KernelChooser, KernelTable, Timer
 from workers.model.linear_kernels import MAX_WORKING_SET, MEASURED_ROWS, bucket_label, onednn_linear, row_bucket
 
@@ -38,8 +38,7 @@ def lora_add_grouped(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, bt: torc
     """y: [N, out] += per token; x: [N, in]; a: [rows, in]; bt: [rows, out]."""
     for start, end, tokens in batch.decode_groups:  # tokens: [g] long
         y.index_add_(0, tokens, (x[tokens] @ a[start:end].T) @ bt[start:end])  # [g, r] @ [r, out]
-    for start, end, row_start, row_end in batch.segments:
-        y[start:end].addmm_(x[start:end] @ a[row_start:row_end].T, bt[row_start:row_end])
+    lora_add_chunks(y, x, a, bt, batch)
 
 
 def lora_add_gathered(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, bt: torch.Tensor,
@@ -50,8 +49,7 @@ def lora_add_gathered(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, bt: tor
         h = torch.nn.functional.linear(x.index_select(0, active), a[lo:hi])  # [Ba, hi-lo]
         h.mul_(batch.decode_active_mask)
         y.index_add_(0, active, h @ bt[lo:hi])  # [Ba, out]
-    for start, end, row_start, row_end in batch.segments:
-        y[start:end].addmm_(x[start:end] @ a[row_start:row_end].T, bt[row_start:row_end])
+    lora_add_chunks(y, x, a, bt, batch)
 
 
 def lora_add_packed(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, bt: torch.Tensor,
@@ -64,8 +62,7 @@ def lora_add_packed(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, bt: torch
         h[:, hi:] = 0
         h[:, lo:hi].mul_(batch.decode_mask)
         y[:bd] += onednn_linear(h, bt, transposed=True)  # [Bd, out]
-    for start, end, row_start, row_end in batch.segments:
-        y[start:end].addmm_(x[start:end] @ a[row_start:row_end].T, bt[row_start:row_end])
+    lora_add_chunks(y, x, a, bt, batch)
 
 
 CANDIDATES = {"fast": lora_add_fast, "grouped": lora_add_grouped, "gathered": lora_add_gathered,

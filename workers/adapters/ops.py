@@ -88,6 +88,13 @@ def lora_add_reference(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, bt: to
                 y[token] += (a[start:end] @ x[token]) @ bt[start:end]
 
 
+def lora_add_chunks(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, bt: torch.Tensor,
+                    batch: AdapterBatch) -> None:
+    """The prefill chunks' part of every kernel: two plain GEMMs per chunk (all its tokens use one adapter)."""
+    for start, end, row_start, row_end in batch.segments:
+        y[start:end].addmm_(x[start:end] @ a[row_start:row_end].T, bt[row_start:row_end])
+
+
 def lora_add_fast(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, bt: torch.Tensor,
                   batch: AdapterBatch) -> None:
     if batch.decode_mask is not None:
@@ -95,5 +102,4 @@ def lora_add_fast(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, bt: torch.T
         h = torch.nn.functional.linear(x[:bd], a[lo:hi])  # [Bd, hi-lo]
         h.mul_(batch.decode_mask)
         y[:bd].addmm_(h, bt[lo:hi])
-    for start, end, row_start, row_end in batch.segments:
-        y[start:end].addmm_(x[start:end] @ a[row_start:row_end].T, bt[row_start:row_end])
+    lora_add_chunks(y, x, a, bt, batch)

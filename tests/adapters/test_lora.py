@@ -8,6 +8,7 @@ import torch
 from tiny_models import make_lora, make_tiny_model
 
 from workers.adapters.layers import KERNELS
+from workers.adapters.lora_kernels import CANDIDATES
 from workers.adapters.ops import build_adapter_batch, lora_add_reference
 from workers.adapters.residency import BASE_PLACEMENT
 from workers.engine.runner import DecodeRow, PromptChunk
@@ -69,7 +70,7 @@ def peft_greedy(model, prompt, adapter, n):
 ROWS = ["a", None, "b", "c", "d", None, "a"]  # 4 adapters + base rows, one repeated
 
 
-@pytest.mark.parametrize("kernel", ["fast", "grouped", "gathered", "packed", "reference", "auto"])
+@pytest.mark.parametrize("kernel", [*KERNELS, "auto"])
 def test_mixed_batch_logits_equal_peft_per_adapter(model_and_adapters, peft_model, make_core, kernel):
     folder, adapters = model_and_adapters
     core = make_core(folder, max_batch=8, max_loras=4, max_rank=8, lora_kernel=kernel)
@@ -103,7 +104,7 @@ def test_mixed_batch_greedy_generation_equals_peft(model_and_adapters, peft_mode
     assert not core.adapters.refs and not core.adapters.pins and core.runner.kv.free_slots == 8
 
 
-@pytest.mark.parametrize("kernel", ["fast", "grouped", "gathered", "packed"])
+@pytest.mark.parametrize("kernel", list(CANDIDATES))
 def test_fast_kernels_equal_reference_on_random_banks(kernel, device):
     if kernel == "packed" and device.type != "cpu":
         pytest.skip("oneDNN's packed GEMM is a CPU kernel (on other devices the chooser leaves it out)")

@@ -12,19 +12,17 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from workers.adapters.lora_kernels import LoRAKernels, lora_add_gathered, lora_add_grouped, lora_add_packed
-from workers.adapters.ops import AdapterBatch, lora_add_fast, lora_add_reference
+from workers.adapters.lora_kernels import CANDIDATES, LoRAKernels
+from workers.adapters.ops import AdapterBatch, lora_add_reference
 from workers.adapters.slots import LoRARowBank
 
 LoRAKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, AdapterBatch], None]
-KERNELS: dict[str, LoRAKernel] = {"fast": lora_add_fast, "grouped": lora_add_grouped,
-                                   "gathered": lora_add_gathered, "packed": lora_add_packed,
-                                   "reference": lora_add_reference}
+KERNELS: dict[str, LoRAKernel] = {**CANDIDATES, "reference": lora_add_reference}
 
 
 class AdapterContext:
     """Per-step adapter metadata shared by every wrapped layer. kernel: "auto" (measured per shape and
-    batch, workers.adapters.lora_kernels), or forced: "fast", "grouped", "gathered", "packed", "reference"."""
+    batch, workers.adapters.lora_kernels), or forced: one of KERNELS by name."""
 
     def __init__(self, kernel: str = "fast"):
         if kernel not in (*KERNELS, "auto"):

@@ -34,6 +34,8 @@ class AdapterBatch:
     decode_groups: tuple[tuple[int, int, torch.Tensor], ...] = ()  # (row start, row end, decode tokens [g])
     decode_active: torch.Tensor | None = None  # [Ba] long: the decode tokens that use any adapter row
     decode_active_mask: torch.Tensor | None = None  # [Ba, hi - lo]: decode_mask's rows of those tokens
+    decode_gather: torch.Tensor | None = None  # [Bd, R] long: each decode token's own bank rows, 0-padded
+    decode_gather_mask: torch.Tensor | None = None  # [Bd, 1, R]: 1 on real rows, 0 on the padding
 
     @property
     def all_decode_active(self) -> bool:
@@ -66,6 +68,7 @@ def build_adapter_batch(decode_rows: list[RowRanges], chunk_rows: list[tuple[int
         for r in ranges:
             if r[1] > r[0]:
                 groups.setdefault(r, []).append(i)
+    gather, gather_mask = _decode_gather(decode_rows, dtype, device) if used else (None, None)
     return AdapterBatch(
         token_rows=tuple(token_rows),
         num_decode=len(decode_rows),
@@ -76,7 +79,22 @@ def build_adapter_batch(decode_rows: list[RowRanges], chunk_rows: list[tuple[int
         decode_groups=tuple((r[0], r[1], torch.tensor(t, dtype=torch.long, device=device)) for r, t in groups.items()),
         decode_active=active_t,
         decode_active_mask=None if mask is None else mask[active_t],
+        decode_gather=gather,
+        decode_gather_mask=gather_mask,
     )
+
+
+def _decode_gather(decode_rows: list[RowRanges], dtype: torch.dtype,
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each decode token's bank rows (its ranges one after another), padded with row 0 to the longest."""
+    own = [[row for start, end in ranges for row in range(start, end)] for ranges in decode_rows]
+    width = max(len(rows) for rows in own)
+    gather = torch.zeros(len(own), width, dtype=torch.long)
+    mask = torch.zeros(len(own), 1, width, dtype=dtype)
+    for i, rows in enumerate(own):
+        gather[i, :len(rows)] = torch.tensor(rows, dtype=torch.long)
+        mask[i, 0, :len(rows)] = 1
+    return gather.to(device), mask.to(device)
 
 
 def lora_add_reference(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, bt: torch.Tensor,

@@ -155,17 +155,16 @@ def _add_chunk(y: torch.Tensor, x: torch.Tensor, u: DeviceUpdate) -> None:
 
 
 S2FTKernel = Callable[[torch.Tensor, torch.Tensor, Updates, S2FTBatch], None]
-# one fast S²FT kernel: "auto" and the LoRA-only candidates run it
-KERNELS: dict[str, S2FTKernel] = {"fast": s2ft_add_fast, "auto": s2ft_add_fast, "grouped": s2ft_add_fast,
-                                  "gathered": s2ft_add_fast, "packed": s2ft_add_fast, "reference": s2ft_add_reference}
 
 
 class S2FTContext:
     """Per-step S²FT metadata shared by every wrapped layer."""
 
     def __init__(self, kernel: str = "fast"):
+        """kernel: the engine's adapter kernel name; S²FT has one fast kernel, which every name but "reference"
+        (the oracle) runs."""
         self.batch: S2FTBatch | None = None
-        self.kernel: S2FTKernel = KERNELS[kernel]
+        self.kernel: S2FTKernel = s2ft_add_reference if kernel == "reference" else s2ft_add_fast
 
 
 class S2FTLinear(nn.Module):

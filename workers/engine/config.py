@@ -29,7 +29,7 @@ class EngineConfig:
     max_rank: int = 16  # the largest rank an adapter may have
     host_cache_bytes: int = 1 << 30  # host tier: adapters as stored (compressed stays compressed)
     lora_targets: tuple[str, ...] = TARGETS
-    lora_kernel: str = "auto"  # "auto" (measured) | "fast" | "grouped" | "gathered" | "packed" | "reference"
+    lora_kernel: str = "auto"  # "auto" (measured) or a name in workers.adapters.layers.KERNELS
     num_threads: int | None = None  # torch intra-op threads; None → leave as is
     fusion: FusionConfig = FusionConfig()  # when a dominant adapter is merged into the base weights
     medusa_max_batch: int = 4  # decoding rows up to which rows with Medusa heads verify trees; 0 → never

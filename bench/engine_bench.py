@@ -5,7 +5,7 @@
 (a) own engine, base model, batch 1 and batch 16        (c) transformers generate, batch 1 and 16
 (b) own engine, 16 requests on 16 distinct LoRAs         (d) peft, the same 16 adapters in one mixed batch
 (e) peft, the 16 requests served one adapter at a time (set_adapter + generate)
-(f) with --modes: the own engine's base at batch 1 and 16 in other precisions (bf16, int8 weight-only, auto),
+(f) with --modes: the own engine's base at batch 1 and 16 in other precisions (bf16, int8 weight-only, w8a8, auto),
     transformers in bf16 beside bf16; each mode reports greedy-token agreement with own fp32 over the
     prompts and the largest logit error (relative to the largest |logit|) on their prefill.
 Greedy, every request decodes exactly `--new-tokens`. Reports medians of `--runs` runs, aggregate tokens/s,
@@ -70,7 +70,8 @@ def make_adapters(model_path: Path, out: Path, n: int, rank: int) -> list[Path]:
     return paths
 
 
-MODES = {"bf16": {"dtype": "bfloat16"}, "int8": {"quantize": "int8"}, "auto": {"dtype": "auto"}}
+MODES = {"bf16": {"dtype": "bfloat16"}, "int8": {"quantize": "int8"}, "w8a8": {"quantize": "w8a8"},
+         "auto": {"dtype": "auto"}}
 
 
 def cpu_description() -> dict:
@@ -111,7 +112,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--runs-slow", type=int, default=1, help="runs of (e), the slowest peer")
     ap.add_argument("--no-adapters", action="store_true", help="skip (b), (d), (e): base and precision figures only")
-    ap.add_argument("--modes", default="bf16,int8,auto", help="other precisions of the own engine ('' for none)")
+    ap.add_argument("--modes", default="bf16,int8,w8a8,auto", help="other precisions of the own engine ('' for none)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "engine_bench.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

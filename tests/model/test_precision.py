@@ -19,7 +19,7 @@ from workers.model.rope import rope_tables
 # Documented tolerances (README §Precision), on a tiny random model whose logits span a few units:
 # the largest logit error relative to the largest |logit|, and greedy-token agreement with fp32 when
 # both read the same (fp32 greedy) prefix.
-TOLERANCE = {"bfloat16": (0.05, 0.9), "int8": (0.05, 0.9)}
+TOLERANCE = {"bfloat16": (0.05, 0.9), "int8": (0.05, 0.9), "w8a8": (0.05, 0.9)}
 
 
 def teacher_forced_logits(model, prompt: list[int], new_tokens: int, follow: list[int] | None = None):
@@ -36,15 +36,17 @@ def teacher_forced_logits(model, prompt: list[int], new_tokens: int, follow: lis
     return tokens, logits[:-1]
 
 
-@pytest.mark.parametrize("mode", ["bfloat16", "int8"])
+@pytest.mark.parametrize("mode", ["bfloat16", "int8", "w8a8"])
 def test_bf16_and_int8_bases_agree_with_fp32(tmp_path, mode):
     folder, _ = make_tiny_model(tmp_path, "llama")
     oracle = load_decoder(ModelSpec(str(folder), dtype="float32"))
-    spec = ModelSpec(str(folder), dtype="bfloat16") if mode == "bfloat16" else ModelSpec(str(folder), quantize="int8")
+    spec = ModelSpec(str(folder), dtype="bfloat16") if mode == "bfloat16" else ModelSpec(str(folder), quantize=mode)
     model = load_decoder(spec)
-    if mode == "int8":
+    if mode != "bfloat16":
         assert all(isinstance(m, Int8Linear) for m in (model.lm_head, model.model.layers[0].mlp.down_proj))
         assert model.model.layers[0].self_attn.q_proj.qweight.dtype == torch.int8
+        smoothed = [m.inv_smooth is not None for m in model.modules() if isinstance(m, Int8Linear)]
+        assert all(smoothed) if mode == "w8a8" else not any(smoothed)
     else:
         assert model.dtype == torch.bfloat16
     max_err, agree, total = 0.0, 0, 0
@@ -116,6 +118,8 @@ def test_dtype_and_quantize_flags_reach_the_engine_through_the_worker_cli(tmp_pa
     assert not engine.core.cfg.fusion.enabled  # an int8 base cannot hold a merged adapter
     plain = _build_engine(_parse_args(["--model", str(folder), "--dtype", "float32", "--max-seq", "64"]))
     assert plain.core.runner.dtype == torch.float32 and plain.core.cfg.quantize is None
+    w8a8 = _build_engine(_parse_args(["--model", str(folder), "--quantize", "w8a8", "--max-seq", "64"]))
+    assert w8a8.core.cfg.quantize == "w8a8" and w8a8.core.runner.model.lm_head.inv_smooth is not None
     with pytest.raises(SystemExit):
         _parse_args(["--quantize", "int4"])
     with pytest.raises(SystemExit):
@@ -133,4 +137,6 @@ def test_serve_passes_dtype_and_quantize_to_its_workers(monkeypatch):
     result = CliRunner().invoke(app, ["serve", "--dtype", "bfloat16", "--quantize", "int8"])
     assert result.exit_code == 0, result.output
     assert seen[0].worker_args == ["--dtype", "bfloat16", "--quantize", "int8"]
+    assert CliRunner().invoke(app, ["serve", "--quantize", "w8a8"]).exit_code == 0
+    assert seen[1].worker_args == ["--dtype", "auto", "--quantize", "w8a8"]
     assert CliRunner().invoke(app, ["serve", "--dtype", "fp8"]).exit_code != 0

@@ -1,9 +1,16 @@
-"""A weight-only int8 base: each linear keeps W as int8 with one fp scale per output channel
-(W ≈ q · s, q = round(W / s), s = max|W_row| / 127), activations stay in the compute dtype.
+"""An int8 base: each linear keeps W as int8 with one fp scale per output channel
+(W ≈ q · s, q = round(W / s), s = max|W_row| / 127). Two modes:
 
-Kernels (torch's own ops, chosen per shape, row bucket and dtype by measurement like the dense ones):
-- `int8pack_mm`: torch._weight_int8pack_mm(x, q, s), ATen's weight-only int8 GEMM;
-- `dequant_linear`: F.linear(x, q · s) with the weights dequantized for the call.
+- `int8`, weight-only: activations stay in the compute dtype. Kernels:
+  `int8pack_mm`: torch._weight_int8pack_mm(x, q, s), ATen's weight-only int8 GEMM;
+  `dequant_linear`: F.linear(x, q · s) with the weights dequantized for the call.
+- `w8a8`: activations too are quantized to int8 at run time, one symmetric scale per token (row), so a
+  token's result does not depend on the rest of its batch; int8 × int8 products accumulate exactly in
+  int32 (torch._int_mm), the output is scaled back by the token's and the channel's scales. It streams
+  int8 weights through an int8 GEMM, where weight-only int8 has no fast kernel on many CPUs; its error is
+  the weights' rounding plus the activations', which smoothing calibrated at load keeps down
+  (workers.model.smoothing; README §Precision). Kernel: `int_mm`.
+Either mode's kernels are chosen per shape, row bucket and dtype by measurement like the dense ones.
 Adapters (LoRA, S²FT) wrap these layers and add their deltas in the compute dtype, as over a dense base;
 fusion (merging an adapter into the base weights) is off for an int8 base.
 """
@@ -17,8 +24,7 @@ from torch import nn
 from workers.model.decoder import Decoder, Linear
 from workers.model.kernel_choice import KernelTable, Timer
 from workers.model.linear_kernels import RowKernels
-
-QUANTIZE_MODES = ("int8",)
+from workers.model.smoothing import activation_absmax, smoothing_factors
 
 
 def int8pack_mm(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
@@ -31,6 +37,28 @@ def dequant_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, b: to
 
 
 CANDIDATES = {"int8pack_mm": int8pack_mm, "dequant_linear": dequant_linear}
+
+
+def quantize_tokens(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [N, in] → (xq [N, in] int8, sx [N, 1] float32), symmetric per row: x ≈ xq · sx."""
+    sx = x.abs().amax(dim=1, keepdim=True).float().clamp_(min=1e-12).div_(127.0)  # [N, 1]
+    return torch.round(x / sx).to(torch.int8), sx
+
+
+def w8a8_reference(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """The oracle of the w8a8 kernels: the dequantized GEMM of the fake-quantized tokens, in fp32."""
+    xq, sx = quantize_tokens(x)
+    return F.linear(xq.float() * sx, q.float() * scales.float()[:, None], None if b is None else b.float())
+
+
+def w8a8_int_mm(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    xq, sx = quantize_tokens(x)
+    y = torch._int_mm(xq, q.t()).mul(sx).mul_(scales).to(x.dtype)  # [N, out] int32 → scaled
+    return y if b is None else y.add_(b)
+
+
+W8A8_CANDIDATES = {"int_mm": w8a8_int_mm}
+MODES = {"int8": CANDIDATES, "w8a8": W8A8_CANDIDATES}  # --quantize mode → its kernel candidates
 
 
 def quantize_rows(w: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,38 +75,46 @@ def int8_weights(out_features: int, in_features: int, dtype: torch.dtype, device
 
 
 def int8_kernels(table: KernelTable, override: str | None = None, timer: Timer | None = None,
-                 working_set: int = 0) -> RowKernels:
-    return RowKernels("int8", CANDIDATES, table, override, timer, weights=int8_weights, working_set=working_set)
+                 working_set: int = 0, mode: str = "int8") -> RowKernels:
+    return RowKernels(mode, MODES[mode], table, override, timer, weights=int8_weights, working_set=working_set)
 
 
 class Int8Linear(nn.Module):
     """A Linear's weight as int8 + per-channel scales; no `weight` attribute, so nothing (fusion, a
     training step) can write float values into it unnoticed."""
 
-    def __init__(self, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, kernels: RowKernels):
+    def __init__(self, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, kernels: RowKernels,
+                 inv_smooth: torch.Tensor | None = None):
         super().__init__()
         self.register_buffer("qweight", q)  # [out, in] int8
         self.register_buffer("scales", scales)  # [out]
+        self.register_buffer("inv_smooth", inv_smooth)  # [in] or None: inputs are divided by the smoothing s
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.kernels = kernels
         self.in_features, self.out_features = q.shape[1], q.shape[0]
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, kernels: RowKernels) -> Int8Linear:
-        dtype = linear.weight.dtype
-        q, scales = quantize_rows(linear.weight.detach(), dtype)
-        return cls(q, scales, None if linear.bias is None else linear.bias.detach(), kernels)
+    def from_linear(cls, linear: nn.Linear, kernels: RowKernels, smooth: torch.Tensor | None = None) -> Int8Linear:
+        """smooth: [in] factors s (W · s is quantized, inputs are divided by s), or None."""
+        dtype, w = linear.weight.dtype, linear.weight.detach()
+        q, scales = quantize_rows(w if smooth is None else w.float() * smooth, dtype)
+        inv = None if smooth is None else (1 / smooth).to(dtype)
+        return cls(q, scales, None if linear.bias is None else linear.bias.detach(), kernels, inv)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])  # [N, in]
+        if self.inv_smooth is not None:
+            flat = flat * self.inv_smooth
         fn = self.kernels.get(self.qweight.shape, flat.shape[0], flat.dtype, flat.device)
         return fn(flat, self.qweight, self.scales, self.bias).view(*x.shape[:-1], self.out_features)
 
 
 def quantize_decoder(model: Decoder, kernels: RowKernels) -> None:
     """Every Linear of the decoder (lm_head included; the embedding table stays dense for lookups)
-    becomes an Int8Linear, in place."""
+    becomes an Int8Linear, in place; for w8a8 (kernels.op) smoothed by factors calibrated on the float model."""
+    absmax = activation_absmax(model) if kernels.op == "w8a8" else {}
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, Linear):
-                setattr(parent, name, Int8Linear.from_linear(child, kernels))
+                smooth = smoothing_factors(absmax[child], child.weight) if child in absmax else None
+                setattr(parent, name, Int8Linear.from_linear(child, kernels, smooth))

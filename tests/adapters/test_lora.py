@@ -14,6 +14,8 @@ from workers.adapters.residency import BASE_PLACEMENT
 from workers.engine.runner import DecodeRow, PromptChunk
 from workers.engine.types import GenerationRequest, SamplingParams
 from workers.errors import AdapterNotFoundError, AdapterValidationError
+from workers.model.quantized import MODES as QUANTIZE_MODES
+from workers.model.quantized import quantize_rows
 
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SPECS = {  # mixed ranks, targets, alphas and rsLoRA
@@ -190,3 +192,46 @@ def test_adapter_that_does_not_fit_the_base_is_refused(tmp_path, model_and_adapt
     with pytest.raises(AdapterNotFoundError):
         core.add_request(GenerationRequest((1, 2, 3), SamplingParams(), adapter="x"))
     assert not core.has_work()
+
+
+def _adapter_minus_base(core, adapter_path, prompt):
+    """Logits of one prompt with the adapter minus without it, both rows of one step: [vocab]."""
+    core.load_adapter("a", adapter_path)
+    chunks = [PromptChunk(0, 0, prompt, True, core.adapters.acquire("a")),
+              PromptChunk(1, 0, prompt, True, BASE_PLACEMENT)]
+    logits = core.runner.forward([], chunks)
+    return logits[0] - logits[1], logits[0]
+
+
+@pytest.mark.parametrize("mode", QUANTIZE_MODES)
+def test_lora_applies_over_a_quantized_base(model_and_adapters, make_core, mode):
+    """A LoRA changes a quantized base's rows as it changes the dense base's (its delta in the compute dtype);
+    an adapter silently dropped over a quantized base fails here."""
+    folder, adapters = model_and_adapters
+    prompt = [(5 * j) % 250 + 3 for j in range(9)]
+    dense, _ = _adapter_minus_base(make_core(folder, max_batch=2, max_loras=1, max_rank=8), adapters["a"], prompt)
+    quant, _ = _adapter_minus_base(make_core(folder, max_batch=2, max_loras=1, max_rank=8, quantize=mode),
+                                   adapters["a"], prompt)
+    assert dense.abs().max() > 0.5  # the adapter matters in the oracle
+    assert (quant - dense).abs().max() <= 0.1 * dense.abs().max(), mode
+
+
+def test_lora_over_an_int8_base_equals_peft_over_its_dequantized_weights(model_and_adapters, make_core, tmp_path):
+    """Weight-only int8 + LoRA is exactly the LoRA over the weights the int8 base stands for (q · s)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    folder, adapters = model_and_adapters
+    hf = AutoModelForCausalLM.from_pretrained(folder)
+    with torch.no_grad():
+        for module in hf.modules():
+            if isinstance(module, torch.nn.Linear):
+                q, scales = quantize_rows(module.weight, torch.float32)
+                module.weight.copy_(q.float() * scales[:, None])
+    hf.save_pretrained(tmp_path / "dequantized")
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "dequantized"), adapters["a"])
+    prompt = [(5 * j) % 250 + 3 for j in range(9)]
+    _, ours = _adapter_minus_base(make_core(folder, max_batch=2, max_loras=1, max_rank=8, quantize="int8"),
+                                  adapters["a"], prompt)
+    ref = peft_logits(peft.eval(), prompt, "default")
+    assert (ours - ref).abs().max() <= 1e-4 * max(1, ref.abs().max())

@@ -15,6 +15,7 @@ from torch import nn
 from workers.adapters.lora_kernels import CANDIDATES, LoRAKernels
 from workers.adapters.ops import AdapterBatch, lora_add_reference
 from workers.adapters.slots import LoRARowBank
+from workers.model.quantized import QuantizedLinear
 
 LoRAKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, AdapterBatch], None]
 KERNELS: dict[str, LoRAKernel] = {**CANDIDATES, "reference": lora_add_reference}
@@ -32,7 +33,7 @@ class AdapterContext:
 
 
 class LoRALinear(nn.Module):
-    def __init__(self, base: nn.Linear, a: torch.Tensor, bt: torch.Tensor, ctx: AdapterContext):
+    def __init__(self, base: nn.Linear | QuantizedLinear, a: torch.Tensor, bt: torch.Tensor, ctx: AdapterContext):
         super().__init__()
         self.base = base
         self.a, self.bt = a, bt  # views into the row bank: [rows, in], [rows, out]
@@ -51,6 +52,6 @@ def attach_adapter_layers(model: nn.Module, bank: LoRARowBank, ctx: AdapterConte
         for parent in (layer.self_attn, layer.mlp):
             for target in bank.targets:
                 base = getattr(parent, target, None)
-                if isinstance(base, nn.Linear):
+                if isinstance(base, (nn.Linear, QuantizedLinear)):  # dense or quantized base
                     a, bt = bank.views(index, target)
                     setattr(parent, target, LoRALinear(base, a, bt, ctx))

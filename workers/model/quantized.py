@@ -79,9 +79,16 @@ def int8_kernels(table: KernelTable, override: str | None = None, timer: Timer |
     return RowKernels(mode, MODES[mode], table, override, timer, weights=int8_weights, working_set=working_set)
 
 
-class Int8Linear(nn.Module):
-    """A Linear's weight as int8 + per-channel scales; no `weight` attribute, so nothing (fusion, a
-    training step) can write float values into it unnoticed."""
+class QuantizedLinear(nn.Module):
+    """A base linear whose weight is stored quantized: no `weight` attribute, so nothing (fusion, a training
+    step) can write float values into it unnoticed. Adapter wrappers take it as they take a dense Linear."""
+
+    in_features: int
+    out_features: int
+
+
+class Int8Linear(QuantizedLinear):
+    """A Linear's weight as int8 + per-channel scales."""
 
     def __init__(self, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, kernels: RowKernels,
                  inv_smooth: torch.Tensor | None = None):

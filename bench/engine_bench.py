@@ -71,7 +71,7 @@ def make_adapters(model_path: Path, out: Path, n: int, rank: int) -> list[Path]:
 
 
 MODES = {"bf16": {"dtype": "bfloat16"}, "int8": {"quantize": "int8"}, "w8a8": {"quantize": "w8a8"},
-         "auto": {"dtype": "auto"}}
+         "int4": {"quantize": "int4"}, "auto": {"dtype": "auto"}}
 
 
 def cpu_description() -> dict:
@@ -112,7 +112,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--runs-slow", type=int, default=1, help="runs of (e), the slowest peer")
     ap.add_argument("--no-adapters", action="store_true", help="skip (b), (d), (e): base and precision figures only")
-    ap.add_argument("--modes", default="bf16,int8,w8a8,auto", help="other precisions of the own engine ('' for none)")
+    ap.add_argument("--modes", default=",".join(MODES), help="other precisions of the own engine ('' for none)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "engine_bench.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

@@ -32,7 +32,8 @@ from workers.engine.types import GenerationRequest, SamplingParams  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from engine_bench import prefill_logits  # noqa: E402  (every position's logits [T, vocab] of each row)
 
-MODES = {"bf16": {"dtype": "bfloat16"}, "int8": {"quantize": "int8"}, "w8a8": {"quantize": "w8a8"}}
+MODES = {"bf16": {"dtype": "bfloat16"}, "int8": {"quantize": "int8"}, "w8a8": {"quantize": "w8a8"},
+         "int4": {"quantize": "int4"}}
 TOPICS = ["the history of the bicycle", "how bread rises", "why the sky is blue", "the life of honey bees",
           "how a compiler works", "the rules of chess", "volcanoes", "the water cycle", "how to brew tea",
           "the moon landing", "photosynthesis", "the printing press", "how vaccines work", "ocean tides",
@@ -103,7 +104,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompts", type=int, default=32, help="half text, half random tokens")
     ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--modes", default="bf16,int8")
+    ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "precision_quality.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

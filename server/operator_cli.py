@@ -24,6 +24,7 @@ class Quantize(StrEnum):
     none = "none"
     int8 = "int8"
     w8a8 = "w8a8"
+    int4 = "int4"
 PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
 
 
@@ -43,7 +44,8 @@ def serve(
         help="context length (default: the model's, capped so the KV cache of a full batch fits 2 GiB)")] = None,
     dtype: Annotated[Dtype, typer.Option(help="base weights' dtype (auto: measured on this machine)")] = Dtype.auto,
     quantize: Annotated[Quantize, typer.Option(
-        help="int8: weight-only int8 base weights; w8a8: int8 weights and activations (per-token scales)",
+        help="int8: weight-only int8 base weights; w8a8: int8 weights and activations (per-token scales); "
+             "int4: weight-only 4-bit groups of 32 (CPU)",
     )] = Quantize.none,
     otlp_endpoint: Annotated[str | None, typer.Option(
         help="OpenTelemetry traces of the gateway and workers to this OTLP/HTTP base URL "

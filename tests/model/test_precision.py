@@ -8,6 +8,7 @@ import torch
 from tiny_models import make_tiny_model
 
 from workers.model.batch import build_step_batch
+from workers.model.int4 import Int4Linear, dequantize_groups, quantize_groups
 from workers.model.kernel_choice import KernelTable
 from workers.model.kv_cache import KVCache
 from workers.model.linear_kernels import CANDIDATES, MEASURED_ROWS, linear_kernels, row_bucket, weight_elements
@@ -19,7 +20,21 @@ from workers.model.rope import rope_tables
 # Documented tolerances (README §Precision), on a tiny random model whose logits span a few units:
 # the largest logit error relative to the largest |logit|, and greedy-token agreement with fp32 when
 # both read the same (fp32 greedy) prefix.
-TOLERANCE = {"bfloat16": (0.05, 0.9), "int8": (0.05, 0.9), "w8a8": (0.05, 0.9)}
+# int4 runs on a model whose weights lie on a 4-bit grid already (as the default model's, shipped as q4_1):
+# what is left is bf16's rounding of the tokens and of the grid's scales and offsets.
+TOLERANCE = {"bfloat16": (0.05, 0.9), "int8": (0.05, 0.9), "w8a8": (0.05, 0.9), "int4": (0.05, 0.9)}
+
+
+def snap_to_int4_grid(folder):
+    """Rewrites a checkpoint's linear weights as the 4-bit groups' values (a q4_1-like file)."""
+    from safetensors.torch import load_file, save_file
+
+    file = folder / "model.safetensors"
+    state = load_file(file)
+    for name, w in state.items():
+        if w.dim() == 2 and "embed" not in name:
+            state[name] = dequantize_groups(*quantize_groups(w)).contiguous()
+    save_file(state, file, metadata={"format": "pt"})
 
 
 def teacher_forced_logits(model, prompt: list[int], new_tokens: int, follow: list[int] | None = None):
@@ -36,13 +51,18 @@ def teacher_forced_logits(model, prompt: list[int], new_tokens: int, follow: lis
     return tokens, logits[:-1]
 
 
-@pytest.mark.parametrize("mode", ["bfloat16", "int8", "w8a8"])
+@pytest.mark.parametrize("mode", ["bfloat16", "int8", "w8a8", "int4"])
 def test_bf16_and_int8_bases_agree_with_fp32(tmp_path, mode):
     folder, _ = make_tiny_model(tmp_path, "llama")
+    if mode == "int4":
+        snap_to_int4_grid(folder)
     oracle = load_decoder(ModelSpec(str(folder), dtype="float32"))
     spec = ModelSpec(str(folder), dtype="bfloat16") if mode == "bfloat16" else ModelSpec(str(folder), quantize=mode)
     model = load_decoder(spec)
-    if mode != "bfloat16":
+    if mode == "int4":
+        assert all(isinstance(m, Int4Linear) for m in (model.lm_head, model.model.layers[0].mlp.down_proj))
+        assert model.model.layers[0].self_attn.q_proj.packed.dtype == torch.uint8
+    elif mode != "bfloat16":
         assert all(isinstance(m, Int8Linear) for m in (model.lm_head, model.model.layers[0].mlp.down_proj))
         assert model.model.layers[0].self_attn.q_proj.qweight.dtype == torch.int8
         smoothed = [m.inv_smooth is not None for m in model.modules() if isinstance(m, Int8Linear)]
@@ -120,8 +140,10 @@ def test_dtype_and_quantize_flags_reach_the_engine_through_the_worker_cli(tmp_pa
     assert plain.core.runner.dtype == torch.float32 and plain.core.cfg.quantize is None
     w8a8 = _build_engine(_parse_args(["--model", str(folder), "--quantize", "w8a8", "--max-seq", "64"]))
     assert w8a8.core.cfg.quantize == "w8a8" and w8a8.core.runner.model.lm_head.inv_smooth is not None
+    int4 = _build_engine(_parse_args(["--model", str(folder), "--quantize", "int4", "--max-seq", "64"]))
+    assert isinstance(int4.core.runner.model.lm_head, Int4Linear) and not int4.core.cfg.fusion.enabled
     with pytest.raises(SystemExit):
-        _parse_args(["--quantize", "int4"])
+        _parse_args(["--quantize", "int3"])
     with pytest.raises(SystemExit):
         _parse_args(["--dtype", "int8"])
 
@@ -139,4 +161,6 @@ def test_serve_passes_dtype_and_quantize_to_its_workers(monkeypatch):
     assert seen[0].worker_args == ["--dtype", "bfloat16", "--quantize", "int8"]
     assert CliRunner().invoke(app, ["serve", "--quantize", "w8a8"]).exit_code == 0
     assert seen[1].worker_args == ["--dtype", "auto", "--quantize", "w8a8"]
+    assert CliRunner().invoke(app, ["serve", "--quantize", "int4"]).exit_code == 0
+    assert seen[2].worker_args == ["--dtype", "auto", "--quantize", "int4"]
     assert CliRunner().invoke(app, ["serve", "--dtype", "fp8"]).exit_code != 0

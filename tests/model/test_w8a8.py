@@ -9,7 +9,7 @@ from tiny_models import make_tiny_model
 from workers.model.decoder import Linear
 from workers.model.kernel_choice import KernelTable
 from workers.model.loader import ModelSpec, load_decoder
-from workers.model.quantized import W8A8_CANDIDATES, Int8Linear, int8_kernels, quantize_rows, w8a8_reference
+from workers.model.quantized import W8A8_CANDIDATES, Int8Linear, quantize_rows, quantized_kernels, w8a8_reference
 from workers.model.smoothing import activation_absmax, smoothing_factors
 
 
@@ -40,7 +40,7 @@ def test_smoothing_keeps_the_product_and_shrinks_the_error_of_an_outlier_channel
     torch.nn.init.normal_(linear.weight, std=0.05)
     x = torch.randn(32, 64)
     x[:, 5] *= 60  # an outlier input channel, as LLM activations have
-    kernels = int8_kernels(KernelTable(None), override="int_mm", mode="w8a8")
+    kernels = quantized_kernels(KernelTable(None), override="int_mm", mode="w8a8")
     ref = F.linear(x, linear.weight)
     s = smoothing_factors(x.abs().amax(0), linear.weight)
     torch.testing.assert_close(F.linear(x / s, linear.weight * s), ref, rtol=1e-4, atol=1e-4)  # same product

@@ -15,7 +15,7 @@ from torch import nn
 from workers.adapters.lora_kernels import CANDIDATES, LoRAKernels
 from workers.adapters.ops import AdapterBatch, lora_add_reference
 from workers.adapters.slots import LoRARowBank
-from workers.model.quantized import QuantizedLinear
+from workers.model.decoder import QuantizedLinear
 
 LoRAKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, AdapterBatch], None]
 KERNELS: dict[str, LoRAKernel] = {**CANDIDATES, "reference": lora_add_reference}

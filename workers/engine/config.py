@@ -19,7 +19,7 @@ class EngineConfig:
     model_id: str | None = None  # name reported to clients; default: the folder's name
     device: str = "cpu"
     dtype: str | None = None  # "auto" (measured) | "float32" | "bfloat16"; None → bf16 on CUDA, fp32 on CPU
-    quantize: str | None = None  # None | "int8" (weight-only) | "w8a8": int8 base (adapters on top in `dtype`)
+    quantize: str | None = None  # None | "int8" | "w8a8" | "int4" (weight-only): quantized base, adapters in `dtype`
     linear_kernel: str | None = None  # force one base-linear kernel candidate (tests); None → measured
     max_batch: int = 16  # sequences decoding at once (KV-cache slots)
     max_seq: int = 2048  # tokens per sequence, prompt included
@@ -40,5 +40,5 @@ class EngineConfig:
     medusa_delta: float = 0.3
 
     def __post_init__(self) -> None:
-        if self.quantize and self.fusion.enabled:  # an int8 base cannot hold a merged adapter
+        if self.quantize and self.fusion.enabled:  # a quantized base cannot hold a merged adapter
             object.__setattr__(self, "fusion", replace(self.fusion, enabled=False))

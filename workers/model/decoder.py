@@ -31,6 +31,15 @@ class Linear(nn.Linear):
         return self.kernels.get(w.shape, x.shape[0], w.dtype, w.device)(x, w, self.bias)
 
 
+class QuantizedLinear(nn.Module):
+    """A base linear whose weight is stored quantized (workers.model.quantized, workers.model.int4): no `weight`
+    attribute, so nothing (fusion, a training step) can write float values into it unnoticed. Adapter wrappers
+    take it as they take a dense Linear."""
+
+    in_features: int
+    out_features: int
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()

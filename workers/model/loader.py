@@ -20,7 +20,7 @@ from workers.model.linear_kernels import CANDIDATES as DENSE_KERNELS
 from workers.model.linear_kernels import linear_kernels, weight_elements
 from workers.model.precision import resolve_dtype
 from workers.model.quantized import MODES as QUANTIZE_MODES
-from workers.model.quantized import int8_kernels, quantize_decoder
+from workers.model.quantized import quantize_decoder, quantized_kernels
 
 log = logging.getLogger(__name__)
 KERNEL_OVERRIDE_ENV = "ADAPTERD_LINEAR_KERNEL"
@@ -31,7 +31,7 @@ class ModelSpec:
     path: str
     device: str = "cpu"
     dtype: str | None = None  # "auto" | "float32" | "bfloat16" | "float16"; None → bf16 on CUDA, fp32 on CPU
-    quantize: str | None = None  # None | "int8" (weight-only, per output channel) | "w8a8" (+ int8 tokens)
+    quantize: str | None = None  # None | "int8" (weight-only, per output channel) | "w8a8" (+ int8 tokens) | "int4"
     linear_kernel: str | None = None  # force one kernel candidate; None → $ADAPTERD_LINEAR_KERNEL or measured
 
 
@@ -60,7 +60,7 @@ def load_decoder(spec: ModelSpec) -> Decoder:
     if spec.quantize not in (None, *QUANTIZE_MODES):
         raise UnsupportedModelError(f"unsupported quantize {spec.quantize!r}; supported: {', '.join(QUANTIZE_MODES)}")
     override = spec.linear_kernel or os.environ.get(KERNEL_OVERRIDE_ENV) or None
-    candidates = QUANTIZE_MODES[spec.quantize] if spec.quantize else DENSE_KERNELS
+    candidates = QUANTIZE_MODES[spec.quantize].candidates if spec.quantize else DENSE_KERNELS
     if override is not None and override not in candidates:
         raise UnsupportedModelError(f"unknown kernel {override!r}; candidates: {', '.join(candidates)}")
     with torch.device("meta"):
@@ -94,10 +94,10 @@ def load_decoder(spec: ModelSpec) -> Decoder:
 
 def attach_kernels(model: Decoder, quantize: str | None, override: str | None, table: KernelTable,
                    shapes: Counter, dtype: torch.dtype, device: torch.device) -> None:
-    """Gives every linear its measured kernels (int8: after quantizing it) and measures them all now."""
+    """Gives every linear its measured kernels (quantized: after quantizing it) and measures them all now."""
     spent = table.measure_s
     if quantize is not None:
-        kernels = int8_kernels(table, override, working_set=weight_elements(shapes), mode=quantize)
+        kernels = quantized_kernels(table, override, working_set=weight_elements(shapes), mode=quantize)
         quantize_decoder(model, kernels)
     else:
         kernels = linear_kernels(table, override, working_set=weight_elements(shapes))

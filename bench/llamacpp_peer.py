@@ -139,7 +139,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--build", action="store_true", help="build llama-cpp-python into its venv first")
     ap.add_argument("--model", help="HF folder (default: SmolLM2-135M-Instruct)")
-    ap.add_argument("--modes", default="fp32,bf16,int8,w8a8,int4", help="int4 only with the default model")
+    ap.add_argument("--modes", help="default: every mode (int4, whose peer is the shipped q4_1 file, only with the "
+                                    "default model)")
     ap.add_argument("--prompts", type=int, default=5)
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=64)
@@ -165,8 +166,8 @@ def main() -> None:
     report = {"model": model.name, "threads": args.threads, "prompt_tokens": args.prompt_tokens,
               "new_tokens": args.new_tokens, "prompts": args.prompts, "llama_cpp_python": VERSION,
               "cmake_args": CMAKE_ARGS, "load_average_start": os.getloadavg(), "modes": {}}
-    modes = args.modes.split(",")
-    if args.model and MODES["int4"][0] in (MODES[m][0] for m in modes):
+    modes = args.modes.split(",") if args.modes else [m for m in MODES if not (args.model and MODES[m][0] == SHIPPED)]
+    if args.model and SHIPPED in (MODES[m][0] for m in modes):
         sys.exit(f"int4's peer is the default model's shipped {SHIPPED} file: drop int4 from --modes with --model")
     for mode in modes:
         outtype, overrides = MODES[mode]

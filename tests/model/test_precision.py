@@ -7,6 +7,7 @@ import pytest
 import torch
 from tiny_models import make_tiny_model
 
+from workers.errors import UnsupportedModelError
 from workers.model.batch import build_step_batch
 from workers.model.decoder import Linear
 from workers.model.int4 import Int4Linear, dequantize_groups, quantize_groups
@@ -15,6 +16,7 @@ from workers.model.kv_cache import KVCache
 from workers.model.linear_kernels import CANDIDATES, MEASURED_ROWS, linear_kernels, row_bucket, weight_elements
 from workers.model.loader import ModelSpec, load_decoder
 from workers.model.precision import AUTO_ROWS, resolve_dtype
+from workers.model.quantized import MODES as QUANTIZE_MODES
 from workers.model.quantized import Int8Linear
 from workers.model.rope import rope_tables
 
@@ -53,7 +55,7 @@ def teacher_forced_logits(model, prompt: list[int], new_tokens: int, follow: lis
 
 
 @pytest.mark.parametrize("mode", ["bfloat16", "int8", "w8a8", "int4"])
-def test_bf16_and_int8_bases_agree_with_fp32(tmp_path, mode):
+def test_bf16_and_quantized_bases_agree_with_fp32(tmp_path, mode):
     folder, _ = make_tiny_model(tmp_path, "llama")
     if mode == "int4":
         snap_to_int4_grid(folder)
@@ -156,7 +158,7 @@ def test_serve_passes_dtype_and_quantize_to_its_workers(monkeypatch):
     from typer.testing import CliRunner
 
     import server.launcher
-    from server.operator_cli import app
+    from server.operator_cli import Quantize, app
 
     seen = []
     monkeypatch.setattr(server.launcher, "serve", lambda options: seen.append(options) or 0)
@@ -168,3 +170,18 @@ def test_serve_passes_dtype_and_quantize_to_its_workers(monkeypatch):
     assert CliRunner().invoke(app, ["serve", "--quantize", "int4"]).exit_code == 0
     assert seen[2].worker_args == ["--dtype", "auto", "--quantize", "int4"]
     assert CliRunner().invoke(app, ["serve", "--dtype", "fp8"]).exit_code != 0
+    assert {q.value for q in Quantize} == {"none", *QUANTIZE_MODES}  # the gateway's list (no torch there) in step
+
+
+def test_a_kernel_override_forces_the_kernels_it_names_and_leaves_the_others_measured(tmp_path):
+    """Under int4 the lm_head stays dense: a dense name forces it, a mode's name forces the int4 layers; a name of
+    neither is refused."""
+    folder, _ = make_tiny_model(tmp_path, "llama")
+    dense_forced = load_decoder(ModelSpec(str(folder), quantize="int4", linear_kernel="wxt"))
+    assert dense_forced.lm_head.kernels.chooser.override == "wxt"
+    assert dense_forced.model.layers[0].mlp.up_proj.kernels.chooser.override is None
+    int4_forced = load_decoder(ModelSpec(str(folder), quantize="int4", linear_kernel="int4pack_mm"))
+    assert int4_forced.model.layers[0].mlp.up_proj.kernels.chooser.override == "int4pack_mm"
+    assert int4_forced.lm_head.kernels.chooser.override is None
+    with pytest.raises(UnsupportedModelError, match="unknown kernel"):
+        load_decoder(ModelSpec(str(folder), quantize="int4", linear_kernel="int_mm"))  # w8a8's, not int4's

@@ -24,6 +24,17 @@ def test_every_w8a8_candidate_equals_the_fake_quantized_reference(name, rows):
 
 
 @pytest.mark.parametrize("name", list(W8A8_CANDIDATES))
+def test_every_w8a8_candidate_in_bf16_stays_within_bf16_rounding_of_the_reference(name):
+    torch.manual_seed(1)
+    q, scales = quantize_rows(torch.randn(80, 48), torch.bfloat16)
+    x = torch.randn(16, 48).bfloat16()
+    ref = w8a8_reference(x.float(), q, scales.float(), None)
+    out = W8A8_CANDIDATES[name](x, q, scales, None)
+    assert out.dtype == torch.bfloat16
+    assert ((out.float() - ref).abs().max() / ref.abs().max()).item() <= 1e-2
+
+
+@pytest.mark.parametrize("name", list(W8A8_CANDIDATES))
 def test_a_tokens_result_does_not_depend_on_its_batch(name):
     torch.manual_seed(0)
     q, scales = quantize_rows(torch.randn(64, 32), torch.float32)
@@ -47,7 +58,7 @@ def test_smoothing_keeps_the_product_and_shrinks_the_error_of_an_outlier_channel
     ref = F.linear(x, linear.weight)
     s = smoothing_factors(x.abs().amax(0), linear.weight)
     torch.testing.assert_close(F.linear(x / s, linear.weight * s), ref, rtol=1e-4, atol=1e-4)  # same product
-    plain, smoothed = Int8Linear.from_linear(linear, kernels), Int8Linear.from_linear(linear, kernels, s)
+    plain, smoothed = Int8Linear.from_linear(linear, kernels), Int8Linear.from_linear(linear, kernels, smooth=s)
     plain_err = ((plain(x) - ref).abs().max() / ref.abs().max()).item()
     smoothed_err = ((smoothed(x) - ref).abs().max() / ref.abs().max()).item()
     assert smoothed_err < plain_err / 2, (smoothed_err, plain_err)

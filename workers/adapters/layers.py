@@ -52,6 +52,9 @@ def attach_adapter_layers(model: nn.Module, bank: LoRARowBank, ctx: AdapterConte
         for parent in (layer.self_attn, layer.mlp):
             for target in bank.targets:
                 base = getattr(parent, target, None)
-                if isinstance(base, (nn.Linear, QuantizedLinear)):  # dense or quantized base
-                    a, bt = bank.views(index, target)
-                    setattr(parent, target, LoRALinear(base, a, bt, ctx))
+                if base is None:  # the target belongs to the other parent (attention or MLP)
+                    continue
+                if not isinstance(base, (nn.Linear, QuantizedLinear)):  # never skip a target silently
+                    raise TypeError(f"layer {index} {target}: cannot add LoRA to a {type(base).__name__}")
+                a, bt = bank.views(index, target)
+                setattr(parent, target, LoRALinear(base, a, bt, ctx))

@@ -94,7 +94,10 @@ class Int4Linear(QuantizedLinear):
         self.in_features, self.out_features = in_features, packed.shape[0]
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, kernels: RowKernels, name: str = "linear") -> Int4Linear:
+    def from_linear(cls, linear: nn.Linear, kernels: RowKernels, name: str = "linear",
+                    smooth: torch.Tensor | None = None) -> Int4Linear:
+        if smooth is not None:
+            raise ValueError("int4 is weight-only: its tokens are not quantized, so there is nothing to smooth")
         w = linear.weight.detach()
         check_shape(name, *w.shape, w.device)
         packed, scales_and_zeros = pack(*quantize_groups(w))

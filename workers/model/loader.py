@@ -60,7 +60,7 @@ def load_decoder(spec: ModelSpec) -> Decoder:
     if spec.quantize not in (None, *QUANTIZE_MODES):
         raise UnsupportedModelError(f"unsupported quantize {spec.quantize!r}; supported: {', '.join(QUANTIZE_MODES)}")
     override = spec.linear_kernel or os.environ.get(KERNEL_OVERRIDE_ENV) or None
-    candidates = QUANTIZE_MODES[spec.quantize].candidates if spec.quantize else DENSE_KERNELS
+    candidates = [*DENSE_KERNELS, *(QUANTIZE_MODES[spec.quantize].candidates if spec.quantize else ())]
     if override is not None and override not in candidates:
         raise UnsupportedModelError(f"unknown kernel {override!r}; candidates: {', '.join(candidates)}")
     with torch.device("meta"):
@@ -95,18 +95,19 @@ def load_decoder(spec: ModelSpec) -> Decoder:
 def attach_kernels(model: Decoder, quantize: str | None, override: str | None, table: KernelTable,
                    shapes: Counter, dtype: torch.dtype, device: torch.device) -> None:
     """Quantizes the linears (if asked), gives every linear its measured kernels and measures them all now.
-    A linear the mode keeps dense (int4's lm_head) runs the dense kernels; `override` names a kernel of the
-    mode's own candidates."""
+    A linear the mode keeps dense (int4's lm_head) runs the dense kernels; `override` forces the kernels it is a
+    candidate of (a dense name the dense linears, a mode's name its quantized ones) and leaves the others measured."""
     working_set = weight_elements(shapes)
     kinds: list[tuple[RowKernels, str | None, set]] = []  # (kernels, forced candidate, (out, in) shapes served)
     if quantize is not None:
-        kernels = quantized_kernels(table, override, working_set=working_set, mode=quantize)
+        forced = override if override in QUANTIZE_MODES[quantize].candidates else None
+        kernels = quantized_kernels(table, forced, working_set=working_set, mode=quantize)
         quantize_decoder(model, kernels)
         served = {(m.out_features, m.in_features) for m in model.modules() if isinstance(m, QuantizedLinear)}
-        kinds.append((kernels, override, served))
+        kinds.append((kernels, forced, served))
     dense = [m for m in model.modules() if isinstance(m, Linear)]  # every linear, or those a mode keeps dense
     if dense:
-        forced = None if quantize is not None else override
+        forced = override if override in DENSE_KERNELS else None
         kernels = linear_kernels(table, forced, working_set=working_set)
         for module in dense:
             module.kernels = kernels

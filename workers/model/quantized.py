@@ -68,7 +68,8 @@ def w8a8_dequant_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor,
     """The same product in float (fake-quantized tokens through the dequantized weights): where the CPU has no
     fast int8 GEMM (no VNNI), for many rows."""
     xq, sx = quantize_tokens(x)
-    return F.linear(xq.to(x.dtype) * sx.to(x.dtype), q.to(x.dtype) * scales[:, None], b)
+    y = F.linear(xq.float(), q.float()).mul_(sx).mul_(scales).to(x.dtype)  # [N, out]: int products, fp32 sums
+    return y if b is None else y.add_(b)
 
 
 W8A8_CANDIDATES = {"int_mm": w8a8_int_mm, "dequant_linear": w8a8_dequant_linear}
@@ -87,8 +88,6 @@ def int8_weights(out_features: int, in_features: int, dtype: torch.dtype, device
     return quantize_rows(torch.randn(out_features, in_features, generator=gen, device=device) * 0.02, dtype)
 
 
-
-
 class Int8Linear(QuantizedLinear):
     """A Linear's weight as int8 + per-channel scales."""
 
@@ -103,7 +102,8 @@ class Int8Linear(QuantizedLinear):
         self.in_features, self.out_features = q.shape[1], q.shape[0]
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, kernels: RowKernels, smooth: torch.Tensor | None = None) -> Int8Linear:
+    def from_linear(cls, linear: nn.Linear, kernels: RowKernels, name: str = "linear",
+                    smooth: torch.Tensor | None = None) -> Int8Linear:
         """smooth: [in] factors s (W · s is quantized, inputs are divided by s), or None."""
         dtype, w = linear.weight.dtype, linear.weight.detach()
         q, scales = quantize_rows(w if smooth is None else w.float() * smooth, dtype)
@@ -118,24 +118,21 @@ class Int8Linear(QuantizedLinear):
         return fn(flat, self.qweight, self.scales, self.bias).view(*x.shape[:-1], self.out_features)
 
 
-def int8_layer(linear: nn.Linear, kernels: RowKernels, name: str) -> Int8Linear:
-    return Int8Linear.from_linear(linear, kernels)
-
-
 @dataclass(frozen=True)
 class QuantizeMode:
     """What one --quantize mode is made of."""
 
     candidates: dict[str, Callable]  # its kernels, raced per shape, row bucket and dtype
     weights: WeightFactory  # representative quantized weights to time them on
-    layer: Callable[[nn.Linear, RowKernels, str], QuantizedLinear]  # (linear, kernels, its name) → layer
+    # (linear, kernels, its name, smoothing factors or None) → layer
+    layer: Callable[[nn.Linear, RowKernels, str, torch.Tensor | None], QuantizedLinear]
     smoothed: bool = False  # calibrate SmoothQuant factors on the float model first (activations quantized)
     dense_lm_head: bool = False  # the lm_head stays in the compute dtype
 
 
 MODES = {  # --quantize mode → how
-    "int8": QuantizeMode(CANDIDATES, int8_weights, int8_layer),
-    "w8a8": QuantizeMode(W8A8_CANDIDATES, int8_weights, int8_layer, smoothed=True),
+    "int8": QuantizeMode(CANDIDATES, int8_weights, Int8Linear.from_linear),
+    "w8a8": QuantizeMode(W8A8_CANDIDATES, int8_weights, Int8Linear.from_linear, smoothed=True),
     # int4 keeps the lm_head dense, as 4-bit schemes (AWQ, GPTQ, llama.cpp's q4 files) keep their output layer
     # wider: the default model's lm_head (its tied embedding) ships as q8_0, and 4 bits cost it 9 % RMS error
     "int4": QuantizeMode(int4.CANDIDATES, int4.int4_weights, int4.Int4Linear.from_linear, dense_lm_head=True),
@@ -159,8 +156,5 @@ def quantize_decoder(model: Decoder, kernels: RowKernels) -> None:
             if not isinstance(child, Linear) or (how.dense_lm_head and child is model.lm_head):
                 continue
             full = f"{parent_name}.{name}" if parent_name else name
-            if how.smoothed:
-                layer = Int8Linear.from_linear(child, kernels, smoothing_factors(absmax[child], child.weight))
-            else:
-                layer = how.layer(child, kernels, full)
-            setattr(parent, name, layer)
+            smooth = smoothing_factors(absmax[child], child.weight) if how.smoothed else None
+            setattr(parent, name, how.layer(child, kernels, full, smooth))

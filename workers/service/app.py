@@ -52,6 +52,7 @@ from adapters_store.wire import (
 )
 from workers.engine.types import GenerationRequest, SamplingParams, TokenEvent
 from workers.errors import AdapterdError, InvalidRequestError, PromptTooLongError, ShuttingDownError
+from workers.model.quantized import MODES as QUANTIZE_MODES
 from workers.service.adapter_fetcher import AdapterFetcher, AdapterSources
 from workers.service.choices import ResultBuilder, TokenTexts, event_payload
 from workers.service.config import WorkerServiceConfig
@@ -463,7 +464,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="base weights' dtype; auto: bfloat16 on CUDA, on CPU bfloat16 only where it measures faster")
-    p.add_argument("--quantize", default="none", choices=["none", "int8", "w8a8", "int4"],
+    p.add_argument("--quantize", default="none", choices=["none", *QUANTIZE_MODES],
                    help="int8: weight-only int8 base (per-channel scales); w8a8: int8 weights and int8 activations "
                         "(one scale per token, at run time); int4: weight-only 4-bit groups of 32 (CPU); "
                         "adapters stay in --dtype")

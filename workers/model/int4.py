@@ -73,12 +73,12 @@ def int4_weights(out_features: int, in_features: int, dtype: torch.dtype, device
     return pack(*quantize_groups(torch.randn(out_features, in_features, generator=gen, device=device) * 0.02))
 
 
-def check_shape(name: str, out_features: int, in_features: int, device: torch.device) -> None:
+def check_shape(out_features: int, in_features: int, device: torch.device) -> None:
     if device.type != "cpu":
         raise UnsupportedModelError(f"--quantize int4 runs on CPU only (device {device.type}); use int8 or w8a8")
     if in_features % GROUP or out_features % OUT_MULTIPLE:
         raise UnsupportedModelError(f"--quantize int4 needs in_features % {GROUP} == 0 and out_features % "
-                                    f"{OUT_MULTIPLE} == 0; {name} is [{out_features}, {in_features}]")
+                                    f"{OUT_MULTIPLE} == 0; this weight is [{out_features}, {in_features}]")
 
 
 class Int4Linear(QuantizedLinear):
@@ -94,12 +94,11 @@ class Int4Linear(QuantizedLinear):
         self.in_features, self.out_features = in_features, packed.shape[0]
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, kernels: RowKernels, name: str = "linear",
-                    smooth: torch.Tensor | None = None) -> Int4Linear:
+    def from_linear(cls, linear: nn.Linear, kernels: RowKernels, smooth: torch.Tensor | None = None) -> Int4Linear:
         if smooth is not None:
             raise ValueError("int4 is weight-only: its tokens are not quantized, so there is nothing to smooth")
         w = linear.weight.detach()
-        check_shape(name, *w.shape, w.device)
+        check_shape(*w.shape, w.device)
         packed, scales_and_zeros = pack(*quantize_groups(w))
         return cls(packed, scales_and_zeros, w.shape[1], None if linear.bias is None else linear.bias.detach(),
                    kernels)

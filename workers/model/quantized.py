@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from workers.errors import UnsupportedModelError
 from workers.model import int4
 from workers.model.decoder import Decoder, Linear, QuantizedLinear
 from workers.model.kernel_choice import KernelTable, Timer
@@ -102,8 +103,7 @@ class Int8Linear(QuantizedLinear):
         self.in_features, self.out_features = q.shape[1], q.shape[0]
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, kernels: RowKernels, name: str = "linear",
-                    smooth: torch.Tensor | None = None) -> Int8Linear:
+    def from_linear(cls, linear: nn.Linear, kernels: RowKernels, smooth: torch.Tensor | None = None) -> Int8Linear:
         """smooth: [in] factors s (W · s is quantized, inputs are divided by s), or None."""
         dtype, w = linear.weight.dtype, linear.weight.detach()
         q, scales = quantize_rows(w if smooth is None else w.float() * smooth, dtype)
@@ -124,8 +124,8 @@ class QuantizeMode:
 
     candidates: dict[str, Callable]  # its kernels, raced per shape, row bucket and dtype
     weights: WeightFactory  # representative quantized weights to time them on
-    # (linear, kernels, its name, smoothing factors or None) → layer
-    layer: Callable[[nn.Linear, RowKernels, str, torch.Tensor | None], QuantizedLinear]
+    # (linear, kernels, smoothing factors or None) → layer
+    layer: Callable[[nn.Linear, RowKernels, torch.Tensor | None], QuantizedLinear]
     smoothed: bool = False  # calibrate SmoothQuant factors on the float model first (activations quantized)
     dense_lm_head: bool = False  # the lm_head stays in the compute dtype
 
@@ -155,6 +155,8 @@ def quantize_decoder(model: Decoder, kernels: RowKernels) -> None:
         for name, child in list(parent.named_children()):
             if not isinstance(child, Linear) or (how.dense_lm_head and child is model.lm_head):
                 continue
-            full = f"{parent_name}.{name}" if parent_name else name
             smooth = smoothing_factors(absmax[child], child.weight) if how.smoothed else None
-            setattr(parent, name, how.layer(child, kernels, full, smooth))
+            try:
+                setattr(parent, name, how.layer(child, kernels, smooth))
+            except UnsupportedModelError as e:  # name the layer the mode cannot take
+                raise UnsupportedModelError(f"{parent_name}.{name}: {e}") from e

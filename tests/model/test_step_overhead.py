@@ -1,15 +1,19 @@
 """Per-step fast paths against their plain references: the KV cache's flat index-copy write against
-advanced indexing, and the mask-free decode attention against the masked one."""
+advanced indexing, the mask-free decode attention against the masked one, RoPE by one roll against
+rotate_half, and the fused fp32 RMSNorm against its plain form."""
 
 import dataclasses
 
+import pytest
 import torch
 from tiny_models import make_tiny_model
 
 from workers.model.batch import TreeLayout, build_step_batch, contiguous_start, sees_everything
+from workers.model.config import DecoderConfig
+from workers.model.decoder import RMSNorm
 from workers.model.kv_cache import KVCache
 from workers.model.loader import ModelSpec, load_decoder
-from workers.model.rope import rope_tables
+from workers.model.rope import apply_rope, apply_rope_reference, rope_tables, signed_sin
 
 
 def test_index_copy_write_equals_advanced_indexing():
@@ -75,3 +79,30 @@ def test_consecutive_decode_slots_attend_over_a_view_others_gather():
         keys, values = kv.decode_view(1, batch)  # [Bd, kv_heads, S, D]
         assert torch.equal(keys, kv.k[1, slots, :, :6]) and torch.equal(values, kv.v[1, slots, :, :6])
         assert (keys.data_ptr() == kv.k[1, 2].data_ptr()) == (slots == [2, 3, 4])  # a view of the cache
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_by_roll_equals_rotate_half(dtype):
+    cfg = DecoderConfig.from_hf_dict({"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+                                      "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2,
+                                      "vocab_size": 32, "max_position_embeddings": 64})
+    cos, sin = rope_tables(cfg, 64)
+    positions = torch.tensor([0, 5, 17, 63])
+    x = torch.randn(4, 3, cfg.head_dim, generator=torch.Generator().manual_seed(0)).to(dtype)
+    c, s = cos[positions].unsqueeze(1).to(dtype), sin[positions].unsqueeze(1).to(dtype)
+    fast = apply_rope(x, c, signed_sin(s))
+    tol = {torch.float32: 1e-6, torch.bfloat16: 2e-2}[dtype]
+    torch.testing.assert_close(fast, apply_rope_reference(x, c, s), rtol=tol, atol=tol)
+    assert not torch.equal(fast, x)  # positions other than 0 rotate
+    batch = build_step_batch([(0, 5, 1)], [(1, 16, [2, 3], True)], cos, sin, None, torch.device("cpu"))
+    assert torch.equal(batch.sin[:, 0], signed_sin(sin[[5, 16, 17]]))  # the step carries the signed sin
+
+
+def test_fused_rms_norm_equals_reference_in_fp32_and_half_precision_keeps_the_reference():
+    norm = RMSNorm(96, 1e-5)
+    with torch.no_grad():
+        norm.weight.normal_()
+    x = torch.randn(5, 96, generator=torch.Generator().manual_seed(1)) * 3
+    torch.testing.assert_close(norm(x), norm.reference(x), rtol=1e-6, atol=1e-6)
+    half = norm.to(torch.bfloat16)
+    assert torch.equal(half(x.bfloat16()), half.reference(x.bfloat16()))

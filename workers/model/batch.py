@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from workers.model.rope import signed_sin
+
 
 @dataclass(frozen=True)
 class PrefillChunk:
@@ -35,7 +37,7 @@ class StepBatch:
     positions: torch.Tensor  # [N] long: KV-cache position of each token (= RoPE position, except in trees)
     cache_slots: torch.Tensor  # [N] long: KV slot of each token
     cos: torch.Tensor  # [N, 1, head_dim]
-    sin: torch.Tensor  # [N, 1, head_dim]
+    sin: torch.Tensor  # [N, 1, head_dim], first half negated (workers.model.rope.signed_sin)
     num_decode: int  # the first num_decode tokens are decode rows, one per sequence
     decode_slots: torch.Tensor  # [Bd] long
     decode_slot_start: int | None  # decode_slots == arange(start, start + Bd): attend over a view, no gather
@@ -134,7 +136,7 @@ def build_step_batch(
         positions=positions.to(device),
         cache_slots=torch.tensor(slots, dtype=torch.long, device=device),
         cos=cos_table[rope_positions].unsqueeze(1).to(device),
-        sin=sin_table[rope_positions].unsqueeze(1).to(device),
+        sin=signed_sin(sin_table[rope_positions]).unsqueeze(1).to(device),
         num_decode=len(decode),
         decode_slots=torch.tensor(decode_slots, dtype=torch.long, device=device),
         decode_slot_start=contiguous_start(decode_slots),

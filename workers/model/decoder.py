@@ -47,6 +47,13 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:  # one fused op, equal to the reference
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        return self.reference(x)
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        """As transformers computes it: normalised in fp32, rounded to x's dtype, then scaled (in bf16 the fused
+        op rounds once instead, so half precision keeps this form)."""
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -71,9 +78,11 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
         q, k = apply_rope(q, batch.cos, batch.sin), apply_rope(k, batch.cos, batch.sin)
         kv.write(self.layer, k, v, batch)
+        if not batch.prefill:  # decode rows only: attention's output is the whole step's
+            return self.o_proj(self._decode_attention(q, batch, kv).reshape(n, -1))
         out = torch.empty_like(q)  # [N, H, D]
         if batch.num_decode:
-            self._decode_attention(q, out, batch, kv)
+            out[:batch.num_decode] = self._decode_attention(q, batch, kv)
         for chunk in batch.prefill:
             rows = slice(chunk.offset, chunk.offset + chunk.length)
             keys, values = kv.prefix_view(self.layer, chunk.slot, chunk.start + chunk.length)
@@ -82,12 +91,12 @@ class Attention(nn.Module):
             out[rows] = o[0].transpose(0, 1)
         return self.o_proj(out.view(n, -1))
 
-    def _decode_attention(self, q: torch.Tensor, out: torch.Tensor, batch: StepBatch, kv: KVCache) -> None:
-        bd = batch.num_decode
+    def _decode_attention(self, q: torch.Tensor, batch: StepBatch, kv: KVCache) -> torch.Tensor:
+        """[Bd, H, D]: each decode row's attention over its own sequence's cached keys and values."""
         keys, values = kv.decode_view(self.layer, batch)  # [Bd, KVH, S, D]
-        qd = q[:bd].unsqueeze(2)  # [Bd, H, 1, D]
+        qd = q[:batch.num_decode].unsqueeze(2)  # [Bd, H, 1, D]
         o = F.scaled_dot_product_attention(qd, keys, values, attn_mask=batch.decode_mask, enable_gqa=True)
-        out[:bd] = o.squeeze(2)
+        return o.squeeze(2)
 
 
 class MLP(nn.Module):

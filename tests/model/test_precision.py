@@ -10,6 +10,7 @@ from tiny_models import make_tiny_model
 from workers.errors import UnsupportedModelError
 from workers.model.batch import build_step_batch
 from workers.model.decoder import Linear
+from workers.model.fp16 import Fp16Linear
 from workers.model.int4 import Int4Linear, dequantize_groups, quantize_groups
 from workers.model.kernel_choice import KernelTable
 from workers.model.kv_cache import KVCache
@@ -25,7 +26,9 @@ from workers.model.rope import rope_tables
 # both read the same (fp32 greedy) prefix.
 # int4 runs on a model whose weights lie on a 4-bit grid already (as the default model's, shipped as q4_1):
 # what is left is bf16's rounding of the tokens and of the grid's scales and offsets.
-TOLERANCE = {"bfloat16": (0.05, 0.9), "int8": (0.05, 0.9), "w8a8": (0.05, 0.9), "int4": (0.05, 0.9)}
+# fp16 keeps 10 mantissa bits of every weight and sums in fp32: far inside bf16's error.
+TOLERANCE = {"bfloat16": (0.05, 0.9), "int8": (0.05, 0.9), "w8a8": (0.05, 0.9), "int4": (0.05, 0.9),
+             "fp16": (0.005, 0.97)}
 
 
 def snap_to_int4_grid(folder):
@@ -54,7 +57,7 @@ def teacher_forced_logits(model, prompt: list[int], new_tokens: int, follow: lis
     return tokens, logits[:-1]
 
 
-@pytest.mark.parametrize("mode", ["bfloat16", "int8", "w8a8", "int4"])
+@pytest.mark.parametrize("mode", ["bfloat16", "int8", "w8a8", "int4", "fp16"])
 def test_bf16_and_quantized_bases_agree_with_fp32(tmp_path, mode):
     folder, _ = make_tiny_model(tmp_path, "llama")
     if mode == "int4":
@@ -66,6 +69,9 @@ def test_bf16_and_quantized_bases_agree_with_fp32(tmp_path, mode):
         assert isinstance(model.model.layers[0].mlp.down_proj, Int4Linear)
         assert model.model.layers[0].self_attn.q_proj.packed.dtype == torch.uint8
         assert isinstance(model.lm_head, Linear) and model.lm_head.kernels is not None  # kept dense, measured
+    elif mode == "fp16":
+        assert all(isinstance(m, Fp16Linear) for m in (model.lm_head, model.model.layers[0].mlp.down_proj))
+        assert model.model.layers[0].self_attn.q_proj.weight16.dtype == torch.float16 and model.dtype == torch.float32
     elif mode != "bfloat16":
         assert all(isinstance(m, Int8Linear) for m in (model.lm_head, model.model.layers[0].mlp.down_proj))
         assert model.model.layers[0].self_attn.q_proj.qweight.dtype == torch.int8
@@ -148,6 +154,9 @@ def test_dtype_and_quantize_flags_reach_the_engine_through_the_worker_cli(tmp_pa
     layers = [type(m) for m in int4.core.runner.model.modules()]
     assert layers.count(Int4Linear) == 7 * 2 and isinstance(int4.core.runner.model.lm_head, Linear)
     assert not int4.core.cfg.fusion.enabled
+    fp16 = _build_engine(_parse_args(["--model", str(folder), "--quantize", "fp16", "--max-seq", "64"]))
+    assert isinstance(fp16.core.runner.model.lm_head, Fp16Linear) and fp16.core.runner.dtype == torch.float32
+    assert not fp16.core.cfg.fusion.enabled
     with pytest.raises(SystemExit):
         _parse_args(["--quantize", "int3"])
     with pytest.raises(SystemExit):
@@ -169,6 +178,8 @@ def test_serve_passes_dtype_and_quantize_to_its_workers(monkeypatch):
     assert seen[1].worker_args == ["--dtype", "auto", "--quantize", "w8a8"]
     assert CliRunner().invoke(app, ["serve", "--quantize", "int4"]).exit_code == 0
     assert seen[2].worker_args == ["--dtype", "auto", "--quantize", "int4"]
+    assert CliRunner().invoke(app, ["serve", "--quantize", "fp16"]).exit_code == 0
+    assert seen[3].worker_args == ["--dtype", "auto", "--quantize", "fp16"]
     assert CliRunner().invoke(app, ["serve", "--dtype", "fp8"]).exit_code != 0
     assert {q.value for q in Quantize} == {"none", *QUANTIZE_MODES}  # the gateway's list (no torch there) in step
 

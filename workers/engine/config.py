@@ -19,7 +19,7 @@ class EngineConfig:
     model_id: str | None = None  # name reported to clients; default: the folder's name
     device: str = "cpu"
     dtype: str | None = None  # "auto" (measured) | "float32" | "bfloat16"; None → bf16 on CUDA, fp32 on CPU
-    quantize: str | None = None  # None | "int8" | "w8a8" | "int4" (weight-only): quantized base, adapters in `dtype`
+    quantize: str | None = None  # None | "int8" | "w8a8" | "int4" | "fp16": quantized base, adapters in `dtype`
     linear_kernel: str | None = None  # force one base-linear kernel candidate (tests); None → measured
     max_batch: int = 16  # sequences decoding at once (KV-cache slots)
     max_seq: int = 2048  # tokens per sequence, prompt included

@@ -31,7 +31,7 @@ class ModelSpec:
     path: str
     device: str = "cpu"
     dtype: str | None = None  # "auto" | "float32" | "bfloat16" | "float16"; None → bf16 on CUDA, fp32 on CPU
-    quantize: str | None = None  # None | "int8" (weight-only, per output channel) | "w8a8" (+ int8 tokens) | "int4"
+    quantize: str | None = None  # None | "int8" (weight-only, per channel) | "w8a8" (+ int8 tokens) | "int4" | "fp16"
     linear_kernel: str | None = None  # force one kernel candidate; None → $ADAPTERD_LINEAR_KERNEL or measured
 
 

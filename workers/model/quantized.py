@@ -11,7 +11,8 @@
   the weights' rounding plus the activations', which smoothing calibrated at load keeps down
   (workers.model.smoothing; README §Precision). Kernels: `int_mm`; `dequant_linear`, the same product in
   float with the weights dequantized for the call (faster for many rows where int8 GEMMs are slow).
-A third mode, `int4` (weight-only, 4-bit groups), lives in workers.model.int4; `MODES` holds all three.
+Two more modes live in their own modules: `int4` (weight-only, 4-bit groups; workers.model.int4) and `fp16`
+(weight-only, half precision; workers.model.fp16). `MODES` holds all four.
 Every mode's kernels are chosen per shape, row bucket and dtype by measurement like the dense ones.
 Adapters (LoRA, S²FT) wrap these layers and add their deltas in the compute dtype, as over a dense base;
 fusion (merging an adapter into the base weights) is off for a quantized base.
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from workers.errors import UnsupportedModelError
-from workers.model import int4
+from workers.model import fp16, int4
 from workers.model.decoder import Decoder, Linear, QuantizedLinear
 from workers.model.kernel_choice import KernelTable, Timer
 from workers.model.linear_kernels import RowKernels, WeightFactory
@@ -136,6 +137,7 @@ MODES = {  # --quantize mode → how
     # int4 keeps the lm_head dense, as 4-bit schemes (AWQ, GPTQ, llama.cpp's q4 files) keep their output layer
     # wider: the default model's lm_head (its tied embedding) ships as q8_0, and 4 bits cost it 9 % RMS error
     "int4": QuantizeMode(int4.CANDIDATES, int4.int4_weights, int4.Int4Linear.from_linear, dense_lm_head=True),
+    "fp16": QuantizeMode(fp16.CANDIDATES, fp16.fp16_weights, fp16.Fp16Linear.from_linear),
 }
 
 

@@ -1,0 +1,71 @@
+"""An fp16-weight base (`--quantize fp16`, weight-only): each linear keeps W in IEEE half precision and computes
+with the activations in the compute dtype, accumulating in fp32 — llama.cpp's f16 files on CPU do the same.
+Half of fp32's bytes per step at ~1e-4 relative weight error (fp16 keeps 10 mantissa bits, bf16 7), and it needs
+no bf16 instructions: on a CPU without them (AVX2 only) it is the half-size base that is fast.
+
+Kernels (each equals `fp16_reference` up to fp32 summation order):
+- `fbgemm_fp16` (x86 CPU): FBGEMM's fp16-weight GEMM (torch.ops.quantized.linear_dynamic_fp16), AVX2/AVX-512
+  vectorized, over W packed once into FBGEMM's layout and kept beside it (a second copy of each weight it
+  serves, packed again when W is written); tokens in fp32 for the call.
+- `dequant_linear`: F.linear over W converted to the tokens' dtype for the call (any device).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from workers.model.decoder import QuantizedLinear
+from workers.model.linear_kernels import RowKernels
+
+
+def fp16_reference(x: torch.Tensor, w16: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """The oracle: the tokens through the fp16 weights widened to fp32, in fp32."""
+    return F.linear(x.float(), w16.float(), None if b is None else b.float())
+
+
+def fbgemm_fp16(x: torch.Tensor, w16: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    if w16.device.type != "cpu" or "fbgemm" not in torch.backends.quantized.supported_engines:
+        raise NotImplementedError("FBGEMM's fp16 GEMM is a kernel of x86 CPU builds")
+    packed = getattr(w16, "_fbgemm_packed", None)  # (W's version when packed, packed W)
+    if packed is None or packed[0] != w16._version:
+        packed = (w16._version, torch.ops.quantized.linear_prepack_fp16(w16.float(), None))
+        w16._fbgemm_packed = packed
+    y = torch.ops.quantized.linear_dynamic_fp16(x.float().contiguous(), packed[1]).to(x.dtype)  # [N, out]
+    return y if b is None else y.add_(b)
+
+
+def dequant_linear(x: torch.Tensor, w16: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    return F.linear(x, w16.to(x.dtype), b)
+
+
+CANDIDATES = {"fbgemm_fp16": fbgemm_fp16, "dequant_linear": dequant_linear}
+
+
+def fp16_weights(out_features: int, in_features: int, dtype: torch.dtype, device: torch.device,
+                 gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+    return ((torch.randn(out_features, in_features, generator=gen, device=device) * 0.02).half(),)
+
+
+class Fp16Linear(QuantizedLinear):
+    """A Linear's weight in fp16."""
+
+    def __init__(self, w16: torch.Tensor, bias: torch.Tensor | None, kernels: RowKernels):
+        super().__init__()
+        self.register_buffer("weight16", w16)  # [out, in] fp16
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.kernels = kernels
+        self.out_features, self.in_features = w16.shape
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, kernels: RowKernels, smooth: torch.Tensor | None = None) -> Fp16Linear:
+        if smooth is not None:
+            raise ValueError("fp16 is weight-only: its tokens are not quantized, so there is nothing to smooth")
+        w16 = linear.weight.detach().to(torch.float16)
+        return cls(w16, None if linear.bias is None else linear.bias.detach(), kernels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])  # [N, in]
+        fn = self.kernels.get(self.weight16.shape, flat.shape[0], flat.dtype, flat.device)
+        return fn(flat, self.weight16, self.bias).view(*x.shape[:-1], self.out_features)

@@ -8,9 +8,10 @@
 (f) with --modes: the own engine's base at batch 1 and 16 in other precisions (bf16, int8 weight-only, w8a8, int4,
     fp16 weight-only, auto), transformers in bf16 beside bf16; each mode reports greedy-token agreement with own
     fp32 over the prompts and the largest logit error (relative to the largest |logit|) on their prefill.
-Greedy, every request decodes exactly `--new-tokens`. Reports medians of `--runs` runs, aggregate tokens/s,
-the ratios the issue tracks, batch-1 decode against this machine's memory-bandwidth limit, and the framework
-share of a batch-1 fp32 decode step (its forward against the same forward without GEMMs).
+Greedy, every request decodes exactly `--new-tokens`. Every engine and peer is built first; then `--runs` rounds
+run each workload once in turn (interleaved, so a shared machine's drift loads all alike). Reports medians,
+aggregate tokens/s, the ratios the issue tracks, batch-1 decode against this machine's memory-bandwidth limit,
+and the framework share of a batch-1 fp32 decode step (its forward against the same forward without GEMMs).
 """
 
 from __future__ import annotations
@@ -44,6 +45,21 @@ def median_time(fn, runs: int) -> float:
         fn()
         times.append(time.perf_counter() - t)
     return statistics.median(times)
+
+
+def interleaved_tokens_per_s(workloads: dict[str, tuple]) -> dict[str, float]:
+    """name → (call, tokens, rounds): each call once to warm up, then rounds in which every workload (that still
+    has rounds left) runs once, in turn; the median tokens/s of each."""
+    for call, _, _ in workloads.values():
+        call()
+    seen: dict[str, list[float]] = {name: [] for name in workloads}
+    for round_ in range(max(rounds for _, _, rounds in workloads.values())):
+        for name, (call, tokens, rounds) in workloads.items():
+            if round_ < rounds:
+                t = time.perf_counter()
+                call()
+                seen[name].append(tokens / (time.perf_counter() - t))
+    return {name: statistics.median(v) for name, v in seen.items()}
 
 
 def memory_bandwidth_gbs() -> float:
@@ -89,12 +105,15 @@ def cpu_description() -> dict:
 
 
 def prefill_logits(core, prompts: list[list[int]]) -> list[torch.Tensor]:
-    """Every position's logits [T, vocab] of each prompt through the engine's model (KV slot 0)."""
+    """Every position's logits [T, vocab] of each prompt through the engine's base model (KV slot 0)."""
+    from workers.adapters.residency import BASE_PLACEMENT
+    from workers.engine.runner import PromptChunk
     from workers.model.batch import build_step_batch
 
     runner, out = core.runner, []
     with torch.inference_mode():
         for p in prompts:
+            runner.set_adapter_batches([], [PromptChunk(0, 0, p, True, BASE_PLACEMENT)])  # no adapter rows
             batch = build_step_batch([], [(0, 0, p, True)], runner.cos, runner.sin, runner.config.sliding_window,
                                      runner.device)
             batch = dataclasses.replace(batch, logits_rows=torch.arange(len(p)))
@@ -106,10 +125,13 @@ def step_breakdown(core, position: int, steps: int = 20, rounds: int = 7) -> dic
     """One batch-1 decode step's forward, and the same forward with every base linear returning a preallocated
     output instead of computing it: what a step costs besides its GEMMs (the framework share the issue asks to cut).
     position: the token's (a request midway through its decode). Interleaved rounds, medians."""
+    from workers.adapters.residency import BASE_PLACEMENT
+    from workers.engine.runner import DecodeRow
     from workers.model.batch import build_step_batch
     from workers.model.decoder import Linear
 
     runner, outputs = core.runner, {}
+    runner.set_adapter_batches([DecodeRow(0, position, 123, BASE_PLACEMENT)], [])  # base rows: no adapter deltas
 
     def no_gemm(self, x):  # [N, in] → a [N, out] slice of a buffer made once per shape
         out = outputs.get(self.out_features)
@@ -194,13 +216,16 @@ def main() -> None:
                                  pad_token_id=0, **kw)
         assert out.shape[1] == T + N
 
-    results: dict[str, float] = {}
-    results["a1_own_base_b1"] = N / median_time(lambda: own(1, False), args.runs)
-    results["a16_own_base_b16"] = B * N / median_time(lambda: own(B, False), args.runs)
+    # workload name → (one call, tokens it decodes, rounds it runs in); every engine and peer is built first, then
+    # the rounds run every workload once each, interleaved, so that a shared machine's drift loads them alike
+    workloads: dict[str, tuple] = {
+        "a1_own_base_b1": (lambda: own(1, False), N, args.runs),
+        "a16_own_base_b16": (lambda: own(B, False), B * N, args.runs),
+    }
     if adapters:
-        results["b_own_16_loras_b16"] = B * N / median_time(lambda: own(B, True), args.runs)
-    results["c1_hf_b1"] = N / median_time(lambda: hf_generate(hf, prompts[:1]), args.runs)
-    results["c16_hf_b16"] = B * N / median_time(lambda: hf_generate(hf, prompts), args.runs)
+        workloads["b_own_16_loras_b16"] = (lambda: own(B, True), B * N, args.runs)
+    workloads["c1_hf_b1"] = (lambda: hf_generate(hf, prompts[:1]), N, args.runs)
+    workloads["c16_hf_b16"] = (lambda: hf_generate(hf, prompts), B * N, args.runs)
     modes = [m for m in args.modes.split(",") if m]
     precision: dict[str, dict] = {}
     if modes:
@@ -216,8 +241,8 @@ def main() -> None:
             outs = engine.generate([GenerationRequest(tuple(prompts[i]), params, None) for i in range(n)])
             assert all(len(o) == N for o in outs)
 
-        results[f"f1_own_{mode}_b1"] = N / median_time(lambda: own_mode(1), args.runs)
-        results[f"f16_own_{mode}_b16"] = B * N / median_time(lambda: own_mode(B), args.runs)
+        workloads[f"f1_own_{mode}_b1"] = (lambda own_mode=own_mode: own_mode(1), N, args.runs)
+        workloads[f"f16_own_{mode}_b16"] = (lambda own_mode=own_mode: own_mode(B), B * N, args.runs)
         tokens = other.generate([GenerationRequest(tuple(p), params, None) for p in prompts])
         agree = sum(a.token_id == b.token_id for ours, ref in zip(tokens, reference_tokens, strict=True)
                     for a, b in zip(ours, ref, strict=True))
@@ -227,13 +252,11 @@ def main() -> None:
                            "quantize": MODES[mode].get("quantize"),
                            "load_s_with_kernel_measurement": load_s,
                            "greedy_agreement_with_fp32": agree / (B * N), "max_rel_logit_error": max(errors)}
-        del other
     if "bf16" in modes:
         hf_bf16 = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16).eval()
         hf_bf16.generation_config.eos_token_id = None
-        results["c1_hf_bf16_b1"] = N / median_time(lambda: hf_generate(hf_bf16, prompts[:1]), args.runs)
-        results["c16_hf_bf16_b16"] = B * N / median_time(lambda: hf_generate(hf_bf16, prompts), args.runs)
-        del hf_bf16
+        workloads["c1_hf_bf16_b1"] = (lambda: hf_generate(hf_bf16, prompts[:1]), N, args.runs)
+        workloads["c16_hf_bf16_b16"] = (lambda: hf_generate(hf_bf16, prompts), B * N, args.runs)
 
     if adapters:
         peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_path), adapters[0],
@@ -242,16 +265,16 @@ def main() -> None:
             peft.load_adapter(path, adapter_name=f"lora{i}")
         peft.generation_config.eos_token_id = None
         names = [f"lora{i}" for i in range(B)]
-        results["d_peft_mixed_b16"] = B * N / median_time(lambda: hf_generate(peft, prompts, adapter_names=names),
-                                                          args.runs)
+        workloads["d_peft_mixed_b16"] = (lambda: hf_generate(peft, prompts, adapter_names=names), B * N, args.runs)
 
         def one_at_a_time():
             for i in range(B):
                 peft.set_adapter(f"lora{i}")
                 hf_generate(peft, prompts[i:i + 1])
 
-        results["e_peft_sequential"] = B * N / median_time(one_at_a_time, args.runs_slow)
+        workloads["e_peft_sequential"] = (one_at_a_time, B * N, args.runs_slow)
 
+    results = interleaved_tokens_per_s(workloads)
     breakdown = step_breakdown(core, position=T + N // 2)
     bandwidth = memory_bandwidth_gbs()
     weight_bytes = sum(p.nbytes for p in core.runner.model.parameters())  # tied weights count once

@@ -46,7 +46,8 @@ def serve(
     dtype: Annotated[Dtype, typer.Option(help="base weights' dtype (auto: measured on this machine)")] = Dtype.auto,
     quantize: Annotated[Quantize, typer.Option(
         help="int8: weight-only int8 base weights; w8a8: int8 weights and activations (per-token scales); "
-             "int4: weight-only 4-bit groups of 32 (CPU); fp16: weight-only half precision (half of fp32's bytes)",
+             "int4: weight-only 4-bit groups of 32 (CPU); "
+             "fp16: weight-only half precision, fp32 tokens (half the bytes streamed per step)",
     )] = Quantize.none,
     otlp_endpoint: Annotated[str | None, typer.Option(
         help="OpenTelemetry traces of the gateway and workers to this OTLP/HTTP base URL "

@@ -156,6 +156,8 @@ def test_dtype_and_quantize_flags_reach_the_engine_through_the_worker_cli(tmp_pa
     assert not int4.core.cfg.fusion.enabled
     fp16 = _build_engine(_parse_args(["--model", str(folder), "--quantize", "fp16", "--max-seq", "64"]))
     assert isinstance(fp16.core.runner.model.lm_head, Fp16Linear) and fp16.core.runner.dtype == torch.float32
+    with pytest.raises(UnsupportedModelError, match="computes in float32"):  # bf16 would round the weights first
+        _build_engine(_parse_args(["--model", str(folder), "--quantize", "fp16", "--dtype", "bfloat16"]))
     assert not fp16.core.cfg.fusion.enabled
     with pytest.raises(SystemExit):
         _parse_args(["--quantize", "int3"])

@@ -1,5 +1,6 @@
 """An fp16-weight base (`--quantize fp16`, weight-only): each linear keeps W in IEEE half precision and computes
-with the activations in the compute dtype, accumulating in fp32 — llama.cpp's f16 files on CPU do the same.
+with fp32 activations and fp32 sums — llama.cpp's f16 files on CPU do the same (the engine's dtype is float32
+under this mode: `auto` resolves to it, another --dtype is refused, as bf16 would round the weights first).
 Half of fp32's bytes per step at ~1e-4 relative weight error (fp16 keeps 10 mantissa bits, bf16 7), and it needs
 no bf16 instructions: on a CPU without them (AVX2 only) it is the half-size base that is fast.
 
@@ -26,18 +27,18 @@ def fp16_reference(x: torch.Tensor, w16: torch.Tensor, b: torch.Tensor | None) -
 
 
 def fbgemm_fp16(x: torch.Tensor, w16: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    if w16.device.type != "cpu" or "fbgemm" not in torch.backends.quantized.supported_engines:
-        raise NotImplementedError("FBGEMM's fp16 GEMM is a kernel of x86 CPU builds")
     packed = getattr(w16, "_fbgemm_packed", None)  # (W's version when packed, packed W)
     if packed is None or packed[0] != w16._version:
+        if w16.device.type != "cpu" or "fbgemm" not in torch.backends.quantized.supported_engines:
+            raise NotImplementedError("FBGEMM's fp16 GEMM is a kernel of x86 CPU builds")
         packed = (w16._version, torch.ops.quantized.linear_prepack_fp16(w16.float(), None))
         w16._fbgemm_packed = packed
-    y = torch.ops.quantized.linear_dynamic_fp16(x.float().contiguous(), packed[1]).to(x.dtype)  # [N, out]
-    return y if b is None else y.add_(b)
+    y = torch.ops.quantized.linear_dynamic_fp16(x.float().contiguous(), packed[1])  # [N, out] fp32
+    return (y if b is None else y.add_(b)).to(x.dtype)
 
 
 def dequant_linear(x: torch.Tensor, w16: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    return F.linear(x, w16.to(x.dtype), b)
+    return F.linear(x, w16.to(x.dtype), b)  # the engine's tokens are fp32 (MODES): W widened, not rounded
 
 
 CANDIDATES = {"fbgemm_fp16": fbgemm_fp16, "dequant_linear": dequant_linear}

@@ -67,7 +67,13 @@ def load_decoder(spec: ModelSpec) -> Decoder:
         model = Decoder(cfg)
     table = KernelTable.for_machine(device)
     shapes = linear_shapes(model)
-    dtype = resolve_dtype(spec.dtype, device, shapes, table)
+    if spec.quantize and QUANTIZE_MODES[spec.quantize].fp32_tokens:
+        if spec.dtype not in (None, "auto", "float32"):
+            raise UnsupportedModelError(f"--quantize {spec.quantize} computes in float32; --dtype {spec.dtype} "
+                                        "would round its weights to that dtype first")
+        dtype = torch.float32
+    else:
+        dtype = resolve_dtype(spec.dtype, device, shapes, table)
     expected = dict(model.named_parameters())
     state: dict[str, torch.Tensor] = {}
     for file in checkpoint_files(folder):

@@ -129,6 +129,7 @@ class QuantizeMode:
     layer: Callable[[nn.Linear, RowKernels, torch.Tensor | None], QuantizedLinear]
     smoothed: bool = False  # calibrate SmoothQuant factors on the float model first (activations quantized)
     dense_lm_head: bool = False  # the lm_head stays in the compute dtype
+    fp32_tokens: bool = False  # the compute dtype is fp32 (auto resolves to it; another dtype is refused)
 
 
 MODES = {  # --quantize mode → how
@@ -137,7 +138,8 @@ MODES = {  # --quantize mode → how
     # int4 keeps the lm_head dense, as 4-bit schemes (AWQ, GPTQ, llama.cpp's q4 files) keep their output layer
     # wider: the default model's lm_head (its tied embedding) ships as q8_0, and 4 bits cost it 9 % RMS error
     "int4": QuantizeMode(int4.CANDIDATES, int4.int4_weights, int4.Int4Linear.from_linear, dense_lm_head=True),
-    "fp16": QuantizeMode(fp16.CANDIDATES, fp16.fp16_weights, fp16.Fp16Linear.from_linear),
+    # fp16 weights need fp32 tokens: loaded in bf16 first, or multiplied in bf16, they would keep bf16's precision
+    "fp16": QuantizeMode(fp16.CANDIDATES, fp16.fp16_weights, fp16.Fp16Linear.from_linear, fp32_tokens=True),
 }
 
 

@@ -467,7 +467,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quantize", default="none", choices=["none", *QUANTIZE_MODES],
                    help="int8: weight-only int8 base (per-channel scales); w8a8: int8 weights and int8 activations "
                         "(one scale per token, at run time); int4: weight-only 4-bit groups of 32 (CPU); fp16: "
-                        "weight-only half precision (fp32 sums); adapters stay in --dtype")
+                        "weight-only half precision with fp32 tokens; adapters stay in --dtype")
     p.add_argument("--max-batch", type=int, default=16)
     p.add_argument("--max-loras", type=int, default=8)
     p.add_argument("--max-rank", type=int, default=16)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from workers.model.decoder import QuantizedLinear
-from workers.model.linear_kernels import RowKernels
+from workers.model.linear_kernels import RowKernels, packed_beside
 
 
 def fp16_reference(x: torch.Tensor, w16: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
@@ -26,14 +26,15 @@ def fp16_reference(x: torch.Tensor, w16: torch.Tensor, b: torch.Tensor | None) -
     return F.linear(x.float(), w16.float(), None if b is None else b.float())
 
 
+def fbgemm_pack(w16: torch.Tensor) -> object:
+    if w16.device.type != "cpu" or "fbgemm" not in torch.backends.quantized.supported_engines:
+        raise NotImplementedError("FBGEMM's fp16 GEMM is a kernel of x86 CPU builds")
+    return torch.ops.quantized.linear_prepack_fp16(w16.float(), None)
+
+
 def fbgemm_fp16(x: torch.Tensor, w16: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    packed = getattr(w16, "_fbgemm_packed", None)  # (W's version when packed, packed W)
-    if packed is None or packed[0] != w16._version:
-        if w16.device.type != "cpu" or "fbgemm" not in torch.backends.quantized.supported_engines:
-            raise NotImplementedError("FBGEMM's fp16 GEMM is a kernel of x86 CPU builds")
-        packed = (w16._version, torch.ops.quantized.linear_prepack_fp16(w16.float(), None))
-        w16._fbgemm_packed = packed
-    y = torch.ops.quantized.linear_dynamic_fp16(x.float().contiguous(), packed[1])  # [N, out] fp32
+    packed = packed_beside(w16, "_fbgemm_packed", fbgemm_pack)
+    y = torch.ops.quantized.linear_dynamic_fp16(x.float().contiguous(), packed)  # [N, out] fp32
     return (y if b is None else y.add_(b)).to(x.dtype)
 
 

@@ -49,19 +49,28 @@ def linear_wxt_pair(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) ->
     return y if b is None else y.add_(b)
 
 
+def packed_beside(w: torch.Tensor, attr: str, pack: Callable[[torch.Tensor], object]) -> object:
+    """pack(w), made once and kept on the tensor object as `attr`; made again when w has been written in place
+    (its version counter moved), e.g. by fusion."""
+    packed = getattr(w, attr, None)  # (w's version when packed, packed w)
+    if packed is None or packed[0] != w._version:
+        packed = (w._version, pack(w))
+        setattr(w, attr, packed)
+    return packed[1]
+
+
 def onednn_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None,
                   transposed: bool = False) -> torch.Tensor:
     """x Wᵀ + b through oneDNN, W [out, in] (transposed: W given as Wᵀ [in, out]) packed once into oneDNN's
     blocked layout and kept on the tensor object; packed again when W has been written (its version moved)."""
     if w.device.type != "cpu" or not torch.backends.mkldnn.is_available():
         raise NotImplementedError("oneDNN packed linear is a CPU kernel of torch builds with oneDNN")
-    attr = "_onednn_packed_t" if transposed else "_onednn_packed"
-    packed = getattr(w, attr, None)  # (W's version when packed, packed W)
-    if packed is None or packed[0] != w._version:
-        weight = w.t().contiguous() if transposed else w
-        packed = (w._version, torch.ops.mkldnn._reorder_linear_weight(weight, None))
-        setattr(w, attr, packed)
-    return torch.ops.mkldnn._linear_pointwise(x, packed[1], b, "none", [], "")
+
+    def reorder(weight: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._reorder_linear_weight(weight.t().contiguous() if transposed else weight, None)
+
+    packed = packed_beside(w, "_onednn_packed_t" if transposed else "_onednn_packed", reorder)
+    return torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")
 
 
 def linear_onednn_packed(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:

@@ -53,7 +53,11 @@ def test_every_int8_candidate_equals_the_dequantized_reference(name, rows):
     assert ((INT8_CANDIDATES[name](x, q, scales, b) - ref).abs().max() / ref.abs().max()).item() <= 1e-5
 
 
-@pytest.mark.parametrize("fastest", ["linear", "wxt", "wxt_pair"])
+def saved_entries(folder):
+    return json.loads((folder / "k.json").read_text())["entries"]
+
+
+@pytest.mark.parametrize("fastest", ["linear", "wxt", "wxt_pair", "native_gemv"])
 def test_the_chooser_keeps_what_the_timer_measures_fastest(tmp_path, fastest):
     calls: list[str] = []
     table = KernelTable(tmp_path / "k.json")
@@ -64,9 +68,11 @@ def test_the_chooser_keeps_what_the_timer_measures_fastest(tmp_path, fastest):
     assert len(calls) < 4 * len(CANDIDATES)  # the 5x slower ones left the race after one timed call
     many = kernels.get(torch.Size([80, 48]), 16, torch.float32, CPU)  # wxt_pair is a one-row candidate
     assert many is CANDIDATES["linear" if fastest == "wxt_pair" else fastest]
-    saved = json.loads((tmp_path / "k.json").read_text())["entries"]
+    saved = saved_entries(tmp_path)
     assert saved["linear 80x48 rows 1 float32 cpu"]["choice"] == fastest
-    assert set(saved["linear 80x48 rows 5-16 float32 cpu"]["ms"]) == {"linear", "wxt", "onednn_packed"}
+    assert set(saved["linear 80x48 rows 5-16 float32 cpu"]["ms"]) == set(CANDIDATES) - {"wxt_pair"}
+    kernels.get(torch.Size([80, 48]), 17, torch.float32, CPU)
+    assert set(saved_entries(tmp_path)["linear 80x48 rows 17-64 float32 cpu"]["ms"]) == set(CANDIDATES) - {"wxt_pair"}
 
 
 def test_a_saved_table_is_read_back_without_measuring(tmp_path):

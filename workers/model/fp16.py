@@ -8,6 +8,8 @@ Kernels (each equals `fp16_reference` up to fp32 summation order):
 - `fbgemm_fp16` (x86 CPU): FBGEMM's fp16-weight GEMM (torch.ops.quantized.linear_dynamic_fp16), AVX2/AVX-512
   vectorized, over W packed once into FBGEMM's layout and kept beside it (a second copy of each weight it
   serves, packed again when W is written); tokens in fp32 for the call.
+- `native_gemv`, `native_gemv_prefetch` (x86 CPU with AVX2, a C compiler): our own few-row GEMM
+  widening W with F16C as it streams (workers.model.native_gemv).
 - `dequant_linear`: F.linear over W converted to the tokens' dtype for the call (any device).
 """
 
@@ -17,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from workers.model import native_gemv
 from workers.model.decoder import QuantizedLinear
 from workers.model.linear_kernels import RowKernels, packed_beside
 
@@ -42,7 +45,8 @@ def dequant_linear(x: torch.Tensor, w16: torch.Tensor, b: torch.Tensor | None) -
     return F.linear(x, w16.to(x.dtype), b)  # the engine's tokens are fp32 (MODES): W widened, not rounded
 
 
-CANDIDATES = {"fbgemm_fp16": fbgemm_fp16, "dequant_linear": dequant_linear}
+CANDIDATES = {"fbgemm_fp16": fbgemm_fp16, "dequant_linear": dequant_linear, "native_gemv": native_gemv.fp16,
+              "native_gemv_prefetch": native_gemv.fp16_prefetch}
 
 
 def fp16_weights(out_features: int, in_features: int, dtype: torch.dtype, device: torch.device,

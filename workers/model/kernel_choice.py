@@ -37,7 +37,8 @@ def cache_root() -> Path:
     return Path(os.environ.get("ADAPTERD_CACHE_DIR") or Path.home() / ".cache" / "adapterd")
 
 
-def _cpu_description() -> dict[str, str]:
+def cpu_info() -> tuple[str, set[str]]:
+    """(the CPU's model name, its feature flags) from /proc/cpuinfo; the platform's names where there is none."""
     model, flags = platform.processor() or platform.machine(), ""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -48,7 +49,12 @@ def _cpu_description() -> dict[str, str]:
                 flags = value.strip()
     except OSError:
         pass
-    return {"cpu": model, "flags_sha": hashlib.sha256(" ".join(sorted(flags.split())).encode()).hexdigest()[:12]}
+    return model, set(flags.split())
+
+
+def _cpu_description() -> dict[str, str]:
+    model, flags = cpu_info()
+    return {"cpu": model, "flags_sha": hashlib.sha256(" ".join(sorted(flags)).encode()).hexdigest()[:12]}
 
 
 def machine_description(device: torch.device) -> dict[str, str]:

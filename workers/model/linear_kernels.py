@@ -6,6 +6,8 @@ Candidates (each equals F.linear up to float rounding; tests check every one):
 - `wxt`: (W · xᵀ)ᵀ, the same GEMM with the roles swapped (some BLAS stream W [out, in] better this way).
 - `wxt_pair`: `wxt` with a single row computed as two (where the one-row GEMV path is slower than a GEMM);
   for more than one row it is `wxt`, so it is only a candidate for the one-row bucket.
+- `native_gemv`, `native_gemv_prefetch` (x86 CPU with AVX2, a C compiler): our own few-row GEMM, both
+  threads streaming W once (workers.model.native_gemv).
 - `onednn_packed` (CPU): oneDNN's linear over W reordered once into its blocked layout (kept beside W, and
   packed again when W is written in place, e.g. by fusion). It streams W from memory up to 2-3x faster than
   F.linear on some CPUs, and costs a second copy of each weight it serves.
@@ -22,6 +24,7 @@ from collections.abc import Callable, Mapping
 import torch
 import torch.nn.functional as F
 
+from workers.model import native_gemv
 from workers.model.kernel_choice import KernelChooser, KernelTable, Timer
 
 LinearFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]  # (x, W, b) → y
@@ -30,6 +33,7 @@ LinearFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Ten
 ROW_BUCKETS: tuple[tuple[int, int], ...] = ((1, 1), (2, 4), (5, 16), (17, 64), (65, 1 << 30))
 MEASURED_ROWS: tuple[int, ...] = (1, 4, 16, 64, 128)
 EAGER_BUCKETS = 3  # up to 16 rows: decode batches, measured at load
+LAST_BUCKET = {"wxt_pair": 0}  # candidates raced only up to a row bucket: a one-row trick
 MAX_WORKING_SET = 64 << 20  # weight elements cycled through when timing (256 MiB in fp32): bounds the time
 
 
@@ -78,7 +82,8 @@ def linear_onednn_packed(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | Non
 
 
 CANDIDATES: dict[str, LinearFn] = {"linear": linear_f, "wxt": linear_wxt, "wxt_pair": linear_wxt_pair,
-                                   "onednn_packed": linear_onednn_packed}
+                                   "onednn_packed": linear_onednn_packed, "native_gemv": native_gemv.dense,
+                                   "native_gemv_prefetch": native_gemv.dense_prefetch}
 
 
 def weight_elements(shapes: Mapping[tuple[int, int], int]) -> int:
@@ -111,11 +116,10 @@ class RowKernels:
     use. A candidate is called as fn(x, *weights, bias); `weights` builds representative weights to time."""
 
     def __init__(self, op: str, candidates: dict[str, Callable], table: KernelTable, override: str | None = None,
-                 timer: Timer | None = None, weights: WeightFactory = dense_weights,
-                 one_row_only: tuple[str, ...] = (), working_set: int = 0):
+                 timer: Timer | None = None, weights: WeightFactory = dense_weights, working_set: int = 0):
         """working_set: weight elements a step streams (the model's linears); candidates are timed cycling
         through that many elements of weight copies (at most MAX_WORKING_SET), so as cold as the model's."""
-        self.op, self.candidates, self.make_weights, self.one_row_only = op, candidates, weights, one_row_only
+        self.op, self.candidates, self.make_weights = op, candidates, weights
         self.working_set = min(working_set, MAX_WORKING_SET)
         self.chooser = KernelChooser(tuple(candidates), table, override, timer)
         self._chosen: dict[tuple, Callable] = {}
@@ -129,7 +133,7 @@ class RowKernels:
 
     def choose(self, out_features: int, in_features: int, bucket: int, dtype: torch.dtype,
                device: torch.device) -> str:
-        names = [n for n in self.candidates if bucket == 0 or n not in self.one_row_only]
+        names = [n for n in self.candidates if bucket <= LAST_BUCKET.get(n, bucket)]
         rows, copies = MEASURED_ROWS[bucket], self.copies(out_features, in_features)
 
         def calls():
@@ -173,5 +177,4 @@ class RowKernels:
 
 def linear_kernels(table: KernelTable, override: str | None = None, timer: Timer | None = None,
                    working_set: int = 0) -> RowKernels:
-    return RowKernels("linear", CANDIDATES, table, override, timer, one_row_only=("wxt_pair",),
-                      working_set=working_set)
+    return RowKernels("linear", CANDIDATES, table, override, timer, working_set=working_set)

@@ -3,14 +3,17 @@
 
 - `int8`, weight-only: activations stay in the compute dtype. Kernels:
   `int8pack_mm`: torch._weight_int8pack_mm(x, q, s), ATen's weight-only int8 GEMM;
-  `dequant_linear`: F.linear(x, q · s) with the weights dequantized for the call.
+  `dequant_linear`: F.linear(x, q · s) with the weights dequantized for the call;
+  `native_gemv`, `native_gemv_prefetch` (x86 CPU with AVX2, a C compiler; fp32 tokens): our own
+  few-row GEMM widening q as it streams, the scale applied to each sum (workers.model.native_gemv).
 - `w8a8`: activations too are quantized to int8 at run time, one symmetric scale per token (row), so a
   token's result does not depend on the rest of its batch; int8 × int8 products accumulate exactly in
   int32 (torch._int_mm), the output is scaled back by the token's and the channel's scales. It streams
   int8 weights through an int8 GEMM, where weight-only int8 has no fast kernel on many CPUs; its error is
   the weights' rounding plus the activations', which smoothing calibrated at load keeps down
   (workers.model.smoothing; README §Precision). Kernels: `int_mm`; `dequant_linear`, the same product in
-  float with the weights dequantized for the call (faster for many rows where int8 GEMMs are slow).
+  float with the weights dequantized for the call (faster for many rows where int8 GEMMs are slow); `native_gemv`,
+  the quantized tokens through the native int8 GEMV.
 Two more modes live in their own modules: `int4` (weight-only, 4-bit groups; workers.model.int4) and `fp16`
 (weight-only, half precision; workers.model.fp16). `MODES` holds all four.
 Every mode's kernels are chosen per shape, row bucket and dtype by measurement like the dense ones.
@@ -28,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from workers.errors import UnsupportedModelError
-from workers.model import fp16, int4
+from workers.model import fp16, int4, native_gemv
 from workers.model.decoder import Decoder, Linear, QuantizedLinear
 from workers.model.kernel_choice import KernelTable, Timer
 from workers.model.linear_kernels import RowKernels, WeightFactory
@@ -44,7 +47,8 @@ def dequant_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, b: to
     return F.linear(x, q.to(x.dtype) * scales[:, None], b)
 
 
-CANDIDATES = {"int8pack_mm": int8pack_mm, "dequant_linear": dequant_linear}
+CANDIDATES = {"int8pack_mm": int8pack_mm, "dequant_linear": dequant_linear, "native_gemv": native_gemv.int8,
+              "native_gemv_prefetch": native_gemv.int8_prefetch}
 
 
 def quantize_tokens(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,7 +78,15 @@ def w8a8_dequant_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor,
     return y if b is None else y.add_(b)
 
 
-W8A8_CANDIDATES = {"int_mm": w8a8_int_mm, "dequant_linear": w8a8_dequant_linear}
+def w8a8_native_gemv(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """The same product through the native int8 GEMV (int8 weights widened as they stream, fp32 sums): the
+    token's integers are exact in fp32, so only the summation order differs from `int_mm`."""
+    xq, sx = quantize_tokens(x)
+    y = native_gemv.int8(xq.float(), q, scales, None).mul_(sx).to(x.dtype)  # [N, out]
+    return y if b is None else y.add_(b)
+
+
+W8A8_CANDIDATES = {"int_mm": w8a8_int_mm, "dequant_linear": w8a8_dequant_linear, "native_gemv": w8a8_native_gemv}
 
 
 def quantize_rows(w: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,87 @@
+"""The native few-row GEMMs (workers/model/gemv.c) equal F.linear over the same weights, in each weight format,
+at row counts and shapes that leave tails (out not a multiple of the 4-row block, in not a multiple of 8), on one
+thread and on two, with and without prefetching; and they refuse what they cannot do, so the race leaves them out."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from workers.model import native_gemv
+from workers.model.quantized import quantize_rows
+
+SHAPES = [(80, 48), (70, 100), (3, 9), (1536, 576)]
+
+
+def reference(kind: str, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None):
+    """(the weights the kernel is given, extra args, the fp32 oracle)"""
+    if kind == "dense":
+        return w, (), F.linear(x, w, b)
+    if kind == "fp16":
+        w16 = w.half()
+        return w16, (), F.linear(x, w16.float(), b)
+    q, scales = quantize_rows(w, torch.float32)
+    return q, (scales,), F.linear(x, q.float() * scales[:, None], b)
+
+
+@pytest.mark.parametrize("kind", ["dense", "fp16", "int8"])
+@pytest.mark.parametrize("prefetch", [False, True])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("rows", [1, 3, 16])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_each_format_equals_f_linear(kind, prefetch, shape, rows, threads):
+    torch.manual_seed(rows * 7 + shape[0])
+    w, x, b = torch.randn(*shape), torch.randn(rows, shape[1]), torch.randn(shape[0])
+    fn = getattr(native_gemv, kind + ("_prefetch" if prefetch else ""))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        weights, extra, ref = reference(kind, x, w, b)
+        out = fn(x, weights, *extra, b)
+        no_bias = fn(x, weights, *extra, None)
+    finally:
+        torch.set_num_threads(before)
+    assert out.shape == ref.shape and out.dtype == torch.float32 and out.is_contiguous()
+    assert ((out - ref).abs().max() / ref.abs().max()).item() <= 1e-5
+    torch.testing.assert_close(no_bias, ref - b, rtol=1e-5, atol=1e-4)
+
+
+def test_strided_tokens_are_read_as_their_values():
+    torch.manual_seed(0)
+    w, x = torch.randn(40, 24), torch.randn(24, 5).t()  # x [5, 24], not contiguous
+    torch.testing.assert_close(native_gemv.dense(x, w, None), F.linear(x, w), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["bf16 tokens", "fp16 weights to the fp32 kernel", "a graph to keep"])
+def test_what_it_cannot_do_is_refused_not_miscomputed(case):
+    w, x = torch.randn(8, 16), torch.randn(2, 16)
+    if case == "bf16 tokens":
+        x = x.bfloat16()
+    elif case == "fp16 weights to the fp32 kernel":
+        w = w.half()
+    else:
+        w.requires_grad_(True)
+    with pytest.raises(NotImplementedError):
+        native_gemv.dense(x, w, None)
+
+
+def test_no_compiler_leaves_the_candidates_out(monkeypatch, tmp_path):
+    monkeypatch.setenv("ADAPTERD_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", "no-such-compiler")
+    monkeypatch.setenv("PATH", str(tmp_path))  # neither gcc nor cc
+    monkeypatch.setattr(native_gemv, "_library", None)
+    with pytest.raises(NotImplementedError, match="no C compiler"):
+        native_gemv.dense(torch.randn(1, 8), torch.randn(8, 8), None)
+    with pytest.raises(NotImplementedError, match="no C compiler"):  # the failure is remembered, not retried
+        native_gemv.library()
+
+
+def test_the_library_is_built_once_into_the_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("ADAPTERD_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(native_gemv, "_library", None)
+    native_gemv.library()
+    built = list((tmp_path / "native").glob("gemv-*.so"))
+    assert len(built) == 1
+    stamp = built[0].stat().st_mtime_ns
+    monkeypatch.setattr(native_gemv, "_library", None)  # a new process: the file is loaded, not rebuilt
+    native_gemv.library()
+    assert built[0].stat().st_mtime_ns == stamp and len(list((tmp_path / "native").iterdir())) == 1

@@ -1,0 +1,83 @@
+/* Few-row GEMMs y = scale · (x · Wᵀ) + b for a decode step (x: [n, in] fp32, W: [out, in] in fp32, fp16 or
+ * int8), AVX2 + FMA + F16C, threads splitting W's rows. Built at run time by workers.model.native_gemv
+ * and raced there against torch's kernels like every other candidate; its oracle is F.linear.
+ *
+ * A decode step streams every weight once: the work is reading W, so each block of ROWS weight rows is read
+ * once for all n token rows, each 8 loaded tokens serving ROWS rows. `prefetch` > 0 asks for the rows `prefetch`
+ * blocks ahead while a block is summed (int8 and fp16 rows are too short for the hardware prefetcher to ramp
+ * up on; whether it helps is measured, not assumed: the caller races both). */
+#include <immintrin.h>
+#include <stdint.h>
+
+typedef __m256 (*load8_fn)(const void *w, int64_t k); /* weights k..k+8 of a row, widened to fp32 */
+typedef float (*load1_fn)(const void *w, int64_t k);
+
+static inline __m256 load8_f32(const void *w, int64_t k) { return _mm256_loadu_ps((const float *)w + k); }
+static inline __m256 load8_f16(const void *w, int64_t k) {
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)w + k)));
+}
+static inline __m256 load8_i8(const void *w, int64_t k) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)((const int8_t *)w + k))));
+}
+static inline float load1_f32(const void *w, int64_t k) { return ((const float *)w)[k]; }
+static inline float load1_f16(const void *w, int64_t k) { return _cvtsh_ss(((const uint16_t *)w)[k]); }
+static inline float load1_i8(const void *w, int64_t k) { return (float)((const int8_t *)w)[k]; }
+
+static inline float sum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+#define ROWS 4 /* weight rows per block */
+
+/* y[r, o:o+ROWS] for every token row r; inlined into each public function with its loads as constants */
+static inline __attribute__((always_inline)) void gemv_block(
+        load8_fn load8, load1_fn load1, int64_t wsize, const float *x, const void *w, const float *scale,
+        const float *b, float *y, int64_t n, int64_t out, int64_t in, int64_t o, int64_t prefetch) {
+    int64_t m = out - o < ROWS ? out - o : ROWS, vec_end = in - in % 8, ahead = prefetch * ROWS * in * wsize;
+    const char *wr[ROWS]; /* the block's rows; past the end of W, repeats of its first row (not stored) */
+    for (int j = 0; j < ROWS; j++) wr[j] = (const char *)w + (o + (j < m ? j : 0)) * in * wsize;
+    for (int64_t r = 0; r < n; r++) {
+        const float *xr = x + r * in;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int64_t k = 0; k < vec_end; k += 8) {
+            if (prefetch && r == 0 && ((k * wsize) & 63) == 0) /* once per cache line */
+                for (int j = 0; j < ROWS; j++) _mm_prefetch(wr[j] + k * wsize + ahead, _MM_HINT_T0);
+            __m256 xv = _mm256_loadu_ps(xr + k);
+            a0 = _mm256_fmadd_ps(load8(wr[0], k), xv, a0);
+            a1 = _mm256_fmadd_ps(load8(wr[1], k), xv, a1);
+            a2 = _mm256_fmadd_ps(load8(wr[2], k), xv, a2);
+            a3 = _mm256_fmadd_ps(load8(wr[3], k), xv, a3);
+        }
+        float acc[ROWS] = {sum8(a0), sum8(a1), sum8(a2), sum8(a3)};
+        for (int64_t k = vec_end; k < in; k++)
+            for (int j = 0; j < ROWS; j++) acc[j] += load1(wr[j], k) * xr[k];
+        for (int64_t j = 0; j < m; j++)
+            y[r * out + o + j] = acc[j] * (scale ? scale[o + j] : 1.0f) + (b ? b[o + j] : 0.0f);
+    }
+}
+
+/* W fp32 [out, in]; b [out] or NULL */
+void gemv_f32(const float *x, const float *w, const float *b, float *y, int64_t n, int64_t out, int64_t in,
+              int64_t prefetch, int threads) {
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t o = 0; o < out; o += ROWS)
+        gemv_block(load8_f32, load1_f32, 4, x, w, 0, b, y, n, out, in, o, prefetch);
+}
+
+/* W IEEE fp16 [out, in] (as raw 16-bit words) */
+void gemv_f16(const float *x, const uint16_t *w, const float *b, float *y, int64_t n, int64_t out, int64_t in,
+              int64_t prefetch, int threads) {
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t o = 0; o < out; o += ROWS)
+        gemv_block(load8_f16, load1_f16, 2, x, w, 0, b, y, n, out, in, o, prefetch);
+}
+
+/* W int8 [out, in] with one fp32 scale per output row: y = scale · (x · Wᵀ) + b */
+void gemv_i8(const float *x, const int8_t *w, const float *scale, const float *b, float *y, int64_t n, int64_t out,
+             int64_t in, int64_t prefetch, int threads) {
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t o = 0; o < out; o += ROWS)
+        gemv_block(load8_i8, load1_i8, 1, x, w, scale, b, y, n, out, in, o, prefetch);
+}

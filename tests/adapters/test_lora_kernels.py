@@ -80,3 +80,20 @@ def test_the_packed_kernel_follows_writes_to_the_bank():
         torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
         a[8:16] = torch.randn(8, 32)  # a new adapter placed in the rows of the second
         bt[8:16] = torch.randn(8, 40)
+
+
+@pytest.mark.parametrize("name", list(CANDIDATES))
+@pytest.mark.parametrize(("in_f", "out_f"), [(32, 40), (37, 13)])  # 37, 13: tails of every vector loop
+def test_every_candidate_equals_the_reference_on_wide_and_uneven_rows(name, in_f, out_f):
+    """Rows of rank 8 and 80 (wider than one pass of the native kernel's 64), a row with two ranges, a base row,
+    and a prefill chunk after the decode rows."""
+    torch.manual_seed(1)
+    a, bt = torch.randn(120, in_f), torch.randn(120, out_f)
+    decode = [((0, 8),), ((8, 88),), (), ((0, 8), (100, 116)), ((88, 96),)]
+    batch = build_adapter_batch(decode, [(5, 9, ((8, 88),))], torch.float32, torch.device("cpu"))
+    x = torch.randn(9, in_f)
+    y = torch.randn(9, out_f)  # the base's output, added to
+    ref = y.clone()
+    CANDIDATES[name](y, x, a, bt, batch)
+    lora_add_reference(ref, x, a, bt, batch)
+    assert ((y - ref).abs().max() / ref.abs().max()).item() <= 1e-5

@@ -11,6 +11,8 @@ Decode rows (one token per sequence) each add `scale · B (A x)` for their own b
 - `bgmv`: each decode token's own bank rows gathered ([Bd, R, in] and [Bd, R, out], R its rank), a batched
   GEMV each way (BGMV with a gather copy): reads each token's adapter once and nothing else, computes no
   row against another token's adapter; its cost grows with the decode rows, not with the bank span.
+- `native_bgmv` (x86 CPU with AVX2, a C compiler; fp32): `bgmv` without the gathered copies, each decode row
+  reading its own bank rows straight from the bank (workers/model/gemv.c, built as the native GEMV is).
 - `packed` (CPU): `fast` over the whole bank, A and Bᵀ packed by oneDNN once (again after a bank write, i.e.
   after an adapter load): both GEMMs stream the bank at oneDNN's packed rate, bank rows outside the batch's
   span are masked to zero; it pays for the whole bank, so it wins only where the bank is mostly in use. Every
@@ -27,6 +29,7 @@ from __future__ import annotations
 import torch
 
 from workers.adapters.ops import AdapterBatch, build_adapter_batch, lora_add_chunks, lora_add_fast
+from workers.model import native_gemv
 from workers.model.kernel_choice import KernelChooser, KernelTable, Timer
 from workers.model.linear_kernels import MAX_WORKING_SET, MEASURED_ROWS, bucket_label, onednn_linear, row_bucket
 
@@ -81,8 +84,16 @@ def lora_add_bgmv(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, bt: torch.T
     lora_add_chunks(y, x, a, bt, batch)
 
 
+def lora_add_native_bgmv(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, bt: torch.Tensor,
+                         batch: AdapterBatch) -> None:
+    """y: [N, out] += per token; x: [N, in]; a: [rows, in]; bt: [rows, out]."""
+    if batch.decode_gather is not None:
+        native_gemv.lora_bgmv(y, x, a, bt, batch.decode_gather, batch.decode_gather_mask)
+    lora_add_chunks(y, x, a, bt, batch)
+
+
 CANDIDATES = {"fast": lora_add_fast, "grouped": lora_add_grouped, "gathered": lora_add_gathered,
-              "bgmv": lora_add_bgmv, "packed": lora_add_packed}
+              "bgmv": lora_add_bgmv, "packed": lora_add_packed, "native_bgmv": lora_add_native_bgmv}
 MIXED_ONLY = ("gathered",)  # raced only where some decode rows use no adapter
 
 

@@ -81,3 +81,47 @@ void gemv_i8(const float *x, const int8_t *w, const float *scale, const float *b
     for (int64_t o = 0; o < out; o += ROWS)
         gemv_block(load8_i8, load1_i8, 1, x, w, scale, b, y, n, out, in, o, prefetch);
 }
+
+static inline float dot(const float *a, const float *b, int64_t len) {
+    __m256 s0 = _mm256_setzero_ps(), s1 = s0;
+    int64_t k = 0;
+    for (; k + 16 <= len; k += 16) {
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), s0);
+        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k + 8), _mm256_loadu_ps(b + k + 8), s1);
+    }
+    float s = sum8(_mm256_add_ps(s0, s1));
+    for (; k < len; k++) s += a[k] * b[k];
+    return s;
+}
+
+#define LORA_ROWS 64 /* bank rows a decode row's expand sums in one pass over y */
+
+/* LoRA for decode rows, BGMV: y[i] += Σ_j mask[i, j] · (a[rows[i, j]] · x[i]) · bt[rows[i, j]] for each decode row i
+ * (x [bd, in], y [bd, out], a [bank, in], bt [bank, out], rows and mask [bd, width]; mask 0 on padding). Each row
+ * reads its own adapter's rows once, straight from the bank (no gathered copies); threads split the rows. */
+void lora_bgmv_f32(const float *x, const float *a, const float *bt, const int64_t *rows, const float *mask, float *y,
+                   int64_t bd, int64_t width, int64_t in, int64_t out, int threads) {
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t i = 0; i < bd; i++) {
+        for (int64_t j0 = 0; j0 < width; j0 += LORA_ROWS) {
+            float h[LORA_ROWS];
+            const float *br[LORA_ROWS];
+            int m = 0;
+            for (int64_t j = j0; j < width && j < j0 + LORA_ROWS; j++) {
+                float w = mask[i * width + j];
+                if (w == 0.0f) continue; /* padding */
+                h[m] = w * dot(a + rows[i * width + j] * in, x + i * in, in);
+                br[m++] = bt + rows[i * width + j] * out;
+            }
+            float *yi = y + i * out;
+            int64_t o = 0;
+            for (; o + 8 <= out; o += 8) {
+                __m256 acc = _mm256_loadu_ps(yi + o);
+                for (int j = 0; j < m; j++) acc = _mm256_fmadd_ps(_mm256_set1_ps(h[j]), _mm256_loadu_ps(br[j] + o), acc);
+                _mm256_storeu_ps(yi + o, acc);
+            }
+            for (; o < out; o++)
+                for (int j = 0; j < m; j++) yi[o] += h[j] * br[j][o];
+        }
+    }
+}

@@ -74,6 +74,8 @@ def _build() -> ctypes.CDLL:
     for name, pointers in (("gemv_f32", 4), ("gemv_f16", 4), ("gemv_i8", 5)):
         getattr(lib, name).argtypes = [p] * pointers + [i64] * 4 + [ctypes.c_int]
         getattr(lib, name).restype = None
+    lib.lora_bgmv_f32.argtypes = [p] * 6 + [i64] * 4 + [ctypes.c_int]
+    lib.lora_bgmv_f32.restype = None
     return lib
 
 
@@ -101,7 +103,8 @@ def _run(fn_name: str, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
     """y [N, out] = scale · (x · Wᵀ) + b, x [N, in] fp32 on the CPU, W [out, in]; scale (gemv_i8 only) and b [out].
     A decode step calls this ~200 times: it is kept to what must be checked (~3 µs)."""
     if x.dtype != torch.float32 or w.dtype != WEIGHT_DTYPES[fn_name] or not x.is_cpu:
-        raise NotImplementedError(f"the native GEMV takes fp32 tokens and {WEIGHT_DTYPES[fn_name]} weights on a CPU")
+        raise NotImplementedError(f"the native GEMV takes fp32 tokens and {WEIGHT_DTYPES[fn_name]} weights on a CPU, "
+                                  f"not {x.dtype} tokens and {w.dtype} weights on {x.device}")
     if (x.requires_grad or w.requires_grad) and torch.is_grad_enabled():
         raise NotImplementedError("the native GEMV keeps no autograd graph")
     x, w = x.contiguous(), w.contiguous()
@@ -140,6 +143,22 @@ def int8(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, b: torch.Tensor
 
 def int8_prefetch(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     return _run("gemv_i8", x, q, b, PREFETCH_BLOCKS, scales)
+
+
+def lora_bgmv(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, bt: torch.Tensor, rows: torch.Tensor,
+              mask: torch.Tensor) -> None:
+    """y[:Bd] += each decode row's own LoRA, in place: y [N, out] and x [N, in] fp32, a [bank, in] and bt [bank, out]
+    fp32, rows [Bd, R] long (bank rows of each decode row), mask [Bd, 1, R] (0 on padding)."""
+    if not (y.dtype == x.dtype == a.dtype == bt.dtype == mask.dtype == torch.float32 and y.is_cpu):
+        raise NotImplementedError(f"the native BGMV takes fp32 tokens and banks on a CPU, not {y.dtype} on {y.device}")
+    if not (y.is_contiguous() and a.is_contiguous() and bt.is_contiguous()):
+        raise NotImplementedError("the native BGMV writes a contiguous y from contiguous banks")
+    if (x.requires_grad or a.requires_grad or bt.requires_grad) and torch.is_grad_enabled():
+        raise NotImplementedError("the native BGMV keeps no autograd graph")
+    bd, width = rows.shape
+    x, rows, mask = x.contiguous(), rows.contiguous(), mask.contiguous()
+    library().lora_bgmv_f32(x.data_ptr(), a.data_ptr(), bt.data_ptr(), rows.data_ptr(), mask.data_ptr(), y.data_ptr(),
+                            bd, width, a.shape[1], bt.shape[1], torch.get_num_threads())
 
 
 NAMES = ("native_gemv", "native_gemv_prefetch")  # each mode's two candidates, by the same names

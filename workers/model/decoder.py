@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from workers.model.attention_kernels import AttentionKernels, sdpa
 from workers.model.batch import StepBatch
 from workers.model.config import DecoderConfig
 from workers.model.kv_cache import KVCache
@@ -61,6 +62,8 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
+    kernels: AttentionKernels | None = None  # the measured decode attention; SDPA until the loader sets it
+
     def __init__(self, cfg: DecoderConfig, layer: int):
         super().__init__()
         self.layer = layer
@@ -95,8 +98,8 @@ class Attention(nn.Module):
         """[Bd, H, D]: each decode row's attention over its own sequence's cached keys and values."""
         keys, values = kv.decode_view(self.layer, batch)  # [Bd, KVH, S, D]
         qd = q[:batch.num_decode].unsqueeze(2)  # [Bd, H, 1, D]
-        o = F.scaled_dot_product_attention(qd, keys, values, attn_mask=batch.decode_mask, enable_gqa=True)
-        return o.squeeze(2)
+        fn = sdpa if self.kernels is None else self.kernels.get(qd, keys, batch.decode_mask)
+        return fn(qd, keys, values, batch.decode_mask).squeeze(2)
 
 
 class MLP(nn.Module):

@@ -85,3 +85,24 @@ def test_the_library_is_built_once_into_the_cache(monkeypatch, tmp_path):
     monkeypatch.setattr(native_gemv, "_library", None)  # a new process: the file is loaded, not rebuilt
     native_gemv.library()
     assert built[0].stat().st_mtime_ns == stamp and len(list((tmp_path / "native").iterdir())) == 1
+
+
+def test_shapes_that_do_not_fit_are_refused_before_any_memory_is_read():
+    x, w = torch.randn(2, 16), torch.randn(8, 16)
+    with pytest.raises(ValueError, match="do not fit"):
+        native_gemv.dense(torch.randn(2, 15), w, None)
+    with pytest.raises(ValueError, match="do not fit"):
+        native_gemv.dense(x, w, torch.randn(7))
+    q, scales = quantize_rows(w, torch.float32)
+    with pytest.raises(ValueError, match="do not fit"):
+        native_gemv.int8(x, q, scales[:4], None)
+
+
+def test_the_lora_kernel_refuses_bank_rows_outside_the_bank():
+    a, bt, x, y = torch.randn(16, 8), torch.randn(16, 4), torch.randn(2, 8), torch.zeros(2, 4)
+    rows, mask = torch.tensor([[0, 1], [15, 16]]), torch.ones(2, 1, 2)
+    with pytest.raises(IndexError, match="outside the bank"):
+        native_gemv.lora_bgmv(y, x, a, bt, rows, mask)
+    assert not y.any()  # nothing written
+    with pytest.raises(ValueError, match="do not fit"):
+        native_gemv.lora_bgmv(y, torch.randn(2, 7), a, bt, rows.clamp(max=15), mask)

@@ -98,9 +98,13 @@ static inline float dot(const float *a, const float *b, int64_t len) {
 
 /* LoRA for decode rows, BGMV: y[i] += Σ_j mask[i, j] · (a[rows[i, j]] · x[i]) · bt[rows[i, j]] for each decode row i
  * (x [bd, in], y [bd, out], a [bank, in], bt [bank, out], rows and mask [bd, width]; mask 0 on padding). Each row
- * reads its own adapter's rows once, straight from the bank (no gathered copies); threads split the rows. */
-void lora_bgmv_f32(const float *x, const float *a, const float *bt, const int64_t *rows, const float *mask, float *y,
-                   int64_t bd, int64_t width, int64_t in, int64_t out, int threads) {
+ * reads its own adapter's rows once, straight from the bank (no gathered copies); threads split the rows.
+ * Returns the number of bank rows out of [0, bank): nonzero means nothing was written. */
+int64_t lora_bgmv_f32(const float *x, const float *a, const float *bt, const int64_t *rows, const float *mask,
+                      float *y, int64_t bd, int64_t width, int64_t in, int64_t out, int64_t bank, int threads) {
+    int64_t outside = 0;
+    for (int64_t k = 0; k < bd * width; k++) outside += rows[k] < 0 || rows[k] >= bank;
+    if (outside) return outside;
     #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t i = 0; i < bd; i++) {
         for (int64_t j0 = 0; j0 < width; j0 += LORA_ROWS) {
@@ -124,4 +128,5 @@ void lora_bgmv_f32(const float *x, const float *a, const float *bt, const int64_
                 for (int j = 0; j < m; j++) yi[o] += h[j] * br[j][o];
         }
     }
+    return 0;
 }

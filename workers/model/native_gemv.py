@@ -74,8 +74,8 @@ def _build() -> ctypes.CDLL:
     for name, pointers in (("gemv_f32", 4), ("gemv_f16", 4), ("gemv_i8", 5)):
         getattr(lib, name).argtypes = [p] * pointers + [i64] * 4 + [ctypes.c_int]
         getattr(lib, name).restype = None
-    lib.lora_bgmv_f32.argtypes = [p] * 6 + [i64] * 4 + [ctypes.c_int]
-    lib.lora_bgmv_f32.restype = None
+    lib.lora_bgmv_f32.argtypes = [p] * 6 + [i64] * 5 + [ctypes.c_int]
+    lib.lora_bgmv_f32.restype = i64
     return lib
 
 
@@ -110,7 +110,10 @@ def _run(fn_name: str, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
     x, w = x.contiguous(), w.contiguous()
     if b is not None:
         b = b.float().contiguous()
-    (n, _), (out_f, in_f) = x.shape, w.shape
+    (n, x_in), (out_f, in_f) = x.shape, w.shape
+    if x_in != in_f or (b is not None and b.numel() != out_f) or (scale is not None and scale.numel() != out_f):
+        raise ValueError(f"shapes do not fit: x {tuple(x.shape)}, W {tuple(w.shape)}, "  # C reads what they say
+                         f"b {None if b is None else b.numel()}, scale {None if scale is None else scale.numel()}")
     y = torch.empty(n, out_f)  # [N, out]
     tail = (None if b is None else b.data_ptr(), y.data_ptr(), n, out_f, in_f, prefetch, torch.get_num_threads())
     if scale is None:
@@ -156,9 +159,16 @@ def lora_bgmv(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, bt: torch.Tenso
     if (x.requires_grad or a.requires_grad or bt.requires_grad) and torch.is_grad_enabled():
         raise NotImplementedError("the native BGMV keeps no autograd graph")
     bd, width = rows.shape
+    if not (x.shape[1] == a.shape[1] and y.shape[1] == bt.shape[1] and a.shape[0] == bt.shape[0]
+            and min(x.shape[0], y.shape[0]) >= bd and mask.numel() == bd * width and rows.dtype == torch.int64):
+        raise ValueError(f"shapes do not fit: y {tuple(y.shape)}, x {tuple(x.shape)}, A {tuple(a.shape)}, "
+                         f"Bt {tuple(bt.shape)}, rows {tuple(rows.shape)} {rows.dtype}, mask {tuple(mask.shape)}")
     x, rows, mask = x.contiguous(), rows.contiguous(), mask.contiguous()
-    library().lora_bgmv_f32(x.data_ptr(), a.data_ptr(), bt.data_ptr(), rows.data_ptr(), mask.data_ptr(), y.data_ptr(),
-                            bd, width, a.shape[1], bt.shape[1], torch.get_num_threads())
+    outside = library().lora_bgmv_f32(x.data_ptr(), a.data_ptr(), bt.data_ptr(), rows.data_ptr(), mask.data_ptr(),
+                                      y.data_ptr(), bd, width, a.shape[1], bt.shape[1], a.shape[0],
+                                      torch.get_num_threads())
+    if outside:
+        raise IndexError(f"{outside} bank rows outside the bank's {a.shape[0]}")
 
 
 NAMES = ("native_gemv", "native_gemv_prefetch")  # each mode's two candidates, by the same names

@@ -3,6 +3,7 @@ probing, and end to end: random heads end up decoding plainly (same output, `det
 heads whose candidates are right speculate with a tree the model sizes."""
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from workers.engine.speculation_policy import (
     PolicyConfig,
     SpeculationPolicy,
     choose_size,
+    measure_step_seconds,
     monotone_costs,
     path_probabilities,
     value_order,
@@ -149,3 +151,24 @@ def test_heads_that_are_right_speculate_and_keep_the_output(tmp_path, make_core)
     assert tokens == plain
     assert spec["used"] is True and spec["reason"] == "expected gain"
     assert spec["mean_tokens_per_step"] > 2 and spec["max_tree_size"] >= 2
+
+
+def test_a_speculative_steps_cost_counts_drafting_its_candidates(monkeypatch):
+    """Drafting (the heads over the base's lm_head) is part of what a speculative step costs; a plain step has none.
+    A fake clock: a one-token step takes 10, verifying n tokens 10 + n, drafting 4."""
+    from workers.engine import speculation_policy
+
+    clock = [0.0]
+    monkeypatch.setattr(speculation_policy.time, "perf_counter", lambda: clock[0])
+
+    def forward(decode, chunks, with_hidden):
+        clock[0] += 10.0 if decode else 10.0 + len(chunks[0].tokens)
+        return torch.zeros(1, 1), None
+
+    def propose():
+        clock[0] += 4.0
+
+    seq = SimpleNamespace(kv_slot=0, num_cached=3, last_token=7, placement=None)
+    layouts = [None, None, "two", "three"]
+    assert measure_step_seconds(forward, seq, layouts, reps=3, propose=propose) == [0.0, 10.0, 16.0, 17.0]
+    assert measure_step_seconds(forward, seq, layouts, reps=3) == [0.0, 10.0, 12.0, 13.0]

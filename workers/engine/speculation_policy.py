@@ -1,9 +1,10 @@
 """When Medusa speculation pays, and how big a tree: a cost model measured on this machine, acceptance
 tracked online per head set, and the decision that joins them (issue 14, item 5).
 
-Cost: at first use the engine times one decode step of a real sequence (one token) and the verification
-of trees of 2..T tokens (the configured tree's first nodes), on that sequence's own KV slot at positions it
-has not written yet (nothing it keeps is touched); `costs[n]` = seconds(n tokens) / seconds(1 token),
+Cost: at first use the engine times one decode step of a real sequence (one token) and a speculative step
+with trees of 2..T tokens (the configured tree's first nodes): drafting the candidates with the sequence's
+heads plus verifying them, on that sequence's own KV slot at positions it has not written yet (nothing it keeps
+is touched); `costs[n]` = seconds(n tokens) / seconds(1 token),
 made non-decreasing and ≥ 1. Measured once per engine (the machine does not change under it).
 
 Acceptance: for each head set (its weights' fingerprint, greedy and sampled apart) and each tree path,
@@ -183,14 +184,20 @@ class SpeculationPolicy:
 
 
 # measuring the cost --------------------------------------------------------------------------------
-def measure_step_seconds(forward: Callable, seq: Sequence, layouts: list, reps: int) -> list[float]:
-    """Median seconds of a one-token decode step and of verifying trees of 2..T tokens (layouts[n] for
-    n ≥ 2), on `seq`'s KV slot at positions it has not written (num_cached onwards). Index 0 unused."""
+def measure_step_seconds(forward: Callable, seq: Sequence, layouts: list, reps: int,
+                         propose: Callable[[], object] | None = None) -> list[float]:
+    """Median seconds of a one-token decode step and of a speculative step with a tree of 2..T tokens
+    (layouts[n] for n ≥ 2): drafting its candidates (`propose`: the heads over one row, which read the base's
+    lm_head once per head) plus verifying them, on `seq`'s KV slot at positions it has not written (num_cached
+    onwards). Index 0 unused."""
     slot, start, token, placement = seq.kv_slot, seq.num_cached, seq.last_token, seq.placement
-    runs: dict[int, list[float]] = {n: [] for n in range(1, len(layouts))}
+    runs: dict[int, list[float]] = {n: [] for n in range(0 if propose else 1, len(layouts))}  # 0: drafting
 
     def once(n: int) -> float:
         t0 = time.perf_counter()
+        if n == 0:
+            propose()
+            return time.perf_counter() - t0
         if n == 1:
             logits, _ = forward([DecodeRow(slot, start, token, placement)], [], with_hidden=True)
         else:
@@ -199,9 +206,10 @@ def measure_step_seconds(forward: Callable, seq: Sequence, layouts: list, reps: 
         float(logits[-1, 0])  # waits for the device
         return time.perf_counter() - t0
 
-    once(1)  # warm up
-    once(len(layouts) - 1)
+    for n in runs:  # warm up
+        once(n)
     for _ in range(reps):
         for n in runs:
             runs[n].append(once(n))
-    return [0.0] + [statistics.median(runs[n]) for n in sorted(runs)]
+    drafting = statistics.median(runs.pop(0)) if propose else 0.0
+    return [0.0] + [statistics.median(runs[n]) + (drafting if n > 1 else 0.0) for n in sorted(runs)]

@@ -254,15 +254,23 @@ class Speculator:
         return self.subtrees[paths]
 
     def _measure(self, seq: Sequence) -> list[float]:
-        """Seconds of a one-token step and of trees of 2..T tokens (the configured tree's first nodes)."""
+        """Seconds of a one-token step and of speculative steps with trees of 2..T tokens (the configured tree's
+        first nodes), drafting by the sequence's heads included."""
         layouts = [None, None] + [self._subtree(self.tree.paths[:n - 1]).layout
                                   for n in range(2, self.tree.size + 1)]
+        heads, hidden = self.heads_for(seq), seq.medusa_hidden
+
+        def propose() -> None:
+            with torch.inference_mode():
+                heads.topk(hidden[None], self.tree.topk).cpu()  # [1, K, k]; .cpu() waits for the device
+
         try:
-            seconds = measure_step_seconds(self.forward, seq, layouts, self.policy.cfg.cost_reps)
+            seconds = measure_step_seconds(self.forward, seq, layouts, self.policy.cfg.cost_reps, propose)
         except Exception:  # not the request's fault: without a cost model, trees are never worth it
             log.exception("Medusa cost measurement failed; this worker will decode plainly")
             return [0.0, 1.0] + [float("inf")] * (self.tree.size - 1)
-        log.info("Medusa cost model: verifying n tokens costs %s one-token steps",
+        log.info("Medusa cost model: a speculative step of n tokens (drafting + verifying) costs %s one-token "
+                 "steps",
                  [round(s / seconds[1], 2) for s in seconds[1:]])
         return seconds
 

@@ -120,6 +120,10 @@ def test_fast_kernels_equal_reference_on_random_banks(kernel, device):
     batch = build_adapter_batch(decode_rows, chunks, torch.float32, device)
     x = torch.randn(27, d_in, device=device)
     y_fast, y_ref = torch.zeros(27, d_out, device=device), torch.zeros(27, d_out, device=device)
+    if kernel == "native_bgmv" and device.type != "cpu":  # a CPU kernel: refused, so the chooser leaves it out
+        with pytest.raises(NotImplementedError):
+            KERNELS[kernel](y_fast, x, a, bt, batch)
+        return
     KERNELS[kernel](y_fast, x, a, bt, batch)
     lora_add_reference(y_ref, x, a, bt, batch)
     assert ((y_fast - y_ref).abs().max() / y_ref.abs().max()).item() <= 1e-5

@@ -206,7 +206,7 @@ def measure_step_seconds(forward: Callable, seq: Sequence, layouts: list, reps: 
         float(logits[-1, 0])  # waits for the device
         return time.perf_counter() - t0
 
-    for n in runs:  # warm up
+    for n in (0 if propose else 1, 1, len(layouts) - 1):  # warm up: drafting, the plain step, the largest tree
         once(n)
     for _ in range(reps):
         for n in runs:

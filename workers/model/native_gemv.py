@@ -169,6 +169,3 @@ def lora_bgmv(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, bt: torch.Tenso
                                       torch.get_num_threads())
     if outside:
         raise IndexError(f"{outside} bank rows outside the bank's {a.shape[0]}")
-
-
-NAMES = ("native_gemv", "native_gemv_prefetch")  # each mode's two candidates, by the same names

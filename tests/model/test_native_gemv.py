@@ -24,14 +24,14 @@ def reference(kind: str, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | Non
 
 
 @pytest.mark.parametrize("kind", ["dense", "fp16", "int8"])
-@pytest.mark.parametrize("prefetch", [False, True])
+@pytest.mark.parametrize("prefetch", ["", "_prefetch", "_packed"])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("rows", [1, 3, 16])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_each_format_equals_f_linear(kind, prefetch, shape, rows, threads):
     torch.manual_seed(rows * 7 + shape[0])
     w, x, b = torch.randn(*shape), torch.randn(rows, shape[1]), torch.randn(shape[0])
-    fn = getattr(native_gemv, kind + ("_prefetch" if prefetch else ""))
+    fn = getattr(native_gemv, kind + prefetch)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -43,6 +43,21 @@ def test_each_format_equals_f_linear(kind, prefetch, shape, rows, threads):
     assert out.shape == ref.shape and out.dtype == torch.float32 and out.is_contiguous()
     assert ((out - ref).abs().max() / ref.abs().max()).item() <= 1e-5
     torch.testing.assert_close(no_bias, ref - b, rtol=1e-5, atol=1e-4)
+
+
+def test_packed_weights_are_kept_beside_w_and_packed_again_when_w_is_written():
+    torch.manual_seed(1)
+    w, x = torch.randn(70, 100), torch.randn(2, 100)
+    packed = native_gemv.packed(w)
+    assert packed.shape == native_gemv.packed_shape(70, 100) == (18, 13, 4, 8)
+    assert native_gemv.packed(w) is packed  # made once
+    assert packed[17, 12, 2:].abs().sum() == 0 and packed[0, 12, :, 4:].abs().sum() == 0  # the padding is zeros
+    torch.testing.assert_close(packed[1, 2, 3], w[7, 16:24])  # block 1, weights 16..23 of its 4th row
+    with torch.no_grad():
+        w.mul_(2)  # written in place, as fusion writes a base weight
+    torch.testing.assert_close(native_gemv.dense_packed(x, w, None), F.linear(x, w), rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError):  # packed weights of another shape are refused, not read out of bounds
+        native_gemv._run("gemv_f32_packed", x, w, None, 0, packed_w=native_gemv.pack_rows(torch.randn(70, 90)))
 
 
 def test_strided_tokens_are_read_as_their_values():

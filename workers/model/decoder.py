@@ -15,8 +15,8 @@ from workers.model.attention_kernels import AttentionKernels, sdpa
 from workers.model.batch import StepBatch
 from workers.model.config import DecoderConfig
 from workers.model.kv_cache import KVCache
+from workers.model.layer_kernels import LayerKernels, norm_torch, rope_write_torch
 from workers.model.linear_kernels import RowKernels
-from workers.model.rope import apply_rope
 
 
 class Linear(nn.Linear):
@@ -42,10 +42,17 @@ class QuantizedLinear(nn.Module):
 
 
 class RMSNorm(nn.Module):
+    kernels: LayerKernels | None = None  # the measured residual add + norm; torch's ops until the loader sets it
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+
+    def add_forward(self, x: torch.Tensor, delta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + delta, forward(x + delta)), x and delta [N, dim]; delta None: (x, forward(x))."""
+        fn = norm_torch if self.kernels is None else self.kernels.norm(x, delta is not None)
+        return fn(x, delta, self.weight, self.eps, self.forward)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:  # one fused op, equal to the reference
@@ -63,6 +70,7 @@ class RMSNorm(nn.Module):
 
 class Attention(nn.Module):
     kernels: AttentionKernels | None = None  # the measured decode attention; SDPA until the loader sets it
+    layer_kernels: LayerKernels | None = None  # the measured RoPE + cache write; torch's ops until the loader sets it
 
     def __init__(self, cfg: DecoderConfig, layer: int):
         super().__init__()
@@ -79,8 +87,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(n, self.num_heads, self.head_dim)  # [N, H, D]
         k = self.k_proj(x).view(n, self.num_kv_heads, self.head_dim)  # [N, KVH, D]
         v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
-        q, k = apply_rope(q, batch.cos, batch.sin), apply_rope(k, batch.cos, batch.sin)
-        kv.write(self.layer, k, v, batch)
+        rope_write = rope_write_torch if self.layer_kernels is None else self.layer_kernels.rope(q, k)
+        q = rope_write(q, k, v, batch.cos, batch.sin, *kv.layer_rows(self.layer), kv.row_index(batch))
         if not batch.prefill:  # decode rows only: attention's output is the whole step's
             return self.o_proj(self._decode_attention(q, batch, kv).reshape(n, -1))
         out = torch.empty_like(q)  # [N, H, D]
@@ -121,9 +129,13 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, batch: StepBatch, kv: KVCache) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), batch, kv)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, delta: torch.Tensor | None, batch: StepBatch,
+                kv: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, delta) → (x', delta'): the residual stream and what the previous layer adds to it, added here with
+        the norm that reads the sum (one op where the measured kernel fuses them)."""
+        x, h = self.input_layernorm.add_forward(x, delta)
+        x, h = self.post_attention_layernorm.add_forward(x, self.self_attn(h, batch, kv))
+        return x, self.mlp(h)
 
 
 class DecoderBody(nn.Module):
@@ -146,10 +158,10 @@ class Decoder(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def hidden_states(self, batch: StepBatch, kv: KVCache) -> torch.Tensor:
-        x = self.model.embed_tokens(batch.input_ids)  # [N, hidden]
+        x, delta = self.model.embed_tokens(batch.input_ids), None  # [N, hidden]
         for layer in self.model.layers:
-            x = layer(x, batch, kv)
-        return self.model.norm(x)
+            x, delta = layer(x, delta, batch, kv)
+        return self.model.norm.add_forward(x, delta)[1]
 
     def forward(self, batch: StepBatch, kv: KVCache,
                 with_hidden: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:

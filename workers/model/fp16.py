@@ -9,7 +9,8 @@ Kernels (each equals `fp16_reference` up to fp32 summation order):
   vectorized, over W packed once into FBGEMM's layout and kept beside it (a second copy of each weight it
   serves, packed again when W is written); tokens in fp32 for the call.
 - `native_gemv`, `native_gemv_prefetch` (x86 CPU with AVX2, a C compiler): our own few-row GEMM
-  widening W with F16C as it streams (workers.model.native_gemv).
+  widening W with F16C as it streams (workers.model.native_gemv); `native_gemv_packed`, the same over a copy of W
+  packed by blocks of rows (one sequential stream per block).
 - `dequant_linear`: F.linear over W converted to the tokens' dtype for the call (any device).
 """
 
@@ -21,7 +22,8 @@ from torch import nn
 
 from workers.model import native_gemv
 from workers.model.decoder import QuantizedLinear
-from workers.model.linear_kernels import RowKernels, packed_beside
+from workers.model.kernel_choice import packed_beside
+from workers.model.linear_kernels import RowKernels
 
 
 def fp16_reference(x: torch.Tensor, w16: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
@@ -46,7 +48,7 @@ def dequant_linear(x: torch.Tensor, w16: torch.Tensor, b: torch.Tensor | None) -
 
 
 CANDIDATES = {"fbgemm_fp16": fbgemm_fp16, "dequant_linear": dequant_linear, "native_gemv": native_gemv.fp16,
-              "native_gemv_prefetch": native_gemv.fp16_prefetch}
+              "native_gemv_prefetch": native_gemv.fp16_prefetch, "native_gemv_packed": native_gemv.fp16_packed}
 
 
 def fp16_weights(out_features: int, in_features: int, dtype: torch.dtype, device: torch.device,

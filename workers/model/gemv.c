@@ -7,7 +7,9 @@
  * blocks ahead while a block is summed (int8 and fp16 rows are too short for the hardware prefetcher to ramp
  * up on; whether it helps is measured, not assumed: the caller races both). */
 #include <immintrin.h>
+#include <math.h>
 #include <stdint.h>
+#include <string.h>
 
 typedef __m256 (*load8_fn)(const void *w, int64_t k); /* weights k..k+8 of a row, widened to fp32 */
 typedef float (*load1_fn)(const void *w, int64_t k);
@@ -82,6 +84,47 @@ void gemv_i8(const float *x, const int8_t *w, const float *scale, const float *b
         gemv_block(load8_i8, load1_i8, 1, x, w, scale, b, y, n, out, in, o, prefetch);
 }
 
+/* The same GEMMs over W packed by rows (workers.model.native_gemv.pack_rows): [ceil(out/ROWS)][ceil(in/8)][ROWS][8],
+ * zero padded, so that each block's ROWS rows are one sequential stream instead of ROWS short ones (rows of
+ * 576 int8 weights are 9 cache lines: too short for the hardware prefetcher, which a single stream keeps busy). */
+static inline __attribute__((always_inline)) void gemv_packed_block(
+        load8_fn load8, load1_fn load1, int64_t wsize, const float *x, const void *w, const float *scale,
+        const float *b, float *y, int64_t n, int64_t out, int64_t in, int64_t blk, int64_t prefetch) {
+    int64_t chunks = (in + 7) / 8, full = in / 8, chunk_bytes = ROWS * 8 * wsize, o = blk * ROWS;
+    int64_t m = out - o < ROWS ? out - o : ROWS, ahead = prefetch * chunks * chunk_bytes;
+    const char *wb = (const char *)w + blk * chunks * chunk_bytes;
+    for (int64_t r = 0; r < n; r++) {
+        const float *xr = x + r * in;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int64_t c = 0; c < full; c++) {
+            const char *wc = wb + c * chunk_bytes;
+            if (prefetch && r == 0 && ((c * chunk_bytes) & 63) == 0) _mm_prefetch(wc + ahead, _MM_HINT_T0);
+            __m256 xv = _mm256_loadu_ps(xr + c * 8);
+            a0 = _mm256_fmadd_ps(load8(wc, 0), xv, a0);
+            a1 = _mm256_fmadd_ps(load8(wc, 8), xv, a1);
+            a2 = _mm256_fmadd_ps(load8(wc, 16), xv, a2);
+            a3 = _mm256_fmadd_ps(load8(wc, 24), xv, a3);
+        }
+        float acc[ROWS] = {sum8(a0), sum8(a1), sum8(a2), sum8(a3)};
+        const char *tail = wb + full * chunk_bytes; /* the last, zero-padded chunk: x has no padding */
+        for (int64_t k = full * 8; k < in; k++)
+            for (int j = 0; j < ROWS; j++) acc[j] += load1(tail, j * 8 + k - full * 8) * xr[k];
+        for (int64_t j = 0; j < m; j++)
+            y[r * out + o + j] = acc[j] * (scale ? scale[o + j] : 1.0f) + (b ? b[o + j] : 0.0f);
+    }
+}
+
+#define PACKED(name, type, load8, load1, wsize)                                                                   \
+    void name(const float *x, const type *w, const float *scale, const float *b, float *y, int64_t n, int64_t out, \
+              int64_t in, int64_t prefetch, int threads) {                                                        \
+        _Pragma("omp parallel for schedule(static) num_threads(threads)")                                         \
+        for (int64_t blk = 0; blk < (out + ROWS - 1) / ROWS; blk++)                                               \
+            gemv_packed_block(load8, load1, wsize, x, w, scale, b, y, n, out, in, blk, prefetch);                 \
+    }
+PACKED(gemv_f32_packed, float, load8_f32, load1_f32, 4)
+PACKED(gemv_f16_packed, uint16_t, load8_f16, load1_f16, 2)
+PACKED(gemv_i8_packed, int8_t, load8_i8, load1_i8, 1) /* scale [out]: one per row; NULL for the float formats */
+
 static inline float dot(const float *a, const float *b, int64_t len) {
     __m256 s0 = _mm256_setzero_ps(), s1 = s0;
     int64_t k = 0;
@@ -127,6 +170,68 @@ int64_t lora_bgmv_f32(const float *x, const float *a, const float *bt, const int
             for (; o < out; o++)
                 for (int j = 0; j < m; j++) yi[o] += h[j] * br[j][o];
         }
+    }
+    return 0;
+}
+
+/* The small ops of a decoder layer, each one call instead of a handful of torch ops (workers.model.fused_kernels,
+ * raced there against torch's; oracles: RMSNorm.reference, apply_rope_reference and KVCache.write_reference). */
+
+/* sum = x + d (d NULL: sum = x, not written), h = sum · rsqrt(mean(sum²) + eps) · w; rows of `dim` fp32 */
+void add_rms_norm_f32(const float *x, const float *d, const float *w, float *sum, float *h, int64_t n, int64_t dim,
+                      float eps, int threads) {
+    #pragma omp parallel for schedule(static) if (n > 1) num_threads(threads)
+    for (int64_t r = 0; r < n; r++) {
+        const float *xr = x + r * dim, *dr = d ? d + r * dim : 0;
+        float *sr = d ? sum + r * dim : (float *)xr, *hr = h + r * dim;
+        __m256 sq = _mm256_setzero_ps();
+        int64_t k = 0;
+        for (; k + 8 <= dim; k += 8) {
+            __m256 v = _mm256_loadu_ps(xr + k);
+            if (dr) _mm256_storeu_ps(sr + k, v = _mm256_add_ps(v, _mm256_loadu_ps(dr + k)));
+            sq = _mm256_fmadd_ps(v, v, sq);
+        }
+        float ss = sum8(sq);
+        for (; k < dim; k++) {
+            float v = xr[k] + (dr ? dr[k] : 0.0f);
+            if (dr) sr[k] = v;
+            ss += v * v;
+        }
+        float scale = 1.0f / sqrtf(ss / (float)dim + eps);
+        __m256 s8 = _mm256_set1_ps(scale);
+        for (k = 0; k + 8 <= dim; k += 8)
+            _mm256_storeu_ps(hr + k, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(sr + k), s8), _mm256_loadu_ps(w + k)));
+        for (; k < dim; k++) hr[k] = sr[k] * scale * w[k];
+    }
+}
+
+/* x [rows, dim] rotated in place, row i by position table row pos[i]: x·cos + roll(x, dim/2)·signed_sin, with
+ * cos and signed_sin [n, dim] and row i of x in token i / heads (x [n, heads, dim]) */
+static void rope_rows(float *x, const float *cos, const float *sin, int64_t n, int64_t heads, int64_t dim) {
+    int64_t half = dim / 2;
+    float rolled[dim];
+    for (int64_t t = 0; t < n; t++)
+        for (int64_t h = 0; h < heads; h++) {
+            float *xr = x + (t * heads + h) * dim;
+            const float *c = cos + t * dim, *s = sin + t * dim;
+            for (int64_t k = 0; k < dim; k++) rolled[k] = xr[(k + half) % dim];
+            for (int64_t k = 0; k < dim; k++) xr[k] = xr[k] * c[k] + rolled[k] * s[k];
+        }
+}
+
+/* q [n, hq, dim] and k [n, hk, dim] rotated in place; then k and v [n, hk, dim] copied into the cache rows
+ * `rows` [n · hk] of kc and vc (a layer's cache viewed as [cache_rows, dim]). Returns the number of rows outside
+ * [0, cache_rows): nonzero means nothing was written. */
+int64_t rope_write_f32(float *q, float *k, const float *v, const float *cos, const float *sin, float *kc, float *vc,
+                       const int64_t *rows, int64_t n, int64_t hq, int64_t hk, int64_t dim, int64_t cache_rows) {
+    int64_t outside = 0;
+    for (int64_t i = 0; i < n * hk; i++) outside += rows[i] < 0 || rows[i] >= cache_rows;
+    if (outside) return outside;
+    rope_rows(q, cos, sin, n, hq, dim);
+    rope_rows(k, cos, sin, n, hk, dim);
+    for (int64_t i = 0; i < n * hk; i++) {
+        memcpy(kc + rows[i] * dim, k + i * dim, dim * sizeof(float));
+        memcpy(vc + rows[i] * dim, v + i * dim, dim * sizeof(float));
     }
     return 0;
 }

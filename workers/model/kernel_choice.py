@@ -212,3 +212,13 @@ class KernelChooser:
         """The measured (fastest-call) seconds per candidate of a key, if it has been measured."""
         entry = self.table.entries.get(key)
         return None if entry is None else {n: ms / 1e3 for n, ms in entry["ms"].items()}
+
+
+def packed_beside(w: torch.Tensor, attr: str, pack: Callable[[torch.Tensor], object]) -> object:
+    """pack(w), made once and kept on the tensor object as `attr`; made again when w has been written in place
+    (its version counter moved), e.g. by fusion."""
+    packed = getattr(w, attr, None)  # (w's version when packed, packed w)
+    if packed is None or packed[0] != w._version:
+        packed = (w._version, pack(w))
+        setattr(w, attr, packed)
+    return packed[1]

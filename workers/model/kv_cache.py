@@ -39,17 +39,22 @@ class KVCache:
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, batch: StepBatch) -> None:
         """k, v: [N, kv_heads, head_dim] for the step's tokens, stored at (slot, position)."""
-        rows = self._row_index(batch)  # [N · kv_heads]
-        d = k.shape[-1]
-        self.k[layer].view(-1, d).index_copy_(0, rows, k.reshape(-1, d))
-        self.v[layer].view(-1, d).index_copy_(0, rows, v.reshape(-1, d))
+        rows = self.row_index(batch)  # [N · kv_heads]
+        k_rows, v_rows = self.layer_rows(layer)
+        k_rows.index_copy_(0, rows, k.reshape(-1, k_rows.shape[1]))
+        v_rows.index_copy_(0, rows, v.reshape(-1, v_rows.shape[1]))
+
+    def layer_rows(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One layer's keys and values as rows: [slots · kv_heads · max_seq, head_dim] each (views)."""
+        d = self.k.shape[-1]
+        return self.k[layer].view(-1, d), self.v[layer].view(-1, d)
 
     def write_reference(self, layer: int, k: torch.Tensor, v: torch.Tensor, batch: StepBatch) -> None:
         """What `write` computes, by advanced indexing (the oracle tests compare it with)."""
         self.k[layer][batch.cache_slots, :, batch.positions] = k
         self.v[layer][batch.cache_slots, :, batch.positions] = v
 
-    def _row_index(self, batch: StepBatch) -> torch.Tensor:
+    def row_index(self, batch: StepBatch) -> torch.Tensor:
         """[N · kv_heads] long: each token's row in a layer's cache viewed as [slots · kv_heads · max_seq, D]."""
         if self._indexed is None or self._indexed[0] is not batch:
             kv_heads = self._heads.shape[0]

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from workers.model import native_gemv
-from workers.model.kernel_choice import KernelChooser, KernelTable, Timer
+from workers.model.kernel_choice import KernelChooser, KernelTable, Timer, packed_beside
 
 LinearFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]  # (x, W, b) → y
 
@@ -51,16 +51,6 @@ def linear_wxt_pair(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) ->
     rows = x.expand(2, -1).contiguous() if n == 1 else x  # [max(N, 2), in]
     y = torch.mm(w, rows.t()).t()[:n].contiguous()  # [N, out]
     return y if b is None else y.add_(b)
-
-
-def packed_beside(w: torch.Tensor, attr: str, pack: Callable[[torch.Tensor], object]) -> object:
-    """pack(w), made once and kept on the tensor object as `attr`; made again when w has been written in place
-    (its version counter moved), e.g. by fusion."""
-    packed = getattr(w, attr, None)  # (w's version when packed, packed w)
-    if packed is None or packed[0] != w._version:
-        packed = (w._version, pack(w))
-        setattr(w, attr, packed)
-    return packed[1]
 
 
 def onednn_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None,

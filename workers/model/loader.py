@@ -15,8 +15,9 @@ from safetensors import safe_open
 from workers.errors import UnsupportedModelError
 from workers.model.attention_kernels import AttentionKernels
 from workers.model.config import DecoderConfig
-from workers.model.decoder import Attention, Decoder, Linear, QuantizedLinear
+from workers.model.decoder import Attention, Decoder, Linear, QuantizedLinear, RMSNorm
 from workers.model.kernel_choice import KernelTable
+from workers.model.layer_kernels import LayerKernels
 from workers.model.linear_kernels import CANDIDATES as DENSE_KERNELS
 from workers.model.linear_kernels import RowKernels, linear_kernels, weight_elements
 from workers.model.precision import resolve_dtype
@@ -104,11 +105,14 @@ def attach_kernels(model: Decoder, quantize: str | None, override: str | None, t
     """Quantizes the linears (if asked), gives every linear its measured kernels and measures them all now.
     A linear the mode keeps dense (int4's lm_head) runs the dense kernels; `override` forces the kernels it is a
     candidate of (a dense name the dense linears, a mode's name its quantized ones) and leaves the others measured.
-    Decode attention gets its measured kernels too (measured at first use: they depend on the cached length)."""
-    attention = AttentionKernels(table)
+    Decode attention gets its measured kernels too (measured at first use: they depend on the cached length), and so
+    do the norms and RoPE (workers.model.layer_kernels; measured at first use of each row bucket)."""
+    attention, layer_ops = AttentionKernels(table), LayerKernels(table)
     for module in model.modules():
         if isinstance(module, Attention):
-            module.kernels = attention
+            module.kernels, module.layer_kernels = attention, layer_ops
+        elif isinstance(module, RMSNorm):
+            module.kernels = layer_ops
     working_set = weight_elements(shapes)
     kinds: list[tuple[RowKernels, str | None, set]] = []  # (kernels, forced candidate, (out, in) shapes served)
     if quantize is not None:

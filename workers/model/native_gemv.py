@@ -26,13 +26,14 @@ import threading
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
-from workers.model.kernel_choice import cache_root, cpu_info
+from workers.model.kernel_choice import cache_root, cpu_info, packed_beside
 
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("gemv.c")
-FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC")
+FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-lm")
 CPU_FLAGS = {"avx2", "fma", "f16c"}
 PREFETCH_BLOCKS = 4  # the prefetching variant asks for W's rows this many 4-row blocks ahead
 
@@ -71,11 +72,16 @@ def _build() -> ctypes.CDLL:
         log.info("built the native GEMV: %s", target)
     lib = ctypes.CDLL(str(target))
     p, i64 = ctypes.c_void_p, ctypes.c_int64
-    for name, pointers in (("gemv_f32", 4), ("gemv_f16", 4), ("gemv_i8", 5)):
+    for name, pointers in (("gemv_f32", 4), ("gemv_f16", 4), ("gemv_i8", 5), ("gemv_f32_packed", 5),
+                           ("gemv_f16_packed", 5), ("gemv_i8_packed", 5)):
         getattr(lib, name).argtypes = [p] * pointers + [i64] * 4 + [ctypes.c_int]
         getattr(lib, name).restype = None
     lib.lora_bgmv_f32.argtypes = [p] * 6 + [i64] * 5 + [ctypes.c_int]
     lib.lora_bgmv_f32.restype = i64
+    lib.add_rms_norm_f32.argtypes = [p] * 5 + [i64] * 2 + [ctypes.c_float, ctypes.c_int]
+    lib.add_rms_norm_f32.restype = None
+    lib.rope_write_f32.argtypes = [p] * 8 + [i64] * 5
+    lib.rope_write_f32.restype = i64
     return lib
 
 
@@ -96,18 +102,44 @@ def library() -> ctypes.CDLL:
 
 
 WEIGHT_DTYPES = {"gemv_f32": torch.float32, "gemv_f16": torch.float16, "gemv_i8": torch.int8}
+PACKED_ROWS, PACKED_COLUMNS = 4, 8  # gemv.c's ROWS, and the weights of a row one load reads
+
+
+def packed_shape(out_features: int, in_features: int) -> tuple[int, int, int, int]:
+    return -(-out_features // PACKED_ROWS), -(-in_features // PACKED_COLUMNS), PACKED_ROWS, PACKED_COLUMNS
+
+
+def pack_rows(w: torch.Tensor) -> torch.Tensor:
+    """W [out, in] → [ceil(out/4), ceil(in/8), 4, 8], zero padded: each block of 4 rows as one sequential stream, 8
+    weights of each row in turn (what the `*_packed` kernels read)."""
+    out_f, in_f = w.shape
+    padded = F.pad(w, (0, -in_f % PACKED_COLUMNS, 0, -out_f % PACKED_ROWS))  # [out', in']
+    blocks = padded.view(padded.shape[0] // PACKED_ROWS, PACKED_ROWS, padded.shape[1] // PACKED_COLUMNS, PACKED_COLUMNS)
+    return blocks.transpose(1, 2).contiguous()
+
+
+def packed(w: torch.Tensor) -> torch.Tensor:
+    """pack_rows(w), made once and kept beside w (made again when w has been written in place): the packed
+    candidates cost a second copy of each weight they serve."""
+    return packed_beside(w, "_gemv_packed", pack_rows)
 
 
 def _run(fn_name: str, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, prefetch: int,
-         scale: torch.Tensor | None = None) -> torch.Tensor:
-    """y [N, out] = scale · (x · Wᵀ) + b, x [N, in] fp32 on the CPU, W [out, in]; scale (gemv_i8 only) and b [out].
+         scale: torch.Tensor | None = None, packed_w: torch.Tensor | None = None) -> torch.Tensor:
+    """y [N, out] = scale · (x · Wᵀ) + b, x [N, in] fp32 on the CPU, W [out, in]; scale (gemv_i8 only) and b [out];
+    packed_w: pack_rows(W), which a `*_packed` kernel reads instead of W.
     A decode step calls this ~200 times: it is kept to what must be checked (~3 µs)."""
-    if x.dtype != torch.float32 or w.dtype != WEIGHT_DTYPES[fn_name] or not x.is_cpu:
-        raise NotImplementedError(f"the native GEMV takes fp32 tokens and {WEIGHT_DTYPES[fn_name]} weights on a CPU, "
+    weight_dtype = WEIGHT_DTYPES[fn_name.removesuffix("_packed")]
+    if x.dtype != torch.float32 or w.dtype != weight_dtype or not x.is_cpu:
+        raise NotImplementedError(f"the native GEMV takes fp32 tokens and {weight_dtype} weights on a CPU, "
                                   f"not {x.dtype} tokens and {w.dtype} weights on {x.device}")
     if (x.requires_grad or w.requires_grad) and torch.is_grad_enabled():
         raise NotImplementedError("the native GEMV keeps no autograd graph")
-    x, w = x.contiguous(), w.contiguous()
+    x = x.contiguous()
+    if packed_w is None:
+        w = w.contiguous()
+    elif packed_w.dtype != w.dtype or packed_w.shape != packed_shape(*w.shape) or not packed_w.is_contiguous():
+        raise ValueError(f"weights {tuple(packed_w.shape)} {packed_w.dtype} are not pack_rows(W {tuple(w.shape)})")
     if b is not None:
         b = b.float().contiguous()
     (n, x_in), (out_f, in_f) = x.shape, w.shape
@@ -116,11 +148,15 @@ def _run(fn_name: str, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
                          f"b {None if b is None else b.numel()}, scale {None if scale is None else scale.numel()}")
     y = torch.empty(n, out_f)  # [N, out]
     tail = (None if b is None else b.data_ptr(), y.data_ptr(), n, out_f, in_f, prefetch, torch.get_num_threads())
-    if scale is None:
-        getattr(library(), fn_name)(x.data_ptr(), w.data_ptr(), *tail)
+    weights = (w if packed_w is None else packed_w).data_ptr()
+    if fn_name.endswith("_packed"):  # every packed kernel takes a scale pointer (NULL for the float formats)
+        scale = None if scale is None else scale.float().contiguous()
+        getattr(library(), fn_name)(x.data_ptr(), weights, None if scale is None else scale.data_ptr(), *tail)
+    elif scale is None:
+        getattr(library(), fn_name)(x.data_ptr(), weights, *tail)
     else:
         scale = scale.float().contiguous()
-        getattr(library(), fn_name)(x.data_ptr(), w.data_ptr(), scale.data_ptr(), *tail)
+        getattr(library(), fn_name)(x.data_ptr(), weights, scale.data_ptr(), *tail)
     return y
 
 
@@ -148,6 +184,18 @@ def int8_prefetch(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, b: tor
     return _run("gemv_i8", x, q, b, PREFETCH_BLOCKS, scales)
 
 
+def dense_packed(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    return _run("gemv_f32_packed", x, w, b, PREFETCH_BLOCKS, packed_w=packed(w))
+
+
+def fp16_packed(x: torch.Tensor, w16: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    return _run("gemv_f16_packed", x, w16, b, PREFETCH_BLOCKS, packed_w=packed(w16))
+
+
+def int8_packed(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    return _run("gemv_i8_packed", x, q, b, PREFETCH_BLOCKS, scales, packed(q))
+
+
 def lora_bgmv(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, bt: torch.Tensor, rows: torch.Tensor,
               mask: torch.Tensor) -> None:
     """y[:Bd] += each decode row's own LoRA, in place: y [N, out] and x [N, in] fp32, a [bank, in] and bt [bank, out]
@@ -169,3 +217,51 @@ def lora_bgmv(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, bt: torch.Tenso
                                       torch.get_num_threads())
     if outside:
         raise IndexError(f"{outside} bank rows outside the bank's {a.shape[0]}")
+
+
+def _fp32_cpu(*tensors: torch.Tensor) -> None:
+    for t in tensors:
+        if t.dtype != torch.float32 or not t.is_cpu:
+            raise NotImplementedError("the native layer ops take fp32 tensors on a CPU")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        raise NotImplementedError("the native layer ops keep no autograd graph")
+
+
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s, RMSNorm(s) · weight) with s = x + delta (delta None: s = x), x and delta [N, dim] fp32, weight [dim].
+    ~60 calls a decode step: kept to what must be checked."""
+    _fp32_cpu(x, weight) if delta is None else _fp32_cpu(x, weight, delta)
+    n, dim = x.shape
+    if weight.shape[0] != dim or (delta is not None and delta.shape != x.shape):
+        raise ValueError(f"shapes do not fit: x {tuple(x.shape)}, delta {None if delta is None else tuple(delta.shape)}"
+                         f", weight {tuple(weight.shape)}")
+    x, h = x.contiguous(), torch.empty(n, dim)
+    s = x if delta is None else torch.empty(n, dim)
+    library().add_rms_norm_f32(x.data_ptr(), None if delta is None else delta.contiguous().data_ptr(),
+                               weight.contiguous().data_ptr(), s.data_ptr(), h.data_ptr(), n, dim, eps,
+                               torch.get_num_threads())
+    return s, h
+
+
+def rope_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               k_rows: torch.Tensor, v_rows: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """q [N, H, D] and k [N, KVH, D] rotated in place (cos, signed sin [N, 1, D]; workers.model.rope.apply_rope),
+    k and v then written to rows `rows` [N · KVH] of k_rows and v_rows (a layer's cache as [cache rows, D]); returns
+    q. Rows outside the cache raise IndexError before anything is written or rotated."""
+    _fp32_cpu(q, k, v, cos, sin, k_rows, v_rows)
+    (n, hq, dim), hk = q.shape, k.shape[1]
+    if not (q.is_contiguous() and k.is_contiguous() and k_rows.is_contiguous() and v_rows.is_contiguous()):
+        raise NotImplementedError("the native RoPE rotates contiguous q and k in place into a contiguous cache")
+    if not (k.shape == v.shape == (n, hk, dim) and cos.numel() == sin.numel() == n * dim and dim % 2 == 0
+            and k_rows.shape == v_rows.shape and k_rows.shape[1] == dim and rows.shape == (n * hk,)
+            and rows.dtype == torch.int64):
+        raise ValueError(f"shapes do not fit: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, cos "
+                         f"{tuple(cos.shape)}, cache {tuple(k_rows.shape)}, rows {tuple(rows.shape)} {rows.dtype}")
+    v, cos, sin, rows = v.contiguous(), cos.contiguous(), sin.contiguous(), rows.contiguous()
+    outside = library().rope_write_f32(q.data_ptr(), k.data_ptr(), v.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+                                       k_rows.data_ptr(), v_rows.data_ptr(), rows.data_ptr(), n, hq, hk, dim,
+                                       k_rows.shape[0])
+    if outside:
+        raise IndexError(f"{outside} cache rows outside the cache's {k_rows.shape[0]}")
+    return q

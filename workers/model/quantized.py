@@ -5,7 +5,8 @@
   `int8pack_mm`: torch._weight_int8pack_mm(x, q, s), ATen's weight-only int8 GEMM;
   `dequant_linear`: F.linear(x, q · s) with the weights dequantized for the call;
   `native_gemv`, `native_gemv_prefetch` (x86 CPU with AVX2, a C compiler; fp32 tokens): our own
-  few-row GEMM widening q as it streams, the scale applied to each sum (workers.model.native_gemv).
+  few-row GEMM widening q as it streams, the scale applied to each sum (workers.model.native_gemv);
+  `native_gemv_packed`, the same over a copy of q packed by blocks of rows, one sequential stream per block.
 - `w8a8`: activations too are quantized to int8 at run time, one symmetric scale per token (row), so a
   token's result does not depend on the rest of its batch; int8 × int8 products accumulate exactly in
   int32 (torch._int_mm), the output is scaled back by the token's and the channel's scales. It streams
@@ -48,7 +49,7 @@ def dequant_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, b: to
 
 
 CANDIDATES = {"int8pack_mm": int8pack_mm, "dequant_linear": dequant_linear, "native_gemv": native_gemv.int8,
-              "native_gemv_prefetch": native_gemv.int8_prefetch}
+              "native_gemv_prefetch": native_gemv.int8_prefetch, "native_gemv_packed": native_gemv.int8_packed}
 
 
 def quantize_tokens(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

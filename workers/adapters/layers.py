@@ -36,11 +36,13 @@ class LoRALinear(nn.Module):
     def __init__(self, base: nn.Linear | QuantizedLinear, a: torch.Tensor, bt: torch.Tensor, ctx: AdapterContext):
         super().__init__()
         self.base = base
+        self.__dict__["direct"] = base  # base outside the module registry, called as direct.forward(x): no module
+        # call (~3 µs: hook checks) per linear per step
         self.a, self.bt = a, bt  # views into the row bank: [rows, in], [rows, out]
         self.ctx = ctx
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)  # [N, out]
+        y = self.direct.forward(x)  # [N, out]
         batch = self.ctx.batch
         if batch is not None and batch.active:
             self.ctx.kernel(y, x, self.a, self.bt, batch)

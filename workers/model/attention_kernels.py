@@ -7,6 +7,8 @@ Candidates (each equals `sdpa`; tests check them):
   long queries and costs ~50-80 µs a call on a 2-core CPU for a one-token query).
 - `matmul`: the same product as two batched matmuls and a softmax, each query head grouped with the heads that
   share its key head ([Bd, KVH, G, D] · [Bd, KVH, D, S]): a handful of small ops for a one-token query.
+- `native`, `native_threads` (fp32 on a CPU with AVX2 and a C compiler; workers/model/gemv.c): one call reading the
+  cache's rows in place, on one thread or on torch's threads split by (row, kv head).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from workers.model import native_gemv
 from workers.model.kernel_choice import KernelChooser, KernelTable, Timer
 from workers.model.linear_kernels import MEASURED_ROWS, bucket_label, row_bucket
 
@@ -43,7 +46,18 @@ def grouped_matmul(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     return out.view(bd, heads, 1, dim)
 
 
-CANDIDATES: dict[str, AttentionFn] = {"sdpa": sdpa, "matmul": grouped_matmul}
+def native_one_thread(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                      mask: torch.Tensor | None) -> torch.Tensor:
+    return native_gemv.decode_attention(q, keys, values, mask, 1)
+
+
+def native_threads(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                   mask: torch.Tensor | None) -> torch.Tensor:
+    return native_gemv.decode_attention(q, keys, values, mask, torch.get_num_threads())
+
+
+CANDIDATES: dict[str, AttentionFn] = {"sdpa": sdpa, "matmul": grouped_matmul, "native": native_one_thread,
+                                      "native_threads": native_threads}
 
 
 def kv_bucket(length: int) -> int:

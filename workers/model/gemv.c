@@ -235,3 +235,41 @@ int64_t rope_write_f32(float *q, float *k, const float *v, const float *cos, con
     }
     return 0;
 }
+
+/* Decode attention, one query token per row (workers.model.attention_kernels; oracle: SDPA): out [bd, hq, dim] =
+ * softmax(q · Kᵀ / √dim, masked) · V, query head h reading kv head h / (hq / hk). Keys and values [bd, hk, len, dim]
+ * with positions contiguous (rows `row_stride`, heads `head_stride` elements apart: views of the cache); mask [bd,
+ * len] bytes (0: not attended) or NULL. `threads` split the (row, kv head) pairs (1: no parallel region). */
+void decode_attention_f32(const float *q, const float *k, const float *v, const uint8_t *mask, float *out, int64_t bd,
+                          int64_t hq, int64_t hk, int64_t len, int64_t dim, int64_t row_stride, int64_t head_stride,
+                          int threads) {
+    int64_t group = hq / hk;
+    float scale = 1.0f / sqrtf((float)dim);
+    #pragma omp parallel for schedule(static) if (threads > 1) num_threads(threads)
+    for (int64_t pair = 0; pair < bd * hk; pair++) {
+        int64_t i = pair / hk, g = pair % hk;
+        const float *kg = k + i * row_stride + g * head_stride, *vg = v + i * row_stride + g * head_stride;
+        const uint8_t *m = mask ? mask + i * len : 0;
+        float p[len];
+        for (int64_t h = g * group; h < (g + 1) * group; h++) {
+            const float *qh = q + (i * hq + h) * dim;
+            float top = -INFINITY, total = 0.0f;
+            for (int64_t s = 0; s < len; s++) {
+                p[s] = (m && !m[s]) ? -INFINITY : dot(qh, kg + s * dim, dim) * scale;
+                top = p[s] > top ? p[s] : top;
+            }
+            for (int64_t s = 0; s < len; s++) total += p[s] = p[s] == -INFINITY ? 0.0f : expf(p[s] - top);
+            float *o = out + (i * hq + h) * dim, inv = 1.0f / total;
+            for (int64_t c = 0; c < dim; c++) o[c] = 0.0f;
+            for (int64_t s = 0; s < len; s++) {
+                if (p[s] == 0.0f) continue;
+                float w = p[s] * inv;
+                const float *vs = vg + s * dim;
+                int64_t c = 0;
+                for (; c + 8 <= dim; c += 8)
+                    _mm256_storeu_ps(o + c, _mm256_fmadd_ps(_mm256_set1_ps(w), _mm256_loadu_ps(vs + c), _mm256_loadu_ps(o + c)));
+                for (; c < dim; c++) o[c] += w * vs[c];
+            }
+        }
+    }
+}

@@ -82,6 +82,8 @@ def _build() -> ctypes.CDLL:
     lib.add_rms_norm_f32.restype = None
     lib.rope_write_f32.argtypes = [p] * 8 + [i64] * 5
     lib.rope_write_f32.restype = i64
+    lib.decode_attention_f32.argtypes = [p] * 5 + [i64] * 7 + [ctypes.c_int]
+    lib.decode_attention_f32.restype = None
     return lib
 
 
@@ -265,3 +267,25 @@ def rope_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Ten
     if outside:
         raise IndexError(f"{outside} cache rows outside the cache's {k_rows.shape[0]}")
     return q
+
+
+def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
+                     threads: int) -> torch.Tensor:
+    """SDPA of one query token per row, [Bd, H, 1, D], over keys and values [Bd, KVH, S, D] (views of the cache:
+    positions contiguous, rows and heads strided alike) with a [Bd, 1, 1, S] bool mask or None; threads: 1 or
+    torch's (the race picks)."""
+    _fp32_cpu(q, keys, values)
+    bd, hq, _, dim = q.shape
+    hk, length = keys.shape[1], keys.shape[2]
+    if keys.stride() != values.stride() or keys.stride(3) != 1 or keys.stride(2) != dim:
+        raise NotImplementedError("the native attention reads keys and values laid out as the cache's rows")
+    if not (q.shape[2] == 1 and keys.shape == values.shape == (bd, hk, length, dim) and hq % hk == 0
+            and (mask is None or (mask.dtype == torch.bool and mask.numel() == bd * length))):
+        raise ValueError(f"shapes do not fit: q {tuple(q.shape)}, keys {tuple(keys.shape)}, values "
+                         f"{tuple(values.shape)}, mask {None if mask is None else (tuple(mask.shape), mask.dtype)}")
+    q, out = q.contiguous(), torch.empty(bd, hq, 1, dim)
+    mask = None if mask is None else mask.contiguous()
+    library().decode_attention_f32(q.data_ptr(), keys.data_ptr(), values.data_ptr(),
+                                   None if mask is None else mask.data_ptr(), out.data_ptr(), bd, hq, hk, length, dim,
+                                   keys.stride(0), keys.stride(1), threads)
+    return out

@@ -74,6 +74,6 @@ class Fp16Linear(QuantizedLinear):
         return cls(w16, None if linear.bias is None else linear.bias.detach(), kernels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1])  # [N, in]
-        fn = self.kernels.get(self.weight16.shape, flat.shape[0], flat.dtype, flat.device)
-        return fn(flat, self.weight16, self.bias).view(*x.shape[:-1], self.out_features)
+        flat, w16 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1]), self.weight16  # [N, in]
+        y = self.kernels.get(w16.shape, flat.shape[0], flat.dtype, flat.device)(flat, w16, self.bias)
+        return y if x.dim() == 2 else y.view(*x.shape[:-1], self.out_features)

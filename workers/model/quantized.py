@@ -125,11 +125,12 @@ class Int8Linear(QuantizedLinear):
         return cls(q, scales, None if linear.bias is None else linear.bias.detach(), kernels, inv)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1])  # [N, in]
+        flat = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # [N, in]
         if self.inv_smooth is not None:
             flat = flat * self.inv_smooth
-        fn = self.kernels.get(self.qweight.shape, flat.shape[0], flat.dtype, flat.device)
-        return fn(flat, self.qweight, self.scales, self.bias).view(*x.shape[:-1], self.out_features)
+        q = self.qweight
+        y = self.kernels.get(q.shape, flat.shape[0], flat.dtype, flat.device)(flat, q, self.scales, self.bias)
+        return y if x.dim() == 2 else y.view(*x.shape[:-1], self.out_features)
 
 
 @dataclass(frozen=True)

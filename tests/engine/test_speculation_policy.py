@@ -68,9 +68,10 @@ def test_rejected_heads_are_declined_and_probed_ever_more_rarely():
         d = p.decide(key)
         reasons.append(d.reason)
         if d.paths is not None:
-            p.observe(key, d.paths, [-1, 0, 0, 1], [True, False, False, False])
+            p.observe(key, d.paths, [-1, 0, 1], [True, False, False])  # the probed chain: rejected
     probes = [i for i, r in enumerate(reasons) if r == "probe"]
     assert probes == [0, 3, 8, 17]  # gaps 2, 4, 8 (capped)
+    assert p.decide(("other", True)).paths == ((0,), (0, 0))  # a probe verifies the first candidates' chain only
     assert set(reasons) == {"probe", "cost model"}
 
 
@@ -83,7 +84,7 @@ def test_accepted_heads_choose_the_tree_the_model_sizes():
     p = policy([0.0, 1.0, 1.02, 1.05, 1.8])  # the 4th token is expensive
     key = ("h", True)
     d = p.decide(key)
-    assert d.reason == "probe" and d.paths == PATHS
+    assert d.reason == "probe" and d.paths == ((0,), (0, 0)) and d.cost == 1.05  # the chain: 3 tokens
     for _ in range(10):  # head 0's best is always right, its child half the time, head 0's second never
         p.observe(key, PATHS, [-1, 0, 0, 1], [True, True, False, True])
         p.observe(key, PATHS, [-1, 0, 0, 1], [True, True, False, False])

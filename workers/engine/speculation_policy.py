@@ -15,8 +15,10 @@ was accepted too, both decayed by `decay` per step (recent steps weigh most). r(
 Decision: nodes sorted by P (descending; a parent never after its child, so every prefix of the order is
 a tree); verifying the first m of them emits E(m) = 1 + Σ P expected tokens for costs[m + 1]; the engine
 speculates with the m that maximises E(m) / costs[m + 1], and only while that beats 1 + margin (plain
-decoding: 1 token for 1 step). A head set the model declines is probed with the full tree now and then
-(after 4, 8, 16 … up to 64 steps), so heads that improve, or a load that changes, are noticed.
+decoding: 1 token for 1 step). A head set the model declines is probed now and then (after 4, 8, 16 … up to 64
+steps) with the chain of each head's first candidate (the paths the others hang from: a tree of heads + 1 tokens,
+where the full tree cost a declined request ~5 % of its steps' time), so heads that improve, or a load that
+changes, are noticed.
 """
 
 from __future__ import annotations
@@ -139,6 +141,7 @@ class SpeculationPolicy:
         if mode not in ("measured", "always"):
             raise ValueError(f"medusa_policy must be 'measured' or 'always', not {mode!r}")
         self.paths, self.mode, self.cfg = tree_paths, mode, cfg
+        self.probe_paths = tuple(p for p in tree_paths if not any(p)) or tree_paths  # the first candidates' chain
         self.costs: list[float] | None = None  # costs[n], n = 0..T (index 0 unused)
         self.states: dict[tuple[str, bool], HeadSetState] = {}
 
@@ -158,7 +161,7 @@ class SpeculationPolicy:
         if m == 0 and state.since_probe >= state.gap and math.isfinite(self.costs[-1]):  # inf: unmeasurable
             state.since_probe = 0
             state.gap = min(max(2 * state.gap, self.cfg.first_probe_gap), self.cfg.max_probe_gap)
-            return Decision(self.paths, "probe", expected, self.costs[len(self.paths) + 1])
+            return Decision(self.probe_paths, "probe", expected, self.costs[len(self.probe_paths) + 1])
         state.since_probe += 1
         if m == 0:
             return Decision(None, "cost model", expected, cost)

@@ -174,7 +174,7 @@ int64_t lora_bgmv_f32(const float *x, const float *a, const float *bt, const int
     return 0;
 }
 
-/* The small ops of a decoder layer, each one call instead of a handful of torch ops (workers.model.fused_kernels,
+/* The small ops of a decoder layer, each one call instead of a handful of torch ops (workers.model.layer_kernels,
  * raced there against torch's; oracles: RMSNorm.reference, apply_rope_reference and KVCache.write_reference). */
 
 /* sum = x + d (d NULL: sum = x, not written), h = sum · rsqrt(mean(sum²) + eps) · w; rows of `dim` fp32 */
@@ -205,8 +205,8 @@ void add_rms_norm_f32(const float *x, const float *d, const float *w, float *sum
     }
 }
 
-/* x [rows, dim] rotated in place, row i by position table row pos[i]: x·cos + roll(x, dim/2)·signed_sin, with
- * cos and signed_sin [n, dim] and row i of x in token i / heads (x [n, heads, dim]) */
+/* x [n, heads, dim] rotated in place, token t by row t of cos and signed_sin [n, dim]:
+ * x·cos + roll(x, dim/2)·signed_sin */
 static void rope_rows(float *x, const float *cos, const float *sin, int64_t n, int64_t heads, int64_t dim) {
     int64_t half = dim / 2;
     float rolled[dim];

@@ -83,7 +83,7 @@ class LayerKernels:
             x, delta = (torch.randn(rows, dim, generator=gen, device=device).to(dtype) for _ in range(2))
             weight = torch.ones(dim, dtype=dtype, device=device)
 
-            def plain(s: torch.Tensor) -> torch.Tensor:  # what RMSNorm.forward runs in this dtype
+            def plain(s: torch.Tensor) -> torch.Tensor:  # RMSNorm.forward's fp32 form (native refuses others)
                 return torch.nn.functional.rms_norm(s, (dim,), weight, 1e-5)
 
             return {name: (lambda fn=fn: fn(x, delta if with_delta else None, weight, 1e-5, plain))

@@ -150,15 +150,11 @@ def _run(fn_name: str, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
                          f"b {None if b is None else b.numel()}, scale {None if scale is None else scale.numel()}")
     y = torch.empty(n, out_f)  # [N, out]
     tail = (None if b is None else b.data_ptr(), y.data_ptr(), n, out_f, in_f, prefetch, torch.get_num_threads())
+    scale = None if scale is None else scale.float().contiguous()
+    # gemv_i8 and every packed kernel take a scale pointer (NULL for the float formats); gemv_f32/f16 none
+    scale_arg = () if scale is None and packed_w is None else (None if scale is None else scale.data_ptr(),)
     weights = (w if packed_w is None else packed_w).data_ptr()
-    if fn_name.endswith("_packed"):  # every packed kernel takes a scale pointer (NULL for the float formats)
-        scale = None if scale is None else scale.float().contiguous()
-        getattr(library(), fn_name)(x.data_ptr(), weights, None if scale is None else scale.data_ptr(), *tail)
-    elif scale is None:
-        getattr(library(), fn_name)(x.data_ptr(), weights, *tail)
-    else:
-        scale = scale.float().contiguous()
-        getattr(library(), fn_name)(x.data_ptr(), weights, scale.data_ptr(), *tail)
+    getattr(library(), fn_name)(x.data_ptr(), weights, *scale_arg, *tail)
     return y
 
 

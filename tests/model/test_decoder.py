@@ -18,8 +18,8 @@ from workers.model.rope import rope_tables
 def run_logits(model, prompt: list[int], steps: list[int]) -> list[torch.Tensor]:
     """Prefill `prompt` (all positions' logits), then decode `steps` one token at a time."""
     cfg = model.config
-    kv = KVCache(cfg.num_layers, 2, 128, cfg.num_kv_heads, cfg.head_dim, torch.float32, torch.device("cpu"))
-    cos, sin = rope_tables(cfg, 128)
+    kv = KVCache(cfg.num_layers, 2, 128, cfg.num_kv_heads, cfg.head_dim, model.dtype, torch.device("cpu"))
+    cos, sin = (t.to(model.dtype) for t in rope_tables(cfg, 128))
     batch = build_step_batch([], [(1, 0, prompt, True)], cos, sin, cfg.sliding_window, torch.device("cpu"))
     batch = dataclasses.replace(batch, logits_rows=torch.arange(len(prompt)))
     out = [model(batch, kv)]

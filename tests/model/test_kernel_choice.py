@@ -30,17 +30,23 @@ def fake_timer(fastest: str, calls: list[str] | None = None):
     return timer
 
 
+BF16_TOLERANCE = 1e-2  # bf16 outputs (and intermediates rounded to bf16): relative to the largest |output|
+
+
 @pytest.mark.parametrize("name", list(CANDIDATES))
 @pytest.mark.parametrize("rows", [1, 3, 16, 70])
 @pytest.mark.parametrize("bias", [False, True])
-def test_every_dense_candidate_equals_f_linear(name, rows, bias):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_dense_candidate_equals_f_linear(name, rows, bias, dtype):
+    """fp32: to 1e-5; bf16 (tokens, weights and output): the fp32 GEMM of the same values within BF16_TOLERANCE."""
     torch.manual_seed(rows)
-    w, x = torch.randn(80, 48), torch.randn(rows, 48)
-    b = torch.randn(80) if bias else None
-    ref = F.linear(x, w, b)
+    w, x = torch.randn(80, 48).to(dtype), torch.randn(rows, 48).to(dtype)
+    b = torch.randn(80).to(dtype) if bias else None
+    ref = F.linear(x.float(), w.float(), None if b is None else b.float())
     out = CANDIDATES[name](x, w, b)
-    assert out.shape == ref.shape and out.is_contiguous()
-    assert ((out - ref).abs().max() / ref.abs().max()).item() <= 1e-5
+    assert out.shape == ref.shape and out.is_contiguous() and out.dtype == dtype
+    tolerance = 1e-5 if dtype == torch.float32 else BF16_TOLERANCE
+    assert ((out.float() - ref).abs().max() / ref.abs().max()).item() <= tolerance
 
 
 @pytest.mark.parametrize("name", list(INT8_CANDIDATES))
@@ -118,18 +124,21 @@ def test_row_buckets_cover_every_row_count():
 
 
 @pytest.mark.parametrize("kernel", list(CANDIDATES))
-def test_forcing_each_candidate_gives_the_reference_logits(tmp_path, kernel, monkeypatch):
-    """The whole decoder, every linear forced to one candidate, against plain F.linear (no kernels)."""
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_forcing_each_candidate_gives_the_reference_logits(tmp_path, kernel, dtype, monkeypatch):
+    """The whole decoder, every linear forced to one candidate, against plain F.linear (no kernels); bf16 within
+    BF16_TOLERANCE (sums in another order round differently)."""
     from test_decoder import run_logits
 
     folder, _ = make_tiny_model(tmp_path, "qwen2")  # biased q/k/v, tied lm_head
-    reference = load_decoder(ModelSpec(str(folder), linear_kernel="linear"))
+    reference = load_decoder(ModelSpec(str(folder), linear_kernel="linear", dtype=dtype))
     for module in reference.modules():
         module.kernels = None  # Linear falls back to F.linear
-    forced = load_decoder(ModelSpec(str(folder), linear_kernel=kernel))
+    forced = load_decoder(ModelSpec(str(folder), linear_kernel=kernel, dtype=dtype))
     ids = torch.randint(0, 256, (9,)).tolist()
+    tolerance = 1e-5 if dtype == "float32" else BF16_TOLERANCE
     for ours, ref in zip(run_logits(forced, ids[:6], ids[6:]), run_logits(reference, ids[:6], ids[6:]), strict=True):
-        assert ((ours - ref).abs().max() / ref.abs().max()).item() <= 1e-5
+        assert ((ours.float() - ref.float()).abs().max() / ref.float().abs().max()).item() <= tolerance
     monkeypatch.setenv("ADAPTERD_LINEAR_KERNEL", "no-such-kernel")
     with pytest.raises(UnsupportedModelError, match="unknown kernel"):
         load_decoder(ModelSpec(str(folder)))

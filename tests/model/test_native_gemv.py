@@ -1,4 +1,5 @@
-"""The native few-row GEMMs (workers/model/gemv.c) equal F.linear over the same weights, in each weight format,
+"""The native few-row GEMMs (workers/model/gemv.c) equal F.linear over the same weights, in each weight format
+(bf16: bf16 tokens in and out, within bf16's rounding of the fp32 result),
 at row counts and shapes that leave tails (out not a multiple of the 4-row block, in not a multiple of 8), on one
 thread and on two, with and without prefetching; and they refuse what they cannot do, so the race leaves them out."""
 
@@ -13,17 +14,20 @@ SHAPES = [(80, 48), (70, 100), (3, 9), (1536, 576)]
 
 
 def reference(kind: str, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None):
-    """(the weights the kernel is given, extra args, the fp32 oracle)"""
+    """(the tokens, the weights and bias the kernel is given, extra args, the fp32 oracle)"""
     if kind == "dense":
-        return w, (), F.linear(x, w, b)
+        return x, w, b, (), F.linear(x, w, b)
+    if kind == "bf16":
+        x, w, b = x.bfloat16(), w.bfloat16(), b.bfloat16()
+        return x, w, b, (), F.linear(x.float(), w.float(), b.float())
     if kind == "fp16":
         w16 = w.half()
-        return w16, (), F.linear(x, w16.float(), b)
+        return x, w16, b, (), F.linear(x, w16.float(), b)
     q, scales = quantize_rows(w, torch.float32)
-    return q, (scales,), F.linear(x, q.float() * scales[:, None], b)
+    return x, q, b, (scales,), F.linear(x, q.float() * scales[:, None], b)
 
 
-@pytest.mark.parametrize("kind", ["dense", "fp16", "int8"])
+@pytest.mark.parametrize("kind", ["dense", "bf16", "fp16", "int8"])
 @pytest.mark.parametrize("prefetch", ["", "_prefetch", "_packed"])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("rows", [1, 3, 16])
@@ -31,16 +35,21 @@ def reference(kind: str, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | Non
 def test_each_format_equals_f_linear(kind, prefetch, shape, rows, threads):
     torch.manual_seed(rows * 7 + shape[0])
     w, x, b = torch.randn(*shape), torch.randn(rows, shape[1]), torch.randn(shape[0])
-    fn = getattr(native_gemv, kind + prefetch)
+    fn = getattr(native_gemv, ("dense" if kind == "bf16" else kind) + prefetch)  # bf16 weights: dense's kernel
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        weights, extra, ref = reference(kind, x, w, b)
+        x, weights, b, extra, ref = reference(kind, x, w, b)
         out = fn(x, weights, *extra, b)
         no_bias = fn(x, weights, *extra, None)
     finally:
         torch.set_num_threads(before)
-    assert out.shape == ref.shape and out.dtype == torch.float32 and out.is_contiguous()
+    assert out.shape == ref.shape and out.dtype == x.dtype and out.is_contiguous()
+    if kind == "bf16":  # the fp32 sum rounded once to bf16 (to nearest: within 2⁻⁹ of it, 2⁻⁸ with sum order)
+        torch.testing.assert_close(out.float(), ref, rtol=2 ** -8, atol=1e-6 * ref.abs().max().item())
+        scale = ref.abs().max().item()
+        torch.testing.assert_close(no_bias.float(), ref - b.float(), rtol=2 ** -8, atol=2 ** -8 * scale)
+        return
     assert ((out - ref).abs().max() / ref.abs().max()).item() <= 1e-5
     torch.testing.assert_close(no_bias, ref - b, rtol=1e-5, atol=1e-4)
 
@@ -66,11 +75,14 @@ def test_strided_tokens_are_read_as_their_values():
     torch.testing.assert_close(native_gemv.dense(x, w, None), F.linear(x, w), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("case", ["bf16 tokens", "fp16 weights to the fp32 kernel", "a graph to keep"])
+@pytest.mark.parametrize("case", ["bf16 tokens", "fp32 tokens to bf16 weights", "fp16 weights to the fp32 kernel",
+                                  "a graph to keep"])
 def test_what_it_cannot_do_is_refused_not_miscomputed(case):
     w, x = torch.randn(8, 16), torch.randn(2, 16)
     if case == "bf16 tokens":
         x = x.bfloat16()
+    elif case == "fp32 tokens to bf16 weights":
+        w = w.bfloat16()
     elif case == "fp16 weights to the fp32 kernel":
         w = w.half()
     else:

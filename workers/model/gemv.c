@@ -1,5 +1,5 @@
 /* Few-row GEMMs y = scale · (x · Wᵀ) + b for a decode step (x: [n, in] fp32, W: [out, in] in fp32, fp16 or
- * int8), AVX2 + FMA + F16C, threads splitting W's rows. Built at run time by workers.model.native_gemv
+ * int8; or x, W and y all bf16, summed in fp32), AVX2 + FMA + F16C, threads splitting W's rows. Built at run time by workers.model.native_gemv
  * and raced there against torch's kernels like every other candidate; its oracle is F.linear.
  *
  * A decode step streams every weight once: the work is reading W, so each block of ROWS weight rows is read
@@ -9,6 +9,7 @@
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 typedef __m256 (*load8_fn)(const void *w, int64_t k); /* weights k..k+8 of a row, widened to fp32 */
@@ -21,7 +22,24 @@ static inline __m256 load8_f16(const void *w, int64_t k) {
 static inline __m256 load8_i8(const void *w, int64_t k) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)((const int8_t *)w + k))));
 }
+static inline __m256 load8_bf16(const void *w, int64_t k) { /* bf16 is fp32's upper half: widening is a shift */
+    __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)w + k)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+}
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+static inline uint16_t f32_to_bf16(float f) { /* rounded to nearest even, as torch rounds; NaN stays NaN */
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
+}
 static inline float load1_f32(const void *w, int64_t k) { return ((const float *)w)[k]; }
+static inline float load1_bf16(const void *w, int64_t k) { return bf16_to_f32(((const uint16_t *)w)[k]); }
 static inline float load1_f16(const void *w, int64_t k) { return _cvtsh_ss(((const uint16_t *)w)[k]); }
 static inline float load1_i8(const void *w, int64_t k) { return (float)((const int8_t *)w)[k]; }
 
@@ -33,10 +51,24 @@ static inline float sum8(__m256 v) {
 
 #define ROWS 4 /* weight rows per block */
 
+/* y[i] = v, y fp32, or bf16 (rounded) where y_bf16 (a constant in each caller) */
+static inline __attribute__((always_inline)) void store_y(void *y, int64_t i, float v, int y_bf16) {
+    if (y_bf16) ((uint16_t *)y)[i] = f32_to_bf16(v);
+    else ((float *)y)[i] = v;
+}
+
+/* x bf16 [count] widened into a new fp32 buffer (the caller frees it); NULL if out of memory */
+static float *widen_bf16(const uint16_t *x, int64_t count) {
+    float *wide = malloc((size_t)count * sizeof(float));
+    if (wide)
+        for (int64_t i = 0; i < count; i++) wide[i] = bf16_to_f32(x[i]);
+    return wide;
+}
+
 /* y[r, o:o+ROWS] for every token row r; inlined into each public function with its loads as constants */
 static inline __attribute__((always_inline)) void gemv_block(
         load8_fn load8, load1_fn load1, int64_t wsize, const float *x, const void *w, const float *scale,
-        const float *b, float *y, int64_t n, int64_t out, int64_t in, int64_t o, int64_t prefetch) {
+        const float *b, void *y, int y_bf16, int64_t n, int64_t out, int64_t in, int64_t o, int64_t prefetch) {
     int64_t m = out - o < ROWS ? out - o : ROWS, vec_end = in - in % 8, ahead = prefetch * ROWS * in * wsize;
     const char *wr[ROWS]; /* the block's rows; past the end of W, repeats of its first row (not stored) */
     for (int j = 0; j < ROWS; j++) wr[j] = (const char *)w + (o + (j < m ? j : 0)) * in * wsize;
@@ -56,7 +88,7 @@ static inline __attribute__((always_inline)) void gemv_block(
         for (int64_t k = vec_end; k < in; k++)
             for (int j = 0; j < ROWS; j++) acc[j] += load1(wr[j], k) * xr[k];
         for (int64_t j = 0; j < m; j++)
-            y[r * out + o + j] = acc[j] * (scale ? scale[o + j] : 1.0f) + (b ? b[o + j] : 0.0f);
+            store_y(y, r * out + o + j, acc[j] * (scale ? scale[o + j] : 1.0f) + (b ? b[o + j] : 0.0f), y_bf16);
     }
 }
 
@@ -65,7 +97,7 @@ void gemv_f32(const float *x, const float *w, const float *b, float *y, int64_t 
               int64_t prefetch, int threads) {
     #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t o = 0; o < out; o += ROWS)
-        gemv_block(load8_f32, load1_f32, 4, x, w, 0, b, y, n, out, in, o, prefetch);
+        gemv_block(load8_f32, load1_f32, 4, x, w, 0, b, y, 0, n, out, in, o, prefetch);
 }
 
 /* W IEEE fp16 [out, in] (as raw 16-bit words) */
@@ -73,7 +105,7 @@ void gemv_f16(const float *x, const uint16_t *w, const float *b, float *y, int64
               int64_t prefetch, int threads) {
     #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t o = 0; o < out; o += ROWS)
-        gemv_block(load8_f16, load1_f16, 2, x, w, 0, b, y, n, out, in, o, prefetch);
+        gemv_block(load8_f16, load1_f16, 2, x, w, 0, b, y, 0, n, out, in, o, prefetch);
 }
 
 /* W int8 [out, in] with one fp32 scale per output row: y = scale · (x · Wᵀ) + b */
@@ -81,7 +113,20 @@ void gemv_i8(const float *x, const int8_t *w, const float *scale, const float *b
              int64_t in, int64_t prefetch, int threads) {
     #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t o = 0; o < out; o += ROWS)
-        gemv_block(load8_i8, load1_i8, 1, x, w, scale, b, y, n, out, in, o, prefetch);
+        gemv_block(load8_i8, load1_i8, 1, x, w, scale, b, y, 0, n, out, in, o, prefetch);
+}
+
+/* W, x and y bf16 (x widened once, sums in fp32, y rounded once, as torch's bf16 GEMMs do); returns nonzero, having
+ * written nothing, if the widened x did not fit in memory */
+int gemv_bf16(const uint16_t *x16, const uint16_t *w, const float *b, uint16_t *y, int64_t n, int64_t out, int64_t in,
+              int64_t prefetch, int threads) {
+    float *x = widen_bf16(x16, n * in);
+    if (!x) return 1;
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t o = 0; o < out; o += ROWS)
+        gemv_block(load8_bf16, load1_bf16, 2, x, w, 0, b, y, 1, n, out, in, o, prefetch);
+    free(x);
+    return 0;
 }
 
 /* The same GEMMs over W packed by rows (workers.model.native_gemv.pack_rows): [ceil(out/ROWS)][ceil(in/8)][ROWS][8],
@@ -89,7 +134,7 @@ void gemv_i8(const float *x, const int8_t *w, const float *scale, const float *b
  * 576 int8 weights are 9 cache lines: too short for the hardware prefetcher, which a single stream keeps busy). */
 static inline __attribute__((always_inline)) void gemv_packed_block(
         load8_fn load8, load1_fn load1, int64_t wsize, const float *x, const void *w, const float *scale,
-        const float *b, float *y, int64_t n, int64_t out, int64_t in, int64_t blk, int64_t prefetch) {
+        const float *b, void *y, int y_bf16, int64_t n, int64_t out, int64_t in, int64_t blk, int64_t prefetch) {
     int64_t chunks = (in + 7) / 8, full = in / 8, chunk_bytes = ROWS * 8 * wsize, o = blk * ROWS;
     int64_t m = out - o < ROWS ? out - o : ROWS, ahead = prefetch * chunks * chunk_bytes;
     const char *wb = (const char *)w + blk * chunks * chunk_bytes;
@@ -110,7 +155,7 @@ static inline __attribute__((always_inline)) void gemv_packed_block(
         for (int64_t k = full * 8; k < in; k++)
             for (int j = 0; j < ROWS; j++) acc[j] += load1(tail, j * 8 + k - full * 8) * xr[k];
         for (int64_t j = 0; j < m; j++)
-            y[r * out + o + j] = acc[j] * (scale ? scale[o + j] : 1.0f) + (b ? b[o + j] : 0.0f);
+            store_y(y, r * out + o + j, acc[j] * (scale ? scale[o + j] : 1.0f) + (b ? b[o + j] : 0.0f), y_bf16);
     }
 }
 
@@ -119,11 +164,23 @@ static inline __attribute__((always_inline)) void gemv_packed_block(
               int64_t in, int64_t prefetch, int threads) {                                                        \
         _Pragma("omp parallel for schedule(static) num_threads(threads)")                                         \
         for (int64_t blk = 0; blk < (out + ROWS - 1) / ROWS; blk++)                                               \
-            gemv_packed_block(load8, load1, wsize, x, w, scale, b, y, n, out, in, blk, prefetch);                 \
+            gemv_packed_block(load8, load1, wsize, x, w, scale, b, y, 0, n, out, in, blk, prefetch);              \
     }
 PACKED(gemv_f32_packed, float, load8_f32, load1_f32, 4)
 PACKED(gemv_f16_packed, uint16_t, load8_f16, load1_f16, 2)
 PACKED(gemv_i8_packed, int8_t, load8_i8, load1_i8, 1) /* scale [out]: one per row; NULL for the float formats */
+
+/* gemv_bf16 over packed W (scale unused: NULL, as for every float format) */
+int gemv_bf16_packed(const uint16_t *x16, const uint16_t *w, const float *scale, const float *b, uint16_t *y, int64_t n,
+                     int64_t out, int64_t in, int64_t prefetch, int threads) {
+    float *x = widen_bf16(x16, n * in);
+    if (!x) return 1;
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t blk = 0; blk < (out + ROWS - 1) / ROWS; blk++)
+        gemv_packed_block(load8_bf16, load1_bf16, 2, x, w, scale, b, y, 1, n, out, in, blk, prefetch);
+    free(x);
+    return 0;
+}
 
 static inline float dot(const float *a, const float *b, int64_t len) {
     __m256 s0 = _mm256_setzero_ps(), s1 = s0;

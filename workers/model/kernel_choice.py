@@ -5,7 +5,8 @@ No path is chosen by a constant about a CPU: the same GEMM orientation that is 1
 3-9x slower on the next. A choice is measured the first time a key is asked for (interleaved repeats of
 every candidate, each judged by its fastest call, a few milliseconds per key on a quiet machine), logged, and written to
 `{cache dir}/kernels/{machine}.json`, where the machine is the CPU model and flags (or the GPU name), the
-torch version and the thread count: a second start on the same machine measures nothing.
+torch version, the thread count and our native kernels' source (a new build may run, or fail, differently): a
+second start on the same machine measures nothing.
 
 An override (a candidate's name) skips the measurement and forces that candidate everywhere (tests use it
 to compare every candidate with the reference).
@@ -52,6 +53,13 @@ def cpu_info() -> tuple[str, set[str]]:
     return model, set(flags.split())
 
 
+NATIVE_SOURCES = (Path(__file__).with_name("gemv.c"),)  # workers.model.native_gemv's kernels
+
+
+def _native_digest() -> str:
+    return hashlib.sha256(b"".join(p.read_bytes() for p in NATIVE_SOURCES if p.exists())).hexdigest()[:12]
+
+
 def _cpu_description() -> dict[str, str]:
     model, flags = cpu_info()
     return {"cpu": model, "flags_sha": hashlib.sha256(" ".join(sorted(flags)).encode()).hexdigest()[:12]}
@@ -59,7 +67,8 @@ def _cpu_description() -> dict[str, str]:
 
 def machine_description(device: torch.device) -> dict[str, str]:
     """What a measurement depends on besides its key: hardware, torch, threads."""
-    desc = {**_cpu_description(), "torch": torch.__version__, "threads": str(torch.get_num_threads())}
+    desc = {**_cpu_description(), "torch": torch.__version__, "threads": str(torch.get_num_threads()),
+            "native_kernels": _native_digest()}
     if device.type == "cuda":
         desc["gpu"] = torch.cuda.get_device_name(device)
     return desc

@@ -7,7 +7,8 @@ Candidates (each equals F.linear up to float rounding; tests check every one):
 - `wxt_pair`: `wxt` with a single row computed as two (where the one-row GEMV path is slower than a GEMM);
   for more than one row it is `wxt`, so it is only a candidate for the one-row bucket.
 - `native_gemv`, `native_gemv_prefetch` (x86 CPU with AVX2, a C compiler): our own few-row GEMM, both
-  threads streaming W once (workers.model.native_gemv).
+  threads streaming W once (workers.model.native_gemv), for fp32 and for bf16 (bf16 widened as it streams, summed
+  in fp32: no bf16 instructions needed); `native_gemv_packed`, the same over a copy of W packed by blocks of rows.
 - `onednn_packed` (CPU): oneDNN's linear over W reordered once into its blocked layout (kept beside W, and
   packed again when W is written in place, e.g. by fusion). It streams W from memory up to 2-3x faster than
   F.linear on some CPUs, and costs a second copy of each weight it serves.
@@ -73,7 +74,8 @@ def linear_onednn_packed(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | Non
 
 CANDIDATES: dict[str, LinearFn] = {"linear": linear_f, "wxt": linear_wxt, "wxt_pair": linear_wxt_pair,
                                    "onednn_packed": linear_onednn_packed, "native_gemv": native_gemv.dense,
-                                   "native_gemv_prefetch": native_gemv.dense_prefetch}
+                                   "native_gemv_prefetch": native_gemv.dense_prefetch,
+                                   "native_gemv_packed": native_gemv.dense_packed}
 
 
 def weight_elements(shapes: Mapping[tuple[int, int], int]) -> int:

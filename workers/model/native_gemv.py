@@ -1,16 +1,19 @@
 """Kernel candidates of our own for the few-row GEMMs of a decode step (workers/model/gemv.c): fp32, fp16 and
-int8 weights, fp32 tokens, AVX2 + FMA + F16C, both threads reading W once.
+int8 weights with fp32 tokens, or bf16 weights with bf16 tokens (summed in fp32), AVX2 + FMA + F16C, both threads
+reading W once.
 
 Why: a decode step is a stream of weight reads, and torch's kernels leave bandwidth unused on some CPUs — MKL's
-one-row GEMV runs on one thread on AMD, and ATen's weight-only int8 GEMM is vectorized for AVX-512 only (on AVX2
-it read 1-2 GB/s of a 15-20 GB/s memory). These are candidates like any other: raced per shape, row bucket and
-dtype against torch's (workers.model.kernel_choice), chosen only where they measure faster, tested equal to
-F.linear.
+one-row GEMV runs on one thread on AMD; ATen's weight-only int8 GEMM is vectorized for AVX-512 only (on AVX2 it
+read 1-2 GB/s of a 15-20 GB/s memory); torch's one-row bf16 GEMMs read 12-19 GB/s of a ~50 GB/s memory on an
+EPYC with AVX512-BF16, where widening bf16 to fp32 (a shift) as W streams read 34. These are candidates like any
+other: raced per shape, row bucket and dtype against torch's (workers.model.kernel_choice), chosen only where they
+measure faster, tested equal to F.linear.
 
 The source is compiled on first use with the system C compiler (gcc or $CC, the one torch.compile uses) into
 `{cache dir}/native/`, keyed by the source, the flags and the compiler, and loaded with ctypes (OpenMP binds to the
-runtime torch has loaded: one thread pool). Where there is no compiler, no AVX2/FMA/F16C, tokens that are not
-fp32 on a CPU, or an autograd graph to keep, a candidate raises NotImplementedError and the race leaves it out.
+runtime torch has loaded: one thread pool). Where there is no compiler, no AVX2/FMA/F16C, tokens that are not fp32
+(bf16 for bf16 weights) on a CPU, or an autograd graph to keep, a candidate raises NotImplementedError and the race
+leaves it out.
 """
 
 from __future__ import annotations
@@ -72,10 +75,10 @@ def _build() -> ctypes.CDLL:
         log.info("built the native GEMV: %s", target)
     lib = ctypes.CDLL(str(target))
     p, i64 = ctypes.c_void_p, ctypes.c_int64
-    for name, pointers in (("gemv_f32", 4), ("gemv_f16", 4), ("gemv_i8", 5), ("gemv_f32_packed", 5),
-                           ("gemv_f16_packed", 5), ("gemv_i8_packed", 5)):
+    for name, pointers in (("gemv_f32", 4), ("gemv_f16", 4), ("gemv_i8", 5), ("gemv_bf16", 4), ("gemv_f32_packed", 5),
+                           ("gemv_f16_packed", 5), ("gemv_i8_packed", 5), ("gemv_bf16_packed", 5)):
         getattr(lib, name).argtypes = [p] * pointers + [i64] * 4 + [ctypes.c_int]
-        getattr(lib, name).restype = None
+        getattr(lib, name).restype = ctypes.c_int if name.startswith("gemv_bf16") else None
     lib.lora_bgmv_f32.argtypes = [p] * 6 + [i64] * 5 + [ctypes.c_int]
     lib.lora_bgmv_f32.restype = i64
     lib.add_rms_norm_f32.argtypes = [p] * 5 + [i64] * 2 + [ctypes.c_float, ctypes.c_int]
@@ -103,7 +106,9 @@ def library() -> ctypes.CDLL:
     return _library
 
 
-WEIGHT_DTYPES = {"gemv_f32": torch.float32, "gemv_f16": torch.float16, "gemv_i8": torch.int8}
+WEIGHT_DTYPES = {"gemv_f32": torch.float32, "gemv_f16": torch.float16, "gemv_i8": torch.int8,
+                 "gemv_bf16": torch.bfloat16}
+FLOAT_KERNELS = {torch.float32: "gemv_f32", torch.bfloat16: "gemv_bf16"}  # a dense weight's dtype → its kernel
 PACKED_ROWS, PACKED_COLUMNS = 4, 8  # gemv.c's ROWS, and the weights of a row one load reads
 
 
@@ -128,12 +133,13 @@ def packed(w: torch.Tensor) -> torch.Tensor:
 
 def _run(fn_name: str, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, prefetch: int,
          scale: torch.Tensor | None = None, packed_w: torch.Tensor | None = None) -> torch.Tensor:
-    """y [N, out] = scale · (x · Wᵀ) + b, x [N, in] fp32 on the CPU, W [out, in]; scale (gemv_i8 only) and b [out];
-    packed_w: pack_rows(W), which a `*_packed` kernel reads instead of W.
+    """y [N, out] = scale · (x · Wᵀ) + b, x [N, in] on the CPU (fp32; bf16 for gemv_bf16, and y then bf16), W
+    [out, in]; scale (gemv_i8 only) and b [out]; packed_w: pack_rows(W), which a `*_packed` kernel reads instead of W.
     A decode step calls this ~200 times: it is kept to what must be checked (~3 µs)."""
     weight_dtype = WEIGHT_DTYPES[fn_name.removesuffix("_packed")]
-    if x.dtype != torch.float32 or w.dtype != weight_dtype or not x.is_cpu:
-        raise NotImplementedError(f"the native GEMV takes fp32 tokens and {weight_dtype} weights on a CPU, "
+    token_dtype = torch.bfloat16 if weight_dtype == torch.bfloat16 else torch.float32
+    if x.dtype != token_dtype or w.dtype != weight_dtype or not x.is_cpu:
+        raise NotImplementedError(f"the native GEMV takes {token_dtype} tokens and {weight_dtype} weights on a CPU, "
                                   f"not {x.dtype} tokens and {w.dtype} weights on {x.device}")
     if (x.requires_grad or w.requires_grad) and torch.is_grad_enabled():
         raise NotImplementedError("the native GEMV keeps no autograd graph")
@@ -148,22 +154,31 @@ def _run(fn_name: str, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
     if x_in != in_f or (b is not None and b.numel() != out_f) or (scale is not None and scale.numel() != out_f):
         raise ValueError(f"shapes do not fit: x {tuple(x.shape)}, W {tuple(w.shape)}, "  # C reads what they say
                          f"b {None if b is None else b.numel()}, scale {None if scale is None else scale.numel()}")
-    y = torch.empty(n, out_f)  # [N, out]
+    y = torch.empty(n, out_f, dtype=token_dtype)  # [N, out]
     tail = (None if b is None else b.data_ptr(), y.data_ptr(), n, out_f, in_f, prefetch, torch.get_num_threads())
     scale = None if scale is None else scale.float().contiguous()
     # gemv_i8 and every packed kernel take a scale pointer (NULL for the float formats); gemv_f32/f16 none
     scale_arg = () if scale is None and packed_w is None else (None if scale is None else scale.data_ptr(),)
     weights = (w if packed_w is None else packed_w).data_ptr()
-    getattr(library(), fn_name)(x.data_ptr(), weights, *scale_arg, *tail)
+    if getattr(library(), fn_name)(x.data_ptr(), weights, *scale_arg, *tail):  # only the bf16 kernels return
+        raise MemoryError(f"{fn_name}: no memory to widen {n}x{in_f} bf16 tokens")
     return y
 
 
+def _float_kernel(w: torch.Tensor) -> str:
+    kernel = FLOAT_KERNELS.get(w.dtype)
+    if kernel is None:
+        raise NotImplementedError(f"the native GEMV has no kernel for dense {w.dtype} weights")
+    return kernel
+
+
 def dense(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    return _run("gemv_f32", x, w, b, 0)
+    """x Wᵀ + b, W fp32 (fp32 tokens) or bf16 (bf16 tokens)."""
+    return _run(_float_kernel(w), x, w, b, 0)
 
 
 def dense_prefetch(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    return _run("gemv_f32", x, w, b, PREFETCH_BLOCKS)
+    return _run(_float_kernel(w), x, w, b, PREFETCH_BLOCKS)
 
 
 def fp16(x: torch.Tensor, w16: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
@@ -183,7 +198,7 @@ def int8_prefetch(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, b: tor
 
 
 def dense_packed(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    return _run("gemv_f32_packed", x, w, b, PREFETCH_BLOCKS, packed_w=packed(w))
+    return _run(_float_kernel(w) + "_packed", x, w, b, PREFETCH_BLOCKS, packed_w=packed(w))
 
 
 def fp16_packed(x: torch.Tensor, w16: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """The small ops between a layer's GEMMs chosen by measurement (workers.model.layer_kernels): every candidate of the
 residual add + RMSNorm equals RMSNorm.reference over x + delta, every RoPE + cache write equals
-apply_rope_reference and KVCache.write_reference, the native ones refuse what they cannot do (writing nothing),
+apply_rope_reference and KVCache.write_reference (in fp32; in bf16, the native ones equal torch's bf16 ops, which
+round at the same steps), the native ones refuse what they cannot do (writing nothing),
 the chooser keeps what the timer says is fastest, and a decoder forced onto each gets the reference's logits."""
 
 import pytest
@@ -10,7 +11,14 @@ from tiny_models import make_tiny_model
 from workers.model import native_gemv
 from workers.model.decoder import RMSNorm
 from workers.model.kernel_choice import KernelTable
-from workers.model.layer_kernels import NORM_CANDIDATES, ROPE_CANDIDATES, LayerKernels, norm_torch, rope_write_torch
+from workers.model.layer_kernels import (
+    NORM_CANDIDATES,
+    ROPE_CANDIDATES,
+    LayerKernels,
+    norm_native,
+    norm_torch,
+    rope_write_torch,
+)
 from workers.model.loader import ModelSpec, load_decoder
 from workers.model.rope import apply_rope_reference, signed_sin
 
@@ -62,10 +70,39 @@ def test_every_rope_candidate_rotates_q_and_writes_rotated_k_and_v_to_their_rows
     torch.testing.assert_close(v_rows, want_v_rows, rtol=0, atol=0)  # rows not in the index untouched
 
 
+BF16_ULP = 2 ** -7  # one unit in bf16's last place, relative: where fp32 rsqrt and 1/sqrt round a tie apart
+
+
+@pytest.mark.parametrize(("rows", "dim"), [(1, 576), (3, 100), (70, 64)])
+@pytest.mark.parametrize("with_delta", [False, True])
+def test_the_native_norm_in_bf16_rounds_where_torch_rounds(rows, dim, with_delta):
+    norm, x, delta = norm_inputs(rows, dim, torch.bfloat16)
+    s, h = norm_native(x, delta if with_delta else None, norm.weight, norm.eps, norm.forward)
+    want_s, want_h = norm_torch(x, delta if with_delta else None, norm.weight, norm.eps, norm.forward)
+    assert s.dtype == h.dtype == torch.bfloat16
+    torch.testing.assert_close(s, want_s, rtol=0, atol=0)  # one bf16 add: the same rounding
+    torch.testing.assert_close(h.float(), want_h.float(), rtol=BF16_ULP, atol=0)
+    assert (h == want_h).float().mean().item() >= 0.99  # all but the rare tie
+
+
+@pytest.mark.parametrize(("rows", "heads", "kv_heads", "dim"), [(1, 9, 3, 64), (17, 6, 2, 10)])
+def test_the_native_rope_in_bf16_rounds_where_torch_rounds(rows, heads, kv_heads, dim):
+    q, k, v, cos, sin, k_rows, v_rows, index = rope_inputs(rows, heads, kv_heads, dim, torch.bfloat16)
+    want = [t.clone() for t in (q, k, k_rows, v_rows)]
+    want_q = rope_write_torch(*want[:2], v, cos, sin, *want[2:], index)
+    got_q = native_gemv.rope_write(q, k, v, cos, sin, k_rows, v_rows, index)
+    assert got_q.dtype == torch.bfloat16
+    for got, expected in ((got_q, want_q), (k_rows, want[2])):
+        torch.testing.assert_close(got.float(), expected.float(), rtol=BF16_ULP, atol=1e-6)
+    torch.testing.assert_close(v_rows, want[3], rtol=0, atol=0)
+
+
 def test_the_native_ops_refuse_what_they_cannot_do_and_write_nothing():
-    norm, x, delta = norm_inputs(2, 32, torch.bfloat16)
+    norm, x, delta = norm_inputs(2, 32, torch.float16)
     with pytest.raises(NotImplementedError):
         native_gemv.add_rms_norm(x, delta, norm.weight, norm.eps)
+    with pytest.raises(NotImplementedError):  # dtypes mixed
+        native_gemv.add_rms_norm(x.bfloat16(), delta.float(), norm.weight.bfloat16(), norm.eps)
     _, x, delta = norm_inputs(2, 32)
     with pytest.raises(ValueError):
         native_gemv.add_rms_norm(x, delta[:, :16], torch.ones(32), 1e-6)
@@ -94,17 +131,20 @@ def test_the_chooser_keeps_what_the_timer_measures_fastest(fastest):
     assert kernels.rope(q, k) is ROPE_CANDIDATES[fastest]
     assert table.entries["add_rms_norm 48 rows 2-4 float32 cpu"]["choice"] == fastest
     assert table.entries["rope_write 9x3x64 rows 1 float32 cpu"]["choice"] == fastest
-    _, x16, _ = norm_inputs(3, 48, torch.bfloat16)  # the native op refuses bf16: left out of the race
+    _, x16, _ = norm_inputs(3, 48, torch.float16)  # the native op refuses fp16: left out of the race
     assert kernels.norm(x16, False) is norm_torch
-    assert kernels.rope(q.bfloat16(), k.bfloat16()) is rope_write_torch
+    assert kernels.rope(q.half(), k.half()) is rope_write_torch
 
 
 @pytest.mark.parametrize("name", list(NORM_CANDIDATES))
-def test_a_decoder_forced_onto_each_gets_the_reference_logits(tmp_path, name):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_decoder_forced_onto_each_gets_the_reference_logits(tmp_path, name, dtype):
+    """fp32: to 1e-5; bf16: within 1e-2 of the largest logit (a tie rounded the other way moves what follows)."""
     from test_decoder import run_logits
 
     folder, _ = make_tiny_model(tmp_path, "llama")
-    forced, reference = load_decoder(ModelSpec(str(folder))), load_decoder(ModelSpec(str(folder)))
+    spec = ModelSpec(str(folder), dtype=dtype)
+    forced, reference = load_decoder(spec), load_decoder(spec)
     chosen = LayerKernels(KernelTable(None), override=name)
     for module in forced.modules():
         if isinstance(module, RMSNorm):
@@ -117,5 +157,6 @@ def test_a_decoder_forced_onto_each_gets_the_reference_logits(tmp_path, name):
         elif hasattr(module, "layer_kernels"):
             module.layer_kernels = None
     ids = torch.randint(0, 256, (9,)).tolist()
+    tolerance = 1e-5 if dtype == "float32" else 1e-2
     for ours, ref in zip(run_logits(forced, ids[:6], ids[6:]), run_logits(reference, ids[:6], ids[6:]), strict=True):
-        assert ((ours - ref).abs().max() / ref.abs().max()).item() <= 1e-5
+        assert ((ours.float() - ref.float()).abs().max() / ref.float().abs().max()).item() <= tolerance

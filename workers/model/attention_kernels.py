@@ -7,8 +7,8 @@ Candidates (each equals `sdpa`; tests check them):
   long queries and costs ~50-80 µs a call on a 2-core CPU for a one-token query).
 - `matmul`: the same product as two batched matmuls and a softmax, each query head grouped with the heads that
   share its key head ([Bd, KVH, G, D] · [Bd, KVH, D, S]): a handful of small ops for a one-token query.
-- `native`, `native_threads` (fp32 on a CPU with AVX2 and a C compiler; workers/model/gemv.c): one call reading the
-  cache's rows in place, on one thread or on torch's threads split by (row, kv head).
+- `native`, `native_threads` (fp32 or bf16 on a CPU with AVX2 and a C compiler; workers/model/gemv.c): one call
+  reading the cache's rows in place, on one thread or on torch's threads split by (row, kv head).
 """
 
 from __future__ import annotations

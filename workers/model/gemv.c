@@ -262,18 +262,61 @@ void add_rms_norm_f32(const float *x, const float *d, const float *w, float *sum
     }
 }
 
+/* add_rms_norm_f32 in bf16, rounding where RMSNorm.reference does in bf16: sum = bf16(x + d); the norm in fp32,
+ * rounded to bf16, then h = bf16(w · it) */
+void add_rms_norm_bf16(const uint16_t *x, const uint16_t *d, const uint16_t *w, uint16_t *sum, uint16_t *h, int64_t n,
+                       int64_t dim, float eps, int threads) {
+    #pragma omp parallel for schedule(static) if (n > 1) num_threads(threads)
+    for (int64_t r = 0; r < n; r++) {
+        const uint16_t *xr = x + r * dim, *dr = d ? d + r * dim : 0;
+        uint16_t *sr = d ? sum + r * dim : (uint16_t *)xr, *hr = h + r * dim;
+        float ss = 0.0f;
+        for (int64_t k = 0; k < dim; k++) {
+            float v = bf16_to_f32(xr[k]);
+            if (dr) v = bf16_to_f32(sr[k] = f32_to_bf16(v + bf16_to_f32(dr[k])));
+            ss += v * v;
+        }
+        float scale = 1.0f / sqrtf(ss / (float)dim + eps);
+        for (int64_t k = 0; k < dim; k++)
+            hr[k] = f32_to_bf16(bf16_to_f32(w[k]) * bf16_to_f32(f32_to_bf16(bf16_to_f32(sr[k]) * scale)));
+    }
+}
+
 /* x [n, heads, dim] rotated in place, token t by row t of cos and signed_sin [n, dim]:
- * x·cos + roll(x, dim/2)·signed_sin */
-static void rope_rows(float *x, const float *cos, const float *sin, int64_t n, int64_t heads, int64_t dim) {
+ * x·cos + roll(x, dim/2)·signed_sin; bf16 (a constant in each caller): every tensor bf16, rounded where apply_rope
+ * rounds in bf16, bf16(bf16(x·cos) + roll(x)·signed_sin) */
+static inline __attribute__((always_inline)) void rope_rows(void *x, const void *cos, const void *sin, int64_t n,
+                                                            int64_t heads, int64_t dim, int bf16) {
     int64_t half = dim / 2;
-    float rolled[dim];
+    float wide[dim];
     for (int64_t t = 0; t < n; t++)
         for (int64_t h = 0; h < heads; h++) {
-            float *xr = x + (t * heads + h) * dim;
-            const float *c = cos + t * dim, *s = sin + t * dim;
-            for (int64_t k = 0; k < dim; k++) rolled[k] = xr[(k + half) % dim];
-            for (int64_t k = 0; k < dim; k++) xr[k] = xr[k] * c[k] + rolled[k] * s[k];
+            int64_t row = (t * heads + h) * dim;
+            for (int64_t k = 0; k < dim; k++) wide[k] = bf16 ? load1_bf16(x, row + k) : load1_f32(x, row + k);
+            for (int64_t k = 0; k < dim; k++) {
+                float c = bf16 ? load1_bf16(cos, t * dim + k) : load1_f32(cos, t * dim + k);
+                float s = bf16 ? load1_bf16(sin, t * dim + k) : load1_f32(sin, t * dim + k);
+                float scaled = bf16 ? bf16_to_f32(f32_to_bf16(wide[k] * c)) : wide[k] * c;
+                store_y(x, row + k, scaled + wide[(k + half) % dim] * s, bf16);
+            }
         }
+}
+
+/* Rows of `rows` [count] outside [0, cache_rows) */
+static int64_t rows_outside(const int64_t *rows, int64_t count, int64_t cache_rows) {
+    int64_t outside = 0;
+    for (int64_t i = 0; i < count; i++) outside += rows[i] < 0 || rows[i] >= cache_rows;
+    return outside;
+}
+
+/* k and v [count, dim] (elements of `esize` bytes) copied into rows `rows` of kc and vc */
+static void write_rows(const void *k, const void *v, void *kc, void *vc, const int64_t *rows, int64_t count,
+                       int64_t dim, int64_t esize) {
+    int64_t bytes = dim * esize;
+    for (int64_t i = 0; i < count; i++) {
+        memcpy((char *)kc + rows[i] * bytes, (const char *)k + i * bytes, bytes);
+        memcpy((char *)vc + rows[i] * bytes, (const char *)v + i * bytes, bytes);
+    }
 }
 
 /* q [n, hq, dim] and k [n, hk, dim] rotated in place; then k and v [n, hk, dim] copied into the cache rows
@@ -281,52 +324,88 @@ static void rope_rows(float *x, const float *cos, const float *sin, int64_t n, i
  * [0, cache_rows): nonzero means nothing was written. */
 int64_t rope_write_f32(float *q, float *k, const float *v, const float *cos, const float *sin, float *kc, float *vc,
                        const int64_t *rows, int64_t n, int64_t hq, int64_t hk, int64_t dim, int64_t cache_rows) {
-    int64_t outside = 0;
-    for (int64_t i = 0; i < n * hk; i++) outside += rows[i] < 0 || rows[i] >= cache_rows;
+    int64_t outside = rows_outside(rows, n * hk, cache_rows);
     if (outside) return outside;
-    rope_rows(q, cos, sin, n, hq, dim);
-    rope_rows(k, cos, sin, n, hk, dim);
-    for (int64_t i = 0; i < n * hk; i++) {
-        memcpy(kc + rows[i] * dim, k + i * dim, dim * sizeof(float));
-        memcpy(vc + rows[i] * dim, v + i * dim, dim * sizeof(float));
-    }
+    rope_rows(q, cos, sin, n, hq, dim, 0);
+    rope_rows(k, cos, sin, n, hk, dim, 0);
+    write_rows(k, v, kc, vc, rows, n * hk, dim, sizeof(float));
+    return 0;
+}
+
+/* rope_write_f32 in bf16 (every tensor bf16) */
+int64_t rope_write_bf16(uint16_t *q, uint16_t *k, const uint16_t *v, const uint16_t *cos, const uint16_t *sin,
+                        uint16_t *kc, uint16_t *vc, const int64_t *rows, int64_t n, int64_t hq, int64_t hk, int64_t dim,
+                        int64_t cache_rows) {
+    int64_t outside = rows_outside(rows, n * hk, cache_rows);
+    if (outside) return outside;
+    rope_rows(q, cos, sin, n, hq, dim, 1);
+    rope_rows(k, cos, sin, n, hk, dim, 1);
+    write_rows(k, v, kc, vc, rows, n * hk, dim, sizeof(uint16_t));
     return 0;
 }
 
 /* Decode attention, one query token per row (workers.model.attention_kernels; oracle: SDPA): out [bd, hq, dim] =
  * softmax(q · Kᵀ / √dim, masked) · V, query head h reading kv head h / (hq / hk). Keys and values [bd, hk, len, dim]
  * with positions contiguous (rows `row_stride`, heads `head_stride` elements apart: views of the cache); mask [bd,
- * len] bytes (0: not attended) or NULL. `threads` split the (row, kv head) pairs (1: no parallel region). */
-void decode_attention_f32(const float *q, const float *k, const float *v, const uint8_t *mask, float *out, int64_t bd,
-                          int64_t hq, int64_t hk, int64_t len, int64_t dim, int64_t row_stride, int64_t head_stride,
-                          int threads) {
-    int64_t group = hq / hk;
+ * len] bytes (0: not attended) or NULL. `threads` split the (row, kv head) pairs (1: no parallel region).
+ * bf16 (a constant in each caller): q, keys, values and out bf16, every sum in fp32, out rounded once. */
+static inline __attribute__((always_inline)) void decode_attention(
+        const void *q, const void *k, const void *v, const uint8_t *mask, void *out, int64_t bd, int64_t hq,
+        int64_t hk, int64_t len, int64_t dim, int64_t row_stride, int64_t head_stride, int threads, int bf16) {
+    int64_t group = hq / hk, esize = bf16 ? 2 : 4;
     float scale = 1.0f / sqrtf((float)dim);
     #pragma omp parallel for schedule(static) if (threads > 1) num_threads(threads)
     for (int64_t pair = 0; pair < bd * hk; pair++) {
-        int64_t i = pair / hk, g = pair % hk;
-        const float *kg = k + i * row_stride + g * head_stride, *vg = v + i * row_stride + g * head_stride;
+        int64_t i = pair / hk, g = pair % hk, vec_end = dim - dim % 8;
+        const char *kg = (const char *)k + (i * row_stride + g * head_stride) * esize;
+        const char *vg = (const char *)v + (i * row_stride + g * head_stride) * esize;
         const uint8_t *m = mask ? mask + i * len : 0;
-        float p[len];
+        float p[len], qh[dim], o[dim];
         for (int64_t h = g * group; h < (g + 1) * group; h++) {
-            const float *qh = q + (i * hq + h) * dim;
+            for (int64_t c = 0; c < dim; c++)
+                qh[c] = bf16 ? bf16_to_f32(((const uint16_t *)q)[(i * hq + h) * dim + c])
+                             : ((const float *)q)[(i * hq + h) * dim + c];
             float top = -INFINITY, total = 0.0f;
             for (int64_t s = 0; s < len; s++) {
-                p[s] = (m && !m[s]) ? -INFINITY : dot(qh, kg + s * dim, dim) * scale;
+                if (m && !m[s]) {
+                    p[s] = -INFINITY;
+                    continue;
+                }
+                const void *ks = kg + s * dim * esize;
+                __m256 acc = _mm256_setzero_ps();
+                for (int64_t c = 0; c < vec_end; c += 8)
+                    acc = _mm256_fmadd_ps(_mm256_loadu_ps(qh + c), bf16 ? load8_bf16(ks, c) : load8_f32(ks, c), acc);
+                float d = sum8(acc);
+                for (int64_t c = vec_end; c < dim; c++) d += qh[c] * (bf16 ? load1_bf16(ks, c) : load1_f32(ks, c));
+                p[s] = d * scale;
                 top = p[s] > top ? p[s] : top;
             }
             for (int64_t s = 0; s < len; s++) total += p[s] = p[s] == -INFINITY ? 0.0f : expf(p[s] - top);
-            float *o = out + (i * hq + h) * dim, inv = 1.0f / total;
+            float inv = 1.0f / total;
             for (int64_t c = 0; c < dim; c++) o[c] = 0.0f;
             for (int64_t s = 0; s < len; s++) {
                 if (p[s] == 0.0f) continue;
-                float w = p[s] * inv;
-                const float *vs = vg + s * dim;
-                int64_t c = 0;
-                for (; c + 8 <= dim; c += 8)
-                    _mm256_storeu_ps(o + c, _mm256_fmadd_ps(_mm256_set1_ps(w), _mm256_loadu_ps(vs + c), _mm256_loadu_ps(o + c)));
-                for (; c < dim; c++) o[c] += w * vs[c];
+                __m256 w8 = _mm256_set1_ps(p[s] * inv);
+                const void *vs = vg + s * dim * esize;
+                for (int64_t c = 0; c < vec_end; c += 8)
+                    _mm256_storeu_ps(o + c, _mm256_fmadd_ps(w8, bf16 ? load8_bf16(vs, c) : load8_f32(vs, c),
+                                                            _mm256_loadu_ps(o + c)));
+                for (int64_t c = vec_end; c < dim; c++)
+                    o[c] += p[s] * inv * (bf16 ? load1_bf16(vs, c) : load1_f32(vs, c));
             }
+            for (int64_t c = 0; c < dim; c++) store_y(out, (i * hq + h) * dim + c, o[c], bf16);
         }
     }
+}
+
+void decode_attention_f32(const float *q, const float *k, const float *v, const uint8_t *mask, float *out, int64_t bd,
+                          int64_t hq, int64_t hk, int64_t len, int64_t dim, int64_t row_stride, int64_t head_stride,
+                          int threads) {
+    decode_attention(q, k, v, mask, out, bd, hq, hk, len, dim, row_stride, head_stride, threads, 0);
+}
+
+void decode_attention_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, const uint8_t *mask, uint16_t *out,
+                           int64_t bd, int64_t hq, int64_t hk, int64_t len, int64_t dim, int64_t row_stride,
+                           int64_t head_stride, int threads) {
+    decode_attention(q, k, v, mask, out, bd, hq, hk, len, dim, row_stride, head_stride, threads, 1);
 }

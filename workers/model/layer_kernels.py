@@ -4,7 +4,8 @@ faster per (shape, row bucket, dtype) on this machine (workers.model.kernel_choi
 A one-token decode step runs ~60 RMSNorms and ~60 RoPEs besides its GEMMs; in torch each is a handful of small
 ops (~20-40 µs on a 2-core CPU), which made them a fifth of a quantized base's step. Candidates:
 - residual add + RMSNorm, (s, h) = (x + delta, RMSNorm(x + delta)): `torch` (an add, then RMSNorm.forward) or
-  `native` (one pass over each row; workers/model/gemv.c; fp32 on a CPU with AVX2 and a C compiler);
+  `native` (one pass over each row; workers/model/gemv.c; fp32 or bf16 on a CPU with AVX2 and a C compiler, bf16
+  rounded where torch's bf16 ops round);
 - RoPE on q and k + the KV cache write: `torch` (apply_rope twice, then two index copies) or `native` (q and k
   rotated in place, k and v copied into their cache rows).
 Oracles: RMSNorm.reference, rope.apply_rope_reference and KVCache.write_reference (tests force each candidate).
@@ -81,12 +82,10 @@ class LayerKernels:
         def calls():
             gen = torch.Generator(device=device).manual_seed(0)
             x, delta = (torch.randn(rows, dim, generator=gen, device=device).to(dtype) for _ in range(2))
-            weight = torch.ones(dim, dtype=dtype, device=device)
+            from workers.model.decoder import RMSNorm  # (the decoder imports this module)
 
-            def plain(s: torch.Tensor) -> torch.Tensor:  # RMSNorm.forward's fp32 form (native refuses others)
-                return torch.nn.functional.rms_norm(s, (dim,), weight, 1e-5)
-
-            return {name: (lambda fn=fn: fn(x, delta if with_delta else None, weight, 1e-5, plain))
+            norm = RMSNorm(dim, 1e-5).to(device=device, dtype=dtype).requires_grad_(False)  # the model's own form
+            return {name: (lambda fn=fn: fn(x, delta if with_delta else None, norm.weight, 1e-5, norm.forward))
                     for name, fn in NORM_CANDIDATES.items()}
 
         key = (f"add_rms_norm {dim} rows {bucket_label(bucket)}{'' if with_delta else ' no add'} "

@@ -81,12 +81,11 @@ def _build() -> ctypes.CDLL:
         getattr(lib, name).restype = ctypes.c_int if name.startswith("gemv_bf16") else None
     lib.lora_bgmv_f32.argtypes = [p] * 6 + [i64] * 5 + [ctypes.c_int]
     lib.lora_bgmv_f32.restype = i64
-    lib.add_rms_norm_f32.argtypes = [p] * 5 + [i64] * 2 + [ctypes.c_float, ctypes.c_int]
-    lib.add_rms_norm_f32.restype = None
-    lib.rope_write_f32.argtypes = [p] * 8 + [i64] * 5
-    lib.rope_write_f32.restype = i64
-    lib.decode_attention_f32.argtypes = [p] * 5 + [i64] * 7 + [ctypes.c_int]
-    lib.decode_attention_f32.restype = None
+    for suffix in ("_f32", "_bf16"):
+        norm, rope, attention = (getattr(lib, op + suffix) for op in ("add_rms_norm", "rope_write", "decode_attention"))
+        norm.argtypes, norm.restype = [p] * 5 + [i64] * 2 + [ctypes.c_float, ctypes.c_int], None
+        rope.argtypes, rope.restype = [p] * 8 + [i64] * 5, i64
+        attention.argtypes, attention.restype = [p] * 5 + [i64] * 7 + [ctypes.c_int], None
     return lib
 
 
@@ -232,28 +231,33 @@ def lora_bgmv(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, bt: torch.Tenso
         raise IndexError(f"{outside} bank rows outside the bank's {a.shape[0]}")
 
 
-def _fp32_cpu(*tensors: torch.Tensor) -> None:
-    for t in tensors:
-        if t.dtype != torch.float32 or not t.is_cpu:
-            raise NotImplementedError("the native layer ops take fp32 tensors on a CPU")
+LAYER_SUFFIX = {torch.float32: "_f32", torch.bfloat16: "_bf16"}  # the layer ops' C functions, by dtype
+
+
+def _layer_op(name: str, *tensors: torch.Tensor) -> ctypes._CFuncPtr:
+    """The C function `name` of the tensors' dtype; NotImplementedError unless they are all fp32 or all bf16, on a
+    CPU, with no autograd graph to keep."""
+    dtype = tensors[0].dtype
+    if dtype not in LAYER_SUFFIX or any(t.dtype != dtype or not t.is_cpu for t in tensors):
+        raise NotImplementedError("the native layer ops take fp32 or bf16 tensors (all of one dtype) on a CPU")
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         raise NotImplementedError("the native layer ops keep no autograd graph")
+    return getattr(library(), name + LAYER_SUFFIX[dtype])
 
 
 def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(s, RMSNorm(s) · weight) with s = x + delta (delta None: s = x), x and delta [N, dim] fp32, weight [dim].
-    ~60 calls a decode step: kept to what must be checked."""
-    _fp32_cpu(x, weight) if delta is None else _fp32_cpu(x, weight, delta)
+    """(s, RMSNorm(s) · weight) with s = x + delta (delta None: s = x), x and delta [N, dim], weight [dim], all fp32
+    or all bf16 (rounded where RMSNorm.reference rounds). ~60 calls a decode step: kept to what must be checked."""
+    op = _layer_op("add_rms_norm", x, weight) if delta is None else _layer_op("add_rms_norm", x, weight, delta)
     n, dim = x.shape
     if weight.shape[0] != dim or (delta is not None and delta.shape != x.shape):
         raise ValueError(f"shapes do not fit: x {tuple(x.shape)}, delta {None if delta is None else tuple(delta.shape)}"
                          f", weight {tuple(weight.shape)}")
-    x, h = x.contiguous(), torch.empty(n, dim)
-    s = x if delta is None else torch.empty(n, dim)
-    library().add_rms_norm_f32(x.data_ptr(), None if delta is None else delta.contiguous().data_ptr(),
-                               weight.contiguous().data_ptr(), s.data_ptr(), h.data_ptr(), n, dim, eps,
-                               torch.get_num_threads())
+    x, h = x.contiguous(), torch.empty(n, dim, dtype=x.dtype)
+    s = x if delta is None else torch.empty(n, dim, dtype=x.dtype)
+    op(x.data_ptr(), None if delta is None else delta.contiguous().data_ptr(),
+       weight.contiguous().data_ptr(), s.data_ptr(), h.data_ptr(), n, dim, eps, torch.get_num_threads())
     return s, h
 
 
@@ -261,8 +265,9 @@ def rope_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Ten
                k_rows: torch.Tensor, v_rows: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """q [N, H, D] and k [N, KVH, D] rotated in place (cos, signed sin [N, 1, D]; workers.model.rope.apply_rope),
     k and v then written to rows `rows` [N · KVH] of k_rows and v_rows (a layer's cache as [cache rows, D]); returns
-    q. Rows outside the cache raise IndexError before anything is written or rotated."""
-    _fp32_cpu(q, k, v, cos, sin, k_rows, v_rows)
+    q. All fp32 or all bf16 (rounded where apply_rope rounds). Rows outside the cache raise IndexError before anything
+    is written or rotated."""
+    op = _layer_op("rope_write", q, k, v, cos, sin, k_rows, v_rows)
     (n, hq, dim), hk = q.shape, k.shape[1]
     if not (q.is_contiguous() and k.is_contiguous() and k_rows.is_contiguous() and v_rows.is_contiguous()):
         raise NotImplementedError("the native RoPE rotates contiguous q and k in place into a contiguous cache")
@@ -272,9 +277,8 @@ def rope_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Ten
         raise ValueError(f"shapes do not fit: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, cos "
                          f"{tuple(cos.shape)}, cache {tuple(k_rows.shape)}, rows {tuple(rows.shape)} {rows.dtype}")
     v, cos, sin, rows = v.contiguous(), cos.contiguous(), sin.contiguous(), rows.contiguous()
-    outside = library().rope_write_f32(q.data_ptr(), k.data_ptr(), v.data_ptr(), cos.data_ptr(), sin.data_ptr(),
-                                       k_rows.data_ptr(), v_rows.data_ptr(), rows.data_ptr(), n, hq, hk, dim,
-                                       k_rows.shape[0])
+    outside = op(q.data_ptr(), k.data_ptr(), v.data_ptr(), cos.data_ptr(), sin.data_ptr(), k_rows.data_ptr(),
+                 v_rows.data_ptr(), rows.data_ptr(), n, hq, hk, dim, k_rows.shape[0])
     if outside:
         raise IndexError(f"{outside} cache rows outside the cache's {k_rows.shape[0]}")
     return q
@@ -284,8 +288,8 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
                      threads: int) -> torch.Tensor:
     """SDPA of one query token per row, [Bd, H, 1, D], over keys and values [Bd, KVH, S, D] (views of the cache:
     positions contiguous, rows and heads strided alike) with a [Bd, 1, 1, S] bool mask or None; threads: 1 or
-    torch's (the race picks)."""
-    _fp32_cpu(q, keys, values)
+    torch's (the race picks). All fp32 or all bf16 (sums in fp32, the output rounded once)."""
+    op = _layer_op("decode_attention", q, keys, values)
     bd, hq, _, dim = q.shape
     hk, length = keys.shape[1], keys.shape[2]
     if keys.stride() != values.stride() or keys.stride(3) != 1 or keys.stride(2) != dim:
@@ -294,9 +298,8 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
             and (mask is None or (mask.dtype == torch.bool and mask.numel() == bd * length))):
         raise ValueError(f"shapes do not fit: q {tuple(q.shape)}, keys {tuple(keys.shape)}, values "
                          f"{tuple(values.shape)}, mask {None if mask is None else (tuple(mask.shape), mask.dtype)}")
-    q, out = q.contiguous(), torch.empty(bd, hq, 1, dim)
+    q, out = q.contiguous(), torch.empty(bd, hq, 1, dim, dtype=q.dtype)
     mask = None if mask is None else mask.contiguous()
-    library().decode_attention_f32(q.data_ptr(), keys.data_ptr(), values.data_ptr(),
-                                   None if mask is None else mask.data_ptr(), out.data_ptr(), bd, hq, hk, length, dim,
-                                   keys.stride(0), keys.stride(1), threads)
+    op(q.data_ptr(), keys.data_ptr(), values.data_ptr(), None if mask is None else mask.data_ptr(), out.data_ptr(), bd,
+       hq, hk, length, dim, keys.stride(0), keys.stride(1), threads)
     return out

@@ -11,7 +11,7 @@ Decode rows (one token per sequence) each add `scale · B (A x)` for their own b
 - `bgmv`: each decode token's own bank rows gathered ([Bd, R, in] and [Bd, R, out], R its rank), a batched
   GEMV each way (BGMV with a gather copy): reads each token's adapter once and nothing else, computes no
   row against another token's adapter; its cost grows with the decode rows, not with the bank span.
-- `native_bgmv` (x86 CPU with AVX2, a C compiler; fp32): `bgmv` without the gathered copies, each decode row
+- `native_bgmv` (x86 CPU with AVX2, a C compiler; fp32 or bf16): `bgmv` without the gathered copies, each decode row
   reading its own bank rows straight from the bank (workers/model/gemv.c, built as the native GEMV is).
 - `packed` (CPU): `fast` over the whole bank, A and Bᵀ packed by oneDNN once (again after a bank write, i.e.
   after an adapter load): both GEMMs stream the bank at oneDNN's packed rate, bank rows outside the batch's

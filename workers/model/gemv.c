@@ -182,53 +182,108 @@ int gemv_bf16_packed(const uint16_t *x16, const uint16_t *w, const float *scale,
     return 0;
 }
 
-static inline float dot(const float *a, const float *b, int64_t len) {
-    __m256 s0 = _mm256_setzero_ps(), s1 = s0;
-    int64_t k = 0;
-    for (; k + 16 <= len; k += 16) {
-        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), s0);
-        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k + 8), _mm256_loadu_ps(b + k + 8), s1);
-    }
-    float s = sum8(_mm256_add_ps(s0, s1));
-    for (; k < len; k++) s += a[k] * b[k];
-    return s;
+#define LORA_ROWS 64 /* bank rows a decode row's expand sums in one pass over y */
+
+static inline __attribute__((always_inline)) __m256 load8_as(const void *w, int64_t k, int bf16) {
+    return bf16 ? load8_bf16(w, k) : load8_f32(w, k);
+}
+static inline __attribute__((always_inline)) float load1_as(const void *w, int64_t k, int bf16) {
+    return bf16 ? load1_bf16(w, k) : load1_f32(w, k);
 }
 
-#define LORA_ROWS 64 /* bank rows a decode row's expand sums in one pass over y */
+/* h[j] *= a_rows[j] · x for j < m: four bank rows at a time (independent sums, each loaded x serving four) */
+static inline __attribute__((always_inline)) void lora_shrink(const void *const *a_rows, const float *x, float *h,
+                                                              int m, int64_t in, int bf16) {
+    int64_t vec_end = in - in % 8;
+    for (int j = 0; j < m; j += 4) {
+        const void *r[4];
+        for (int q = 0; q < 4; q++) r[q] = a_rows[j + q < m ? j + q : j]; /* past m: repeats, not stored */
+        __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+        for (int64_t k = 0; k < vec_end; k += 8) {
+            __m256 xv = _mm256_loadu_ps(x + k);
+            s0 = _mm256_fmadd_ps(load8_as(r[0], k, bf16), xv, s0);
+            s1 = _mm256_fmadd_ps(load8_as(r[1], k, bf16), xv, s1);
+            s2 = _mm256_fmadd_ps(load8_as(r[2], k, bf16), xv, s2);
+            s3 = _mm256_fmadd_ps(load8_as(r[3], k, bf16), xv, s3);
+        }
+        float d[4] = {sum8(s0), sum8(s1), sum8(s2), sum8(s3)};
+        for (int64_t k = vec_end; k < in; k++)
+            for (int q = 0; q < 4; q++) d[q] += load1_as(r[q], k, bf16) * x[k];
+        for (int q = 0; q < 4 && j + q < m; q++) h[j + q] *= d[q];
+    }
+}
+
+/* y[o] += Σ_j h[j] · b_rows[j][o] in fp32 (y fp32, or bf16 read widened and stored rounded): 32 outputs at a time
+ * (four independent sums, each row read 128 bytes at a time), then 8, then one */
+static inline __attribute__((always_inline)) void lora_expand(const void *const *b_rows, const float *h, int m,
+                                                              void *y, int64_t out, int bf16) {
+    int64_t o = 0;
+    for (; o + 32 <= out; o += 32) {
+        __m256 c[4];
+        for (int t = 0; t < 4; t++) c[t] = load8_as(y, o + 8 * t, bf16);
+        for (int j = 0; j < m; j++) {
+            __m256 hj = _mm256_set1_ps(h[j]);
+            for (int t = 0; t < 4; t++) c[t] = _mm256_fmadd_ps(hj, load8_as(b_rows[j], o + 8 * t, bf16), c[t]);
+        }
+        for (int t = 0; t < 4; t++) {
+            if (!bf16) {
+                _mm256_storeu_ps((float *)y + o + 8 * t, c[t]);
+                continue;
+            }
+            float lanes[8];
+            _mm256_storeu_ps(lanes, c[t]);
+            for (int l = 0; l < 8; l++) store_y(y, o + 8 * t + l, lanes[l], 1);
+        }
+    }
+    for (; o < out; o++) {
+        float acc = load1_as(y, o, bf16);
+        for (int j = 0; j < m; j++) acc += h[j] * load1_as(b_rows[j], o, bf16);
+        store_y(y, o, acc, bf16);
+    }
+}
 
 /* LoRA for decode rows, BGMV: y[i] += Σ_j mask[i, j] · (a[rows[i, j]] · x[i]) · bt[rows[i, j]] for each decode row i
  * (x [bd, in], y [bd, out], a [bank, in], bt [bank, out], rows and mask [bd, width]; mask 0 on padding). Each row
  * reads its own adapter's rows once, straight from the bank (no gathered copies); threads split the rows.
+ * bf16 (a constant in each caller): x, y, a, bt and mask bf16, sums in fp32, y rounded once.
  * Returns the number of bank rows out of [0, bank): nonzero means nothing was written. */
-int64_t lora_bgmv_f32(const float *x, const float *a, const float *bt, const int64_t *rows, const float *mask,
-                      float *y, int64_t bd, int64_t width, int64_t in, int64_t out, int64_t bank, int threads) {
-    int64_t outside = 0;
+static inline __attribute__((always_inline)) int64_t lora_bgmv(
+        const void *x, const void *a, const void *bt, const int64_t *rows, const void *mask, void *y, int64_t bd,
+        int64_t width, int64_t in, int64_t out, int64_t bank, int threads, int bf16) {
+    int64_t outside = 0, esize = bf16 ? 2 : 4;
     for (int64_t k = 0; k < bd * width; k++) outside += rows[k] < 0 || rows[k] >= bank;
     if (outside) return outside;
     #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t i = 0; i < bd; i++) {
+        float xi[in];
+        for (int64_t k = 0; k < in; k++) xi[k] = load1_as(x, i * in + k, bf16);
         for (int64_t j0 = 0; j0 < width; j0 += LORA_ROWS) {
             float h[LORA_ROWS];
-            const float *br[LORA_ROWS];
+            const void *ar[LORA_ROWS], *br[LORA_ROWS];
             int m = 0;
             for (int64_t j = j0; j < width && j < j0 + LORA_ROWS; j++) {
-                float w = mask[i * width + j];
+                float w = load1_as(mask, i * width + j, bf16);
                 if (w == 0.0f) continue; /* padding */
-                h[m] = w * dot(a + rows[i * width + j] * in, x + i * in, in);
-                br[m++] = bt + rows[i * width + j] * out;
+                h[m] = w;
+                ar[m] = (const char *)a + rows[i * width + j] * in * esize;
+                br[m++] = (const char *)bt + rows[i * width + j] * out * esize;
             }
-            float *yi = y + i * out;
-            int64_t o = 0;
-            for (; o + 8 <= out; o += 8) {
-                __m256 acc = _mm256_loadu_ps(yi + o);
-                for (int j = 0; j < m; j++) acc = _mm256_fmadd_ps(_mm256_set1_ps(h[j]), _mm256_loadu_ps(br[j] + o), acc);
-                _mm256_storeu_ps(yi + o, acc);
-            }
-            for (; o < out; o++)
-                for (int j = 0; j < m; j++) yi[o] += h[j] * br[j][o];
+            lora_shrink(ar, xi, h, m, in, bf16);
+            lora_expand(br, h, m, (char *)y + i * out * esize, out, bf16);
         }
     }
     return 0;
+}
+
+int64_t lora_bgmv_f32(const float *x, const float *a, const float *bt, const int64_t *rows, const float *mask,
+                      float *y, int64_t bd, int64_t width, int64_t in, int64_t out, int64_t bank, int threads) {
+    return lora_bgmv(x, a, bt, rows, mask, y, bd, width, in, out, bank, threads, 0);
+}
+
+int64_t lora_bgmv_bf16(const uint16_t *x, const uint16_t *a, const uint16_t *bt, const int64_t *rows,
+                       const uint16_t *mask, uint16_t *y, int64_t bd, int64_t width, int64_t in, int64_t out, int64_t bank,
+                       int threads) {
+    return lora_bgmv(x, a, bt, rows, mask, y, bd, width, in, out, bank, threads, 1);
 }
 
 /* The small ops of a decoder layer, each one call instead of a handful of torch ops (workers.model.layer_kernels,

@@ -79,8 +79,8 @@ def _build() -> ctypes.CDLL:
                            ("gemv_f16_packed", 5), ("gemv_i8_packed", 5), ("gemv_bf16_packed", 5)):
         getattr(lib, name).argtypes = [p] * pointers + [i64] * 4 + [ctypes.c_int]
         getattr(lib, name).restype = ctypes.c_int if name.startswith("gemv_bf16") else None
-    lib.lora_bgmv_f32.argtypes = [p] * 6 + [i64] * 5 + [ctypes.c_int]
-    lib.lora_bgmv_f32.restype = i64
+    for bgmv in (lib.lora_bgmv_f32, lib.lora_bgmv_bf16):
+        bgmv.argtypes, bgmv.restype = [p] * 6 + [i64] * 5 + [ctypes.c_int], i64
     for suffix in ("_f32", "_bf16"):
         norm, rope, attention = (getattr(lib, op + suffix) for op in ("add_rms_norm", "rope_write", "decode_attention"))
         norm.argtypes, norm.restype = [p] * 5 + [i64] * 2 + [ctypes.c_float, ctypes.c_int], None
@@ -208,29 +208,6 @@ def int8_packed(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, b: torch
     return _run("gemv_i8_packed", x, q, b, PREFETCH_BLOCKS, scales, packed(q))
 
 
-def lora_bgmv(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, bt: torch.Tensor, rows: torch.Tensor,
-              mask: torch.Tensor) -> None:
-    """y[:Bd] += each decode row's own LoRA, in place: y [N, out] and x [N, in] fp32, a [bank, in] and bt [bank, out]
-    fp32, rows [Bd, R] long (bank rows of each decode row), mask [Bd, 1, R] (0 on padding)."""
-    if not (y.dtype == x.dtype == a.dtype == bt.dtype == mask.dtype == torch.float32 and y.is_cpu):
-        raise NotImplementedError(f"the native BGMV takes fp32 tokens and banks on a CPU, not {y.dtype} on {y.device}")
-    if not (y.is_contiguous() and a.is_contiguous() and bt.is_contiguous()):
-        raise NotImplementedError("the native BGMV writes a contiguous y from contiguous banks")
-    if (x.requires_grad or a.requires_grad or bt.requires_grad) and torch.is_grad_enabled():
-        raise NotImplementedError("the native BGMV keeps no autograd graph")
-    bd, width = rows.shape
-    if not (x.shape[1] == a.shape[1] and y.shape[1] == bt.shape[1] and a.shape[0] == bt.shape[0]
-            and min(x.shape[0], y.shape[0]) >= bd and mask.numel() == bd * width and rows.dtype == torch.int64):
-        raise ValueError(f"shapes do not fit: y {tuple(y.shape)}, x {tuple(x.shape)}, A {tuple(a.shape)}, "
-                         f"Bt {tuple(bt.shape)}, rows {tuple(rows.shape)} {rows.dtype}, mask {tuple(mask.shape)}")
-    x, rows, mask = x.contiguous(), rows.contiguous(), mask.contiguous()
-    outside = library().lora_bgmv_f32(x.data_ptr(), a.data_ptr(), bt.data_ptr(), rows.data_ptr(), mask.data_ptr(),
-                                      y.data_ptr(), bd, width, a.shape[1], bt.shape[1], a.shape[0],
-                                      torch.get_num_threads())
-    if outside:
-        raise IndexError(f"{outside} bank rows outside the bank's {a.shape[0]}")
-
-
 LAYER_SUFFIX = {torch.float32: "_f32", torch.bfloat16: "_bf16"}  # the layer ops' C functions, by dtype
 
 
@@ -243,6 +220,26 @@ def _layer_op(name: str, *tensors: torch.Tensor) -> ctypes._CFuncPtr:
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         raise NotImplementedError("the native layer ops keep no autograd graph")
     return getattr(library(), name + LAYER_SUFFIX[dtype])
+
+
+def lora_bgmv(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, bt: torch.Tensor, rows: torch.Tensor,
+              mask: torch.Tensor) -> None:
+    """y[:Bd] += each decode row's own LoRA, in place: y [N, out] and x [N, in], a [bank, in] and bt [bank, out], mask
+    [Bd, 1, R] (0 on padding), all fp32 or all bf16 (sums in fp32, y rounded once); rows [Bd, R] long (bank rows of
+    each decode row)."""
+    op = _layer_op("lora_bgmv", y, x, a, bt, mask)
+    if not (y.is_contiguous() and a.is_contiguous() and bt.is_contiguous()):
+        raise NotImplementedError("the native BGMV writes a contiguous y from contiguous banks")
+    bd, width = rows.shape
+    if not (x.shape[1] == a.shape[1] and y.shape[1] == bt.shape[1] and a.shape[0] == bt.shape[0]
+            and min(x.shape[0], y.shape[0]) >= bd and mask.numel() == bd * width and rows.dtype == torch.int64):
+        raise ValueError(f"shapes do not fit: y {tuple(y.shape)}, x {tuple(x.shape)}, A {tuple(a.shape)}, "
+                         f"Bt {tuple(bt.shape)}, rows {tuple(rows.shape)} {rows.dtype}, mask {tuple(mask.shape)}")
+    x, rows, mask = x.contiguous(), rows.contiguous(), mask.contiguous()
+    outside = op(x.data_ptr(), a.data_ptr(), bt.data_ptr(), rows.data_ptr(), mask.data_ptr(), y.data_ptr(), bd, width,
+                 a.shape[1], bt.shape[1], a.shape[0], torch.get_num_threads())
+    if outside:
+        raise IndexError(f"{outside} bank rows outside the bank's {a.shape[0]}")
 
 
 def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,

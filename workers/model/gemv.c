@@ -65,31 +65,81 @@ static float *widen_bf16(const uint16_t *x, int64_t count) {
     return wide;
 }
 
-/* y[r, o:o+ROWS] for every token row r; inlined into each public function with its loads as constants */
+/* y[r, o:o+m] for every token row r from the block's ROWS weight rows already in fp32 (wf[j]: row j's `in` weights);
+ * token rows two at a time, each loaded weight serving both (rows past n repeat the last, not stored) */
+static inline __attribute__((always_inline)) void gemv_rows_fp32(
+        const float *const *wf, const float *x, const float *scale, const float *b, void *y, int y_bf16, int64_t n,
+        int64_t out, int64_t in, int64_t o, int64_t m) {
+    int64_t vec_end = in - in % 8;
+    for (int64_t r = 0; r < n; r += 2) {
+        const float *x0 = x + r * in, *x1 = x + (r + 1 < n ? r + 1 : r) * in;
+        __m256 a[ROWS], c[ROWS];
+        for (int j = 0; j < ROWS; j++) a[j] = c[j] = _mm256_setzero_ps();
+        for (int64_t k = 0; k < vec_end; k += 8) {
+            __m256 u = _mm256_loadu_ps(x0 + k), v = _mm256_loadu_ps(x1 + k);
+            for (int j = 0; j < ROWS; j++) {
+                __m256 wv = _mm256_loadu_ps(wf[j] + k);
+                a[j] = _mm256_fmadd_ps(wv, u, a[j]);
+                c[j] = _mm256_fmadd_ps(wv, v, c[j]);
+            }
+        }
+        for (int64_t j = 0; j < m; j++) {
+            float s0 = sum8(a[j]), s1 = sum8(c[j]);
+            for (int64_t k = vec_end; k < in; k++) {
+                s0 += wf[j][k] * x0[k];
+                s1 += wf[j][k] * x1[k];
+            }
+            float sc = scale ? scale[o + j] : 1.0f, bias = b ? b[o + j] : 0.0f;
+            store_y(y, r * out + o + j, s0 * sc + bias, y_bf16);
+            if (r + 1 < n) store_y(y, (r + 1) * out + o + j, s1 * sc + bias, y_bf16);
+        }
+    }
+}
+
+/* y[r, o:o+ROWS] for every token row r; inlined into each public function with its loads as constants.
+ * One token row: each block row streamed once, widened as it is read. More: the block's rows widened once into
+ * an fp32 buffer (read in place when already fp32), then gemv_rows_fp32 (widening per token row would repeat
+ * the conversion n times). */
 static inline __attribute__((always_inline)) void gemv_block(
         load8_fn load8, load1_fn load1, int64_t wsize, const float *x, const void *w, const float *scale,
         const float *b, void *y, int y_bf16, int64_t n, int64_t out, int64_t in, int64_t o, int64_t prefetch) {
     int64_t m = out - o < ROWS ? out - o : ROWS, vec_end = in - in % 8, ahead = prefetch * ROWS * in * wsize;
     const char *wr[ROWS]; /* the block's rows; past the end of W, repeats of its first row (not stored) */
     for (int j = 0; j < ROWS; j++) wr[j] = (const char *)w + (o + (j < m ? j : 0)) * in * wsize;
-    for (int64_t r = 0; r < n; r++) {
-        const float *xr = x + r * in;
-        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-        for (int64_t k = 0; k < vec_end; k += 8) {
-            if (prefetch && r == 0 && ((k * wsize) & 63) == 0) /* once per cache line */
-                for (int j = 0; j < ROWS; j++) _mm_prefetch(wr[j] + k * wsize + ahead, _MM_HINT_T0);
-            __m256 xv = _mm256_loadu_ps(xr + k);
-            a0 = _mm256_fmadd_ps(load8(wr[0], k), xv, a0);
-            a1 = _mm256_fmadd_ps(load8(wr[1], k), xv, a1);
-            a2 = _mm256_fmadd_ps(load8(wr[2], k), xv, a2);
-            a3 = _mm256_fmadd_ps(load8(wr[3], k), xv, a3);
+    if (n > 1) {
+        float buf[wsize == 4 ? 1 : ROWS * in];
+        const float *wf[ROWS];
+        for (int j = 0; j < ROWS; j++) {
+            if (wsize == 4) {
+                wf[j] = (const float *)wr[j];
+                continue;
+            }
+            float *row = buf + j * in;
+            for (int64_t k = 0; k < vec_end; k += 8) {
+                if (prefetch && ((k * wsize) & 63) == 0) _mm_prefetch(wr[j] + k * wsize + ahead, _MM_HINT_T0);
+                _mm256_storeu_ps(row + k, load8(wr[j], k));
+            }
+            for (int64_t k = vec_end; k < in; k++) row[k] = load1(wr[j], k);
+            wf[j] = row;
         }
-        float acc[ROWS] = {sum8(a0), sum8(a1), sum8(a2), sum8(a3)};
-        for (int64_t k = vec_end; k < in; k++)
-            for (int j = 0; j < ROWS; j++) acc[j] += load1(wr[j], k) * xr[k];
-        for (int64_t j = 0; j < m; j++)
-            store_y(y, r * out + o + j, acc[j] * (scale ? scale[o + j] : 1.0f) + (b ? b[o + j] : 0.0f), y_bf16);
+        gemv_rows_fp32(wf, x, scale, b, y, y_bf16, n, out, in, o, m);
+        return;
     }
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t k = 0; k < vec_end; k += 8) {
+        if (prefetch && ((k * wsize) & 63) == 0) /* once per cache line */
+            for (int j = 0; j < ROWS; j++) _mm_prefetch(wr[j] + k * wsize + ahead, _MM_HINT_T0);
+        __m256 xv = _mm256_loadu_ps(x + k);
+        a0 = _mm256_fmadd_ps(load8(wr[0], k), xv, a0);
+        a1 = _mm256_fmadd_ps(load8(wr[1], k), xv, a1);
+        a2 = _mm256_fmadd_ps(load8(wr[2], k), xv, a2);
+        a3 = _mm256_fmadd_ps(load8(wr[3], k), xv, a3);
+    }
+    float acc[ROWS] = {sum8(a0), sum8(a1), sum8(a2), sum8(a3)};
+    for (int64_t k = vec_end; k < in; k++)
+        for (int j = 0; j < ROWS; j++) acc[j] += load1(wr[j], k) * x[k];
+    for (int64_t j = 0; j < m; j++)
+        store_y(y, o + j, acc[j] * (scale ? scale[o + j] : 1.0f) + (b ? b[o + j] : 0.0f), y_bf16);
 }
 
 /* W fp32 [out, in]; b [out] or NULL */
@@ -138,25 +188,34 @@ static inline __attribute__((always_inline)) void gemv_packed_block(
     int64_t chunks = (in + 7) / 8, full = in / 8, chunk_bytes = ROWS * 8 * wsize, o = blk * ROWS;
     int64_t m = out - o < ROWS ? out - o : ROWS, ahead = prefetch * chunks * chunk_bytes;
     const char *wb = (const char *)w + blk * chunks * chunk_bytes;
-    for (int64_t r = 0; r < n; r++) {
-        const float *xr = x + r * in;
-        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-        for (int64_t c = 0; c < full; c++) {
+    if (n > 1) { /* as gemv_block: the block widened once (here also unpacked into rows), then two token rows at once */
+        float buf[ROWS * chunks * 8];
+        const float *wf[ROWS];
+        for (int64_t c = 0; c < chunks; c++) {
             const char *wc = wb + c * chunk_bytes;
-            if (prefetch && r == 0 && ((c * chunk_bytes) & 63) == 0) _mm_prefetch(wc + ahead, _MM_HINT_T0);
-            __m256 xv = _mm256_loadu_ps(xr + c * 8);
-            a0 = _mm256_fmadd_ps(load8(wc, 0), xv, a0);
-            a1 = _mm256_fmadd_ps(load8(wc, 8), xv, a1);
-            a2 = _mm256_fmadd_ps(load8(wc, 16), xv, a2);
-            a3 = _mm256_fmadd_ps(load8(wc, 24), xv, a3);
+            if (prefetch && ((c * chunk_bytes) & 63) == 0) _mm_prefetch(wc + ahead, _MM_HINT_T0);
+            for (int j = 0; j < ROWS; j++) _mm256_storeu_ps(buf + j * chunks * 8 + c * 8, load8(wc, j * 8));
         }
-        float acc[ROWS] = {sum8(a0), sum8(a1), sum8(a2), sum8(a3)};
-        const char *tail = wb + full * chunk_bytes; /* the last, zero-padded chunk: x has no padding */
-        for (int64_t k = full * 8; k < in; k++)
-            for (int j = 0; j < ROWS; j++) acc[j] += load1(tail, j * 8 + k - full * 8) * xr[k];
-        for (int64_t j = 0; j < m; j++)
-            store_y(y, r * out + o + j, acc[j] * (scale ? scale[o + j] : 1.0f) + (b ? b[o + j] : 0.0f), y_bf16);
+        for (int j = 0; j < ROWS; j++) wf[j] = buf + j * chunks * 8;
+        gemv_rows_fp32(wf, x, scale, b, y, y_bf16, n, out, in, o, m);
+        return;
     }
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t c = 0; c < full; c++) {
+        const char *wc = wb + c * chunk_bytes;
+        if (prefetch && ((c * chunk_bytes) & 63) == 0) _mm_prefetch(wc + ahead, _MM_HINT_T0);
+        __m256 xv = _mm256_loadu_ps(x + c * 8);
+        a0 = _mm256_fmadd_ps(load8(wc, 0), xv, a0);
+        a1 = _mm256_fmadd_ps(load8(wc, 8), xv, a1);
+        a2 = _mm256_fmadd_ps(load8(wc, 16), xv, a2);
+        a3 = _mm256_fmadd_ps(load8(wc, 24), xv, a3);
+    }
+    float acc[ROWS] = {sum8(a0), sum8(a1), sum8(a2), sum8(a3)};
+    const char *tail = wb + full * chunk_bytes; /* the last, zero-padded chunk: x has no padding */
+    for (int64_t k = full * 8; k < in; k++)
+        for (int j = 0; j < ROWS; j++) acc[j] += load1(tail, j * 8 + k - full * 8) * x[k];
+    for (int64_t j = 0; j < m; j++)
+        store_y(y, o + j, acc[j] * (scale ? scale[o + j] : 1.0f) + (b ? b[o + j] : 0.0f), y_bf16);
 }
 
 #define PACKED(name, type, load8, load1, wsize)                                                                   \

@@ -111,7 +111,9 @@ def test_auto_dtype_follows_the_measured_gemms(fp32_ms, bf16_ms, expected):
     shapes = Counter({(64, 32): 3, (256, 32): 1})
     table = KernelTable(None)
     _fill(table, shapes, fp32_ms, bf16_ms)
-    assert resolve_dtype("auto", torch.device("cpu"), shapes, table) == expected
+    assert resolve_dtype("auto", torch.device("cpu"), shapes, table, native_bf16=True) == expected
+    # without bf16 instructions: fp32 whatever the timings say (bf16 activations are not free there)
+    assert resolve_dtype("auto", torch.device("cpu"), shapes, table, native_bf16=False) == torch.float32
     assert resolve_dtype("float32", torch.device("cpu"), shapes, table) == torch.float32
     assert resolve_dtype(None, torch.device("cpu"), shapes, table) == torch.float32  # the oracle path
 
@@ -128,7 +130,8 @@ def test_auto_dtype_measures_when_nothing_is_known(tmp_path):
 
     table = KernelTable(tmp_path / "k.json")
     shapes = Counter({(64, 32): 2})
-    assert resolve_dtype("auto", torch.device("cpu"), shapes, table, timer=timer) in (torch.float32, torch.bfloat16)
+    assert resolve_dtype("auto", torch.device("cpu"), shapes, table, timer=timer, native_bf16=True) in (
+        torch.float32, torch.bfloat16)
     keys = set(table.entries)
     assert {f"linear 64x32 rows {r} {d} cpu cycling 2" for r in ("1", "5-16") for d in ("float32", "bfloat16")} <= keys
     assert MEASURED_ROWS[row_bucket(16)] == 16 and seen

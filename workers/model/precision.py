@@ -1,7 +1,9 @@
-"""Which dtype the base weights are held in: `auto` measures, on a CPU, the model's own GEMM shapes in
-bfloat16 against float32 and keeps bfloat16 only where it is faster (CPUs with native bf16 matrix units);
-on CUDA `auto` is bfloat16. An explicit dtype is taken as given; None keeps the oracle path (float32 on
-CPU, bfloat16 on CUDA)."""
+"""Which dtype the base weights are held in: `auto` on a CPU with native bf16 instructions (AVX512-BF16, AMX-BF16,
+Arm's BF16) measures the model's own GEMM shapes in bfloat16 against float32 and keeps bfloat16 only where it is
+faster; on a CPU without them `auto` is float32 (bf16 rounds every activation, and the native GEMV widens bf16
+weights fast on any AVX2 CPU, so speed alone would pick it there too: `--quantize fp16` is the half-size base
+that keeps fp32 activations); on CUDA `auto` is bfloat16. An explicit dtype is taken as given; None keeps the
+oracle path (float32 on CPU, bfloat16 on CUDA)."""
 
 from __future__ import annotations
 
@@ -11,13 +13,18 @@ from collections import Counter
 import torch
 
 from workers.errors import UnsupportedModelError
-from workers.model.kernel_choice import KernelTable, Timer
+from workers.model.kernel_choice import KernelTable, Timer, cpu_info
 from workers.model.linear_kernels import linear_kernels, row_bucket, weight_elements
 
 log = logging.getLogger(__name__)
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 AUTO_ROWS = (1, 16)  # decode at batch 1 and at a full batch: both must not get slower on the whole
+NATIVE_BF16_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}  # /proc/cpuinfo: x86's, and Arm's ("Features")
+
+
+def has_native_bf16() -> bool:
+    return bool(NATIVE_BF16_FLAGS & cpu_info()[1])
 
 
 def gemm_seconds(shapes: Counter, dtype: torch.dtype, device: torch.device, table: KernelTable,
@@ -30,8 +37,9 @@ def gemm_seconds(shapes: Counter, dtype: torch.dtype, device: torch.device, tabl
 
 
 def resolve_dtype(requested: str | None, device: torch.device, shapes: Counter, table: KernelTable,
-                  timer: Timer | None = None) -> torch.dtype:
-    """shapes: (out, in) → how many linears of the model have that weight shape."""
+                  timer: Timer | None = None, native_bf16: bool | None = None) -> torch.dtype:
+    """shapes: (out, in) → how many linears of the model have that weight shape; native_bf16: whether the CPU has
+    bf16 instructions (None: read from /proc/cpuinfo)."""
     if requested is None:
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if requested not in DTYPES:
@@ -40,6 +48,9 @@ def resolve_dtype(requested: str | None, device: torch.device, shapes: Counter, 
         return getattr(torch, requested)
     if device.type == "cuda":
         return torch.bfloat16
+    if not (has_native_bf16() if native_bf16 is None else native_bf16):
+        log.info("dtype auto → float32 (this CPU has no bf16 instructions)")
+        return torch.float32
     fp32 = gemm_seconds(shapes, torch.float32, device, table, timer)
     bf16 = gemm_seconds(shapes, torch.bfloat16, device, table, timer)
     chosen = torch.bfloat16 if bf16 < fp32 else torch.float32

@@ -68,14 +68,15 @@ def test_gathered_races_only_where_some_decode_rows_use_the_base(tmp_path):
     assert set(timed) == set(CANDIDATES)
 
 
-def test_the_packed_kernel_follows_writes_to_the_bank():
+@pytest.mark.parametrize("name", ["packed", "native_bgmv_packed"])
+def test_the_packed_kernel_follows_writes_to_the_bank(name):
     """An adapter load writes bank rows in place: the packed copies must be packed again, never stale."""
     torch.manual_seed(1)
     a, bt, x = torch.randn(16, 32), torch.randn(16, 40), torch.randn(3, 32)
     batch = build_adapter_batch([((0, 8),), ((8, 16),), ((0, 8),)], [], torch.float32, torch.device("cpu"))
     for _ in range(2):
         y, ref = torch.zeros(3, 40), torch.zeros(3, 40)
-        CANDIDATES["packed"](y, x, a, bt, batch)
+        CANDIDATES[name](y, x, a, bt, batch)
         lora_add_reference(ref, x, a, bt, batch)
         torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
         a[8:16] = torch.randn(8, 32)  # a new adapter placed in the rows of the second

@@ -125,11 +125,13 @@ def test_shapes_that_do_not_fit_are_refused_before_any_memory_is_read():
         native_gemv.int8(x, q, scales[:4], None)
 
 
-def test_the_lora_kernel_refuses_bank_rows_outside_the_bank():
+@pytest.mark.parametrize("packed_banks", [False, True])
+def test_the_lora_kernel_refuses_bank_rows_outside_the_bank(packed_banks):
     a, bt, x, y = torch.randn(16, 8), torch.randn(16, 4), torch.randn(2, 8), torch.zeros(2, 4)
     rows, mask = torch.tensor([[0, 1], [15, 16]]), torch.ones(2, 1, 2)
     with pytest.raises(IndexError, match="outside the bank"):
-        native_gemv.lora_bgmv(y, x, a, bt, rows, mask)
+        native_gemv.lora_bgmv(y, x, a, bt, rows, mask, packed_banks)
+    assert not y.any()  # nothing written
     assert not y.any()  # nothing written
     with pytest.raises(ValueError, match="do not fit"):
         native_gemv.lora_bgmv(y, torch.randn(2, 7), a, bt, rows.clamp(max=15), mask)

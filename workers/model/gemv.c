@@ -179,13 +179,35 @@ int gemv_bf16(const uint16_t *x16, const uint16_t *w, const float *b, uint16_t *
     return 0;
 }
 
+/* acc[j] = row j of one packed block (wb: [ceil(in/8)][ROWS][8], zero padded) · x [in], for the ROWS rows;
+ * ahead > 0: prefetch that many bytes ahead, once per cache line */
+static inline __attribute__((always_inline)) void packed_dot4(load8_fn load8, load1_fn load1, int64_t wsize,
+                                                              const float *x, const char *wb, int64_t in,
+                                                              int64_t ahead, float *acc) {
+    int64_t full = in / 8, chunk_bytes = ROWS * 8 * wsize;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t c = 0; c < full; c++) {
+        const char *wc = wb + c * chunk_bytes;
+        if (ahead && ((c * chunk_bytes) & 63) == 0) _mm_prefetch(wc + ahead, _MM_HINT_T0);
+        __m256 xv = _mm256_loadu_ps(x + c * 8);
+        a0 = _mm256_fmadd_ps(load8(wc, 0), xv, a0);
+        a1 = _mm256_fmadd_ps(load8(wc, 8), xv, a1);
+        a2 = _mm256_fmadd_ps(load8(wc, 16), xv, a2);
+        a3 = _mm256_fmadd_ps(load8(wc, 24), xv, a3);
+    }
+    acc[0] = sum8(a0), acc[1] = sum8(a1), acc[2] = sum8(a2), acc[3] = sum8(a3);
+    const char *tail = wb + full * chunk_bytes; /* the last, zero-padded chunk: x has no padding */
+    for (int64_t k = full * 8; k < in; k++)
+        for (int j = 0; j < ROWS; j++) acc[j] += load1(tail, j * 8 + k - full * 8) * x[k];
+}
+
 /* The same GEMMs over W packed by rows (workers.model.native_gemv.pack_rows): [ceil(out/ROWS)][ceil(in/8)][ROWS][8],
  * zero padded, so that each block's ROWS rows are one sequential stream instead of ROWS short ones (rows of
  * 576 int8 weights are 9 cache lines: too short for the hardware prefetcher, which a single stream keeps busy). */
 static inline __attribute__((always_inline)) void gemv_packed_block(
         load8_fn load8, load1_fn load1, int64_t wsize, const float *x, const void *w, const float *scale,
         const float *b, void *y, int y_bf16, int64_t n, int64_t out, int64_t in, int64_t blk, int64_t prefetch) {
-    int64_t chunks = (in + 7) / 8, full = in / 8, chunk_bytes = ROWS * 8 * wsize, o = blk * ROWS;
+    int64_t chunks = (in + 7) / 8, chunk_bytes = ROWS * 8 * wsize, o = blk * ROWS;
     int64_t m = out - o < ROWS ? out - o : ROWS, ahead = prefetch * chunks * chunk_bytes;
     const char *wb = (const char *)w + blk * chunks * chunk_bytes;
     if (n > 1) { /* as gemv_block: the block widened once (here also unpacked into rows), then two token rows at once */
@@ -200,20 +222,8 @@ static inline __attribute__((always_inline)) void gemv_packed_block(
         gemv_rows_fp32(wf, x, scale, b, y, y_bf16, n, out, in, o, m);
         return;
     }
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    for (int64_t c = 0; c < full; c++) {
-        const char *wc = wb + c * chunk_bytes;
-        if (prefetch && ((c * chunk_bytes) & 63) == 0) _mm_prefetch(wc + ahead, _MM_HINT_T0);
-        __m256 xv = _mm256_loadu_ps(x + c * 8);
-        a0 = _mm256_fmadd_ps(load8(wc, 0), xv, a0);
-        a1 = _mm256_fmadd_ps(load8(wc, 8), xv, a1);
-        a2 = _mm256_fmadd_ps(load8(wc, 16), xv, a2);
-        a3 = _mm256_fmadd_ps(load8(wc, 24), xv, a3);
-    }
-    float acc[ROWS] = {sum8(a0), sum8(a1), sum8(a2), sum8(a3)};
-    const char *tail = wb + full * chunk_bytes; /* the last, zero-padded chunk: x has no padding */
-    for (int64_t k = full * 8; k < in; k++)
-        for (int j = 0; j < ROWS; j++) acc[j] += load1(tail, j * 8 + k - full * 8) * x[k];
+    float acc[ROWS];
+    packed_dot4(load8, load1, wsize, x, wb, in, prefetch ? ahead : 0, acc);
     for (int64_t j = 0; j < m; j++)
         store_y(y, o + j, acc[j] * (scale ? scale[o + j] : 1.0f) + (b ? b[o + j] : 0.0f), y_bf16);
 }
@@ -343,6 +353,74 @@ int64_t lora_bgmv_bf16(const uint16_t *x, const uint16_t *a, const uint16_t *bt,
                        const uint16_t *mask, uint16_t *y, int64_t bd, int64_t width, int64_t in, int64_t out, int64_t bank,
                        int threads) {
     return lora_bgmv(x, a, bt, rows, mask, y, bd, width, in, out, bank, threads, 1);
+}
+
+/* lora_bgmv over banks packed by rows (workers.model.native_gemv.pack_rows: a [ceil(bank/4)][ceil(in/8)][4][8], bt
+ * [ceil(bank/4)][ceil(out/8)][4][8], zero padded): each decode row's bank rows grouped by their block of four, so
+ * that the shrink and the expand read each block once as one sequential stream (an adapter of rank 16: four
+ * streams where the row-major banks need sixteen). y is summed in fp32 and stored once. */
+static inline __attribute__((always_inline)) int64_t lora_bgmv_packed(
+        const void *x, const void *a, const void *bt, const int64_t *rows, const void *mask, void *y, int64_t bd,
+        int64_t width, int64_t in, int64_t out, int64_t bank, int threads, int bf16) {
+    int64_t outside = 0, esize = bf16 ? 2 : 4, in_block = (in + 7) / 8 * ROWS * 8 * esize;
+    int64_t out_chunks = (out + 7) / 8, out_full = out / 8, out_block = out_chunks * ROWS * 8 * esize;
+    for (int64_t k = 0; k < bd * width; k++) outside += rows[k] < 0 || rows[k] >= bank;
+    if (outside) return outside;
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t i = 0; i < bd; i++) {
+        float xi[in], yf[out], h[width > 0 ? width : 1][ROWS];
+        int64_t blk[width > 0 ? width : 1];
+        int nb = 0;
+        for (int64_t j = 0; j < width; j++) { /* the row's blocks, and each block's lanes' mask weights */
+            float w = load1_as(mask, i * width + j, bf16);
+            if (w == 0.0f) continue; /* padding */
+            int64_t b = rows[i * width + j] / ROWS, k = nb - 1;
+            while (k >= 0 && blk[k] != b) k--; /* an adapter's rows are consecutive: found at the end first */
+            if (k < 0) {
+                k = nb++;
+                blk[k] = b;
+                for (int l = 0; l < ROWS; l++) h[k][l] = 0.0f;
+            }
+            h[k][rows[i * width + j] % ROWS] += w;
+        }
+        if (nb == 0) continue;
+        for (int64_t k = 0; k < in; k++) xi[k] = load1_as(x, i * in + k, bf16);
+        for (int k = 0; k < nb; k++) { /* shrink: h = mask weight · (A row · x), four rows per block */
+            float d[ROWS];
+            if (bf16) packed_dot4(load8_bf16, load1_bf16, 2, xi, (const char *)a + blk[k] * in_block, in, 0, d);
+            else packed_dot4(load8_f32, load1_f32, 4, xi, (const char *)a + blk[k] * in_block, in, 0, d);
+            for (int l = 0; l < ROWS; l++) h[k][l] *= d[l];
+        }
+        for (int64_t o = 0; o < out; o++) yf[o] = load1_as(y, i * out + o, bf16);
+        for (int k = 0; k < nb; k++) { /* expand: y += Σ_l h[l] · Bᵀ row l, the block read in order */
+            const char *bb = (const char *)bt + blk[k] * out_block;
+            __m256 h0 = _mm256_set1_ps(h[k][0]), h1 = _mm256_set1_ps(h[k][1]);
+            __m256 h2 = _mm256_set1_ps(h[k][2]), h3 = _mm256_set1_ps(h[k][3]);
+            for (int64_t c = 0; c < out_full; c++) {
+                const char *bc = bb + c * ROWS * 8 * esize;
+                __m256 acc = _mm256_fmadd_ps(h0, load8_as(bc, 0, bf16), _mm256_loadu_ps(yf + c * 8));
+                acc = _mm256_fmadd_ps(h1, load8_as(bc, 8, bf16), acc);
+                acc = _mm256_fmadd_ps(h2, load8_as(bc, 16, bf16), acc);
+                _mm256_storeu_ps(yf + c * 8, _mm256_fmadd_ps(h3, load8_as(bc, 24, bf16), acc));
+            }
+            const char *tail = bb + out_full * ROWS * 8 * esize; /* the last, zero-padded chunk */
+            for (int64_t o = out_full * 8; o < out; o++)
+                for (int l = 0; l < ROWS; l++) yf[o] += h[k][l] * load1_as(tail, l * 8 + o - out_full * 8, bf16);
+        }
+        for (int64_t o = 0; o < out; o++) store_y(y, i * out + o, yf[o], bf16);
+    }
+    return 0;
+}
+
+int64_t lora_bgmv_packed_f32(const float *x, const float *a, const float *bt, const int64_t *rows, const float *mask,
+                             float *y, int64_t bd, int64_t width, int64_t in, int64_t out, int64_t bank, int threads) {
+    return lora_bgmv_packed(x, a, bt, rows, mask, y, bd, width, in, out, bank, threads, 0);
+}
+
+int64_t lora_bgmv_packed_bf16(const uint16_t *x, const uint16_t *a, const uint16_t *bt, const int64_t *rows,
+                              const uint16_t *mask, uint16_t *y, int64_t bd, int64_t width, int64_t in, int64_t out,
+                              int64_t bank, int threads) {
+    return lora_bgmv_packed(x, a, bt, rows, mask, y, bd, width, in, out, bank, threads, 1);
 }
 
 /* The small ops of a decoder layer, each one call instead of a handful of torch ops (workers.model.layer_kernels,

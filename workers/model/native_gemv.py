@@ -79,7 +79,7 @@ def _build() -> ctypes.CDLL:
                            ("gemv_f16_packed", 5), ("gemv_i8_packed", 5), ("gemv_bf16_packed", 5)):
         getattr(lib, name).argtypes = [p] * pointers + [i64] * 4 + [ctypes.c_int]
         getattr(lib, name).restype = ctypes.c_int if name.startswith("gemv_bf16") else None
-    for bgmv in (lib.lora_bgmv_f32, lib.lora_bgmv_bf16):
+    for bgmv in (lib.lora_bgmv_f32, lib.lora_bgmv_bf16, lib.lora_bgmv_packed_f32, lib.lora_bgmv_packed_bf16):
         bgmv.argtypes, bgmv.restype = [p] * 6 + [i64] * 5 + [ctypes.c_int], i64
     for suffix in ("_f32", "_bf16"):
         norm, rope, attention = (getattr(lib, op + suffix) for op in ("add_rms_norm", "rope_write", "decode_attention"))
@@ -223,11 +223,13 @@ def _layer_op(name: str, *tensors: torch.Tensor) -> ctypes._CFuncPtr:
 
 
 def lora_bgmv(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, bt: torch.Tensor, rows: torch.Tensor,
-              mask: torch.Tensor) -> None:
+              mask: torch.Tensor, packed_banks: bool = False) -> None:
     """y[:Bd] += each decode row's own LoRA, in place: y [N, out] and x [N, in], a [bank, in] and bt [bank, out], mask
     [Bd, 1, R] (0 on padding), all fp32 or all bf16 (sums in fp32, y rounded once); rows [Bd, R] long (bank rows of
-    each decode row)."""
-    op = _layer_op("lora_bgmv", y, x, a, bt, mask)
+    each decode row). packed_banks: read copies of a and bt packed by blocks of four rows (`packed`: made once, kept
+    beside each bank view, made again after a write to the bank, i.e. after an adapter load), one sequential stream
+    per block."""
+    op = _layer_op("lora_bgmv_packed" if packed_banks else "lora_bgmv", y, x, a, bt, mask)
     if not (y.is_contiguous() and a.is_contiguous() and bt.is_contiguous()):
         raise NotImplementedError("the native BGMV writes a contiguous y from contiguous banks")
     bd, width = rows.shape
@@ -236,8 +238,9 @@ def lora_bgmv(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, bt: torch.Tenso
         raise ValueError(f"shapes do not fit: y {tuple(y.shape)}, x {tuple(x.shape)}, A {tuple(a.shape)}, "
                          f"Bt {tuple(bt.shape)}, rows {tuple(rows.shape)} {rows.dtype}, mask {tuple(mask.shape)}")
     x, rows, mask = x.contiguous(), rows.contiguous(), mask.contiguous()
-    outside = op(x.data_ptr(), a.data_ptr(), bt.data_ptr(), rows.data_ptr(), mask.data_ptr(), y.data_ptr(), bd, width,
-                 a.shape[1], bt.shape[1], a.shape[0], torch.get_num_threads())
+    a_read, bt_read = (packed(a), packed(bt)) if packed_banks else (a, bt)
+    outside = op(x.data_ptr(), a_read.data_ptr(), bt_read.data_ptr(), rows.data_ptr(), mask.data_ptr(), y.data_ptr(),
+                 bd, width, a.shape[1], bt.shape[1], a.shape[0], torch.get_num_threads())
     if outside:
         raise IndexError(f"{outside} bank rows outside the bank's {a.shape[0]}")
 

@@ -120,12 +120,16 @@ class LoRAKernels:
         self.table, self.override, self.timer = table, override, timer
         self._chooser: KernelChooser | None = None
         self._chosen: dict[tuple, object] = {}
+        self._batch: tuple[AdapterBatch | None, tuple] = (None, ())  # the step's batch and its part of the key
 
     def __call__(self, y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, bt: torch.Tensor,
                  batch: AdapterBatch) -> None:
-        mixed = batch.decode_mask is not None and not batch.all_decode_active
-        key = (a.shape[1], bt.shape[1], a.shape[0], row_bucket(batch.num_decode),
-               adapter_bucket(len(batch.decode_groups)), mixed, y.dtype, y.device)
+        seen, batch_key = self._batch
+        if seen is not batch:  # once per step, not once per layer
+            mixed = batch.decode_mask is not None and not batch.all_decode_active
+            batch_key = (row_bucket(batch.num_decode), adapter_bucket(len(batch.decode_groups)), mixed)
+            self._batch = (batch, batch_key)
+        key = (a.shape[1], bt.shape[1], a.shape[0], *batch_key, y.dtype, y.device)
         fn = self._chosen.get(key)
         if fn is None:
             fn = self._chosen[key] = CANDIDATES[self.choose(*key)]

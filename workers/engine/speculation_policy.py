@@ -15,8 +15,8 @@ was accepted too, both decayed by `decay` per step (recent steps weigh most). r(
 Decision: nodes sorted by P (descending; a parent never after its child, so every prefix of the order is
 a tree); verifying the first m of them emits E(m) = 1 + Σ P expected tokens for costs[m + 1]; the engine
 speculates with the m that maximises E(m) / costs[m + 1], and only while that beats 1 + margin (plain
-decoding: 1 token for 1 step). A head set the model declines is probed now and then (after 4, 8, 16 … up to 64
-steps) with the chain of each head's first candidate (the paths the others hang from: a tree of heads + 1 tokens,
+decoding: 1 token for 1 step). A head set the model declines is probed now and then (after 16, 32, 64 … up to
+256 steps) with the chain of each head's first candidate (the paths the others hang from: a tree of heads + 1 tokens,
 where the full tree cost a declined request ~5 % of its steps' time), so heads that improve, or a load that
 changes, are noticed.
 """
@@ -42,8 +42,8 @@ Path = tuple[int, ...]
 class PolicyConfig:
     margin: float = 0.03  # speculate only when expected tokens per unit of cost beat plain by this much
     decay: float = 0.99  # per verified step: the acceptance counts' memory (~100 steps)
-    first_probe_gap: int = 4  # steps between probes of a declined head set, doubling up to max_probe_gap
-    max_probe_gap: int = 64
+    first_probe_gap: int = 16  # steps between probes of a declined head set, doubling up to max_probe_gap (a
+    max_probe_gap: int = 256  # head set's first decision probes at once: heads that pay are found at once)
     cost_reps: int = 5  # timings per tree size (median)
 
 

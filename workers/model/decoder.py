@@ -15,7 +15,7 @@ from workers.model.attention_kernels import AttentionKernels, sdpa
 from workers.model.batch import StepBatch
 from workers.model.config import DecoderConfig
 from workers.model.kv_cache import KVCache
-from workers.model.layer_kernels import LayerKernels, norm_torch, rope_write_torch
+from workers.model.layer_kernels import LayerKernels, norm_torch, rms_norm_plain, rms_norm_reference, rope_write_torch
 from workers.model.linear_kernels import RowKernels
 
 
@@ -55,17 +55,10 @@ class RMSNorm(nn.Module):
         return fn(x, delta, self.weight, self.eps, self.forward)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:  # one fused op, equal to the reference
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-        return self.reference(x)
+        return rms_norm_plain(x, self.weight, self.eps)  # one fused op in fp32, equal to the reference
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
-        """As transformers computes it: normalised in fp32, rounded to x's dtype, then scaled (in bf16 the fused
-        op rounds once instead, so half precision keeps this form)."""
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return rms_norm_reference(x, self.weight, self.eps)
 
 
 class Attention(nn.Module):

@@ -29,6 +29,22 @@ NormFn = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor, float, Calla
 RopeFn = Callable[..., torch.Tensor]
 
 
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm as transformers computes it: normalised in fp32, rounded to x's dtype, then scaled (in bf16 the fused
+    op rounds once instead, so half precision keeps this form)."""
+    dtype = x.dtype
+    x = x.float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x.to(dtype)
+
+
+def rms_norm_plain(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm's torch form (RMSNorm.forward): one fused op in fp32, equal to the reference; the reference otherwise."""
+    if x.dtype == torch.float32 and weight.dtype == torch.float32:
+        return torch.nn.functional.rms_norm(x, weight.shape, weight, eps)
+    return rms_norm_reference(x, weight, eps)
+
+
 def norm_torch(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float,
                plain: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     s = x if delta is None else x + delta
@@ -82,10 +98,12 @@ class LayerKernels:
         def calls():
             gen = torch.Generator(device=device).manual_seed(0)
             x, delta = (torch.randn(rows, dim, generator=gen, device=device).to(dtype) for _ in range(2))
-            from workers.model.decoder import RMSNorm  # (the decoder imports this module)
+            weight = torch.ones(dim, dtype=dtype, device=device)
 
-            norm = RMSNorm(dim, 1e-5).to(device=device, dtype=dtype).requires_grad_(False)  # the model's own form
-            return {name: (lambda fn=fn: fn(x, delta if with_delta else None, norm.weight, 1e-5, norm.forward))
+            def plain(s: torch.Tensor) -> torch.Tensor:  # the model's own torch form (RMSNorm.forward)
+                return rms_norm_plain(s, weight, 1e-5)
+
+            return {name: (lambda fn=fn: fn(x, delta if with_delta else None, weight, 1e-5, plain))
                     for name, fn in NORM_CANDIDATES.items()}
 
         key = (f"add_rms_norm {dim} rows {bucket_label(bucket)}{'' if with_delta else ' no add'} "

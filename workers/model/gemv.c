@@ -1,6 +1,7 @@
 /* Few-row GEMMs y = scale · (x · Wᵀ) + b for a decode step (x: [n, in] fp32, W: [out, in] in fp32, fp16 or
- * int8; or x, W and y all bf16, summed in fp32), AVX2 + FMA + F16C, threads splitting W's rows. Built at run time by workers.model.native_gemv
- * and raced there against torch's kernels like every other candidate; its oracle is F.linear.
+ * int8; or x, W and y all bf16, summed in fp32), AVX2 + FMA + F16C, threads splitting W's rows. Built at run
+ * time by workers.model.native_gemv and raced there against torch's kernels like every other candidate; its oracle
+ * is F.linear.
  *
  * A decode step streams every weight once: the work is reading W, so each block of ROWS weight rows is read
  * once for all n token rows, each 8 loaded tokens serving ROWS rows. `prefetch` > 0 asks for the rows `prefetch`
@@ -350,8 +351,8 @@ int64_t lora_bgmv_f32(const float *x, const float *a, const float *bt, const int
 }
 
 int64_t lora_bgmv_bf16(const uint16_t *x, const uint16_t *a, const uint16_t *bt, const int64_t *rows,
-                       const uint16_t *mask, uint16_t *y, int64_t bd, int64_t width, int64_t in, int64_t out, int64_t bank,
-                       int threads) {
+                       const uint16_t *mask, uint16_t *y, int64_t bd, int64_t width, int64_t in, int64_t out,
+                       int64_t bank, int threads) {
     return lora_bgmv(x, a, bt, rows, mask, y, bd, width, in, out, bank, threads, 1);
 }
 
@@ -484,10 +485,10 @@ static inline __attribute__((always_inline)) void rope_rows(void *x, const void 
     for (int64_t t = 0; t < n; t++)
         for (int64_t h = 0; h < heads; h++) {
             int64_t row = (t * heads + h) * dim;
-            for (int64_t k = 0; k < dim; k++) wide[k] = bf16 ? load1_bf16(x, row + k) : load1_f32(x, row + k);
+            for (int64_t k = 0; k < dim; k++) wide[k] = load1_as(x, row + k, bf16);
             for (int64_t k = 0; k < dim; k++) {
-                float c = bf16 ? load1_bf16(cos, t * dim + k) : load1_f32(cos, t * dim + k);
-                float s = bf16 ? load1_bf16(sin, t * dim + k) : load1_f32(sin, t * dim + k);
+                float c = load1_as(cos, t * dim + k, bf16);
+                float s = load1_as(sin, t * dim + k, bf16);
                 float scaled = bf16 ? bf16_to_f32(f32_to_bf16(wide[k] * c)) : wide[k] * c;
                 store_y(x, row + k, scaled + wide[(k + half) % dim] * s, bf16);
             }
@@ -554,9 +555,7 @@ static inline __attribute__((always_inline)) void decode_attention(
         const uint8_t *m = mask ? mask + i * len : 0;
         float p[len], qh[dim], o[dim];
         for (int64_t h = g * group; h < (g + 1) * group; h++) {
-            for (int64_t c = 0; c < dim; c++)
-                qh[c] = bf16 ? bf16_to_f32(((const uint16_t *)q)[(i * hq + h) * dim + c])
-                             : ((const float *)q)[(i * hq + h) * dim + c];
+            for (int64_t c = 0; c < dim; c++) qh[c] = load1_as(q, (i * hq + h) * dim + c, bf16);
             float top = -INFINITY, total = 0.0f;
             for (int64_t s = 0; s < len; s++) {
                 if (m && !m[s]) {
@@ -566,9 +565,9 @@ static inline __attribute__((always_inline)) void decode_attention(
                 const void *ks = kg + s * dim * esize;
                 __m256 acc = _mm256_setzero_ps();
                 for (int64_t c = 0; c < vec_end; c += 8)
-                    acc = _mm256_fmadd_ps(_mm256_loadu_ps(qh + c), bf16 ? load8_bf16(ks, c) : load8_f32(ks, c), acc);
+                    acc = _mm256_fmadd_ps(_mm256_loadu_ps(qh + c), load8_as(ks, c, bf16), acc);
                 float d = sum8(acc);
-                for (int64_t c = vec_end; c < dim; c++) d += qh[c] * (bf16 ? load1_bf16(ks, c) : load1_f32(ks, c));
+                for (int64_t c = vec_end; c < dim; c++) d += qh[c] * load1_as(ks, c, bf16);
                 p[s] = d * scale;
                 top = p[s] > top ? p[s] : top;
             }
@@ -580,10 +579,8 @@ static inline __attribute__((always_inline)) void decode_attention(
                 __m256 w8 = _mm256_set1_ps(p[s] * inv);
                 const void *vs = vg + s * dim * esize;
                 for (int64_t c = 0; c < vec_end; c += 8)
-                    _mm256_storeu_ps(o + c, _mm256_fmadd_ps(w8, bf16 ? load8_bf16(vs, c) : load8_f32(vs, c),
-                                                            _mm256_loadu_ps(o + c)));
-                for (int64_t c = vec_end; c < dim; c++)
-                    o[c] += p[s] * inv * (bf16 ? load1_bf16(vs, c) : load1_f32(vs, c));
+                    _mm256_storeu_ps(o + c, _mm256_fmadd_ps(w8, load8_as(vs, c, bf16), _mm256_loadu_ps(o + c)));
+                for (int64_t c = vec_end; c < dim; c++) o[c] += p[s] * inv * load1_as(vs, c, bf16);
             }
             for (int64_t c = 0; c < dim; c++) store_y(out, (i * hq + h) * dim + c, o[c], bf16);
         }

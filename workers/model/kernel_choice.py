@@ -14,6 +14,7 @@ to compare every candidate with the reference).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -56,6 +57,7 @@ def cpu_info() -> tuple[str, set[str]]:
 NATIVE_SOURCES = (Path(__file__).with_name("gemv.c"),)  # workers.model.native_gemv's kernels
 
 
+@functools.cache  # the source does not change under a running process: read once
 def _native_digest() -> str:
     return hashlib.sha256(b"".join(p.read_bytes() for p in NATIVE_SOURCES if p.exists())).hexdigest()[:12]
 
